@@ -1,0 +1,288 @@
+"""score_dpo.py: pairs and d-sampling (SCOREFLOW.md §5), the loss and its gradients (§6.1, §6.4),
+the influence of Theorem 3.2 (§6.2), and oracle checks against TRL."""
+import collections
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import score_dpo
+from score_dpo import (Pair, build_pairs, cube_d, dpo_loss, read_pairs, sample_pairs, score_dpo_influence,
+                       score_dpo_loss, uniform_d, write_pairs)
+
+F64 = torch.float64
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=F64)
+
+
+# --- the loss: hand-worked float64 values -----------------------------------------------------------
+
+# SCOREFLOW.md §6.4: (lpπ(w), lpref(w), lpπ(l), lpref(l), s_w, s_l, β, z, Score-DPO, DPO)
+TABLE = [
+    (-12.0, -13.0, -15.0, -14.0, 0.9, 0.2, 0.1, 0.17, 0.611755, 0.598139),
+    (-20.5, -21.0, -30.0, -28.0, 1.0, 0.0, 0.1, 0.25, 0.575939, 0.575939),
+    (-48.0, -45.0, -60.0, -55.0, 2 / 3, 1 / 3, 0.5, 2 / 3, 0.414370, 0.313262),
+    (-40.0, -40.0, -52.0, -52.0, 2 / 3, 0.0, 0.1, 0.0, 0.693147, 0.693147),
+    (-10.0, -12.0, -9.0, -14.0, 1 / 3, 0.0, 0.1, -13 / 30, 0.933105, 0.854355),
+]
+TABLE_GRADS = {0: (-0.041184, 0.036608), 2: (-0.113081, 0.113081), 3: (-0.033333, 0.050000),
+               4: (-0.020222, 0.060667)}
+
+
+def table_inputs(rows, requires_grad=False):
+    cols = [torch.tensor([r[i] for r in rows], dtype=F64, requires_grad=requires_grad and i < 4) for i in range(6)]
+    beta = torch.tensor([r[6] for r in rows], dtype=F64)
+    return cols, beta
+
+
+def test_score_dpo_and_dpo_match_scoreflow_table_per_row_and_mean():
+    (pw, rw, pl, rl, sw, sl), beta = table_inputs(TABLE)
+    losses, chosen_rewards, rejected_rewards = score_dpo_loss(pw, pl, rw, rl, sw, sl, beta)
+    dlosses, dcr, drr = dpo_loss(pw, pl, rw, rl, beta)
+    for i, row in enumerate(TABLE):
+        z = row[7]
+        # z = s_w·r_w − (1 − s_l)·r_l, the table's z column; loss = ln(1 + e^−z)
+        assert float(sw[i] * chosen_rewards[i] - (1 - sl[i]) * rejected_rewards[i]) == pytest.approx(z, abs=1e-12)
+        assert float(losses[i]) == pytest.approx(math.log1p(math.exp(-z)), abs=1e-12)
+        assert float(losses[i]) == pytest.approx(row[8], abs=5e-7)
+        assert float(dlosses[i]) == pytest.approx(row[9], abs=5e-7)
+    # r_w = β·(lpπ(w) − lpref(w)), e.g. row 1: 0.1·(−12 + 13) = 0.1, row 3: 0.5·(−48 + 45) = −1.5
+    assert chosen_rewards.tolist() == pytest.approx([0.1, 0.05, -1.5, 0.0, 0.2], abs=1e-12)
+    assert rejected_rewards.tolist() == pytest.approx([-0.1, -0.2, -2.5, 0.0, 0.5], abs=1e-12)
+    assert torch.equal(chosen_rewards, dcr) and torch.equal(rejected_rewards, drr)
+    assert float(losses.mean()) == pytest.approx(0.645663, abs=5e-7)
+    # row 4 is the start of training (π_θ = π_ref): ln 2 whatever the scores
+    assert float(losses[3]) == pytest.approx(math.log(2), abs=1e-15)
+
+
+def test_table_gradients_per_row():
+    (pw, rw, pl, rl, sw, sl), beta = table_inputs(TABLE, requires_grad=True)
+    losses, _, _ = score_dpo_loss(pw, pl, rw, rl, sw, sl, beta)
+    losses.sum().backward()  # row i's loss depends on row i's inputs only
+    for i, (gw, gl) in TABLE_GRADS.items():
+        assert float(pw.grad[i]) == pytest.approx(gw, abs=5e-7)
+        assert float(pl.grad[i]) == pytest.approx(gl, abs=5e-7)
+        # the reference log-probs get the opposite signs (§6.1 "Gradients")
+        assert float(rw.grad[i]) == pytest.approx(-gw, abs=5e-7)
+        assert float(rl.grad[i]) == pytest.approx(-gl, abs=5e-7)
+
+
+def test_own_hand_worked_pair():
+    # β = 1, s_w = s_l = 1/2, Δ_w = lpπ(w) − lpref(w) = ln 3, Δ_l = −ln 3:
+    #   z = ½·ln 3 − (1 − ½)·(−ln 3) = ln 3, σ(z) = 3/4, Score-DPO loss = −ln(3/4) = ln(4/3)
+    #   DPO: r_w − r_l = 2 ln 3 = ln 9, σ = 9/10, loss = ln(10/9)
+    #   ∂ℓ/∂lpπ(w) = −β·s_w·σ(−z) = −½·¼ = −1/8, ∂ℓ/∂lpπ(l) = +β·(1 − s_l)·σ(−z) = +1/8
+    ln3 = math.log(3)
+    pw, rw = t(-2 + ln3).requires_grad_(), t(-2.0).requires_grad_()
+    pl, rl = t(-7 - ln3).requires_grad_(), t(-7.0).requires_grad_()
+    loss, r_w, r_l = score_dpo_loss(pw, pl, rw, rl, t(0.5), t(0.5), 1.0)
+    assert float(loss.detach()) == pytest.approx(math.log(4 / 3), abs=1e-14)
+    assert (float(r_w), float(r_l)) == pytest.approx((ln3, -ln3), abs=1e-14)
+    loss.sum().backward()
+    assert [float(x.grad) for x in (pw, pl, rw, rl)] == pytest.approx([-1 / 8, 1 / 8, 1 / 8, -1 / 8], abs=1e-14)
+    dloss, _, _ = dpo_loss(pw, pl, rw, rl, 1.0)
+    assert float(dloss.detach()) == pytest.approx(math.log(10 / 9), abs=1e-14)
+    # f reaches both factors. f(x) = x² at s_w = 1, s_l = 0: factors 1 and 1, DPO exactly
+    loss_f, _, _ = score_dpo_loss(pw, pl, rw, rl, t(1.0), t(0.0), 1.0, f=lambda x: x * x)
+    assert float(loss_f.detach()) == pytest.approx(math.log(10 / 9), abs=1e-14)
+    # f(x) = x/2 at s_w = 1, s_l = 1/2: z = ½·ln 3 − ¾·(−ln 3) = 5/4·ln 3, loss = ln(1 + 3^(−5/4))
+    loss_h, _, _ = score_dpo_loss(pw, pl, rw, rl, t(1.0), t(0.5), 1.0, f=lambda x: x / 2)
+    assert float(loss_h.detach()) == pytest.approx(math.log1p(3 ** -1.25), abs=1e-14)
+
+
+def test_scores_one_and_zero_reduce_to_dpo_exactly():
+    g = torch.Generator().manual_seed(0)
+    lp = [-50 * torch.rand(64, generator=g, dtype=F64) for _ in range(4)]
+    ones, zeros = torch.ones(64, dtype=F64), torch.zeros(64, dtype=F64)
+    for beta in (0.1, 0.5, 2.0):
+        a = score_dpo_loss(*lp, ones, zeros, beta)
+        b = dpo_loss(*lp, beta)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    # and other scores do not (the factors are really applied)
+    c = score_dpo_loss(*lp, ones * 0.9, zeros, 0.1)[0]
+    assert not torch.allclose(c, dpo_loss(*lp, 0.1)[0])
+
+
+def test_autograd_equals_closed_form_gradients():
+    # SCOREFLOW.md §6.1: ∂ℓ/∂lpπ(w) = −β f(s_w) σ(−z), ∂ℓ/∂lpπ(l) = +β (1 − f(s_l)) σ(−z), refs opposite
+    g = torch.Generator().manual_seed(1)
+    P = 200
+    lp = [(-60 * torch.rand(P, generator=g, dtype=F64)).requires_grad_() for _ in range(4)]
+    sl = torch.rand(P, generator=g, dtype=F64)
+    sw = sl + (1 - sl) * torch.rand(P, generator=g, dtype=F64)
+    beta = 0.3
+    for f in (score_dpo.identity, torch.sqrt):
+        for x in lp:
+            x.grad = None
+        losses, r_w, r_l = score_dpo_loss(*lp, sw, sl, beta, f=f)
+        losses.mean().backward()
+        z = f(sw) * r_w - (1 - f(sl)) * r_l
+        s = torch.sigmoid(-z)
+        want_w = -beta * f(sw) * s / P
+        want_l = beta * (1 - f(sl)) * s / P
+        torch.testing.assert_close(lp[0].grad, want_w, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(lp[1].grad, want_l, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(lp[2].grad, -want_w, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(lp[3].grad, -want_l, rtol=1e-12, atol=1e-15)
+        # and ℓ itself is ln(1 + e^−z)
+        torch.testing.assert_close(losses, torch.log1p(torch.exp(-z)), rtol=1e-12, atol=1e-15)
+
+
+def test_dpo_loss_is_stable_for_large_margins():
+    losses, _, _ = dpo_loss(t(0.0, -1e4), t(-1e4, 0.0), t(0.0, 0.0), t(0.0, 0.0), 1.0)
+    assert losses[0] == 0.0 and float(losses[1]) == pytest.approx(1e4)
+
+
+# --- Theorem 3.2: the influence (SCOREFLOW.md §6.2) ------------------------------------------------
+
+
+def test_influence_matches_scoreflow_values_and_counterexamples():
+    # winner: s_l = 0.5, r_l = 0, s_w 0.8 vs 0.9
+    iw = lambda s_w, r_w: float(score_dpo_influence(t(r_w), t(0.0), t(s_w), t(0.5))[0])
+    assert iw(0.8, 1.0) == pytest.approx(6.696551e-03, rel=1e-6)
+    assert iw(0.9, 1.0) == pytest.approx(1.664931e-02, rel=1e-6)
+    assert iw(0.8, 1.0) < iw(0.9, 1.0)  # inside the bound r_w ≤ 1/f(s_w): rises
+    assert iw(0.8, 10.0) == pytest.approx(7.243563e-06, rel=1e-6)
+    assert iw(0.9, 10.0) == pytest.approx(7.107528e-06, rel=1e-6)
+    assert iw(0.8, 10.0) > iw(0.9, 10.0)  # outside: falls
+    # loser: s_w = 1, r_w = 0, s_l 0.10 vs 0.15
+    il = lambda s_l, r_l: float(score_dpo_influence(t(0.0), t(r_l), t(1.0), t(s_l))[1])
+    assert il(0.10, -1.0) == pytest.approx(-1.896460e-01, rel=1e-6)
+    assert il(0.15, -1.0) == pytest.approx(-1.563058e-01, rel=1e-6)
+    assert il(0.10, -1.0) < il(0.15, -1.0)
+    assert il(0.10, -5.0) == pytest.approx(-7.208533e-03, rel=1e-6)
+    assert il(0.15, -5.0) == pytest.approx(-7.341301e-03, rel=1e-6)
+    assert il(0.10, -5.0) > il(0.15, -5.0)
+
+
+def test_influence_is_minus_d_times_loss_gradient():
+    # I_z = d(s_w, s_l)·(−∂ℓ/∂r_z): check against autograd of score_dpo_loss through r = β(lpπ − lpref)
+    g = torch.Generator().manual_seed(2)
+    P, beta = 50, 0.1
+    pw, pl = (-30 * torch.rand(P, generator=g, dtype=F64)).requires_grad_(), (-30 * torch.rand(P, generator=g, dtype=F64)).requires_grad_()
+    rw, rl = -30 * torch.rand(P, generator=g, dtype=F64), -30 * torch.rand(P, generator=g, dtype=F64)
+    sl = torch.rand(P, generator=g, dtype=F64)
+    sw = sl + (1 - sl) * torch.rand(P, generator=g, dtype=F64)
+    losses, r_w, r_l = score_dpo_loss(pw, pl, rw, rl, sw, sl, beta)
+    losses.sum().backward()
+    i_w, i_l = score_dpo_influence(r_w, r_l, sw, sl)
+    # ∂ℓ/∂r = (∂ℓ/∂lpπ)/β
+    torch.testing.assert_close(i_w, cube_d(sw, sl) * (-pw.grad / beta), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(i_l, cube_d(sw, sl) * (-pl.grad / beta), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("f", [score_dpo.identity, torch.sqrt, lambda x: x * x])
+def test_theorem_3_2_monotone_inside_bound_random_search(f):
+    # Inside −1/(1 − f(s_z)) ≤ r_z ≤ 1/f(s_z) the influence strictly rises in s_z (d = cube, d' > 0 for
+    # s_w > s_l): check ∂I/∂s_z > 0 by autograd at random points, and a finite step as well.
+    g = torch.Generator().manual_seed(3)
+    P = 20000
+    u = lambda: torch.rand(P, generator=g, dtype=F64)
+    sl = 0.95 * u()
+    sw = sl + 0.01 + (1 - sl - 0.01) * u()
+    fw, fl = f(sw), f(sl)
+    r_w = -20 + (20 + 1 / fw) * u()          # r_w ≤ 1/f(s_w)
+    r_l = -1 / (1 - fl) + 20 * u()           # r_l ≥ −1/(1 − f(s_l))
+    sw_, sl_ = sw.clone().requires_grad_(), sl.clone().requires_grad_()
+    i_w, _ = score_dpo_influence(r_w, r_l, sw_, sl, f=f)
+    (dw,) = torch.autograd.grad(i_w.sum(), sw_)
+    _, i_l = score_dpo_influence(r_w, r_l, sw, sl_, f=f)
+    (dl,) = torch.autograd.grad(i_l.sum(), sl_)
+    assert bool((dw > 0).all()), f"winner influence falls at {int((dw <= 0).sum())} points inside the bound"
+    assert bool((dl > 0).all()), f"loser influence falls at {int((dl <= 0).sum())} points inside the bound"
+    # outside the bound it can fail: r_w far above 1/f(s_w) makes ∂I_w/∂s_w negative somewhere
+    r_far = 1 / fw + 30
+    i_far, _ = score_dpo_influence(r_far, r_l, sw_, sl, f=f)
+    (d_far,) = torch.autograd.grad(i_far.sum(), sw_)
+    assert bool((d_far < 0).any())
+
+
+# --- pairs and d-sampling (SCOREFLOW.md §5) ----------------------------------------------------------
+
+ABCDE = {"A": 1.0, "B": 2 / 3, "C": 1 / 3, "D": 1 / 3, "E": 0.0}
+
+
+def abcde_pairs():
+    return build_pairs("p1", "the prompt", list(ABCDE), list(ABCDE.values()))
+
+
+def test_build_pairs_scoreflow_example():
+    pairs = abcde_pairs()
+    names = {(p.chosen, p.rejected) for p in pairs}
+    assert len(pairs) == 9 and len(names) == 9
+    assert ("C", "D") not in names and ("D", "C") not in names
+    assert all(p.chosen_score > p.rejected_score for p in pairs)
+    assert all(p.chosen_score == ABCDE[p.chosen] and p.rejected_score == ABCDE[p.rejected] for p in pairs)
+    assert all(p.problem_id == "p1" and p.prompt == "the prompt" for p in pairs)
+    # d-weights: A–E 1; A–C, A–D, B–E 8/27; the other five 1/27; Σ = 56/27
+    w = {(p.chosen, p.rejected): cube_d(p.chosen_score, p.rejected_score) for p in pairs}
+    assert sum(w.values()) == pytest.approx(56 / 27, abs=1e-12)
+    assert w[("A", "E")] == pytest.approx(1.0) and w[("B", "E")] == pytest.approx(8 / 27)
+    # a workflow without a score (failed to load) takes part in nothing; bad input is an error
+    assert len(build_pairs("p", "q", ["x", "y", "z"], [1.0, None, 0.0])) == 1
+    with pytest.raises(ValueError, match="3 completions but 2 scores"):
+        build_pairs("p", "q", ["x", "y", "z"], [1.0, 0.0])
+    with pytest.raises(ValueError, match="outside"):
+        build_pairs("p", "q", ["x", "y"], [1.5, 0.0])
+
+
+def test_sample_pairs_frequencies_match_d_and_are_seeded():
+    pairs = abcde_pairs()
+    n = 100_000
+    draw = sample_pairs(pairs, n, seed=123)
+    assert len(draw) == n
+    counts = collections.Counter((p.chosen, p.rejected) for p in draw)
+    want = {("A", "E"): 27 / 56, ("A", "C"): 1 / 7, ("A", "D"): 1 / 7, ("B", "E"): 1 / 7}
+    for key in [(p.chosen, p.rejected) for p in pairs]:
+        prob = want.get(key, 1 / 56)
+        sd = math.sqrt(n * prob * (1 - prob))
+        assert abs(counts[key] - n * prob) < 5 * sd, (key, counts[key], n * prob)
+    assert all(p.chosen_score > p.rejected_score for p in draw)
+    # deterministic per seed, different across seeds
+    assert sample_pairs(pairs, 500, seed=7) == sample_pairs(pairs, 500, seed=7)
+    assert sample_pairs(pairs, 500, seed=7) != sample_pairs(pairs, 500, seed=8)
+    # uniform d (the ablation): each of the 9 pairs ≈ 1/9
+    counts = collections.Counter((p.chosen, p.rejected) for p in sample_pairs(pairs, n, d=uniform_d, seed=1))
+    sd = math.sqrt(n * (1 / 9) * (8 / 9))
+    assert len(counts) == 9 and all(abs(c - n / 9) < 5 * sd for c in counts.values())
+    # a d that is zero on a pair never draws it
+    only_ae = lambda x, y: 1.0 if (x, y) == (1.0, 0.0) else 0.0
+    assert {(p.chosen, p.rejected) for p in sample_pairs(pairs, 200, d=only_ae)} == {("A", "E")}
+
+
+def test_sample_pairs_errors():
+    pairs = abcde_pairs()
+    assert sample_pairs(pairs, 0) == []
+    with pytest.raises(ValueError, match="empty pool"):
+        sample_pairs([], 3)
+    with pytest.raises(ValueError, match="expected finite >= 0"):
+        sample_pairs(pairs, 3, d=lambda x, y: -1.0)
+    with pytest.raises(ValueError, match="0 on all"):
+        sample_pairs(pairs, 3, d=lambda x, y: 0.0)
+    with pytest.raises(ValueError, match="not above"):
+        sample_pairs([Pair("p", "q", "a", "b", 0.5, 0.5)], 3)
+
+
+def test_pairs_jsonl_round_trip_and_errors(tmp_path):
+    pairs = abcde_pairs() + [Pair("p2", "ünïcode\nprompt", "a\n</graph>", "b", 0.5, 0.25)]
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(str(path), pairs)
+    assert read_pairs(str(path)) == pairs
+    rec = json.loads(path.read_text(encoding="utf-8").splitlines()[-1])
+    assert rec == {"problem_id": "p2", "prompt": "ünïcode\nprompt", "chosen": "a\n</graph>", "rejected": "b",
+                   "chosen_score": 0.5, "rejected_score": 0.25}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({k: v for k, v in rec.items() if k != "chosen"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field 'chosen'"):
+        read_pairs(str(bad))
+    bad.write_text("\n" + json.dumps(dict(rec, chosen_score="high")) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'chosen_score' is str"):
+        read_pairs(str(bad))
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON"):
+        read_pairs(str(bad))
