@@ -386,8 +386,9 @@ class GGUFFile:
 
     def _string(self):
         n = self._scalar("<Q")
-        if n > self.size:
-            raise ValueError(f"{self.path}: corrupt GGUF: string length {n} at byte {self.pos - 8}")
+        if n > self.size - self.pos:
+            raise ValueError(f"{self.path}: truncated or corrupt GGUF: string length {n} at byte {self.pos - 8}, "
+                             f"{self.size - self.pos} bytes left")
         return self._take(n).decode("utf-8", errors="replace")
 
     def _value(self, vtype, key):
@@ -397,8 +398,9 @@ class GGUFFile:
             return self._string()
         if vtype == 9:
             etype, n = self._scalar("<I"), self._scalar("<Q")
-            if n > self.size:
-                raise ValueError(f"{self.path}: corrupt GGUF: metadata {key!r} claims {n} array items")
+            if n > self.size - self.pos:
+                raise ValueError(f"{self.path}: truncated or corrupt GGUF: metadata {key!r} claims {n} items, "
+                                 f"{self.size - self.pos} bytes left")
             return [self._value(etype, key) for _ in range(n)]
         raise ValueError(f"{self.path}: corrupt GGUF: metadata {key!r} has unknown value type {vtype}")
 
