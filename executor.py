@@ -1,9 +1,618 @@
 """executor.py: how ScoreFlow talks to the executor LLM and runs model-written code.
 
-(Module docstring to be completed: scope, SCOREFLOW.md sections, non-goals.)
+The executor is the LLM that runs every workflow's operators: SCOREFLOW.md §1 step 3 and §4
+("Executor": GPT-4o-mini at temperature 0 in the paper, max_tokens 4096 in the official code). Each
+operator call is one chat request (SCOREFLOW.md §3), thousands per iteration, so this module makes
+them fast under concurrency, survivable on a flaky endpoint, counted, and replayable.
+
+Sections, in reading order:
+1. HTTP chat client, call cache, budget. `ChatClient.chat` / `chat_many` speak OpenAI chat
+   completions to any compatible endpoint with `requests`; retries follow openai-python's policy
+   (STYLE.md §6); every call ends as a `ChatResult` or an `ExecutorError` with a kind, because an
+   endpoint failure is not a wrong answer (SCOREFLOW.md §10.7). Tokens and dollars are summed per
+   stage and per tag under an optional hard `Budget`; finished calls live in a sqlite3 journal
+   (`CallCache`) so a rerun or a resumed run replays them without asking again.
+2. Local OpenAI-compatible server. `start_local_server` / `serve_main` (`python scoreflow.py serve`)
+   serve model.py's model on 127.0.0.1 with the standard library's HTTP server, gathering concurrent
+   requests into one batched `model.generate` call (dynamic batching).
+3. Subprocess sandbox: `run_python` runs model-written code under OS isolation (SCOREFLOW.md §10.10).
+
+Non-goals: streaming, tool/function calls, logprobs, n > 1 choices per request, embeddings, and
+any provider SDK. The server is for one trusted machine, not the internet.
 """
 
+import dataclasses
+import datetime
+import email.utils
+import hashlib
+import json
+import math
+import os
+import random
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import requests
+
 # --- HTTP chat client, call cache, budget (issue 4) -------------------------------------------
+# One chat call = one POST {base_url}/chat/completions. The client retries what a retry can fix,
+# raises ExecutorError for the rest, counts tokens and dollars per stage and per tag, refuses calls
+# that could pass the budget, and journals every finished call in sqlite so reruns replay them.
+
+# $ per 1M (prompt, completion) tokens: published list prices (early 2025). Override or extend with
+# ChatClient(prices={name: (prompt, completion)}); a dated name ("gpt-4o-mini-2024-07-18") falls
+# back to its longest listed prefix. A model missing here costs nothing unless a dollar cap needs it.
+DEFAULT_PRICES = {
+    "gpt-4o-mini": (0.15, 0.60),     # the paper's executor (SCOREFLOW.md §4)
+    "gpt-4o": (2.50, 10.00),         # ablation executor (SCOREFLOW.md §8)
+    "deepseek-chat": (0.27, 1.10),   # DeepSeek-V3, ablation executor
+}
+# Budget reservations bound a prompt's tokens by its UTF-8 bytes (a BPE token covers >= 1 byte)
+# plus the chat template's own tokens, which we cannot see: this many per call and per message.
+TEMPLATE_TOKENS_PER_CALL, TEMPLATE_TOKENS_PER_MESSAGE = 32, 8
+
+
+@dataclass
+class ChatResult:
+    """One finished chat call."""
+    text: str                # choices[0].message.content
+    prompt_tokens: int       # usage.prompt_tokens as the endpoint reported it
+    completion_tokens: int   # usage.completion_tokens
+    finish_reason: str       # "stop" | "length" | what the endpoint said
+    cached: bool = False     # replayed from the call cache: nothing was sent
+
+
+class ExecutorError(RuntimeError):
+    """A chat call that ended without a completion, after its retries. `.kind` says why: "http"
+    (`.status` holds the code), "timeout", "connection", "bad_body" or "budget". These are endpoint
+    failures, never evidence about a workflow (SCOREFLOW.md §10.7): score them as neither 0 nor 1."""
+
+    def __init__(self, kind, message, *, status=None, endpoint=None, attempts=0):
+        super().__init__(message)
+        self.kind, self.status, self.endpoint, self.attempts = kind, status, endpoint, attempts
+
+    def __reduce__(self):  # picklable, so results can cross process boundaries
+        return (_rebuild_error, (type(self), self.kind, str(self), self.status, self.endpoint,
+                                 self.attempts))
+
+
+class BudgetExceeded(ExecutorError):
+    """The call could pass the run's budget, so it was not sent (kind "budget")."""
+
+    def __init__(self, kind="budget", message="", *, status=None, endpoint=None, attempts=0):
+        super().__init__("budget", message, status=status, endpoint=endpoint, attempts=attempts)
+
+
+def _rebuild_error(cls, kind, message, status, endpoint, attempts):
+    return cls(kind, message, status=status, endpoint=endpoint, attempts=attempts)
+
+
+@dataclass
+class RetryPolicy:
+    """openai-python's retry policy (STYLE.md §6), with a larger default retry bound."""
+    max_retries: int = 5             # retries after the first attempt (openai-python: 2)
+    initial_delay: float = 0.5       # s, backoff before the first retry
+    max_delay: float = 8.0           # s, backoff cap
+    max_retry_after: float = 120.0   # s; a longer Retry-After ends the call (openai-python: 120)
+
+    def __post_init__(self):
+        if self.max_retries < 0 or self.initial_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
+            raise ValueError(f"RetryPolicy: all fields must be >= 0, got {self}")
+
+
+@dataclass
+class Budget:
+    """A hard cap across all calls of a run. Calls replayed from the cache count at their recorded
+    cost, so a resumed run spends up to the cap in total; raise the cap to continue a stopped run."""
+    dollars: float | None = None     # $ cap; None = no dollar cap
+    tokens: int | None = None        # prompt + completion tokens cap; None = no token cap
+
+    def __post_init__(self):
+        for name in ("dollars", "tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"Budget.{name}: expected a number >= 0 or None, got {v!r}")
+
+
+@dataclass
+class Usage:
+    """Token and dollar totals over a set of calls (a stage, a tag, or the whole client)."""
+    calls: int = 0                   # finished calls, sent or replayed
+    cached: int = 0                  # of which replayed from the cache
+    errors: int = 0                  # calls that ended as ExecutorError
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dollars: float = 0.0
+
+
+def retry_after_seconds(headers, now=None):
+    """Seconds a response asks us to wait before retrying, or None: `retry-after-ms`, then
+    `Retry-After` as (possibly fractional) seconds, then as an HTTP date (RFC 9110 §10.2.3)."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        return seconds if math.isfinite(seconds) else math.inf
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp() - (time.time() if now is None else now)
+
+
+def backoff_delay(n_retry, policy, rand=random.random):
+    """Exponential backoff before retry n_retry (0-based): initial_delay·2ⁿ capped at max_delay,
+    times a jitter in (0.75, 1] so that many clients do not retry in lockstep."""
+    return min(policy.initial_delay * 2.0 ** min(n_retry, 64), policy.max_delay) * (1.0 - 0.25 * rand())
+
+
+def _is_retryable_status(status, headers):
+    """openai-python's rule: obey x-should-retry, else retry 408, 409, 429 and 5xx."""
+    hint = headers.get("x-should-retry")
+    if hint in ("true", "false"):
+        return hint == "true"
+    return status in (408, 409, 429) or status >= 500
+
+
+def _excerpt(raw, limit=300):
+    """The start of a response body for an error message."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def _server_message(raw):
+    """The server's own words from an error body: OpenAI's {"error": {"message"}}, else an excerpt."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return _excerpt(raw)
+    if isinstance(data, dict):
+        err = data.get("error", data.get("detail"))
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(err, str):
+            return err
+    return _excerpt(raw)
+
+
+def _is_read_timeout(exc):
+    """requests reports a read timeout met while reading the body as a ConnectionError that wraps
+    urllib3's ReadTimeoutError; walk the causes to tell it from a dropped connection."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, requests.exceptions.Timeout) or type(exc).__name__ == "ReadTimeoutError":
+            return True
+        exc = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc.__cause__
+        seen += 1
+    return False
+
+
+def parse_chat_response(raw, endpoint):
+    """A chat-completions body -> ChatResult. Malformed JSON or a missing choices[0].message is an
+    ExecutorError("bad_body") quoting the body. A missing `usage` gives -1 token counts."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ExecutorError("bad_body", f"{endpoint}: response is not valid JSON: {_excerpt(raw)}",
+                            endpoint=endpoint) from None
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ExecutorError("bad_body", f"{endpoint}: response has no choices[0].message.content: "
+                            f"{_excerpt(raw)}", endpoint=endpoint) from None
+    if text is None:  # e.g. a refusal or a content filter: no text, the finish_reason says why
+        text = ""
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    tokens = [usage.get("prompt_tokens", -1), usage.get("completion_tokens", -1)]
+    if not isinstance(text, str) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ExecutorError("bad_body", f"{endpoint}: content or usage has the wrong type: {_excerpt(raw)}",
+                            endpoint=endpoint)
+    return ChatResult(text, tokens[0], tokens[1], str(choice.get("finish_reason") or ""))
+
+
+def _price_of(prices, model):
+    """(prompt, completion) $ per 1M tokens for `model`: exact name, else the longest listed
+    prefix that ends at a '-' ("gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"), else None."""
+    if model in prices:
+        return prices[model]
+    best = max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
+    return prices[best] if best is not None else None
+
+
+class CallCache:
+    """Durable call cache and journal: one sqlite3 row per finished call, keyed by the full request.
+    WAL mode, one connection per thread, a commit per finished call, so a kill -9 loses only the
+    calls in flight. synchronous=NORMAL: a process crash loses nothing committed (a power cut may
+    lose the last commits, which are then asked again). Several processes may share one file."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._local, self._conns, self._lock = threading.local(), [], threading.Lock()
+        con = self._con()
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
+                    "text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, "
+                    "finish_reason TEXT, stage TEXT, tag TEXT, seconds REAL, created REAL)")
+        con.commit()
+
+    def _con(self):
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
+            con.execute("PRAGMA synchronous=NORMAL")
+            self._local.con = con
+            with self._lock:
+                self._conns.append(con)
+        return con
+
+    def get(self, key):
+        row = self._con().execute("SELECT text, prompt_tokens, completion_tokens, finish_reason "
+                                  "FROM calls WHERE key = ?", (key,)).fetchone()
+        return None if row is None else ChatResult(row[0], row[1], row[2], row[3], cached=True)
+
+    def put(self, key, request, result, *, stage="", tag="", seconds=0.0):
+        con = self._con()
+        con.execute("INSERT OR REPLACE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (key, request, result.text, result.prompt_tokens, result.completion_tokens,
+                     result.finish_reason, stage, tag, seconds, time.time()))
+        con.commit()
+
+    def keys(self):
+        return {k for (k,) in self._con().execute("SELECT key FROM calls")}
+
+    def __len__(self):
+        return self._con().execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+    def close(self):
+        with self._lock:
+            for con in self._conns:
+                con.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+
+class ChatClient:
+    """Thread-safe synchronous client for any OpenAI-compatible chat-completions endpoint (OpenAI,
+    vLLM, llama.cpp's server, Ollama, our LocalServer). Async callers use
+    `await asyncio.to_thread(client.chat, ...)`.
+
+    base_url ends before /chat/completions (e.g. "https://api.openai.com/v1"). api_key None reads
+    OPENAI_API_KEY; "" sends no key. timeout is seconds to connect and to wait between bytes
+    (requests semantics). max_concurrency bounds calls in flight (None: 32 on a loopback server,
+    which batches them, 16 elsewhere). cache_path names the sqlite call cache (None: no cache).
+    budget is a Budget, or a number meaning dollars. prices extends DEFAULT_PRICES.
+    """
+
+    def __init__(self, base_url, model, *, api_key=None, timeout=60.0, max_concurrency=None,
+                 cache_path=None, budget=None, prices=None, retry=None):
+        self.base_url = str(base_url).rstrip("/")
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"ChatClient: base_url must be http(s)://host[:port]/path, got {base_url!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"ChatClient: model must be a non-empty string, got {model!r}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"ChatClient: timeout must be > 0 seconds, got {timeout!r}")
+        self.endpoint = self.base_url + "/chat/completions"
+        self.model, self.timeout = model, float(timeout)
+        self.api_key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+        local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+        self.max_concurrency = int(max_concurrency or (32 if local else 16))
+        if self.max_concurrency < 1:
+            raise ValueError(f"ChatClient: max_concurrency must be >= 1, got {max_concurrency!r}")
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.prices = dict(DEFAULT_PRICES)
+        for name, pair in (prices or {}).items():
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+                    isinstance(p, (int, float)) and p >= 0 for p in pair)):
+                raise ValueError(f"ChatClient: prices[{name!r}] must be ($/1M prompt, $/1M completion) "
+                                 f">= 0, got {pair!r}")
+            self.prices[name] = (float(pair[0]), float(pair[1]))
+        self.price = _price_of(self.prices, model)  # None: unpriced, costs $0
+        self.budget = Budget(dollars=budget) if isinstance(budget, (int, float)) else (budget or Budget())
+        if not isinstance(self.budget, Budget):
+            raise TypeError(f"ChatClient: budget must be a Budget, a number of dollars or None, got {budget!r}")
+        if self.budget.dollars is not None and self.price is None:
+            raise ValueError(f"ChatClient: a dollar budget needs a price for model {model!r}; pass "
+                             f"prices={{{model!r}: (prompt $/1M, completion $/1M)}}")
+        self.cache = CallCache(cache_path) if cache_path is not None else None
+        self._session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self.max_concurrency,
+                                                max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        self._lock = threading.Lock()
+        self._inflight = {}                    # cache key -> Event set when its owner finishes
+        self._reserved = [0, 0.0]              # tokens, dollars held by calls in flight
+        self._n_inflight = 0                   # calls holding a reservation
+        self._budget_freed = threading.Condition(self._lock)
+        self.total, self.by_stage, self.by_tag = Usage(), {}, {}
+        self.n_sent = 0                        # calls that went to the endpoint (cache misses)
+        self.n_requests = 0                    # HTTP attempts, retries included
+        self.n_missing_usage = 0               # finished calls whose body had no usage counts
+        self.errors = {}                       # ExecutorError kind -> count
+
+    # -- request building ----------------------------------------------------------------------
+    def _body(self, messages, temperature, top_p, max_tokens, stop, seed):
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"chat: messages must be a non-empty list of dicts, got {type(messages).__name__}")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"chat: messages[{i}] must be {{'role': str, 'content': str}}, got {m!r:.200}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise ValueError(f"chat: temperature must be in [0, 2], got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"chat: top_p must be in (0, 1], got {top_p!r}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"chat: max_tokens must be an int >= 1, got {max_tokens!r}")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"chat: stop must be a non-empty string or a list of them, got {stop!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"chat: seed must be an int or None, got {seed!r}")
+        body = {"model": self.model, "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+                "temperature": float(temperature), "top_p": float(top_p), "max_tokens": max_tokens}
+        if stop:
+            body["stop"] = stop
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def _key(self, body, sample):
+        """The cache key: the full request (endpoint, model, messages, sampling) and the sample
+        index, so k samples of one prompt stay k distinct calls."""
+        blob = json.dumps({"base_url": self.base_url, "body": body, "sample": sample},
+                          sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _cost(self, prompt_tokens, completion_tokens):
+        if self.price is None:
+            return 0.0
+        return (max(prompt_tokens, 0) * self.price[0] + max(completion_tokens, 0) * self.price[1]) / 1e6
+
+    @staticmethod
+    def _prompt_bound(messages):
+        """An upper bound on a prompt's tokens (see TEMPLATE_TOKENS_PER_CALL)."""
+        return TEMPLATE_TOKENS_PER_CALL + sum(TEMPLATE_TOKENS_PER_MESSAGE + len(m["content"].encode("utf-8"))
+                                              for m in messages)
+
+    # -- the call ------------------------------------------------------------------------------
+    def chat(self, messages, *, temperature=0.0, top_p=1.0, max_tokens=512, stop=None, seed=None,
+             sample=0, stage="", tag=""):
+        """One chat call -> ChatResult, from the cache when this exact request already finished.
+        Raises ExecutorError (BudgetExceeded for the budget) when it ends without a completion.
+        stage and tag only label the accounting (by_stage, by_tag); they are not part of the key."""
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            raise ValueError(f"chat: sample must be an int >= 0, got {sample!r}")
+        body = self._body(messages, temperature, top_p, max_tokens, stop, seed)
+        try:
+            if self.cache is None:
+                return self._send(body, stage, tag)
+            result = self._cached_call(body, self._key(body, sample), stage, tag)
+        except ExecutorError as e:
+            self._account_error(e, stage, tag)
+            raise
+        if result.cached:  # a sent call was counted by _send
+            with self._lock:
+                self._account(result, stage, tag)
+        return result
+
+    def _cached_call(self, body, key, stage, tag):
+        """Replay `key` from the cache, or become its only sender: concurrent identical calls wait
+        for the one in flight instead of asking the endpoint twice."""
+        while True:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+            with self._lock:
+                event = self._inflight.get(key)
+                if event is None:
+                    event = self._inflight[key] = threading.Event()
+                    break
+            event.wait()  # its owner finished: a hit next time round, or our turn if it failed
+        try:
+            hit = self.cache.get(key)  # finished between our first look and taking ownership
+            if hit is not None:
+                return hit
+            t0 = time.monotonic()
+            result = self._send(body, stage, tag)
+            self.cache.put(key, json.dumps(body, ensure_ascii=False), result, stage=stage, tag=tag,
+                           seconds=time.monotonic() - t0)
+            return result
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            event.set()
+
+    def _over_budget(self, tokens, dollars):
+        """Why spent + in flight + this call's worst case would pass the budget ("" if it would not).
+        Call with self._lock held."""
+        b, spent, over = self.budget, self.total, []
+        used = spent.prompt_tokens + spent.completion_tokens
+        if b.tokens is not None and used + self._reserved[0] + tokens > b.tokens:
+            over.append(f"{used} tokens spent + {self._reserved[0]} in flight + up to {tokens} for this "
+                        f"call > cap {b.tokens}")
+        if b.dollars is not None and spent.dollars + self._reserved[1] + dollars > b.dollars:
+            over.append(f"${spent.dollars:.6f} spent + ${self._reserved[1]:.6f} in flight + up to "
+                        f"${dollars:.6f} for this call > cap ${b.dollars:.6f}")
+        return "; ".join(over)
+
+    def _send(self, body, stage, tag):
+        """Reserve the call's worst case (prompt bound + max_tokens) against the budget, POST it
+        with retries, then swap the reservation for the tokens actually used, in one locked step.
+        A call that only fails to fit because of calls in flight waits for them; one that cannot
+        fit with nothing in flight is refused unsent."""
+        with self._slots:
+            tokens = self._prompt_bound(body["messages"]) + body["max_tokens"]
+            dollars = self._cost(tokens - body["max_tokens"], body["max_tokens"])
+            with self._lock:
+                while (over := self._over_budget(tokens, dollars)) and self._n_inflight:
+                    self._budget_freed.wait()
+                if over:
+                    raise BudgetExceeded(message=f"{self.endpoint}: budget reached, call not sent: {over} "
+                                         "(resume with a raised cap)", endpoint=self.endpoint)
+                self._reserved[0] += tokens
+                self._reserved[1] += dollars
+                self._n_inflight += 1
+                self.n_sent += 1
+            result = None
+            try:
+                result = self._post(body)
+                return result
+            finally:
+                with self._lock:
+                    self._reserved[0] -= tokens
+                    self._reserved[1] -= dollars
+                    self._n_inflight -= 1
+                    if result is not None:
+                        self._account(result, stage, tag)
+                    self._budget_freed.notify_all()
+
+    def _post(self, body):
+        """POST with openai-python's retry policy (STYLE.md §6) -> ChatResult, or ExecutorError."""
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        policy, attempt = self.retry, 0
+        while True:
+            attempt += 1
+            with self._lock:
+                self.n_requests += 1
+            wait = None
+            try:
+                resp = self._session.post(self.endpoint, data=payload, headers=headers,
+                                          timeout=(self.timeout, self.timeout))
+                raw = resp.content
+            except requests.exceptions.RequestException as exc:
+                kind = "timeout" if _is_read_timeout(exc) else "connection"
+                if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
+                    raise ExecutorError("connection", f"{self.endpoint}: {exc}", endpoint=self.endpoint,
+                                        attempts=attempt) from None
+                what = f"no response within {self.timeout:g} s" if kind == "timeout" else "connection failed"
+                error = ExecutorError(kind, f"{self.endpoint}: {what} ({type(exc).__name__}: {exc})",
+                                      endpoint=self.endpoint)
+            else:
+                if 200 <= resp.status_code < 300:
+                    try:
+                        result = parse_chat_response(raw, self.endpoint)
+                    except ExecutorError as exc:  # truncated or garbled: another try may do
+                        error = exc
+                    else:
+                        if result.prompt_tokens < 0 or result.completion_tokens < 0:
+                            with self._lock:
+                                self.n_missing_usage += 1
+                        return result
+                else:
+                    error = ExecutorError("http", f"{self.endpoint}: HTTP {resp.status_code}: "
+                                          f"{_server_message(raw)}", status=resp.status_code, endpoint=self.endpoint)
+                    if not _is_retryable_status(resp.status_code, resp.headers):
+                        error.attempts = attempt
+                        raise error
+                    wait = retry_after_seconds(resp.headers)
+                    if wait is not None and wait > policy.max_retry_after:
+                        error.args = (f"{error} -- Retry-After asks for {wait:g} s, above the cap of "
+                                      f"{policy.max_retry_after:g} s (RetryPolicy.max_retry_after): not retrying",)
+                        error.attempts = attempt
+                        raise error
+            error.attempts = attempt
+            if attempt > policy.max_retries:
+                error.args = (f"{error} (gave up after {attempt} attempts)",)
+                raise error
+            delay = wait if wait is not None and wait > 0 else backoff_delay(attempt - 1, policy)
+            time.sleep(delay)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def _account(self, result, stage, tag):
+        """Add a finished call to the totals (self._lock held). A missing usage (-1) counts as 0."""
+        cost = self._cost(result.prompt_tokens, result.completion_tokens)
+        for usage in (self.total, self.by_stage.setdefault(stage, Usage()), self.by_tag.setdefault(tag, Usage())):
+            usage.calls += 1
+            usage.cached += result.cached
+            usage.prompt_tokens += max(result.prompt_tokens, 0)
+            usage.completion_tokens += max(result.completion_tokens, 0)
+            usage.dollars += cost
+
+    def _account_error(self, error, stage, tag):
+        with self._lock:
+            self.errors[error.kind] = self.errors.get(error.kind, 0) + 1
+            for usage in (self.total, self.by_stage.setdefault(stage, Usage()), self.by_tag.setdefault(tag, Usage())):
+                usage.errors += 1
+
+    def stats(self):
+        """A snapshot of the accounting, JSON-ready."""
+        with self._lock:
+            return {"model": self.model, "endpoint": self.endpoint, "priced": self.price is not None,
+                    "total": dataclasses.asdict(self.total), "n_sent": self.n_sent, "n_requests": self.n_requests,
+                    "n_missing_usage": self.n_missing_usage, "errors": dict(self.errors),
+                    "by_stage": {k: dataclasses.asdict(v) for k, v in self.by_stage.items()},
+                    "by_tag": {k: dataclasses.asdict(v) for k, v in self.by_tag.items()},
+                    "budget": dataclasses.asdict(self.budget)}
+
+    def estimate(self, requests, *, completion_fraction=1.0):
+        """The cost of planned calls before a run, without asking anyone: `requests` are chat()
+        keyword dicts. Prompt tokens are guessed at 4 characters per token plus the template;
+        completions at completion_fraction·max_tokens (1.0: the worst case). Calls already in the
+        cache are free and counted apart. Returns a dict of counts, tokens and dollars."""
+        calls = cached = prompt = completion = 0
+        for req in requests:
+            body = self._body(req["messages"], req.get("temperature", 0.0), req.get("top_p", 1.0),
+                              req.get("max_tokens", 512), req.get("stop"), req.get("seed"))
+            calls += 1
+            if self.cache is not None and self.cache.get(self._key(body, req.get("sample", 0))) is not None:
+                cached += 1
+                continue
+            prompt += TEMPLATE_TOKENS_PER_CALL + sum(TEMPLATE_TOKENS_PER_MESSAGE + math.ceil(len(m["content"]) / 4)
+                                                     for m in body["messages"])
+            completion += math.ceil(completion_fraction * body["max_tokens"])
+        return {"calls": calls, "cached": cached, "prompt_tokens": prompt, "completion_tokens": completion,
+                "dollars": self._cost(prompt, completion), "priced": self.price is not None}
+
+    # -- many calls ----------------------------------------------------------------------------
+    def chat_many(self, requests):
+        """Run chat(**r) for every dict r, up to max_concurrency at once -> results in order, each
+        a ChatResult or the ExecutorError it ended with (failures are data). Bad arguments raise."""
+        requests = list(requests)
+        if not requests:
+            return []
+
+        def one(req):
+            try:
+                return self.chat(**req)
+            except ExecutorError as e:
+                return e
+
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests)),
+                                thread_name_prefix="chat") as pool:
+            return list(pool.map(one, requests))
+
+    def close(self):
+        self._session.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 # --- local OpenAI-compatible server (issue 4) -------------------------------------------------
 
