@@ -1,0 +1,113 @@
+"""Code scorers (SCOREFLOW.md §4): candidate + hidden test run in the real sandbox, executor.run_python.
+The default run checks a handful of problems; `-m slow` runs all 164 HumanEval and 427 MBPP ones."""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import executor
+from bench import humaneval_task, mbpp_task
+from conftest import DATASETS
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.isdir(DATASETS), reason=f"no ScoreFlow data at {DATASETS}"),
+    pytest.mark.skipif(not hasattr(executor, "run_python"), reason="executor.run_python (issue 5) not there yet"),
+]
+
+# Replaces the entry point by a wrapper whose every result is off by a little: a mutated solution.
+MUTATION = '''
+_sf_original = {ep}
+def _sf_perturb(r):
+    if isinstance(r, bool): return not r
+    if isinstance(r, (int, float)): return r + 1
+    if isinstance(r, str): return r + "x"
+    if isinstance(r, list): return r + [None]
+    if isinstance(r, tuple): return r + (None,)
+    return object() if r is not None else 0
+def {ep}(*args, **kwargs):
+    return _sf_perturb(_sf_original(*args, **kwargs))
+'''
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    problems = humaneval_task.load("validate", DATASETS) + humaneval_task.load("test", DATASETS)
+    return {p.id: p for p in problems}
+
+
+@pytest.fixture(scope="module")
+def mbpp():
+    problems = mbpp_task.load("validate", DATASETS) + mbpp_task.load("test", DATASETS)
+    return {p.id: p for p in problems}
+
+
+def _canonical(p):
+    return p.extra["hidden_canonical_solution"]
+
+
+def test_humaneval_canonical_and_mutated_subset(humaneval):
+    # the three problems whose prompt helper is prepended, one with a helper that is not, two plain
+    for task_id in ("HumanEval/32", "HumanEval/38", "HumanEval/50", "HumanEval/10", "HumanEval/0", "HumanEval/2"):
+        p = humaneval[task_id]
+        assert humaneval_task.verdict(_canonical(p), p) == (1.0, "passed"), task_id
+        assert humaneval_task.score(_canonical(p) + MUTATION.format(ep=p.extra["entry_point"]), p) == 0.0, task_id
+
+
+def test_humaneval_helper_rule_and_fences(humaneval):
+    p = humaneval["HumanEval/38"]  # decode_cyclic: encode_cyclic comes from the prompt (SCOREFLOW.md §4)
+    body = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
+    assert humaneval_task.score(body, p) == 1.0
+    assert humaneval_task.score(f"Here it is:\n```python\n{body}```\nDone.", p) == 1.0
+    p = humaneval["HumanEval/10"]  # make_palindrome: its prompt's helper is not prepended
+    body = ("def make_palindrome(string: str) -> str:\n    for i in range(len(string) + 1):\n"
+            "        if is_palindrome(string[i:]):\n            return string + string[:i][::-1]\n")
+    score, why = humaneval_task.verdict(body, p)
+    assert score == 0.0 and "NameError" in why
+    assert humaneval_task.score("def is_palindrome(s):\n    return s == s[::-1]\n" + body, p) == 1.0
+
+
+def test_failures_are_results_with_reasons(humaneval):
+    p = humaneval["HumanEval/0"]
+    assert humaneval_task.verdict("def has_close_elements(:", p)[1].startswith("error: SyntaxError")
+    score, why = humaneval_task.run_program("while True:\n    pass\n", timeout=1.0)
+    assert score == 0.0 and why.startswith("timeout")
+
+
+def test_mbpp_reference_and_mutated_subset(mbpp):
+    # 85 needs `import math` from test_imports; 2 is a repaired public test; replace_spaces is a repeated name
+    for task_id in ("85", "2", "631", "116", "802"):
+        p = mbpp[task_id]
+        assert mbpp_task.verdict(p.extra["hidden_reference_code"], p) == (1.0, "passed"), task_id
+    for task_id in ("2", "116", "802"):
+        p = mbpp[task_id]
+        assert mbpp_task.score(p.extra["hidden_reference_code"] + MUTATION.format(ep=p.extra["entry_point"]), p) == 0.0
+
+
+def _run_all(task, problems, answers):
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda pa: task.verdict(pa[1], pa[0]), zip(problems, answers)))
+
+
+@pytest.mark.slow
+def test_humaneval_all_164_canonical_pass_and_mutants_fail(humaneval):
+    problems = list(humaneval.values())
+    assert len(problems) == 164
+    good = _run_all(humaneval_task, problems, [_canonical(p) for p in problems])
+    assert [p.id for p, v in zip(problems, good) if v[0] != 1.0] == []
+    bad = _run_all(humaneval_task, problems, [_canonical(p) + MUTATION.format(ep=p.extra["entry_point"])
+                                              for p in problems])
+    assert [p.id for p, v in zip(problems, bad) if v[0] != 0.0] == []
+
+
+@pytest.mark.slow
+def test_mbpp_all_reference_solutions_pass(mbpp):
+    problems = list(mbpp.values())
+    assert len(problems) == 427
+    good = _run_all(mbpp_task, problems, [p.extra["hidden_reference_code"] for p in problems])
+    # task 630's reference code in the data is broken (its helper lost its parameters: NameError 'ele')
+    assert [p.id for p, v in zip(problems, good) if v[0] != 1.0] == ["630"]
+    bad = _run_all(mbpp_task, problems, [p.extra["hidden_reference_code"] + MUTATION.format(ep=p.extra["entry_point"])
+                                         for p in problems])
+    # the mutation is too small for 5 tests: isclose(rel_tol=1e-3) on large values (82, 85) and
+    # `assert not f(...)` / truthiness checks on strings (737, 787, 794)
+    assert sorted(p.id for p, v in zip(problems, bad) if v[0] != 0.0) == ["737", "787", "794", "82", "85"]
