@@ -161,8 +161,9 @@ def read_records(path: str, *, strict: bool = False) -> Iterator[tuple[str, int,
                 bad_record(path, lineno, f"not valid JSON: {e.msg} at column {e.colno}", strict)
 
 
-def bad_record(path: str, lineno: int, why: str, strict: bool) -> None:
-    msg = f"{path}:{lineno}: {why}"
+def bad_record(path: str, where: int | str, why: str, strict: bool) -> None:
+    """Report a bad record at path:where (a line number, or a record's key path) on stderr, or raise."""
+    msg = f"{path}:{where}: {why}"
     if strict:
         raise ValueError(msg)
     print(f"bench: skipped {msg}", file=sys.stderr)

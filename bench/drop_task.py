@@ -15,11 +15,13 @@ Non-goals: DROP's official number-aware multi-span alignment metric (the paper t
 """
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import Counter
 
-from bench import Problem, build_problems, check_split, field_of, no_data, read_records, resolve_data
+from bench import (Problem, bad_record, build_problems, check_split, field_of, no_data, read_records,
+                   resolve_data)
 
 NAME = "drop"
 OPERATOR_SET = "qa"
@@ -32,29 +34,46 @@ def load(split: str, data: str | None = None, *, strict: bool = False) -> list[P
     if data is None:
         raise no_data(NAME, split)
     path = resolve_data(NAME, split, data)
-    return build_problems(read_records(path, strict=strict), _problems, strict=strict)
+    if path.endswith(".json"):
+        return _public(path, strict)
+    return build_problems(read_records(path, strict=strict), _problem, strict=strict)
 
 
-def _problems(rec: dict, line: int) -> Problem | list[Problem]:
-    if "context" in rec:  # ScoreFlow layout
-        context = field_of(rec, "context")
-        cuts = [context.find("Passage:"), context.rfind("Question:"), context.rfind("Answer:")]
-        if min(cuts) < 0 or not cuts[0] < cuts[1] < cuts[2]:
-            raise ValueError("field 'context' is not 'Passage: ... Question: ... Answer:'")
-        passage = context[cuts[0] + len("Passage:"):cuts[1]].strip()
-        question = context[cuts[1] + len("Question:"):cuts[2]].strip()
-        ref_text = field_of(rec, "ref_text")
-        return _make(str(field_of(rec, "id", (int, str))), question, passage, ref_text)
-    # public DROP json: one object mapping passage ids to passages with their questions
+def _problem(rec: dict, line: int) -> Problem:
+    """ScoreFlow layout: {context: "Passage: ...\nQuestion: ...\nAnswer:", ref_text, id}."""
+    context = field_of(rec, "context")
+    cuts = [context.find("Passage:"), context.rfind("Question:"), context.rfind("Answer:")]
+    if min(cuts) < 0 or not cuts[0] < cuts[1] < cuts[2]:
+        raise ValueError("field 'context' is not 'Passage: ... Question: ... Answer:'")
+    passage = context[cuts[0] + len("Passage:"):cuts[1]].strip()
+    question = context[cuts[1] + len("Question:"):cuts[2]].strip()
+    return _make(str(field_of(rec, "id", (int, str))), question, passage, field_of(rec, "ref_text"))
+
+
+def _public(path: str, strict: bool) -> list[Problem]:
+    """Public DROP json: {passage_id: {passage, qa_pairs: [...]}}; a bad question is reported as
+    path:passage_id/query_id and skipped."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            passages = json.load(f)
+        except json.JSONDecodeError as e:
+            bad_record(path, e.lineno, f"not valid JSON: {e.msg}", strict)
+            return []
+    if not isinstance(passages, dict):
+        raise ValueError(f"{path}: expected the DROP object {{passage_id: {{passage, qa_pairs}}}}, "
+                         f"got {type(passages).__name__}")
     out = []
-    for pid, item in rec.items():
-        passage = field_of(item, "passage")
-        for qa in field_of(item, "qa_pairs", list):
-            golds = [_answer_text(a) for a in [qa["answer"]] + list(qa.get("validated_answers", []))]
-            golds = list(dict.fromkeys(g for g in golds if g.strip()))
-            if not golds:
-                raise ValueError(f"{pid}/{qa.get('query_id')}: no non-empty answer")
-            out.append(_make(str(qa["query_id"]), field_of(qa, "question"), passage, "|".join(golds)))
+    for pid, item in passages.items():
+        for k, qa in enumerate(item.get("qa_pairs", []) if isinstance(item, dict) else [None]):
+            try:
+                passage = field_of(item, "passage")
+                golds = [_answer_text(a) for a in [qa["answer"]] + list(qa.get("validated_answers", []))]
+                golds = list(dict.fromkeys(g for g in golds if g.strip()))
+                out.append(_make(str(qa["query_id"]), field_of(qa, "question"), passage, "|".join(golds)))
+            except KeyError as e:
+                bad_record(path, f"{pid}/qa_pairs[{k}]", f"missing field {e.args[0]!r}", strict)
+            except (TypeError, ValueError, AttributeError) as e:
+                bad_record(path, f"{pid}/qa_pairs[{k}]", f"{e}", strict)
     return out
 
 

@@ -37,7 +37,7 @@ def load(split: str, data: str | None = None, *, strict: bool = False, **opts) -
     check_split(NAME, split)
     if data is None:
         from bench import mathgen_task  # imported here: mathgen_task imports this module's scorer
-        return mathgen_task.load(split, None, **opts)
+        return mathgen_task.load(split, None, strict=strict, **opts)
     if opts:
         raise TypeError(f"math: unexpected options {sorted(opts)} with --data (only strict=)")
     path = resolve_data(NAME, split, data)
@@ -63,7 +63,7 @@ def score(answer: str, problem: Problem) -> float:
 def last_boxed(text: str) -> str | None:
     """Contents of the last \\boxed{...} (or \\fbox{...}) with nested braces, or None."""
     starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
-    for m in reversed(starts):
+    for m in reversed(starts[-8:]):  # unbalanced boxes fall back a few, not quadratically many
         i = m.end()
         while i < len(text) and text[i] == " ":
             i += 1
@@ -128,7 +128,7 @@ def normalize(s: str) -> str:
     s = re.sub(r"\s+and\s+", ",", s)  # "12 and 13" is the list 12, 13
     s = s.replace("{,}", ",").replace("\\{", "{").replace("\\}", "}")
     # thousands separators: the whole answer, or a brace group, is a number in 1,234,567 form
-    if re.fullmatch(r"[-+]?\d{1,3}(?:,\s?\d{3})+(?:\.\d+)?%?", s.strip()):
+    if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?%?", s.strip()):  # "5, 125" stays a list
         s = s.replace(",", "")
     s = re.sub(r"\{(\d{1,3}(?:,\d{3})+)\}", lambda m: "{" + m.group(1).replace(",", "") + "}", s)
     # spaces: keep one only where it separates a command from a letter ("\pi r")
@@ -506,7 +506,8 @@ def _structure(s: str):
 
 def is_equiv(output: str, gold: str) -> bool:
     """SCOREFLOW.md §4 MATH rule on the final answers of `output` and `gold`."""
-    return _equiv(normalize(extract_answer(output)), normalize(extract_answer(gold)))
+    boxed = last_boxed(gold)  # Problem.gold is already the boxed content; a full solution also works
+    return _equiv(normalize(extract_answer(output)), normalize(gold if boxed is None else boxed))
 
 
 def _equiv(a: str, b: str) -> bool:

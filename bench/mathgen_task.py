@@ -31,8 +31,10 @@ OPERATOR_SET = "math"
 SIZE = 500  # problems per seed; validate = every fifth round of 20
 
 
-def load(split: str, data: str | None = None, *, seed: int = 0, size: int = SIZE) -> list[Problem]:
-    """The `split` part of the set generated from `seed` (data must be None: the set is built in)."""
+def load(split: str, data: str | None = None, *, strict: bool = False, seed: int = 0,
+         size: int = SIZE) -> list[Problem]:
+    """The `split` part of the set generated from `seed` (data must be None: the set is built in;
+    strict is accepted for a uniform interface: generated records are never malformed)."""
     check_split(NAME, split)
     if data is not None:
         raise ValueError(f"mathgen: the embedded set takes no --data (got {data!r}); use --bench math --data")

@@ -175,7 +175,7 @@ def test_data_path_errors(tmp_path):
         gsm8k_task.load("train", str(tmp_path))
 
 
-def test_public_layouts(tmp_path):
+def test_public_layouts(tmp_path, capsys):
     # GSM8K: reasoning then "#### number"; ids from file and line
     _write(tmp_path / "test.jsonl", [{"question": "Q?", "answer": "3 * 4 = <<3*4=12>>12\n#### 1,212"}])
     (p,) = gsm8k_task.load("test", str(tmp_path / "test.jsonl"))
@@ -201,12 +201,14 @@ def test_public_layouts(tmp_path):
         {"question": "How many goals?", "query_id": "q1", "answer": {"number": "3", "date": {}, "spans": []},
          "validated_answers": [{"number": "", "date": {}, "spans": ["three"]},
                                {"number": "3", "date": {}, "spans": []}]},
+        {"question": "Who?", "query_id": "q0"},  # no answer: reported and skipped, the others kept
         {"question": "When?", "query_id": "q2", "answer": {"number": "", "spans": [],
                                                           "date": {"day": "5", "month": "May", "year": "1990"}}}]}}
     with open(tmp_path / "drop_dev.json", "w") as f:
         json.dump(drop, f)
     p1, p2 = drop_task.load("validate", str(tmp_path / "drop_dev.json"))
     assert (p1.id, p1.gold, p2.gold) == ("q1", "3|three", "5 May 1990")
+    assert "drop_dev.json:nfl_1/qa_pairs[1]: missing field 'answer'" in capsys.readouterr().err
     assert drop_task.score("three", p1) == 1.0
     # HotpotQA public json: a list of records
     hp = [{"_id": "x1", "question": "Who?", "answer": "Ada", "context": [["Ada", ["Ada was", " here."]]]}]

@@ -68,6 +68,7 @@ NOT_EQUIVALENT = [
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "0.87"),
     ("\\boxed{\\frac{1}{2}}", "2"),
     ("\\boxed{27,93}", "2793"),  # a list, not a thousands separator
+    ("\\boxed{5, 125}", "5125"),  # a list: thousands commas take no space
     ("\\boxed{(4/3,-1/3)}", "(-1/3,4/3)"),  # tuples are ordered
     ("\\boxed{(-\\infty, 3)}", "(-\\infty,3]"),  # interval ends matter
     ("\\boxed{-34 + 12x}", "12x+34"),
