@@ -21,19 +21,25 @@ Non-goals: streaming, tool/function calls, logprobs, n > 1 choices per request, 
 any provider SDK. The server is for one trusted machine, not the internet.
 """
 
+import argparse
 import dataclasses
 import datetime
 import email.utils
 import hashlib
+import hmac
 import json
 import math
 import os
 import random
+import signal
 import sqlite3
+import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import requests
@@ -615,5 +621,412 @@ class ChatClient:
 
 
 # --- local OpenAI-compatible server (issue 4) -------------------------------------------------
+# POST /v1/chat/completions and GET /v1/models over a model.py model, on the standard library's
+# ThreadingHTTPServer. Handler threads validate a request, render it with the chat template and
+# queue it; one worker thread owns the model, takes what is queued (waiting while requests keep
+# arriving, up to a short window) and decodes the whole batch in one model.generate call with
+# per-row max_tokens, temperature, top_p, stop and seed, so 32 concurrent clients cost about one
+# batch-32 generate. Errors are OpenAI-style bodies: {"error": {"message", "type", "param", "code"}}.
+
+MAX_BODY_BYTES = 16 << 20   # a request body larger than this is refused with 413
+MAX_STOP_STRINGS = 16
+# Fields OpenAI clients may send that we accept when they ask for our only behaviour.
+_NEUTRAL_FIELDS = {"stream": False, "n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0}
+
+
+class _BadRequest(Exception):
+    def __init__(self, message, param=None, code=None, status=400):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+@dataclass
+class _Job:
+    """One queued chat request, as the worker's batch will need it."""
+    prompt: str              # chat-rendered prompt text
+    prompt_tokens: int       # its token count (+1 for a possible bos), for batch planning
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list
+    seed: int
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    completion: object = None   # model.Completion once done
+    error: str = ""             # set instead when the batch failed
+
+
+def _number(body, name, lo, hi, default, *, integer=False, lo_open=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or (v <= lo if lo_open else v < lo) or v > hi or v != v:
+        span = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise _BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'} in {span}, got {v!r}",
+                          param=name, code="invalid_value")
+    return v
+
+
+def _chat_messages(messages):
+    """Validate OpenAI `messages` -> [{"role", "content": str}] for Tokenizer.apply_chat. Content
+    may be a string or a list of {"type": "text", "text": ...} parts; "developer" acts as "system"."""
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest(f"'messages' must be a non-empty array, got {type(messages).__name__}",
+                          param="messages", code="invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _BadRequest(f"'messages[{i}]' must be an object, got {type(m).__name__}", param=f"messages[{i}]")
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise _BadRequest(f"'messages[{i}].role' must be system, developer, user or assistant, got {role!r}",
+                              param=f"messages[{i}].role")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise _BadRequest(f"'messages[{i}].content' must be a string or a list of text parts, got "
+                              f"{type(content).__name__}", param=f"messages[{i}].content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+class LocalServer:
+    """An OpenAI-compatible chat server over an already loaded (model, tokenizer), started on
+    construction; `base_url` ends in "/v1". Use it as a context manager or call stop().
+
+    max_batch caps rows per generate call; batch_window (s) is how long the worker keeps
+    gathering after the last new request, at most max_wait (s) after the first; max_kv_bytes caps
+    one batch's KV cache (rows x (longest prompt + largest max_tokens)); default_max_tokens is
+    used when a request gives none (OpenAI's default is "up to the context", too slow on a CPU).
+    """
+
+    def __init__(self, model, tokenizer, *, model_name="local", host="127.0.0.1", port=0, api_key=None,
+                 max_batch=32, batch_window=0.01, max_wait=0.1, max_kv_bytes=2 << 30,
+                 default_max_tokens=1024, verbose=False):
+        import model as modellib  # here, not at the top: clients and the sandbox need no torch
+        self._generate = modellib.generate
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.api_key, self.verbose = api_key or None, verbose
+        self.max_batch, self.batch_window, self.max_wait = int(max_batch), float(batch_window), float(max_wait)
+        self.context = int(model.config.max_seq_len)
+        self.default_max_tokens = int(default_max_tokens)
+        cfg, weight = model.config, model.lm_head.weight
+        kv_bytes_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * weight.element_size()
+        self.max_kv_tokens = max(int(max_kv_bytes) // kv_bytes_per_token, self.context)  # rows x S per batch
+        self.created = int(time.time())
+        self.batch_sizes = {}        # rows per generate call -> how many calls (dynamic batching at work)
+        self.n_completions = 0
+        self._pending, self._closing = [], False
+        self._cv = threading.Condition()
+        self._worker = threading.Thread(target=self._work, name="executor-batcher", daemon=True)
+        self._worker.start()
+        self._httpd = ThreadingHTTPServer((host, port), _ChatHandler)
+        self._httpd.daemon_threads = True
+        self._httpd.owner = self
+        self.host, self.port = host, self._httpd.server_address[1]
+        url_host = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{url_host}:{self.port}/v1"
+        self._serving = threading.Thread(target=self._httpd.serve_forever, args=(0.1,),
+                                         name="executor-http", daemon=True)
+        self._serving.start()
+
+    # -- requests ------------------------------------------------------------------------------
+    def parse_request(self, raw):
+        """A POST /v1/chat/completions body -> _Job, or _BadRequest saying which field is wrong."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _BadRequest(f"request body is not valid JSON ({e})", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise _BadRequest(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+        known = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+                 "seed", "user"} | set(_NEUTRAL_FIELDS)
+        for name in body:
+            if name not in known:
+                raise _BadRequest(f"Unrecognized request argument supplied: {name}", param=name,
+                                  code="unsupported_parameter")
+        for name, want in _NEUTRAL_FIELDS.items():
+            v = body.get(name)
+            if v is not None and (isinstance(v, bool) != isinstance(want, bool) or v != want):
+                raise _BadRequest(f"'{name}' = {v!r} is not supported by this server (only {want!r})",
+                                  param=name, code="unsupported_value")
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise _BadRequest(f"'model' must be a string, got {name!r}", param="model", code="invalid_type")
+        if name != self.model_name:
+            raise _BadRequest(f"The model `{name}` does not exist; this server has `{self.model_name}`",
+                              param="model", code="model_not_found", status=404)
+        prompt = self.tokenizer.apply_chat(_chat_messages(body.get("messages")), add_generation_prompt=True)
+        n_prompt = len(self.tokenizer.encode(prompt)) + 1
+        room = self.context - n_prompt
+        if room < 1:
+            raise _BadRequest(f"the prompt is {n_prompt} tokens; the model's context is {self.context}",
+                              param="messages", code="context_length_exceeded")
+        if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+            raise _BadRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_tokens")
+        field_ = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _number(body, field_, 1, self.context, None, integer=True)
+        if max_tokens is None:
+            max_tokens = min(self.default_max_tokens, room)
+        elif max_tokens > room:
+            raise _BadRequest(f"'{field_}' is {max_tokens} but the prompt ({n_prompt} tokens) leaves "
+                              f"{room} of the context ({self.context})", param=field_,
+                              code="context_length_exceeded")
+        temperature = float(_number(body, "temperature", 0, 2, 1.0))  # OpenAI's default is 1
+        top_p = float(_number(body, "top_p", 0, 1, 1.0, lo_open=True))
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+        if not (isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stop)):
+            raise _BadRequest(f"'stop' must be a non-empty string or an array of at most {MAX_STOP_STRINGS}, "
+                              f"got {body.get('stop')!r:.200}", param="stop", code="invalid_value")
+        seed = _number(body, "seed", -2 ** 63, 2 ** 63 - 1, None, integer=True)
+        if seed is None:  # a fresh seed per request keeps rows independent of their batch mates
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        if "user" in body and not isinstance(body["user"], str):
+            raise _BadRequest(f"'user' must be a string, got {body['user']!r}", param="user")
+        return _Job(prompt, n_prompt, max_tokens, temperature, top_p, stop, seed)
+
+    def submit(self, job):
+        """Queue a job for the next batch; False once the server is stopping."""
+        with self._cv:
+            if self._closing:
+                return False
+            self._pending.append(job)
+            self._cv.notify_all()
+            return True
+
+    def response(self, job):
+        """The OpenAI chat.completion body for a finished job."""
+        c = job.completion
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": None, "finish_reason": c.finish_reason}],
+                "usage": {"prompt_tokens": c.n_prompt_tokens, "completion_tokens": c.n_completion_tokens,
+                          "total_tokens": c.n_prompt_tokens + c.n_completion_tokens}}
+
+    def models(self):
+        return {"object": "model", "id": self.model_name, "created": self.created, "owned_by": "scoreflow"}
+
+    # -- the batching worker -------------------------------------------------------------------
+    def _take_batch(self):
+        """FIFO rows while the batch fits: <= max_batch rows, longest prompt + largest max_tokens
+        within the context, rows x that length within max_kv_tokens. Called with self._cv held."""
+        batch, longest, most = [], 0, 0
+        for job in self._pending:
+            lo, mo = max(longest, job.prompt_tokens), max(most, job.max_tokens)
+            if batch and (len(batch) >= self.max_batch or lo + mo > self.context
+                          or (len(batch) + 1) * (lo + mo) > self.max_kv_tokens):
+                break
+            batch.append(job)
+            longest, most = lo, mo
+        del self._pending[:len(batch)]
+        return batch
+
+    def _work(self):
+        while True:
+            with self._cv:
+                while not self._pending and not self._closing:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                first = time.monotonic()
+                while len(self._pending) < self.max_batch:  # gather while requests keep coming
+                    seen = len(self._pending)
+                    left = min(self.batch_window, first + self.max_wait - time.monotonic())
+                    if left <= 0 or not self._cv.wait(left) or len(self._pending) == seen or self._closing:
+                        break
+                batch = self._take_batch()
+            self._run(batch)
+
+    def _run(self, batch):
+        try:
+            outs = self._generate(self.model, self.tokenizer, [j.prompt for j in batch],
+                                  max_new_tokens=[j.max_tokens for j in batch],
+                                  temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
+                                  stop=[j.stop for j in batch], seed=[j.seed for j in batch])
+            for job, c in zip(batch, outs):
+                job.completion = c
+        except Exception as e:  # report to every waiting client; the server keeps serving
+            for job in batch:
+                job.error = f"generation failed for a batch of {len(batch)}: {type(e).__name__}: {e}"
+            print(f"executor server: {batch[0].error}", file=sys.stderr)
+        finally:
+            with self._cv:
+                self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+                self.n_completions += len(batch)
+            for job in batch:
+                job.done.set()
+
+    def stop(self):
+        """Stop accepting, finish the batch in progress, fail what is still queued (503)."""
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            left, self._pending = self._pending, []
+            self._cv.notify_all()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        for job in left:
+            job.error = "server stopped"
+            job.done.set()
+        self._worker.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, so clients' connection pools are used
+    server_version = "scoreflow-executor"
+    timeout = 600                   # s an idle keep-alive connection may hold its thread
+
+    def log_message(self, fmt, *args):
+        if self.server.owner.verbose:
+            super().log_message(fmt, *args)
+
+    def _send_json(self, status, obj, headers=()):
+        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client went away; nothing to tell it
+            self.close_connection = True
+
+    def _error(self, status, message, *, type_="invalid_request_error", param=None, code=None, headers=()):
+        self._send_json(status, {"error": {"message": message, "type": type_, "param": param, "code": code}}, headers)
+
+    def _authorised(self):
+        key = self.server.owner.api_key
+        if key is None or hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            return True
+        self._error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                    headers=[("WWW-Authenticate", "Bearer")])
+        return False
+
+    def do_GET(self):
+        owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
+        if not self._authorised():
+            return
+        if path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [owner.models()]})
+        elif path == f"/v1/models/{owner.model_name}":
+            self._send_json(200, owner.models())
+        else:
+            self._error(404, f"no route GET {path}; this server has GET /v1/models and POST /v1/chat/completions",
+                        code="not_found")
+
+    def do_POST(self):
+        owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            return self._error(411, f"a Content-Length header is required, got {length!r}")
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            return self._error(413, f"request body is {length} bytes, above the limit of {MAX_BODY_BYTES}")
+        raw = self.rfile.read(int(length))  # read before any answer, so keep-alive stays in step
+        if not self._authorised():
+            return
+        if path != "/v1/chat/completions":
+            return self._error(404, f"no route POST {path}; this server has POST /v1/chat/completions",
+                               code="not_found")
+        try:
+            job = owner.parse_request(raw)
+        except _BadRequest as e:
+            return self._error(e.status, e.message, param=e.param, code=e.code)
+        if not owner.submit(job):
+            return self._error(503, "server is stopping", type_="server_error")
+        job.done.wait()
+        if job.error:
+            status = 503 if job.error == "server stopped" else 500
+            return self._error(status, job.error, type_="server_error")
+        self._send_json(200, owner.response(job))
+
+
+def _dtype(name):
+    import torch
+    if name is None or isinstance(name, torch.dtype):
+        return name or torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype: expected one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def start_local_server(model_path=None, *, host="127.0.0.1", port=0, api_key=None, device="cpu", dtype=None,
+                       model=None, tokenizer=None, model_name=None, **options):
+    """Load model_path with model.load (None: the embedded SmolLM2-135M-Instruct GGUF), or serve an
+    already loaded (model, tokenizer), and start a LocalServer on host:port (0: a free port).
+    options go to LocalServer (max_batch, batch_window, max_wait, max_kv_bytes, default_max_tokens,
+    verbose). The name clients send as `model` defaults to the file or directory name."""
+    import model as modellib  # see LocalServer.__init__
+    if (model is None) != (tokenizer is None):
+        raise ValueError("start_local_server: pass both model and tokenizer, or neither")
+    if model is None:
+        model, tokenizer = modellib.load(model_path, device=device, dtype=_dtype(dtype))
+    if model_name is None:
+        path = model_path if model_path is not None else modellib.embedded_model_path()
+        model_name = os.path.basename(os.path.normpath(os.fspath(path)))
+        model_name = model_name[:-5] if model_name.endswith(".gguf") else model_name
+    return LocalServer(model, tokenizer, model_name=model_name, host=host, port=port, api_key=api_key, **options)
+
+
+def serve_main(argv=None):
+    """`python scoreflow.py serve`: serve a model until SIGINT/SIGTERM. Prints the base URL and
+    model name on stdout once it is listening."""
+    p = argparse.ArgumentParser(prog="scoreflow.py serve", description="Serve a model over an OpenAI-compatible "
+                                "API: POST /v1/chat/completions, GET /v1/models (dynamic batching).")
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: the embedded "
+                   "SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--model-name", default=None, help="name clients send as 'model' (default: the file name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free port (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: no key)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: float32)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows per batched generate call (default: 32)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="keep gathering while requests arrive this often, ms (default: 10)")
+    p.add_argument("--max-kv-gib", type=float, default=2.0, help="KV-cache cap per batch, GiB (default: 2)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="completion tokens when a request gives no max_tokens (default: 1024)")
+    p.add_argument("--verbose", action="store_true", help="log every request on stderr")
+    args = p.parse_args(argv)
+    if args.max_batch < 1 or args.batch_window_ms < 0 or args.max_kv_gib <= 0 or args.default_max_tokens < 1:
+        p.error("--max-batch and --default-max-tokens must be >= 1, --batch-window-ms >= 0, --max-kv-gib > 0")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"scoreflow serve: warning: binding {args.host} without --api-key lets anyone who can reach "
+              "it use the model", file=sys.stderr)
+    server = start_local_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
+                                device=args.device, dtype=args.dtype, model_name=args.model_name,
+                                max_batch=args.max_batch, batch_window=args.batch_window_ms / 1000,
+                                max_kv_bytes=int(args.max_kv_gib * (1 << 30)),
+                                default_max_tokens=args.default_max_tokens, verbose=args.verbose)
+    stopping = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
+    print(f"serving {server.model_name} at {server.base_url}", flush=True)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        print("scoreflow serve: stopped", file=sys.stderr)
+    return 0
+
 
 # --- subprocess sandbox (issue 5) --------------------------------------------------------------

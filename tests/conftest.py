@@ -16,3 +16,13 @@ def smol():
     import torch
     import model
     return model.load(None, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def local_server(smol):
+    """A real executor.LocalServer on 127.0.0.1 (a free port) over the `smol` model, stopped at the end."""
+    import executor
+    model, tokenizer = smol
+    server = executor.start_local_server(model=model, tokenizer=tokenizer)
+    yield server
+    server.stop()
