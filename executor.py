@@ -22,18 +22,29 @@ any provider SDK. The server is for one trusted machine, not the internet.
 """
 
 import argparse
+import atexit
+import contextlib
 import dataclasses
 import datetime
 import email.utils
+import functools
 import hashlib
 import hmac
+import itertools
 import json
+import marshal
 import math
 import os
 import random
+import select
+import shutil
 import signal
+import socket
 import sqlite3
+import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 import time
 import uuid
@@ -1030,3 +1041,571 @@ def serve_main(argv=None):
 
 
 # --- subprocess sandbox (issue 5) --------------------------------------------------------------
+# run_python(code) runs model-written Python walled in by the operating system, never by exec in our
+# process (STYLE.md section 6; SCOREFLOW.md section 10.10). Each run is a fork of a sandbox server: a
+# fresh `python -I` started once per parent process that has never run model code; forking it costs
+# about 1 ms where a new interpreter costs 10-20 ms (multiprocessing's forkserver idea). The fork (the
+# launcher) builds the walls and forks the process that runs the code; preexec_fn would be unsafe in
+# our threaded parent. Layers, each reported in SandboxResult.layers when active:
+#   session         the code leads its own session and process group
+#   cgroup-pids     a pids cgroup shared by all runs of one server caps their tasks together
+#   cgroup-memory   a memory cgroup shared likewise caps their memory (tmpfs pages included) at half
+#                   the machine's: per-run caps come from rlimits, this one protects the host
+#   pid-namespace   the code is init of a new PID namespace: when it exits or is killed, the kernel
+#                   kills every descendant, setsid'ed escapees included; outside PIDs are invisible
+#   net-namespace   a new network namespace with no interface up: no network, loopback included
+#   ipc-namespace   private System V IPC and POSIX message queues, gone with the run
+#   mount-namespace private mounts, for the next three layers
+#   tmpfs-workdir   the work dir is a fresh size-capped tmpfs (a disk quota) that vanishes with the run
+#   hidden-dirs     the user's home and the project are covered by empty tmpfs mounts; interpreter
+#                   directories inside them are bound back read-only
+#   proc-private    /proc shows the sandbox's own processes only
+#   rlimits         CPU seconds, address space, file size (stdout and stderr too), open files, no core
+#   uid-drop        as root: a per-run unprivileged uid/gid (_SANDBOX_UID_BASE + launcher pid): root
+#                   ignores RLIMIT_NPROC and file permissions, and a shared `nobody` would let
+#                   parallel runs signal each other and share one process count
+#   nproc           RLIMIT_NPROC, which binds only after uid-drop
+#   user-namespace  not root: an unprivileged user namespace, which lets us create the namespaces
+#   no-new-privs    setuid binaries cannot raise privileges
+#   landlock        writes only in the work dir and /dev/null; reads only the interpreter, system dirs
+#                   and the work dir (home, the project, /tmp: unreadable); TCP bind/connect denied
+#   landlock-scope  signals and abstract unix sockets to processes outside the run blocked (ABI >= 6)
+# The wall-clock limit is kept by the caller: at the limit it sends the launcher SIGTERM, and the
+# launcher SIGKILLs the code, which takes its PID namespace with it. Should the launcher itself die,
+# the code gets SIGKILL as its parent-death signal. A missing layer is said once on stderr.
+_SANDBOX_UID_BASE = 1_500_000_000
+
+# The server reads requests on the socket fd argv[1]: one message carrying four fds (config memfd,
+# stdout, stderr, report), and answers with a pidfd of the launcher it forked. The launcher reports
+# one fact per line: "layer NAME", "missing NAME WHY", "error WHY", "start", "exit WAITSTATUS".
+# Syscall numbers 444-446 (landlock) are the same on every Linux architecture.
+_SANDBOX_SERVER = r'''
+import ctypes, marshal, os, signal, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+server_pid = os.getpid()
+joined = []
+for arg in sys.argv[2:]:  # "CONTROLLER=PATH": the shared cgroups every run inherits from us
+    ctl, _, path = arg.partition("=")
+    try:
+        with open(path + "/cgroup.procs", "w") as f:
+            f.write(str(server_pid))
+        joined.append("cgroup-" + ctl)
+    except OSError as e:
+        sys.stderr.write("sandbox server: cannot join %s: %s\n" % (path, e))
+def reap(*_):
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+# Launchers and any orphan of theirs (PR_SET_CHILD_SUBREAPER) are reaped as they end; SIGCHLD is
+# held back between fork and pidfd_open so that a launcher cannot be reaped before we hold its pidfd.
+ctypes.CDLL(None).prctl(ctypes.c_long(36), ctypes.c_long(1), ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+signal.signal(signal.SIGCHLD, reap)
+sock.send(" ".join(["hello"] + joined).encode())
+while True:  # the server: one launcher per request until the parent closes its end
+    msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
+    if not msg:
+        sys.exit(0)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid = os.fork()
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        socket.send_fds(sock, [("error fork: %s" % e).encode()], [])
+        continue
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        break  # the launcher goes on below
+    pidfd = os.pidfd_open(pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    socket.send_fds(sock, [b"ok"], [pidfd])
+    for fd in fds + [pidfd]:
+        os.close(fd)
+# --- the launcher (root here if the parent is root) ---
+cfg_fd, out_fd, err_fd, rep = fds
+sock.close()
+def say(*words):
+    os.write(rep, (" ".join(map(str, words)) + "\n").encode())
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+def call(name, *args):
+    rc = getattr(libc, name)(*args)
+    if rc < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, name + ": " + os.strerror(e))
+    return rc
+def mount(src, dst, fstype, flags, data):
+    call("mount", src and src.encode(), dst.encode(), fstype and fstype.encode(), L(flags),
+         data and data.encode())
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+def layer(name, fn, *args):
+    try:
+        fn(*args)
+        say("layer", name)
+        return True
+    except OSError as e:
+        say("missing", name, e)
+        return False
+try:
+    call("prctl", L(1), L(signal.SIGKILL), L(0), L(0), L(0))  # PR_SET_PDEATHSIG: die with the server
+    if os.getppid() != server_pid:
+        os._exit(1)
+    os.setsid()
+    for fd, to in ((out_fd, 1), (err_fd, 2)):
+        os.dup2(fd, to)
+        os.close(fd)
+    cfg = marshal.loads(os.pread(cfg_fd, os.fstat(cfg_fd).st_size, 0))
+    os.close(cfg_fd)
+    work, root = cfg["workdir"], os.geteuid() == 0
+    uid = gid = cfg["uid_base"] + os.getpid()
+    if not root:  # a user namespace maps us to root inside it, which the other namespaces need
+        def userns():
+            u, g = os.getuid(), os.getgid()
+            call("unshare", L(0x10000000))
+            write("/proc/self/setgroups", "deny")
+            write("/proc/self/uid_map", "0 %d 1" % u)
+            write("/proc/self/gid_map", "0 %d 1" % g)
+        layer("user-namespace", userns)
+    ns = {n: layer(n + "-namespace", call, "unshare", L(flag)) for n, flag in
+          (("mount", 0x20000), ("pid", 0x20000000), ("net", 0x40000000), ("ipc", 0x08000000))}
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+    MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+    if ns["mount"]:
+        mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # what we mount stays in this namespace
+        keep = {k: os.open(k, os.O_PATH | os.O_CLOEXEC) for k in cfg["keep"]
+                if any(k.startswith(d + "/") for d in cfg["hide"])}  # opened before the cover
+        def hide(d):
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+            for k, fd in keep.items():
+                if k.startswith(d + "/"):
+                    os.makedirs(k, 0o755, exist_ok=True)
+                    mount("/proc/self/fd/%d" % fd, k, None, MS_BIND | MS_REC, None)
+                    mount(None, k, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        if cfg["hide"]:
+            layer("hidden-dirs", lambda: [hide(d) for d in cfg["hide"]])
+        for fd in keep.values():
+            os.close(fd)
+        layer("tmpfs-workdir", mount, "tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
+              "size=%dm,nr_inodes=%d,mode=0700,uid=%d,gid=%d"
+              % (cfg["disk_mb"], cfg["max_files"], uid if root else 0, gid if root else 0))
+    if root and not ns["mount"]:
+        os.chown(work, uid, gid)  # no tmpfs of its own: hand the empty work dir to the run's uid
+    alive_r, alive_w = os.pipe()  # EOF here tells the code's process that we are gone
+    child = []
+    def stop(*_):  # SIGTERM from the caller at its time limit: kill the code, report, exit
+        child.append(None) if not child else os.kill(child[0], signal.SIGKILL)
+    signal.signal(signal.SIGTERM, stop)
+    pid = os.fork()
+    if pid:
+        child.insert(0, pid)
+        if len(child) > 1:  # SIGTERM came during the fork
+            os.kill(pid, signal.SIGKILL)
+        os.close(alive_r)
+        status = os.waitpid(pid, 0)[1]  # returns once the whole PID namespace is gone
+        say("exit", status)
+        os._exit(0)
+    # --- the code's process: init of the new PID namespace, if there is one ---
+    os.close(alive_w)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setsid()
+    say("layer session")
+    if ns["mount"] and ns["pid"]:
+        ns["proc"] = layer("proc-private", mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    import resource as R
+    for r, soft in ((R.RLIMIT_CPU, cfg["cpu_s"]), (R.RLIMIT_AS, cfg["memory_mb"] << 20),
+                    (R.RLIMIT_FSIZE, cfg["file_mb"] << 20), (R.RLIMIT_NOFILE, cfg["max_fds"]),
+                    (R.RLIMIT_CORE, 0)):
+        R.setrlimit(r, (soft, soft + (r == R.RLIMIT_CPU)))  # SIGXCPU first, SIGKILL a second later
+    say("layer rlimits")
+    # Landlock: handle every access right this kernel knows, then allow a few trees.
+    ruleset, abi = -1, 0
+    try:
+        abi = call("syscall", L(444), None, L(0), L(1))  # LANDLOCK_CREATE_RULESET_VERSION
+        fs_all = (1 << 13) - 1 | (abi >= 2) << 13 | (abi >= 3) << 14 | (abi >= 5) << 15
+        file_rights = 1 | 2 | 4 | (abi >= 3) << 14 | (abi >= 5) << 15  # exec, write, read, truncate, ioctl
+        read = 1 | 4 | 8  # execute, read file, read dir
+        attr = (ctypes.c_uint64 * 3)(fs_all, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+        ruleset = call("syscall", L(444), ctypes.byref(attr), L(8 if abi < 4 else 16 if abi < 6 else 24), L(0))
+        class Beneath(ctypes.Structure):  # struct landlock_path_beneath_attr (packed)
+            _pack_ = 1
+            _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+        rules = [(p, read) for p in cfg["read"]] + [(work, fs_all), ("/dev/null", 2 | 4 | (abi >= 3) << 14)]
+        if ns.get("proc"):
+            rules.append(("/proc", read))
+        for path, access in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # e.g. no /lib32 here
+            if not os.path.isdir(path):
+                access &= file_rights
+            call("syscall", L(445), L(ruleset), L(1), ctypes.byref(Beneath(access, fd)), L(0))
+            os.close(fd)
+    except OSError as e:
+        say("missing landlock", e)
+    if root:
+        R.setrlimit(R.RLIMIT_NPROC, (cfg["max_procs"], cfg["max_procs"]))
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        say("layer uid-drop")
+        say("layer nproc")
+    else:
+        say("missing uid-drop not root")
+        say("missing nproc RLIMIT_NPROC would count every process of this user")
+    call("prctl", L(38), L(1), L(0), L(0), L(0))  # PR_SET_NO_NEW_PRIVS
+    say("layer no-new-privs")
+    if ruleset >= 0:
+        call("syscall", L(446), L(ruleset), L(0))
+        os.close(ruleset)
+        say("layer landlock")
+        say(*(["layer", "landlock-scope"] if abi >= 6 else ["missing", "landlock-scope", "landlock ABI %d < 6" % abi]))
+    # setuid cleared the parent-death signal: set it again, then check the launcher still lives
+    call("prctl", L(1), L(signal.SIGKILL), L(0), L(0), L(0))
+    os.set_blocking(alive_r, False)
+    try:
+        os.read(alive_r, 1)  # b"": EOF, the launcher is gone
+        os._exit(137)
+    except BlockingIOError:
+        os.close(alive_r)
+    os.chdir(work)
+    for name, data in cfg["files"].items():
+        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+        with open(name, "wb") as f:
+            f.write(data)
+    with open(".stdin", "wb") as f:
+        f.write(cfg["stdin"])
+    fd = os.open(".stdin", os.O_RDONLY)
+    os.unlink(".stdin")
+    os.dup2(fd, 0)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(cfg["env"])
+    sys.argv[:] = ["main.py"]
+    sys.path.insert(0, work)
+    sys.dont_write_bytecode = True
+    main = type(sys)("__main__")
+    main.__file__ = "main.py"
+    sys.modules["__main__"] = main
+    source = cfg["files"]["main.py"]
+    del cfg, ns
+    say("start")
+    os.close(rep)
+except BaseException as e:
+    try:
+        say("error", repr(e))
+    finally:
+        os._exit(126)
+# The code runs here, in a fork of a fresh interpreter that never ran model code. The exit does
+# what `python main.py` would (exit code rules, thread joins, atexit, flushes) but skips the module
+# teardown, which costs more than the rest of a short run; the work dir is discarded anyway.
+try:
+    exec(compile(source, "main.py", "exec"), main.__dict__)
+    code = 0
+except SystemExit as e:
+    code = e.code
+except BaseException as e:
+    import traceback
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # without this file's frame
+    code = 1
+if code is not None and not isinstance(code, int):
+    print(code, file=sys.stderr)
+    code = 1
+try:
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()
+    import atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+except BaseException:
+    code = 120  # as Python when the final flush fails
+os._exit((code or 0) & 0xFF)
+'''
+
+
+@dataclass
+class SandboxResult:
+    """One sandboxed run. status: "ok" (exit 0), "error" (non-zero exit), "timeout" (wall-clock or
+    CPU limit), "memory" (MemoryError, or the memory cgroup's OOM killer), "killed" (any other
+    signal), "internal" (the sandbox itself failed: not evidence about the code)."""
+    status: str
+    stdout: str            # capped: head and tail around a "[... N bytes cut ...]" marker
+    stderr: str
+    exit_code: int | None  # the code's exit code, -N if signal N ended it, None if it never ran
+    seconds: float         # wall time of the whole run, sandbox setup included
+    layers: list[str]      # the isolation layers that were active (see the table above)
+    reason: str = ""       # why status is not "ok", one line
+
+
+class _SandboxServer:
+    """The fork server behind run_python (see above). Exits when our end of its socket closes."""
+
+    def __init__(self):
+        self.owner = os.getpid()  # a forked parent needs a server of its own
+        self.lock = threading.Lock()
+        self.cgroups = _make_cgroups(f"{os.getpid()}-{next(_sandbox_state['servers'])}")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _SANDBOX_SERVER, str(theirs.fileno())]
+                + [f"{ctl}={path}" for ctl, path in self.cgroups],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                start_new_session=True, cwd="/", env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
+        self.sock = ours
+        hello = self.sock.recv(1024).decode().split()
+        if hello[:1] != ["hello"]:
+            self.close()
+            raise OSError(f"sandbox server: expected a hello, got {hello!r}")
+        self.layers = hello[1:]
+
+    def launch(self, fds):
+        """Send the run's four fds; get back a pidfd of its launcher."""
+        with self.lock:
+            socket.send_fds(self.sock, [b"run"], fds)
+            msg, got, _, _ = socket.recv_fds(self.sock, 1024, 1)
+        if not got:
+            raise OSError(f"sandbox server: {msg.decode() or 'closed its socket'}")
+        return got[0]
+
+    def oom_kills(self):
+        """OOM kills so far in the shared memory cgroup (v1 memory.oom_control, v2 memory.events)."""
+        for ctl, path in self.cgroups:
+            for name in ("memory.oom_control", "memory.events") if ctl == "memory" else ():
+                with contextlib.suppress(OSError), open(f"{path}/{name}") as f:
+                    for line in f:
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill":
+                            return int(value)
+        return 0
+
+    def close(self):
+        self.sock.close()
+        self.proc.wait()
+        for _, path in self.cgroups:
+            _remove_cgroup(path)
+
+
+_SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+_sandbox_lock = threading.RLock()
+_sandbox_state = {"server": None, "cgroups": None, "warned": set(), "servers": itertools.count(),
+                  "atexit": None}
+# The shared cgroups hold every run of one server: a cap on the host's exposure (a fork-and-allocate
+# bomb meets RLIMIT_AS per process and RLIMIT_NPROC per run, but 32 x 1 GiB is still more than a
+# laptop has). Per-run cgroups would cost a cgroup migration (an RCU grace period, often 10 ms) per run.
+_SANDBOX_CGROUP_PIDS = 4096
+_SANDBOX_CGROUP_MEMORY_FRACTION = 0.5  # of physical memory
+
+
+def _sandbox_server(restart=False):
+    with _sandbox_lock:
+        server = _sandbox_state["server"]
+        if restart or server is None or server.owner != os.getpid() or server.proc.poll() is not None:
+            if server is not None and server.owner == os.getpid():
+                with contextlib.suppress(OSError):
+                    server.close()
+            server = _sandbox_state["server"] = _SandboxServer()
+            if not _sandbox_state["atexit"]:
+                _sandbox_state["atexit"] = atexit.register(_close_sandbox_server)
+        return server
+
+
+def _close_sandbox_server():
+    """Stop this process's sandbox server and remove its cgroups (atexit)."""
+    with _sandbox_lock:
+        server, _sandbox_state["server"] = _sandbox_state["server"], None
+    if server is not None and server.owner == os.getpid():
+        server.close()
+
+
+def _cgroup_parents():
+    """[(controller, directory we may mkdir in)] for pids and memory, cgroup v1 or v2; probed once.
+    v2 needs the controller enabled in our cgroup's subtree_control, which v2 allows only at the
+    root of a hierarchy that holds no processes of its own."""
+    with _sandbox_lock:
+        if _sandbox_state["cgroups"] is not None:
+            return _sandbox_state["cgroups"]
+        bases, own = [], {}
+        with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
+            own = {ctl: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
+                   for ctl in ctls.split(",")}
+        for ctl in ("pids", "memory") if os.geteuid() == 0 else ():
+            if ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}"):
+                bases.append((ctl, f"/sys/fs/cgroup/{ctl}{own[ctl].rstrip('/')}"))
+            elif "" in own:
+                base = "/sys/fs/cgroup" + own[""].rstrip("/")
+                with contextlib.suppress(OSError), open(base + "/cgroup.subtree_control") as f:
+                    if ctl in f.read().split():
+                        bases.append((ctl, base))
+        _sandbox_state["cgroups"] = bases
+        return bases
+
+
+def _make_cgroups(tag):
+    """Fresh shared cgroups for one sandbox server; first removes those of dead parents."""
+    made = []
+    memory_bytes = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * _SANDBOX_CGROUP_MEMORY_FRACTION)
+    for ctl, base in _cgroup_parents():
+        with contextlib.suppress(OSError):
+            for name in os.listdir(base):
+                owner = name.removeprefix("scoreflow-sbx-").split("-")[0]
+                if name.startswith("scoreflow-sbx-") and owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                    _remove_cgroup(f"{base}/{name}")
+        path = f"{base}/scoreflow-sbx-{tag}"
+        limits = {"pids": [("pids.max", _SANDBOX_CGROUP_PIDS)],
+                  "memory": [("memory.limit_in_bytes", memory_bytes), ("memory.max", memory_bytes),
+                             ("memory.swap.max", 0)]}[ctl]
+        try:
+            os.mkdir(path)
+            wrote = 0
+            for name, value in limits:
+                if os.path.exists(f"{path}/{name}"):
+                    with open(f"{path}/{name}", "w") as f:
+                        f.write(str(value))
+                    wrote += 1
+            if not wrote:
+                raise OSError(f"{path}: no {limits[0][0]}")
+            made.append((ctl, path))
+        except OSError:
+            _remove_cgroup(path)
+    return made
+
+
+def _remove_cgroup(path):
+    """SIGKILL whatever is left in a run's cgroup, then remove it (it empties within ms)."""
+    for _ in range(400):
+        try:
+            with open(path + "/cgroup.procs") as f:
+                for pid in f.read().split():
+                    with contextlib.suppress(OSError):
+                        os.kill(int(pid), signal.SIGKILL)
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.005)
+    print(f"executor.run_python: cgroup {path} still busy after 2 s; left in place", file=sys.stderr)
+
+
+def _read_capped(fd, cap):
+    """The text in fd if it fits in cap bytes, else its head and tail around a marker."""
+    size = os.fstat(fd).st_size
+    if size <= cap:
+        data = os.pread(fd, size, 0)
+    else:
+        data = (os.pread(fd, cap // 2, 0) + f"\n[... {size - cap} bytes cut ...]\n".encode()
+                + os.pread(fd, cap // 2, size - cap // 2))
+    return data.decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter_dirs():
+    """The directories the code's interpreter reads: prefixes, stdlib, site-packages, the binary's."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable))}
+    dirs |= {p for k, p in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs = sorted({os.path.realpath(d) for d in dirs if d and os.path.isdir(d)})
+    return tuple(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))  # outermost only
+
+
+def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: int = 1024,
+               files: dict | None = None, max_output: int = 64_000, max_procs: int = 32,
+               file_mb: int = 16, disk_mb: int = 64) -> SandboxResult:
+    """Run `code` as main.py in the sandbox (layers: see the table above) and wait for it.
+
+    timeout: wall-clock seconds for the whole run (CPU seconds are capped at int(timeout) + 1).
+    memory_mb: address space per process, and (cgroup) the run's total plus disk_mb and 64 MiB.
+    files: {relative path: str | bytes} written into the work dir before the code starts.
+    max_output: bytes of stdout and of stderr kept (head and tail). file_mb: the largest file the
+    code may write, stdout and stderr included. disk_mb: the work dir's size. max_procs: tasks
+    (processes and threads) the run may hold at once."""
+    t0 = time.monotonic()
+    files = dict(files or {})
+    for name in files:
+        if os.path.isabs(name) or ".." in name.split("/") or name in ("", "main.py", ".stdin"):
+            raise ValueError(f"run_python: files key {name!r} must be a relative path inside the "
+                             f"work dir and not main.py")
+    files["main.py"] = code
+    home = os.path.realpath(os.path.expanduser("~"))
+    project = os.path.dirname(os.path.realpath(__file__))
+    workdir = tempfile.mkdtemp(prefix="scoreflow-sbx-")
+    hide = [d for d in (home, project) if d != "/" and not workdir.startswith(d + "/")]
+    hide = [d for d in hide if not any(d.startswith(o + "/") for o in hide)]  # outermost only
+    keep = list(_interpreter_dirs())
+    cfg = {"workdir": workdir, "uid_base": _SANDBOX_UID_BASE, "hide": hide,
+           "keep": keep, "read": keep + ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc",
+                                         "/dev/zero", "/dev/urandom", "/dev/random",
+                                         "/sys/devices/system/cpu"],
+           "disk_mb": disk_mb, "max_files": 4096, "cpu_s": int(timeout) + 1, "memory_mb": memory_mb,
+           "file_mb": file_mb, "max_fds": 256, "max_procs": max_procs, "stdin": stdin.encode(),
+           "files": {k: v if isinstance(v, bytes) else v.encode() for k, v in files.items()},
+           "env": {"PATH": _SANDBOX_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+                   "LC_ALL": "C.UTF-8"}}
+    fds = [os.memfd_create(name) for name in ("sbx-config", "sbx-stdout", "sbx-stderr", "sbx-report")]
+    timed_out, pidfd, launch_error, server, oom_before = False, -1, "", None, 0
+    try:
+        os.write(fds[0], marshal.dumps(cfg))
+        for attempt in (0, 1):  # a dead server (killed from outside?) gets one fresh replacement
+            try:
+                server = _sandbox_server(restart=attempt > 0)
+                oom_before = server.oom_kills()
+                pidfd = server.launch(fds)
+                break
+            except OSError as e:
+                launch_error = str(e)
+        if pidfd >= 0:
+            poll = select.poll()  # not select(): our fds may be numbered past 1024
+            poll.register(pidfd, select.POLLIN)
+            if not poll.poll(max(0.0, t0 + timeout - time.monotonic()) * 1000):
+                timed_out = True  # SIGTERM: the launcher kills the code's PID namespace and reaps it
+                for sig, wait_ms in ((signal.SIGTERM, 1000), (signal.SIGKILL, None)):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, sig)
+                    if poll.poll(wait_ms):
+                        break
+        oom = server is not None and pidfd >= 0 and server.oom_kills() > oom_before
+        seconds = time.monotonic() - t0
+        facts = [line.split(" ", 2) for line in _read_capped(fds[3], 1 << 20).splitlines()]
+        stdout, stderr = _read_capped(fds[1], max_output), _read_capped(fds[2], max_output)
+    finally:
+        for fd in fds + [pidfd]:
+            if fd >= 0:
+                os.close(fd)
+        shutil.rmtree(workdir, ignore_errors=True)
+    layers = (server.layers if pidfd >= 0 else []) + [f[1] for f in facts if f[0] == "layer"]
+    _warn_missing_layers({f[1]: " ".join(f[2:]) for f in facts if f[0] == "missing"})
+    errors = [" ".join(f[1:]) for f in facts if f[0] == "error"]
+    waits = [int(f[1]) for f in facts if f[0] == "exit"]
+    exit_code = os.waitstatus_to_exitcode(waits[0]) if waits and ["start"] in facts else None
+    if timed_out:
+        status, reason = "timeout", f"wall-clock limit of {timeout} s reached"
+    elif exit_code is None:
+        why = launch_error or (errors[0] if errors else "the launcher ended without a report")
+        status, reason = "internal", f"sandbox failed before the code ran: {why}"
+    elif exit_code == -signal.SIGXCPU:
+        status, reason = "timeout", f"CPU limit of {cfg['cpu_s']} s reached"
+    elif exit_code < 0:
+        status = "memory" if oom else "killed"
+        reason = f"killed by {signal.Signals(-exit_code).name}" + (
+            " while the sandbox memory cgroup was OOM-killing" if oom else "")
+    elif exit_code and stderr.rstrip().rpartition("\n")[2].startswith("MemoryError"):
+        status, reason = "memory", f"MemoryError under the {memory_mb} MiB limit"
+    elif exit_code:
+        status, reason = "error", stderr.rstrip().rpartition("\n")[2] or f"exit code {exit_code}"
+    else:
+        status, reason = "ok", ""
+    return SandboxResult(status, stdout, stderr, exit_code, seconds, layers, reason)
+
+
+def _warn_missing_layers(missing):
+    with _sandbox_lock:
+        new = {k: v for k, v in missing.items() if k not in _sandbox_state["warned"]}
+        _sandbox_state["warned"].update(new)
+    for name, why in new.items():
+        print(f"executor.run_python: sandbox layer {name!r} unavailable ({why}); running without it",
+              file=sys.stderr)
