@@ -65,9 +65,11 @@ class ModelConfig:
 
 
 def rope_frequencies(head_dim, theta, rope_scaling=None, freq_factors=None):
-    """Inverse frequencies theta^(-2i/D), (D/2,); with Llama-3.1's "llama3" scaling, long
-    wavelengths are divided by `factor` and the band between is interpolated smoothly."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    """Inverse frequencies theta^(-2i/D), (D/2,), in fp32 arithmetic exactly as HF computes them.
+    With Llama-3.1's "llama3" scaling, wavelengths longer than original_ctx/low_freq_factor are
+    divided by `factor`, those shorter than original_ctx/high_freq_factor kept, the band between
+    interpolated smoothly."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     if rope_scaling is not None:
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
         if kind != "llama3":
@@ -75,13 +77,14 @@ def rope_frequencies(head_dim, theta, rope_scaling=None, freq_factors=None):
         factor, low, high = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
         old_ctx = rope_scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
-        smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)
+        smooth = (old_ctx / wavelen - low) / (high - low)
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen < old_ctx / high, inv_freq,
-                               torch.where(wavelen > old_ctx / low, inv_freq / factor, scaled))
+        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(medium, scaled, inv_freq)
     if freq_factors is not None:  # GGUF stores the llama3 scaling as per-frequency divisors
-        inv_freq = inv_freq / freq_factors.double()
-    return inv_freq.float()
+        inv_freq = inv_freq / freq_factors.float()
+    return inv_freq
 
 
 def apply_rope(x, cos, sin):

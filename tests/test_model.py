@@ -1,0 +1,360 @@
+"""model.py against oracles in the same run: transformers (logits, greedy tokens, tokenizer, chat
+template, HF layout, llama3 RoPE), peft (adapters), and fast-vs-naive checks of our own paths
+(KV cache vs full forward, batched vs single, merged vs unmerged LoRA)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [
+    [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 17 * 23?"}],
+    [{"role": "user", "content": "List three colours."}, {"role": "assistant", "content": "Red, green, blue."},
+     {"role": "user", "content": "Now three animals, in French."}],
+]
+
+CORPUS = [
+    "Hello, world!", "def f(x):\n    return x**2  # square\n\n\n", "1234567890 + 3.14159 = 1234571.04159",
+    "naïve café, Straße, 東京タワー, 🎉🚀 emoji", "   leading spaces\tand\ttabs   \n\n  trailing  ",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>", "x<|im_end|>y", "It's we'll they've I'd", "",
+    "SELECT * FROM t WHERE id IN (1, 22, 333);", "\u00a0non-breaking\u2003em-space", "a" * 50 + " " * 17 + "b",
+    "<graph>\nasync def run(self, problem):\n    return await self.custom(input=problem)\n</graph>",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_gguf():
+    """transformers loading the same embedded GGUF (it computes GGUF weights in fp32)."""
+    path = M.embedded_model_path()
+    d, f = os.path.dirname(path), os.path.basename(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return hf, tok
+
+
+@pytest.fixture(scope="module")
+def exported(smol, tmp_path_factory):
+    """Our HF-layout export of the embedded model (no LoRA)."""
+    d = tmp_path_factory.mktemp("hf_export")
+    M.save_hf(smol[0], smol[1], str(d))
+    return str(d)
+
+
+def ids_of(tok, messages):
+    return tok.encode(tok.apply_chat(messages))
+
+
+# --------------------------------------------------------------------------- vs transformers on the GGUF
+
+
+def test_logits_match_transformers(smol, hf_gguf):
+    model, tok = smol
+    for messages in PROMPTS:
+        x = torch.tensor([ids_of(tok, messages)])
+        with torch.no_grad():
+            ours, theirs = model(x), hf_gguf[0](x).logits
+        assert (ours - theirs).abs().max().item() < 1e-3, messages  # fp32, logits of size ~40
+
+
+def test_greedy_64_tokens_match_transformers(smol, hf_gguf):
+    model, tok = smol
+    prompt = tok.apply_chat([{"role": "user", "content": "Tell me a long story about a brave little robot."}])
+    ours = M.generate(model, tok, [prompt], max_new_tokens=64)[0]
+    x = torch.tensor([tok.encode(prompt)])
+    theirs = hf_gguf[0].generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=64,
+                                 eos_token_id=sorted(tok.eos_ids), pad_token_id=0)[0, x.shape[1]:].tolist()
+    assert ours.n_completion_tokens == 64 and ours.finish_reason == "length"
+    assert ours.token_ids == theirs
+
+
+def test_tokenizer_matches_oracle(smol, hf_gguf):
+    tok, oracle = smol[1], hf_gguf[1]
+    for text in CORPUS:
+        ids = tok.encode(text)
+        assert ids == oracle.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids) == text
+    assert tok.encode("x", add_bos=True) == [tok.bos_id] + tok.encode("x")
+    assert tok.encode("<|im_end|>") == [2] and 2 in tok.eos_ids
+
+
+def test_chat_template_matches_jinja(smol, hf_gguf):
+    tok, oracle = smol[1], hf_gguf[1]
+    for messages in PROMPTS:
+        for gen in (True, False):
+            assert tok.apply_chat(messages, add_generation_prompt=gen) == oracle.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=gen)
+
+
+def test_llama3_chat_format_matches_jinja(smol):
+    """Llama-3 markers rendered without a template engine equal jinja on a Llama-3 style template."""
+    jinja2 = pytest.importorskip("jinja2")
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+                " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    tok = M.Tokenizer(smol[1].tok, bos_id=0, eos_ids={2}, chat_template=template)
+    for messages in PROMPTS:
+        want = jinja2.Template(template).render(messages=messages, bos_token="<|endoftext|>", add_generation_prompt=True)
+        assert tok.apply_chat(messages) == want
+    with pytest.raises(ValueError, match="chat template not recognised"):
+        M.Tokenizer(smol[1].tok, bos_id=0, eos_ids={2}, chat_template="{{ messages }}").apply_chat(PROMPTS[0])
+
+
+# --------------------------------------------------------------------------- our fast paths vs naive ones
+
+
+def test_kv_cache_decode_matches_full_forward(smol):
+    model, tok = smol
+    ids = ids_of(tok, PROMPTS[0])
+    full = model(torch.tensor([ids]))[0]  # (T, V)
+    n = 12
+    cache = M.KVCache(model.config, 1, len(ids), "cpu", torch.float32)
+    x = torch.tensor([ids[:-n]])
+    with torch.no_grad():
+        h = model.hidden(x, torch.arange(x.shape[1])[None], None, cache, 0)
+        steps = [model.lm_head(h[0, -1])]
+        for t in range(len(ids) - n, len(ids) - 1):
+            h = model.hidden(torch.tensor([[ids[t]]]), torch.tensor([[t]]), None, cache, t)
+            steps.append(model.lm_head(h[0, -1]))
+    assert (torch.stack(steps) - full[-n - 1:-1]).abs().max().item() < 1e-3
+
+
+def test_left_padded_batch_matches_single_rows(smol):
+    """Prompts of different lengths (and a duplicate, prefilled once) give the same greedy tokens
+    as each prompt alone."""
+    model, tok = smol
+    prompts = [tok.apply_chat(m) for m in PROMPTS[:2]] + [tok.apply_chat(PROMPTS[1])]
+    batch = M.generate(model, tok, prompts, max_new_tokens=12)
+    for p, b in zip(prompts[:2], batch):
+        alone = M.generate(model, tok, [p], max_new_tokens=12)[0]
+        assert b.token_ids == alone.token_ids and b.text == alone.text
+        assert b.n_prompt_tokens == len(tok.encode(p))
+    assert batch[2].token_ids == batch[1].token_ids
+
+
+def test_forward_attn_mask_left_padding(smol):
+    model, tok = smol
+    a, b = ids_of(tok, PROMPTS[0]), ids_of(tok, PROMPTS[1])
+    T = max(len(a), len(b))
+    x = torch.tensor([[0] * (T - len(a)) + a, [0] * (T - len(b)) + b])
+    mask = torch.tensor([[0] * (T - len(a)) + [1] * len(a), [0] * (T - len(b)) + [1] * len(b)])
+    with torch.no_grad():
+        padded = model(x, attn_mask=mask)
+        alone = model(torch.tensor([b]))[0]
+    assert (padded[1, T - len(b):] - alone).abs().max().item() < 1e-3
+
+
+def test_stop_strings_eos_and_length(smol):
+    model, tok = smol
+    p = tok.apply_chat([{"role": "user", "content": "Count from 1 to 20, separated by commas."}])
+    free = M.generate(model, tok, [p], max_new_tokens=24)[0]
+    assert free.finish_reason == "length"
+    stop = free.text[9:12]  # a string that first occurs after a few tokens
+    cut = free.text.index(stop)
+    got = M.generate(model, tok, [p, p, p], max_new_tokens=[24, 24, 3], stop=[[stop, "never seen"], [], []])
+    assert got[0].finish_reason == "stop" and got[0].text == free.text[:cut]
+    assert got[0].token_ids == free.token_ids[:got[0].n_completion_tokens] and got[0].n_completion_tokens < 24
+    assert stop in tok.decode(got[0].token_ids) and stop not in tok.decode(got[0].token_ids[:-1])
+    assert got[1].token_ids == free.token_ids and got[1].finish_reason == "length"
+    assert got[2].finish_reason == "length" and got[2].token_ids == free.token_ids[:3]
+    short = M.generate(model, tok, [tok.apply_chat([{"role": "user", "content": "Say hi."}])], max_new_tokens=64)[0]
+    assert short.finish_reason == "stop" and short.token_ids[-1] in tok.eos_ids
+    assert tok.decode(short.token_ids[:-1]) == short.text
+
+
+def test_seeded_sampling(smol):
+    model, tok = smol
+    p = tok.apply_chat([{"role": "user", "content": "Write a short poem about rain."}])
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
+    a = M.generate(model, tok, [p, p, p], seed=[1, 2, 1], **kw)
+    b = M.generate(model, tok, [p], seed=2, **kw)
+    assert a[0].token_ids == a[2].token_ids  # same seed, same row stream
+    assert a[0].token_ids != a[1].token_ids  # different seeds differ
+    assert a[1].token_ids == b[0].token_ids  # a row's stream does not depend on its batch
+
+
+def test_sample_tokens_pure():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4]]))
+    temp, k0, p1 = torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0])
+    # inverse CDF on the unsorted distribution: u=0.55 lands in token 1 (cdf 0.5, 0.8)
+    assert M.sample_tokens(logits, temp, k0, p1, torch.tensor([0.55, 0.05])).tolist() == [1, 0]
+    # top_p 0.6: keep 0.5 and 0.3 (mass before 0.3 is 0.5 < 0.6), renormalised: u=0.7 -> 0.56 > 0.5 -> token 1
+    assert M.sample_tokens(logits, temp, k0, torch.tensor([0.6, 1.0]), torch.tensor([0.7, 0.0])).tolist()[0] == 1
+    # top_k 1 is greedy whatever u; temperature 0 is argmax
+    assert M.sample_tokens(logits, temp, torch.tensor([1, 1]), p1, torch.tensor([0.99, 0.99])).tolist() == [0, 3]
+    assert M.sample_tokens(logits, torch.tensor([0.0, 0.0]), k0, p1, torch.tensor([0.99, 0.0])).tolist() == [0, 3]
+    keep = M.top_k_top_p_mask(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([0]), torch.tensor([0.8]))
+    assert keep.tolist() == [[True, True, False]]
+
+
+def test_generate_argument_errors(smol):
+    model, tok = smol
+    with pytest.raises(ValueError, match=r"temperature: a per-prompt list needs 2 items, got 3"):
+        M.generate(model, tok, ["a", "b"], temperature=[0, 0, 0])
+    with pytest.raises(ValueError, match=r"top_p: got 0.0, expected in \(0, 1\]"):
+        M.generate(model, tok, ["a"], top_p=0.0)
+    with pytest.raises(ValueError, match=r"exceeds the model's context length 8192"):
+        M.generate(model, tok, ["a"], max_new_tokens=9000)
+
+
+def test_token_logprobs_match_full_forward_and_grad(smol):
+    model, tok = smol
+    prompts = [ids_of(tok, PROMPTS[0]), ids_of(tok, PROMPTS[1])]
+    comps = [tok.encode("def fib(n):\n    return n"), tok.encode("391")]
+    got = M.token_logprobs(model, prompts, comps)
+    for p, c, lp in zip(prompts, comps, got):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p + c]))[0, len(p) - 1:-1], -1)
+        assert lp.shape == (len(c),)
+        assert (lp - ref.gather(-1, torch.tensor(c)[:, None]).squeeze(-1)).abs().max().item() < 1e-4
+
+
+# --------------------------------------------------------------------------- LoRA, PEFT and HF layout
+
+
+@pytest.fixture
+def lora_model(exported):
+    """A fresh copy (from our export) with LoRA on q/k/v/o and random B, so adapters matter."""
+    model, tok = M.load(exported)
+    M.add_lora(model, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    g = torch.Generator().manual_seed(0)
+    for _, layer in M.lora_layers(model):
+        layer.lora_B.weight.data.normal_(0, 0.02, generator=g)
+    return model, tok
+
+
+def test_lora_b_zero_is_identity_and_disabled_is_reference(smol, exported):
+    model, tok = M.load(exported)
+    x = torch.tensor([ids_of(tok, PROMPTS[0])])
+    with torch.no_grad():
+        base = smol[0](x)
+    M.add_lora(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in M.lora_state_dict(model).items()]
+    assert len(M.lora_layers(model)) == 2 * model.config.n_layers
+    with torch.no_grad():
+        assert torch.equal(model(x), base)  # B = 0
+    for _, layer in M.lora_layers(model):
+        layer.lora_B.weight.data.fill_(0.01)
+    with torch.no_grad():
+        assert (model(x) - base).abs().max().item() > 1e-2
+    with M.lora_disabled(model):
+        assert torch.equal(model(x), base)
+    assert all(layer.enabled for _, layer in M.lora_layers(model))
+
+
+def test_merged_equals_unmerged(lora_model):
+    model, tok = lora_model
+    x = torch.tensor([ids_of(tok, PROMPTS[2])])
+    with torch.no_grad():
+        before = model(x)
+        M.merge_lora(model)
+        merged = model(x)
+        with pytest.raises(RuntimeError, match="unmerge_lora first"):
+            with M.lora_disabled(model):
+                pass
+        M.unmerge_lora(model)
+        after = model(x)
+    assert (merged - before).abs().max().item() < 1e-4
+    assert (after - before).abs().max().item() < 1e-4
+
+
+def test_hf_export_roundtrip_float64(smol, exported):
+    """Our export loads in transformers; in float64 the two agree layer by layer and in logits."""
+    model, tok = M.load(exported, dtype=torch.float64)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float64).eval()
+    ids = ids_of(tok, PROMPTS[0])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = hf(x, output_hidden_states=True)
+        h = model.model.embed_tokens(x)
+        cos, sin = model.rope(torch.arange(len(ids))[None], h.dtype)
+        for i, layer in enumerate(model.model.layers):  # block by block
+            assert (h - out.hidden_states[i]).abs().max().item() < 1e-9, i
+            h = layer(h, cos, sin, None, None)
+        assert (model(x) - out.logits).abs().max().item() < 1e-9
+    assert tok.encode(CORPUS[3]) == smol[1].encode(CORPUS[3])
+    assert tok.eos_ids == smol[1].eos_ids and tok.bos_id == smol[1].bos_id
+    assert tok.apply_chat(PROMPTS[1]) == smol[1].apply_chat(PROMPTS[1])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    assert hf_tok.apply_chat_template(PROMPTS[1], tokenize=False, add_generation_prompt=True) == tok.apply_chat(PROMPTS[1])
+    assert hf_tok.encode(CORPUS[1], add_special_tokens=False) == tok.encode(CORPUS[1])
+
+
+def test_save_hf_merges_lora(lora_model, tmp_path):
+    model, tok = lora_model
+    M.save_hf(model, tok, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    x = torch.tensor([ids_of(tok, PROMPTS[1])])
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() < 1e-3
+    assert not any(l.merged for _, l in M.lora_layers(model))  # export did not change the model
+
+
+def test_peft_adapter_roundtrip(lora_model, exported, tmp_path):
+    """Our adapter on the transformers model via peft gives our logits; peft's save loads back into ours."""
+    peft = pytest.importorskip("peft")
+    model, tok = lora_model
+    M.save_adapter(model, str(tmp_path / "ours"))
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    x = torch.tensor([ids_of(tok, PROMPTS[0])])
+    with torch.no_grad():
+        ours = model(x)
+        assert (pm(x).logits - ours).abs().max().item() < 1e-3
+    pm.save_pretrained(str(tmp_path / "peft"))
+    fresh, _ = M.load(exported)
+    M.load_adapter(fresh, str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert (fresh(x) - ours).abs().max().item() < 1e-4
+    wrong, _ = M.load(exported)
+    M.add_lora(wrong, r=2, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    with pytest.raises(ValueError, match=r"adapter does not fit the model: .*shape mismatch .*got \(4, 576\), expected \(2, 576\)"):
+        M.load_adapter(wrong, str(tmp_path / "ours"))
+
+
+def test_hf_sharded_llama3_rope_scaling(smol, exported, tmp_path):
+    """A tiny random Llama-3.1-style checkpoint (llama3 rope scaling, GQA, untied head, sharded
+    safetensors, eos list in generation_config.json) matches transformers in float64 past the
+    original context length, and its RoPE frequencies match transformers' llama3 function."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+    hf.save_pretrained(str(tmp_path), max_shard_size="2MB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes(open(os.path.join(exported, f), "rb").read())
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0]}))
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model, tok = M.load(str(tmp_path), dtype=torch.float64)
+    assert model.config.rope_scaling["rope_type"] == "llama3" and tok.eos_ids == {0, 2}
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
+    assert torch.allclose(model.inv_freq.double(), inv_freq.double(), rtol=1e-6)
+    x = torch.randint(0, 49152, (2, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() < 1e-9
+    # a shape mismatch in a shard is named with expected vs got
+    (tmp_path / "config.json").write_text(json.dumps(dict(json.loads((tmp_path / "config.json").read_text()),
+                                                          intermediate_size=97)))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight: got \(96, 64\), expected \(97, 64\)"):
+        M.load(str(tmp_path))
+
+
+def test_runtime_imports_only_allowed_packages():
+    code = ("import sys, model; bad = [m for m in ('transformers', 'gguf', 'peft', 'accelerate') if m in sys.modules];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
