@@ -1043,9 +1043,9 @@ def serve_main(argv=None):
 # --- subprocess sandbox (issue 5) --------------------------------------------------------------
 # run_python(code) runs model-written Python walled in by the operating system, never by exec in our
 # process (STYLE.md section 6; SCOREFLOW.md section 10.10). Each run is a fork of a sandbox server: a
-# fresh `python -I` started once per parent process that has never run model code; forking it costs
-# about 1 ms where a new interpreter costs 10-20 ms (multiprocessing's forkserver idea). The fork (the
-# launcher) builds the walls and forks the process that runs the code; preexec_fn would be unsafe in
+# fresh `python -I` started once per parent process, which never runs model code itself; a fork costs
+# about 1 ms where a new interpreter costs 10-20 ms (multiprocessing's forkserver idea). The fork
+# builds its own walls, as root where we are root, then runs the code; preexec_fn would be unsafe in
 # our threaded parent. Layers, each reported in SandboxResult.layers when active:
 #   session         the code leads its own session and process group
 #   cgroup-pids     a pids cgroup shared by all runs of one server caps their tasks together
@@ -1056,78 +1056,40 @@ def serve_main(argv=None):
 #   net-namespace   a new network namespace with no interface up: no network, loopback included
 #   ipc-namespace   private System V IPC and POSIX message queues, gone with the run
 #   mount-namespace private mounts, for the next three layers
-#   tmpfs-workdir   the work dir is a fresh size-capped tmpfs (a disk quota) that vanishes with the run
+#   tmpfs-workdir   the work dir is /tmp, a fresh size-capped tmpfs (a disk quota) over the host's,
+#                   gone with the run (without mount namespaces: a host temp dir, removed after)
 #   hidden-dirs     the user's home and the project are covered by empty tmpfs mounts; interpreter
-#                   directories inside them are bound back read-only
+#                   directories inside them (or /tmp) are bound back read-only
 #   proc-private    /proc shows the sandbox's own processes only
 #   rlimits         CPU seconds, address space, file size (stdout and stderr too), open files, no core
-#   uid-drop        as root: a per-run unprivileged uid/gid (_SANDBOX_UID_BASE + launcher pid): root
+#   uid-drop        as root: a per-run unprivileged uid/gid (_SANDBOX_UID_BASE + host pid): root
 #                   ignores RLIMIT_NPROC and file permissions, and a shared `nobody` would let
 #                   parallel runs signal each other and share one process count
 #   nproc           RLIMIT_NPROC, which binds only after uid-drop
-#   user-namespace  not root: an unprivileged user namespace, which lets us create the namespaces
+#   user-namespace  not root: the server's own unprivileged user namespace, for the namespaces
 #   no-new-privs    setuid binaries cannot raise privileges
 #   landlock        writes only in the work dir and /dev/null; reads only the interpreter, system dirs
-#                   and the work dir (home, the project, /tmp: unreadable); TCP bind/connect denied
+#                   and the work dir (home, the project: unreadable); TCP bind/connect denied
 #   landlock-scope  signals and abstract unix sockets to processes outside the run blocked (ABI >= 6)
-# The wall-clock limit is kept by the caller: at the limit it sends the launcher SIGTERM, and the
-# launcher SIGKILLs the code, which takes its PID namespace with it. Should the launcher itself die,
-# the code gets SIGKILL as its parent-death signal. A missing layer is said once on stderr.
+# The wall-clock limit is kept by the caller, which SIGKILLs the code's process at the limit: as init
+# of its PID namespace it takes every descendant with it. Should the server die, the code gets
+# SIGKILL as its parent-death signal. A missing layer is said once on stderr.
 _SANDBOX_UID_BASE = 1_500_000_000
 
-# The server reads requests on the socket fd argv[1]: one message carrying four fds (config memfd,
-# stdout, stderr, report), and answers with a pidfd of the launcher it forked. The launcher reports
-# one fact per line: "layer NAME", "missing NAME WHY", "error WHY", "start", "exit WAITSTATUS".
-# Syscall numbers 444-446 (landlock) are the same on every Linux architecture.
+# The server (argv: socket fd, modules to preload, CONTROLLER=PATH cgroups to join) first sends
+# "hello LAYER..." (its own layers, and "mounts" if it can make mount namespaces). Then each request
+# is one message carrying five fds (config memfd, stdout, stderr, report, the write end of a "done"
+# pipe); it answers with a pidfd of the forked run. The run writes one fact per line to the report:
+# "layer NAME", "missing NAME WHY", "error WHY", "start"; after reaping it the server adds
+# "exit WAITSTATUS" and closes "done". Syscalls 444-446 (landlock) have these numbers on every arch.
 _SANDBOX_SERVER = r'''
-import ctypes, marshal, os, signal, socket, sys
+import ctypes, marshal, os, resource, signal, socket, sys, traceback
 sock = socket.socket(fileno=int(sys.argv[1]))
-server_pid = os.getpid()
-joined = []
-for arg in sys.argv[2:]:  # "CONTROLLER=PATH": the shared cgroups every run inherits from us
-    ctl, _, path = arg.partition("=")
+for name in sys.argv[2].split(","):  # modules model code often imports: every run inherits them
     try:
-        with open(path + "/cgroup.procs", "w") as f:
-            f.write(str(server_pid))
-        joined.append("cgroup-" + ctl)
-    except OSError as e:
-        sys.stderr.write("sandbox server: cannot join %s: %s\n" % (path, e))
-def reap(*_):
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
+        __import__(name)
+    except ImportError:
         pass
-# Launchers and any orphan of theirs (PR_SET_CHILD_SUBREAPER) are reaped as they end; SIGCHLD is
-# held back between fork and pidfd_open so that a launcher cannot be reaped before we hold its pidfd.
-ctypes.CDLL(None).prctl(ctypes.c_long(36), ctypes.c_long(1), ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
-signal.signal(signal.SIGCHLD, reap)
-sock.send(" ".join(["hello"] + joined).encode())
-while True:  # the server: one launcher per request until the parent closes its end
-    msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
-    if not msg:
-        sys.exit(0)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    try:
-        pid = os.fork()
-    except OSError as e:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        socket.send_fds(sock, [("error fork: %s" % e).encode()], [])
-        continue
-    if pid == 0:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        break  # the launcher goes on below
-    pidfd = os.pidfd_open(pid)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-    socket.send_fds(sock, [b"ok"], [pidfd])
-    for fd in fds + [pidfd]:
-        os.close(fd)
-# --- the launcher (root here if the parent is root) ---
-cfg_fd, out_fd, err_fd, rep = fds
-sock.close()
-def say(*words):
-    os.write(rep, (" ".join(map(str, words)) + "\n").encode())
 libc = ctypes.CDLL(None, use_errno=True)
 L = ctypes.c_long
 def call(name, *args):
@@ -1136,12 +1098,95 @@ def call(name, *args):
         e = ctypes.get_errno()
         raise OSError(e, name + ": " + os.strerror(e))
     return rc
-def mount(src, dst, fstype, flags, data):
-    call("mount", src and src.encode(), dst.encode(), fstype and fstype.encode(), L(flags),
-         data and data.encode())
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+root = os.geteuid() == 0
+hello = ["hello"]
+for arg in sys.argv[3:]:  # "CONTROLLER=PATH": the shared cgroups every run inherits from us
+    ctl, _, path = arg.partition("=")
+    try:
+        with open(path + "/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+        hello.append("cgroup-" + ctl)
+    except OSError as e:
+        sys.stderr.write("sandbox server: cannot join %s: %s\n" % (path, e))
+if not root:  # a user namespace of our own maps us to root inside, which the namespaces need
+    try:
+        u, g = os.getuid(), os.getgid()
+        call("unshare", L(0x10000000))
+        for name, text in (("setgroups", "deny"), ("uid_map", "0 %d 1" % u), ("gid_map", "0 %d 1" % g)):
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+        hello.append("user-namespace")
+    except OSError as e:
+        sys.stderr.write("sandbox server: no user namespace: %s\n" % e)
+own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+try:  # a PID namespace per run: unshare before each fork, setns back after it
+    call("unshare", L(0x20000000))
+    call("setns", L(own_pid_ns), L(0x20000000))
+    pid_ns = True
+except OSError as e:
+    pid_ns = False
+    sys.stderr.write("sandbox server: no PID namespaces: %s\n" % e)
+probe = os.fork()  # can we make mount namespaces? (the private /tmp work dir needs one)
+if probe == 0:
+    try:
+        call("unshare", L(0x20000))
+        os._exit(0)
+    except OSError:
+        os._exit(1)
+if os.waitpid(probe, 0)[1] == 0:
+    hello.append("mounts")
+alive_r, alive_w = os.pipe()  # runs see EOF on alive_r once we are gone
+runs = {}  # pid -> (report fd, done fd) of each live run
+def reap(*_):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        rep, done = runs.pop(pid, (-1, -1))
+        if rep >= 0:
+            os.write(rep, b"exit %d\n" % status)
+            os.close(rep)
+            os.close(done)  # the caller wakes now
+signal.signal(signal.SIGCHLD, reap)
+sock.send(" ".join(hello).encode())
+while True:  # one forked run per request until the parent closes its end of the socket
+    msg, fds, _, _ = socket.recv_fds(sock, 16, 5)
+    if not msg:
+        sys.exit(0)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # no reaping before runs[pid] exists
+    pid = -1
+    try:
+        if pid_ns:
+            call("unshare", L(0x20000000))  # our next child is init of a new PID namespace
+        try:
+            pid = os.fork()
+        finally:
+            if pid_ns and pid != 0:
+                call("setns", L(own_pid_ns), L(0x20000000))
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        socket.send_fds(sock, [("error fork: %s" % e).encode()], [])
+        for fd in fds:
+            os.close(fd)
+        continue
+    if pid == 0:
+        break  # the run goes on below the loop
+    pidfd = os.pidfd_open(pid)
+    runs[pid] = (fds[3], fds[4])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    socket.send_fds(sock, [b"ok"], [pidfd])
+    for fd in fds[:3] + [pidfd]:
+        os.close(fd)
+# --- one run: init of its own PID namespace, root until the uid drop if the server is root ---
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+cfg_fd, out_fd, err_fd, rep, done = fds
+os.close(done)
+def say(*words):
+    os.write(rep, (" ".join(map(str, words)) + "\n").encode())
 def layer(name, fn, *args):
     try:
         fn(*args)
@@ -1151,71 +1196,63 @@ def layer(name, fn, *args):
         say("missing", name, e)
         return False
 try:
+    sock.close()
+    os.close(alive_w)
+    os.close(own_pid_ns)
+    for fd in runs.values():
+        os.close(fd[0]), os.close(fd[1])
     call("prctl", L(1), L(signal.SIGKILL), L(0), L(0), L(0))  # PR_SET_PDEATHSIG: die with the server
-    if os.getppid() != server_pid:
-        os._exit(1)
     os.setsid()
+    say("layer session")
     for fd, to in ((out_fd, 1), (err_fd, 2)):
         os.dup2(fd, to)
         os.close(fd)
     cfg = marshal.loads(os.pread(cfg_fd, os.fstat(cfg_fd).st_size, 0))
     os.close(cfg_fd)
-    work, root = cfg["workdir"], os.geteuid() == 0
-    uid = gid = cfg["uid_base"] + os.getpid()
-    if not root:  # a user namespace maps us to root inside it, which the other namespaces need
-        def userns():
-            u, g = os.getuid(), os.getgid()
-            call("unshare", L(0x10000000))
-            write("/proc/self/setgroups", "deny")
-            write("/proc/self/uid_map", "0 %d 1" % u)
-            write("/proc/self/gid_map", "0 %d 1" % g)
-        layer("user-namespace", userns)
+    with open("/proc/self/status") as f:  # NSpid: our pid in each namespace, the host's first
+        host_pid = int(next(line for line in f if line.startswith("NSpid:")).split()[1])
+    uid = gid = cfg["uid_base"] + host_pid
+    work = cfg["workdir"]
+    if pid_ns:
+        say("layer pid-namespace")
     ns = {n: layer(n + "-namespace", call, "unshare", L(flag)) for n, flag in
-          (("mount", 0x20000), ("pid", 0x20000000), ("net", 0x40000000), ("ipc", 0x08000000))}
+          (("mount", 0x20000), ("net", 0x40000000), ("ipc", 0x08000000))}
     MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
     MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+    def mount(src, dst, fstype, flags, data):
+        call("mount", src and src.encode(), dst.encode(), fstype and fstype.encode(), L(flags),
+             data and data.encode())
+    if cfg["private_tmp"] and not ns["mount"]:
+        raise OSError("work dir /tmp needs a mount namespace")
     if ns["mount"]:
         mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # what we mount stays in this namespace
+        # Each covered dir gets an empty tmpfs; interpreter dirs inside it are bound back read-only
+        # through fds opened before the cover.
+        covers = [(d, "size=1m,mode=0755") for d in cfg["hide"]]
+        if cfg["private_tmp"]:  # the work dir: a fresh tmpfs over /tmp, size-capped, the run's own
+            covers.append((work, "size=%dm,nr_inodes=%d,mode=0700,uid=%d,gid=%d"
+                           % (cfg["disk_mb"], cfg["max_files"], uid if root else 0, gid if root else 0)))
         keep = {k: os.open(k, os.O_PATH | os.O_CLOEXEC) for k in cfg["keep"]
-                if any(k.startswith(d + "/") for d in cfg["hide"])}  # opened before the cover
-        def hide(d):
-            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+                if any(k.startswith(d + "/") for d, _ in covers)}
+        def cover(d, opts):
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, opts)
             for k, fd in keep.items():
                 if k.startswith(d + "/"):
                     os.makedirs(k, 0o755, exist_ok=True)
                     mount("/proc/self/fd/%d" % fd, k, None, MS_BIND | MS_REC, None)
                     mount(None, k, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
         if cfg["hide"]:
-            layer("hidden-dirs", lambda: [hide(d) for d in cfg["hide"]])
+            layer("hidden-dirs", lambda: [cover(d, o) for d, o in covers if d != work])
+        if cfg["private_tmp"]:
+            cover(work, covers[-1][1])  # no fallback: without it /tmp would be the host's
+            say("layer tmpfs-workdir")
         for fd in keep.values():
             os.close(fd)
-        layer("tmpfs-workdir", mount, "tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
-              "size=%dm,nr_inodes=%d,mode=0700,uid=%d,gid=%d"
-              % (cfg["disk_mb"], cfg["max_files"], uid if root else 0, gid if root else 0))
-    if root and not ns["mount"]:
-        os.chown(work, uid, gid)  # no tmpfs of its own: hand the empty work dir to the run's uid
-    alive_r, alive_w = os.pipe()  # EOF here tells the code's process that we are gone
-    child = []
-    def stop(*_):  # SIGTERM from the caller at its time limit: kill the code, report, exit
-        child.append(None) if not child else os.kill(child[0], signal.SIGKILL)
-    signal.signal(signal.SIGTERM, stop)
-    pid = os.fork()
-    if pid:
-        child.insert(0, pid)
-        if len(child) > 1:  # SIGTERM came during the fork
-            os.kill(pid, signal.SIGKILL)
-        os.close(alive_r)
-        status = os.waitpid(pid, 0)[1]  # returns once the whole PID namespace is gone
-        say("exit", status)
-        os._exit(0)
-    # --- the code's process: init of the new PID namespace, if there is one ---
-    os.close(alive_w)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.setsid()
-    say("layer session")
-    if ns["mount"] and ns["pid"]:
-        ns["proc"] = layer("proc-private", mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-    import resource as R
+        if pid_ns:
+            ns["proc"] = layer("proc-private", mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    if root and not cfg["private_tmp"]:
+        os.chown(work, uid, gid)  # a host temp dir: hand it to the run's uid
+    R = resource
     for r, soft in ((R.RLIMIT_CPU, cfg["cpu_s"]), (R.RLIMIT_AS, cfg["memory_mb"] << 20),
                     (R.RLIMIT_FSIZE, cfg["file_mb"] << 20), (R.RLIMIT_NOFILE, cfg["max_fds"]),
                     (R.RLIMIT_CORE, 0)):
@@ -1264,11 +1301,11 @@ try:
         os.close(ruleset)
         say("layer landlock")
         say(*(["layer", "landlock-scope"] if abi >= 6 else ["missing", "landlock-scope", "landlock ABI %d < 6" % abi]))
-    # setuid cleared the parent-death signal: set it again, then check the launcher still lives
+    # setuid cleared the parent-death signal: set it again, then check the server still lives
     call("prctl", L(1), L(signal.SIGKILL), L(0), L(0), L(0))
     os.set_blocking(alive_r, False)
     try:
-        os.read(alive_r, 1)  # b"": EOF, the launcher is gone
+        os.read(alive_r, 1)  # b"": EOF, the server is gone
         os._exit(137)
     except BlockingIOError:
         os.close(alive_r)
@@ -1309,7 +1346,6 @@ try:
 except SystemExit as e:
     code = e.code
 except BaseException as e:
-    import traceback
     traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # without this file's frame
     code = 1
 if code is not None and not isinstance(code, int):
@@ -1352,7 +1388,7 @@ class _SandboxServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _SANDBOX_SERVER, str(theirs.fileno())]
+                [sys.executable, "-I", "-c", _SANDBOX_SERVER, str(theirs.fileno()), ",".join(_SANDBOX_PRELOAD)]
                 + [f"{ctl}={path}" for ctl, path in self.cgroups],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True, cwd="/", env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
@@ -1361,10 +1397,11 @@ class _SandboxServer:
         if hello[:1] != ["hello"]:
             self.close()
             raise OSError(f"sandbox server: expected a hello, got {hello!r}")
-        self.layers = hello[1:]
+        self.layers = [w for w in hello[1:] if w != "mounts"]
+        self.private_tmp = "mounts" in hello  # the work dir can be a tmpfs over /tmp
 
     def launch(self, fds):
-        """Send the run's four fds; get back a pidfd of its launcher."""
+        """Send the run's five fds; get back a pidfd of its process."""
         with self.lock:
             socket.send_fds(self.sock, [b"run"], fds)
             msg, got, _, _ = socket.recv_fds(self.sock, 1024, 1)
@@ -1391,6 +1428,11 @@ class _SandboxServer:
 
 
 _SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Imported once by the server, before any model code exists, so each run inherits them instead of
+# importing them again (HumanEval programs import typing, math, re, ... in nearly every problem).
+_SANDBOX_PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "bisect",
+                    "string", "hashlib", "random", "fractions", "decimal", "statistics", "json", "copy",
+                    "operator", "datetime")
 _sandbox_lock = threading.RLock()
 _sandbox_state = {"server": None, "cgroups": None, "warned": set(), "servers": itertools.count(),
                   "atexit": None}
@@ -1531,13 +1573,22 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
             raise ValueError(f"run_python: files key {name!r} must be a relative path inside the "
                              f"work dir and not main.py")
     files["main.py"] = code
+    fds = [os.memfd_create(name) for name in ("sbx-config", "sbx-stdout", "sbx-stderr", "sbx-report")]
+    done_r, done_w = os.pipe()  # EOF once the server has reported the run's end (or died)
+    fds.append(done_w)
+    timed_out, pidfd, launch_error, server, oom_before, workdir = False, -1, "", None, 0, None
+    try:
+        server = _sandbox_server()
+    except OSError as e:
+        launch_error = str(e)
+    private_tmp = server is not None and server.private_tmp
+    workdir = "/tmp" if private_tmp else tempfile.mkdtemp(prefix="scoreflow-sbx-")
     home = os.path.realpath(os.path.expanduser("~"))
     project = os.path.dirname(os.path.realpath(__file__))
-    workdir = tempfile.mkdtemp(prefix="scoreflow-sbx-")
     hide = [d for d in (home, project) if d != "/" and not workdir.startswith(d + "/")]
     hide = [d for d in hide if not any(d.startswith(o + "/") for o in hide)]  # outermost only
     keep = list(_interpreter_dirs())
-    cfg = {"workdir": workdir, "uid_base": _SANDBOX_UID_BASE, "hide": hide,
+    cfg = {"workdir": workdir, "private_tmp": private_tmp, "uid_base": _SANDBOX_UID_BASE, "hide": hide,
            "keep": keep, "read": keep + ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc",
                                          "/dev/zero", "/dev/urandom", "/dev/random",
                                          "/sys/devices/system/cpu"],
@@ -1546,37 +1597,35 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
            "files": {k: v if isinstance(v, bytes) else v.encode() for k, v in files.items()},
            "env": {"PATH": _SANDBOX_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                    "LC_ALL": "C.UTF-8"}}
-    fds = [os.memfd_create(name) for name in ("sbx-config", "sbx-stdout", "sbx-stderr", "sbx-report")]
-    timed_out, pidfd, launch_error, server, oom_before = False, -1, "", None, 0
     try:
         os.write(fds[0], marshal.dumps(cfg))
         for attempt in (0, 1):  # a dead server (killed from outside?) gets one fresh replacement
             try:
-                server = _sandbox_server(restart=attempt > 0)
+                server = server if attempt == 0 and server else _sandbox_server(restart=True)
                 oom_before = server.oom_kills()
                 pidfd = server.launch(fds)
                 break
             except OSError as e:
-                launch_error = str(e)
+                launch_error, server = str(e), None
+        os.close(fds.pop())  # done_w: from now on only the server holds it
         if pidfd >= 0:
             poll = select.poll()  # not select(): our fds may be numbered past 1024
-            poll.register(pidfd, select.POLLIN)
+            poll.register(done_r, select.POLLIN)
             if not poll.poll(max(0.0, t0 + timeout - time.monotonic()) * 1000):
-                timed_out = True  # SIGTERM: the launcher kills the code's PID namespace and reaps it
-                for sig, wait_ms in ((signal.SIGTERM, 1000), (signal.SIGKILL, None)):
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(pidfd, sig)
-                    if poll.poll(wait_ms):
-                        break
+                timed_out = True  # SIGKILL to the init of its PID namespace: the whole run dies
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                poll.poll()
         oom = server is not None and pidfd >= 0 and server.oom_kills() > oom_before
         seconds = time.monotonic() - t0
         facts = [line.split(" ", 2) for line in _read_capped(fds[3], 1 << 20).splitlines()]
         stdout, stderr = _read_capped(fds[1], max_output), _read_capped(fds[2], max_output)
     finally:
-        for fd in fds + [pidfd]:
+        for fd in fds + [pidfd, done_r]:
             if fd >= 0:
                 os.close(fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir and not private_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
     layers = (server.layers if pidfd >= 0 else []) + [f[1] for f in facts if f[0] == "layer"]
     _warn_missing_layers({f[1]: " ".join(f[2:]) for f in facts if f[0] == "missing"})
     errors = [" ".join(f[1:]) for f in facts if f[0] == "error"]
@@ -1585,7 +1634,7 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
     if timed_out:
         status, reason = "timeout", f"wall-clock limit of {timeout} s reached"
     elif exit_code is None:
-        why = launch_error or (errors[0] if errors else "the launcher ended without a report")
+        why = launch_error or (errors[0] if errors else "the run ended without a report")
         status, reason = "internal", f"sandbox failed before the code ran: {why}"
     elif exit_code == -signal.SIGXCPU:
         status, reason = "timeout", f"CPU limit of {cfg['cpu_s']} s reached"

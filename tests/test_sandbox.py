@@ -88,9 +88,11 @@ def test_layers_and_limits_are_in_force():
 
 
 def test_work_dir_is_private_and_removed():
-    r = run_python("import os\nopen('f', 'w').write('x')\nprint(os.getcwd())")
-    assert r.status == "ok"
-    assert not os.path.exists(r.stdout.strip())
+    name = f"scoreflow-probe-{time.time_ns()}"
+    r = run_python(f"import os\nopen({name!r}, 'w').write('x')\nprint(os.path.abspath({name!r}))")
+    assert r.status == "ok" and r.stdout.strip().endswith(name)
+    assert not os.path.exists(r.stdout.strip())  # a private tmpfs, or a host temp dir since removed
+    assert run_python(f"open({name!r}).read()").status == "error"  # nothing carries over
 
 
 # --- the hostile battery ----------------------------------------------------------------------
@@ -131,13 +133,14 @@ def test_memory_bomb_is_stopped():
 
 
 def test_disk_filler_hits_the_work_dir_quota():
-    code = ("import os\n"
-            "print(os.getcwd(), flush=True)\n"
-            "i = 0\n"
-            "while True:\n"
-            "    with open(f'f{i}', 'wb') as f:\n"
-            "        f.write(b'x' * (1 << 20))\n"
-            "    i += 1\n")
+    prefix = f"scoreflow-fill-{time.time_ns()}-"
+    code = (f"import os\n"
+            f"print(os.path.abspath({prefix!r} + '0'), flush=True)\n"
+            f"i = 0\n"
+            f"while True:\n"
+            f"    with open({prefix!r} + str(i), 'wb') as f:\n"
+            f"        f.write(b'x' * (1 << 20))\n"
+            f"    i += 1\n")
     r = run_python(code, disk_mb=8, timeout=10)
     assert r.status == "error" and "No space left on device" in r.reason, r
     assert not os.path.exists(r.stdout.strip())
@@ -150,12 +153,23 @@ def test_writes_outside_the_work_dir_fail(tmp_path):
     open_dir = tmp_path / "open"
     open_dir.mkdir()
     open_dir.chmod(0o777)  # file permissions would allow it: only the sandbox stands in the way
-    target = open_dir / "evil.txt"
-    r = run_python(f"open({str(target)!r}, 'w').write('pwned')")
-    assert r.status == "error" and "PermissionError" in r.reason
-    assert not target.exists()
-    r = run_python("import tempfile, os\nos.mkdir('/tmp/scoreflow-escape')")
-    assert r.status == "error" and not os.path.exists("/tmp/scoreflow-escape")
+    nonce = time.time_ns()
+    targets = [str(open_dir / "evil.txt")] + [f"{d}/scoreflow-escape-{nonce}" for d in ("/dev/shm", "/var/tmp")
+                                               if os.path.isdir(d)]  # world-writable host dirs
+    try:
+        code = (f"for t in {targets!r}:\n"
+                f"    try:\n"
+                f"        open(t, 'w').write('pwned')\n"
+                f"        print('wrote', t)\n"
+                f"    except OSError as e:\n"
+                f"        print(type(e).__name__)\n")
+        r = run_python(code)
+        assert r.status == "ok" and "wrote" not in r.stdout, r
+        assert not any(os.path.exists(t) for t in targets)
+    finally:
+        for t in targets[1:]:
+            if os.path.exists(t):
+                os.unlink(t)
 
 
 def test_secret_file_in_home_is_unreadable(tmp_path, monkeypatch):
