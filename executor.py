@@ -356,6 +356,7 @@ class ChatClient:
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
         self._inflight = {}                    # cache key -> Event set when its owner finishes
+        self._pool = None                      # chat_many's worker threads, made on first use
         self._reserved = [0, 0.0]              # tokens, dollars held by calls in flight
         self._n_inflight = 0                   # calls holding a reservation
         self._budget_freed = threading.Condition(self._lock)
@@ -615,11 +616,15 @@ class ChatClient:
             except ExecutorError as e:
                 return e
 
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests)),
-                                thread_name_prefix="chat") as pool:
-            return list(pool.map(one, requests))
+        with self._lock:  # one pool for the client's life: a burst starts without spawning threads
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="chat")
+        return list(self._pool.map(one, requests))
 
     def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._session.close()
         if self.cache is not None:
             self.cache.close()
@@ -707,13 +712,14 @@ class LocalServer:
     construction; `base_url` ends in "/v1". Use it as a context manager or call stop().
 
     max_batch caps rows per generate call; batch_window (s) is how long the worker keeps
-    gathering after the last new request, at most max_wait (s) after the first; max_kv_bytes caps
+    gathering after the last new request (longer while a received request is still being
+    parsed), at most max_wait (s) after the first; max_kv_bytes caps
     one batch's KV cache (rows x (longest prompt + largest max_tokens)); default_max_tokens is
     used when a request gives none (OpenAI's default is "up to the context", too slow on a CPU).
     """
 
     def __init__(self, model, tokenizer, *, model_name="local", host="127.0.0.1", port=0, api_key=None,
-                 max_batch=32, batch_window=0.01, max_wait=0.1, max_kv_bytes=2 << 30,
+                 max_batch=32, batch_window=0.01, max_wait=0.2, max_kv_bytes=2 << 30,
                  default_max_tokens=1024, verbose=False):
         import model as modellib  # here, not at the top: clients and the sandbox need no torch
         self._generate = modellib.generate
@@ -729,6 +735,7 @@ class LocalServer:
         self.batch_sizes = {}        # rows per generate call -> how many calls (dynamic batching at work)
         self.n_completions = 0
         self._pending, self._closing = [], False
+        self._arriving = 0           # POSTs received but not yet queued (parsing, rendering)
         self._cv = threading.Condition()
         self._worker = threading.Thread(target=self._work, name="executor-batcher", daemon=True)
         self._worker.start()
@@ -844,9 +851,12 @@ class LocalServer:
                     return
                 first = time.monotonic()
                 while len(self._pending) < self.max_batch:  # gather while requests keep coming
-                    seen = len(self._pending)
-                    left = min(self.batch_window, first + self.max_wait - time.monotonic())
-                    if left <= 0 or not self._cv.wait(left) or len(self._pending) == seen or self._closing:
+                    seen, left = len(self._pending), first + self.max_wait - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(min(self.batch_window, left))
+                    # stop when a window passed with nothing new and no request is still being parsed
+                    if self._closing or (len(self._pending) == seen and not self._arriving):
                         break
                 batch = self._take_batch()
             self._run(batch)
@@ -946,18 +956,25 @@ class _ChatHandler(BaseHTTPRequestHandler):
         if int(length) > MAX_BODY_BYTES:
             self.close_connection = True
             return self._error(413, f"request body is {length} bytes, above the limit of {MAX_BODY_BYTES}")
-        raw = self.rfile.read(int(length))  # read before any answer, so keep-alive stays in step
-        if not self._authorised():
-            return
-        if path != "/v1/chat/completions":
-            return self._error(404, f"no route POST {path}; this server has POST /v1/chat/completions",
-                               code="not_found")
+        with owner._cv:  # the batcher waits for requests already here but still being parsed
+            owner._arriving += 1
         try:
-            job = owner.parse_request(raw)
-        except _BadRequest as e:
-            return self._error(e.status, e.message, param=e.param, code=e.code)
-        if not owner.submit(job):
-            return self._error(503, "server is stopping", type_="server_error")
+            raw = self.rfile.read(int(length))  # read before any answer, so keep-alive stays in step
+            if not self._authorised():
+                return
+            if path != "/v1/chat/completions":
+                return self._error(404, f"no route POST {path}; this server has POST /v1/chat/completions",
+                                   code="not_found")
+            try:
+                job = owner.parse_request(raw)
+            except _BadRequest as e:
+                return self._error(e.status, e.message, param=e.param, code=e.code)
+            if not owner.submit(job):
+                return self._error(503, "server is stopping", type_="server_error")
+        finally:
+            with owner._cv:
+                owner._arriving -= 1
+                owner._cv.notify_all()
         job.done.wait()
         if job.error:
             status = 503 if job.error == "server stopped" else 500
