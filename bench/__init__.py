@@ -12,6 +12,7 @@ id, and the training scorers) and §8 (splits and the ScoreFlow data files). A b
 `load_task(name_or_path)` returns such a module: one of the six names, "mathgen" (the embedded
 procedural math set, also what "math" loads when no data is given), or the path of a user's own
 task file with the same four names (validated here, with errors saying what is missing).
+`load_problems(task, split, data)` calls its load and checks what comes back.
 
 `data` is a file (.jsonl, .jsonl.gz, .json) or a directory holding `<name>_<split>.jsonl` (the
 ScoreFlow layout), `<split>.jsonl` / `<split>.json`, or a `<split>/` folder of .json files (MATH's
@@ -105,6 +106,27 @@ def check_task(module, where: str) -> None:
             raise TypeError(f"{where}: {fn_name}{inspect.signature(fn)} cannot be called as "
                             f"{fn_name}({', '.join(('split', 'data') if fn_name == 'load' else ('answer', 'problem'))})"
                             f": {e}") from None
+
+
+def load_problems(task, split: str, data: str | None = None, **opts) -> list[Problem]:
+    """task.load(split, data, **opts), checked: a list of Problems with unique string ids, non-empty
+    questions and string golds. Errors name the task and the first bad problem."""
+    where = getattr(task, "__file__", None) or getattr(task, "NAME", "task")
+    problems = task.load(split, data, **opts)
+    if not isinstance(problems, list):
+        raise TypeError(f"{where}: load() returned {type(problems).__name__}, expected a list of bench.Problem")
+    seen = set()
+    for k, p in enumerate(problems):
+        if not isinstance(p, Problem):
+            raise TypeError(f"{where}: load()[{k}] is {type(p).__name__}, expected bench.Problem")
+        if not isinstance(p.id, str) or p.id in seen:
+            raise ValueError(f"{where}: load()[{k}].id {p.id!r}: expected a str not used before")
+        if not isinstance(p.question, str) or not p.question or not isinstance(p.gold, str) \
+                or not isinstance(p.extra, dict):
+            raise TypeError(f"{where}: load()[{k}] (id {p.id!r}): expected question: non-empty str, gold: str, "
+                            f"extra: dict")
+        seen.add(p.id)
+    return problems
 
 
 # --- data files ---------------------------------------------------------------------------------

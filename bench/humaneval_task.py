@@ -129,8 +129,7 @@ def run_program(source: str, timeout: float) -> tuple[float, str]:
         raise ScoringError(f"sandbox internal failure: {result.stderr[-300:]}")
     if result.status == "ok" and result.exit_code == 0:
         return 1.0, "passed"
-    last = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.exit_code}"]
-    return 0.0, f"{result.status}: {last[0][:200]}"
+    return 0.0, f"{result.status}: {result.reason[:200]}"
 
 
 def verdict(answer: str, problem: Problem) -> tuple[float, str]:

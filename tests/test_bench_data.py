@@ -257,7 +257,7 @@ def test_load_task_names_and_user_file(tmp_path):
     path = tmp_path / "capitals.py"
     path.write_text(USER_TASK)
     task = bench.load_task(str(path))
-    problems = task.load("test")
+    problems = bench.load_problems(task, "test")
     assert task.NAME == "capitals" and len(problems) == 3 and isinstance(problems[0], Problem)
     assert task.score("It is Paris.", problems[0]) == 1.0 and task.score("Lyon", problems[0]) == 0.0
 
@@ -276,6 +276,17 @@ def test_user_task_file_errors(tmp_path, source, message):
     with pytest.raises(TypeError, match=message) as e:
         bench.load_task(str(path))
     assert str(path) in str(e.value)
+
+
+def test_load_problems_checks_what_load_returns(tmp_path):
+    path = tmp_path / "dicts.py"
+    path.write_text(USER_TASK.replace("return [Problem(", "return [dict(").replace("gold=a)", "gold=a)"))
+    with pytest.raises(TypeError, match=r"load\(\)\[0\] is dict, expected bench.Problem"):
+        bench.load_problems(bench.load_task(str(path)), "test")
+    path.write_text(USER_TASK.replace("id=c,", "id='same',"))
+    with pytest.raises(ValueError, match=r"load\(\)\[1\].id 'same'"):
+        bench.load_problems(bench.load_task(str(path)), "test")
+    assert len(bench.load_problems(bench.load_task("math"), "validate")) == 100  # the embedded set
 
 
 def test_load_task_bad_names(tmp_path):
