@@ -603,23 +603,47 @@ class ChatClient:
                 "dollars": self._cost(prompt, completion), "priced": self.price is not None}
 
     # -- many calls ----------------------------------------------------------------------------
-    def chat_many(self, requests):
+    def chat_many(self, requests, *, progress=None):
         """Run chat(**r) for every dict r, up to max_concurrency at once -> results in order, each
-        a ChatResult or the ExecutorError it ended with (failures are data). Bad arguments raise."""
+        a ChatResult or the ExecutorError it ended with (failures are data). Bad arguments raise.
+        progress: a label; then done/total, rate and ETA go to stderr (updated in place on a
+        terminal, one line at the end otherwise)."""
         requests = list(requests)
         if not requests:
             return []
+        tty = progress is not None and sys.stderr.isatty()
+        count = {"done": 0, "errors": 0, "shown": 0.0}
+        t0 = time.monotonic()
+
+        def report(final):
+            done, n, dt = count["done"], len(requests), time.monotonic() - t0
+            rate = done / dt if dt > 0 else 0.0
+            eta = f", ETA {(n - done) / rate:.0f} s" if rate > 0 and done < n else ""
+            start, end = ("\r" if tty else ""), ("\n" if final else "")
+            print(f"{start}{progress}: {done}/{n} calls, {count['errors']} errors, {dt:.1f} s, "
+                  f"{rate:.2f} calls/s{eta}", end=end, file=sys.stderr, flush=True)
 
         def one(req):
             try:
-                return self.chat(**req)
+                out = self.chat(**req)
             except ExecutorError as e:
-                return e
+                out = e
+            if progress is not None:
+                with self._lock:
+                    count["done"] += 1
+                    count["errors"] += isinstance(out, ExecutorError)
+                    if tty and time.monotonic() - count["shown"] > 0.5:
+                        count["shown"] = time.monotonic()
+                        report(False)
+            return out
 
         with self._lock:  # one pool for the client's life: a burst starts without spawning threads
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="chat")
-        return list(self._pool.map(one, requests))
+        results = list(self._pool.map(one, requests))
+        if progress is not None:
+            report(True)
+        return results
 
     def close(self):
         if self._pool is not None:
@@ -969,6 +993,9 @@ class _ChatHandler(BaseHTTPRequestHandler):
                 job = owner.parse_request(raw)
             except _BadRequest as e:
                 return self._error(e.status, e.message, param=e.param, code=e.code)
+            except Exception as e:  # a bug of ours: say so, and keep serving
+                return self._error(500, f"internal error reading the request: {type(e).__name__}: {e}",
+                                   type_="server_error")
             if not owner.submit(job):
                 return self._error(503, "server is stopping", type_="server_error")
         finally:
