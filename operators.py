@@ -66,7 +66,8 @@ TRIAL_TIMEOUTS = {"math": 60.0, "qa": 60.0, "code": 120.0}  # §2.3 step 5, seco
 
 def _template(set_name, body):
     inits = "".join(f"        self.{ATTRIBUTE[op]} = {op}(config)\n" for op in OPERATOR_SETS[set_name])
-    return f"class Workflow:\n    def __init__(self, config, problem):\n{inits}\n    async def run_workflow(self):\n{body}"
+    return ("class Workflow:\n    def __init__(self, config, problem):\n"
+            f"{inits}\n    async def run_workflow(self):\n{body}")
 
 
 # The paper's templates (§2.2 item 2): every operator of the set is created, one call is made.
@@ -794,7 +795,9 @@ class Review(_Operator):
 
 
 class Programmer(_Operator):
-    """programmer(analysis) -> code with solve() and its output, run in the sandbox, errors fed back."""
+    """programmer(analysis) -> code with solve() and its output, run in the sandbox, errors fed back.
+    The official operator refuses imports of os, sys, subprocess and the like because it runs code
+    in a plain subprocess; executor.run_python contains them, so nothing is refused here."""
     name = "Programmer"
 
     async def run(self, analysis: str = "None"):
@@ -944,7 +947,8 @@ TOY_PROBLEMS = {  # §2.3 step 5: a tiny problem per set; the output is not chec
     "math": _Toy("A is 1 and B is 2. What is A + B?"),
     "qa": _Toy("Question: How many legs do two cats have in total?"),
     "code": _Toy({"task_id": "toy/add", "entry_point": "add_two",
-                  "prompt": 'def add_two(a, b):\n    """Return the sum of a and b.\n    >>> add_two(2, 3)\n    5\n    """\n'},
+                  "prompt": 'def add_two(a, b):\n    """Return the sum of a and b.\n'
+                            '    >>> add_two(2, 3)\n    5\n    """\n'},
                  {"entry_point": "add_two", "public_tests": ["assert candidate(2, 3) == 5"]}),
 }
 
