@@ -1097,6 +1097,8 @@ def serve_main(argv=None):
 #                   the machine's: per-run caps come from rlimits, this one protects the host
 #   pid-namespace   the code is init of a new PID namespace: when it exits or is killed, the kernel
 #                   kills every descendant, setsid'ed escapees included; outside PIDs are invisible
+#   uid-sweep       only without pid-namespace, as root: after the run, SIGKILL to every process of
+#                   the run's uid (kill(-1) from a child holding that uid)
 #   net-namespace   a new network namespace with no interface up: no network, loopback included
 #   ipc-namespace   private System V IPC and POSIX message queues, gone with the run
 #   mount-namespace private mounts, for the next three layers
@@ -1120,7 +1122,7 @@ def serve_main(argv=None):
 # SIGKILL as its parent-death signal. A missing layer is said once on stderr.
 _SANDBOX_UID_BASE = 1_500_000_000
 
-# The server (argv: socket fd, modules to preload, CONTROLLER=PATH cgroups to join) first sends
+# The server (argv: socket fd, modules to preload, uid base, CONTROLLER=PATH cgroups) first sends
 # "hello LAYER..." (its own layers, and "mounts" if it can make mount namespaces). Then each request
 # is one message carrying five fds (config memfd, stdout, stderr, report, the write end of a "done"
 # pipe); it answers with a pidfd of the forked run. The run writes one fact per line to the report:
@@ -1143,8 +1145,9 @@ def call(name, *args):
         raise OSError(e, name + ": " + os.strerror(e))
     return rc
 root = os.geteuid() == 0
+uid_base = int(sys.argv[3])  # a run's uid is uid_base + its host pid
 hello = ["hello"]
-for arg in sys.argv[3:]:  # "CONTROLLER=PATH": the shared cgroups every run inherits from us
+for arg in sys.argv[4:]:  # "CONTROLLER=PATH": the shared cgroups every run inherits from us
     ctl, _, path = arg.partition("=")
     try:
         with open(path + "/cgroup.procs", "w") as f:
@@ -1166,10 +1169,23 @@ own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 try:  # a PID namespace per run: unshare before each fork, setns back after it
     call("unshare", L(0x20000000))
     call("setns", L(own_pid_ns), L(0x20000000))
-    pid_ns = True
+    pid_ns = ""
 except OSError as e:
-    pid_ns = False
-    sys.stderr.write("sandbox server: no PID namespaces: %s\n" % e)
+    pid_ns = str(e)  # why not: said in each run's report
+def sweep(uid):
+    """Without PID namespaces: SIGKILL every process of the run's uid, from a child holding it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            for _ in range(100):  # a killed process cannot fork, so this converges in a few rounds
+                os.kill(-1, signal.SIGKILL)
+        except OSError:
+            pass  # ESRCH: none left
+        os._exit(0)
+    os.waitpid(pid, 0)
 probe = os.fork()  # can we make mount namespaces? (the private /tmp work dir needs one)
 if probe == 0:
     try:
@@ -1191,9 +1207,12 @@ def reap(*_):
             return
         rep, done = runs.pop(pid, (-1, -1))
         if rep >= 0:
+            if pid_ns and root:
+                sweep(uid_base + pid)
             os.write(rep, b"exit %d\n" % status)
             os.close(rep)
             os.close(done)  # the caller wakes now
+call("prctl", L(36), L(1), L(0), L(0), L(0))  # PR_SET_CHILD_SUBREAPER: orphans come to reap()
 signal.signal(signal.SIGCHLD, reap)
 sock.send(" ".join(hello).encode())
 while True:  # one forked run per request until the parent closes its end of the socket
@@ -1203,12 +1222,12 @@ while True:  # one forked run per request until the parent closes its end of the
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # no reaping before runs[pid] exists
     pid = -1
     try:
-        if pid_ns:
+        if not pid_ns:
             call("unshare", L(0x20000000))  # our next child is init of a new PID namespace
         try:
             pid = os.fork()
         finally:
-            if pid_ns and pid != 0:
+            if not pid_ns and pid != 0:
                 call("setns", L(own_pid_ns), L(0x20000000))
     except OSError as e:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
@@ -1258,6 +1277,9 @@ try:
     uid = gid = cfg["uid_base"] + host_pid
     work = cfg["workdir"]
     if pid_ns:
+        say("missing pid-namespace", pid_ns)
+        say(*(["layer", "uid-sweep"] if root else ["missing", "uid-sweep", "not root"]))
+    else:
         say("layer pid-namespace")
     ns = {n: layer(n + "-namespace", call, "unshare", L(flag)) for n, flag in
           (("mount", 0x20000), ("net", 0x40000000), ("ipc", 0x08000000))}
@@ -1292,7 +1314,7 @@ try:
             say("layer tmpfs-workdir")
         for fd in keep.values():
             os.close(fd)
-        if pid_ns:
+        if not pid_ns:
             ns["proc"] = layer("proc-private", mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     if root and not cfg["private_tmp"]:
         os.chown(work, uid, gid)  # a host temp dir: hand it to the run's uid
@@ -1432,7 +1454,8 @@ class _SandboxServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _SANDBOX_SERVER, str(theirs.fileno()), ",".join(_SANDBOX_PRELOAD)]
+                [sys.executable, "-I", "-c", _SANDBOX_SERVER, str(theirs.fileno()), ",".join(_SANDBOX_PRELOAD),
+                 str(_SANDBOX_UID_BASE)]
                 + [f"{ctl}={path}" for ctl, path in self.cgroups],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True, cwd="/", env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
