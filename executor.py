@@ -1388,6 +1388,8 @@ try:
     os.close(fd)
     os.environ.clear()
     os.environ.update(cfg["env"])
+    if "random" in sys.modules:  # forks share the server's generator state: reseed as a fresh start would
+        sys.modules["random"].seed()
     sys.argv[:] = ["main.py"]
     sys.path.insert(0, work)
     sys.dont_write_bytecode = True

@@ -57,6 +57,11 @@ def test_error_traceback_points_at_main_py_only():
     assert r.status == "error" and r.reason.startswith("SyntaxError")
 
 
+def test_runs_do_not_share_random_state():
+    draws = {run_python("import random\nprint(random.random())").stdout for _ in range(3)}
+    assert len(draws) == 3
+
+
 def test_exit_runs_atexit_and_joins_threads():
     code = ("import atexit, threading, time\n"
             "atexit.register(lambda: print('atexit'))\n"
