@@ -11,11 +11,15 @@ Implements ScoreFlow (Wang et al. 2025, arXiv 2502.04306) as written down in SCO
 Non-goals: other preference losses (IPO, hinge, ...), full fine-tuning, a second model copy as
 reference, loss weighting by d (SCOREFLOW.md §10.2: d acts through resampling only).
 """
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -177,3 +181,396 @@ def score_dpo_influence(chosen_rewards, rejected_rewards, chosen_scores, rejecte
     weight = d(chosen_scores, rejected_scores)
     sig = torch.sigmoid(-z)  # −∂ℓ/∂z
     return weight * fw * sig, -weight * (1 - fl) * sig
+
+
+# --- sequences and log-probs (SCOREFLOW.md §6.1 "log π(y|q) is the sum", §7 "Sequences") -----------
+
+
+def prompt_token_ids(tokenizer, prompt):
+    """The prompt's ids exactly as model.generate feeds them to the sampler (BOS when the tokenizer
+    asks for one), so training scores the completion in the context it was sampled in (§7)."""
+    ids = tokenizer.encode(prompt)
+    if tokenizer.bos_id is not None and (tokenizer.add_bos or not ids) and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id] + ids
+    if not ids:
+        raise ValueError("prompt is empty and the tokenizer has no bos token to start from")
+    return ids
+
+
+def completion_eos_id(tokenizer):
+    """The EOS appended to each completion (§7): the chat format's end-of-turn marker when it is an
+    eos id (<|im_end|>, <|eot_id|>; what TRL appends for these models), else the smallest eos id."""
+    if not tokenizer.eos_ids:
+        raise ValueError("tokenizer has no eos ids; cannot append EOS to completions (SCOREFLOW.md §7)")
+    for marker in ("<|im_end|>", "<|eot_id|>"):
+        i = tokenizer.tok.token_to_id(marker)
+        if i in tokenizer.eos_ids:
+            return i
+    return min(tokenizer.eos_ids)
+
+
+def encode_pair(tokenizer, pair, max_prompt_tokens=0, max_completion_tokens=0):
+    """(prompt_ids, chosen_ids, rejected_ids, truncated). Completions are encoded on their own and get
+    EOS appended. Truncation rule: a prompt longer than max_prompt_tokens keeps its LAST tokens (cut
+    from the left, the problem at its end survives); a completion longer than max_completion_tokens
+    (EOS included) keeps its FIRST tokens (cut from the right). 0 means no cap (the paper's setting)."""
+    eos = completion_eos_id(tokenizer)
+    prompt = prompt_token_ids(tokenizer, pair.prompt)
+    chosen = tokenizer.encode(pair.chosen) + [eos]
+    rejected = tokenizer.encode(pair.rejected) + [eos]
+    truncated = False
+    if max_prompt_tokens and len(prompt) > max_prompt_tokens:
+        prompt, truncated = prompt[-max_prompt_tokens:], True
+    if max_completion_tokens:
+        if len(chosen) > max_completion_tokens:
+            chosen, truncated = chosen[:max_completion_tokens], True
+        if len(rejected) > max_completion_tokens:
+            rejected, truncated = rejected[:max_completion_tokens], True
+    return prompt, chosen, rejected, truncated
+
+
+def gather_logprobs(logits, labels):
+    """log softmax(logits)[label] = logit[label] − logsumexp(logits): logits (N, V), labels (N,) -> (N,).
+    Half precision is lifted to fp32 first; fp32 and fp64 stay as they are (the float64 oracle checks)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+class _PrefixKV:
+    """The cache protocol of model.Transformer.hidden (writer(layer, start) -> (k, v) -> keys so far),
+    without in-place writes, so gradients flow back into the prompt's keys and values. The prompt pass
+    (start 0) keeps each layer's (1, Hkv, Tp, D); a later pass at start Tp sees them as a shared prefix."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def writer(self, layer, start):
+        def write(k, v):
+            if start == 0:
+                self.k[layer], self.v[layer] = k, v
+                return k, v
+            B = k.shape[0]
+            pk = self.k[layer].expand(B, -1, -1, -1)  # (B, Hkv, Tp, D)
+            pv = self.v[layer].expand(B, -1, -1, -1)
+            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, Hkv, Tp + T, D)
+        return write
+
+
+def pair_token_logps(model, prompt_ids, chosen_ids, rejected_ids):
+    """Per-token log p of the chosen (Lc,) and rejected (Lr,) completions given the shared prompt,
+    differentiable when grad is enabled. The prompt is run ONCE: pass 1 is the prompt alone (causal);
+    pass 2 is both completions as a batch of 2 attending to the prompt's keys/values plus their own
+    past. The last completion token is never an input. Prompt tokens never get a log-prob."""
+    if not prompt_ids or not chosen_ids or not rejected_ids:
+        raise ValueError(f"pair_token_logps: empty prompt/chosen/rejected "
+                         f"({len(prompt_ids)}/{len(chosen_ids)}/{len(rejected_ids)} tokens)")
+    device = model.lm_head.weight.device
+    Tp, Lc, Lr = len(prompt_ids), len(chosen_ids), len(rejected_ids)
+    cache = _PrefixKV()
+    prompt = torch.tensor([prompt_ids], device=device)  # (1, Tp)
+    h_prompt = model.hidden(prompt, torch.arange(Tp, device=device)[None], None, cache, 0)[0, -1:]  # (1, C)
+    T = max(Lc, Lr) - 1  # completion inputs: every token but the last
+    if T > 0:
+        inputs = [chosen_ids[:-1] + [0] * (T - Lc + 1), rejected_ids[:-1] + [0] * (T - Lr + 1)]  # right-padded
+        tokens = torch.tensor(inputs, device=device)  # (2, T)
+        pos = (Tp + torch.arange(T, device=device)).expand(2, T)  # (2, T)
+        mask = torch.ones(T, Tp + T, dtype=torch.bool, device=device)  # (T, Tp + T): all of the prompt ...
+        mask[:, Tp:] = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # ... and its own past
+        h = model.hidden(tokens, pos, mask.expand(2, 1, T, Tp + T), cache, Tp)  # (2, T, C)
+        rows = torch.cat([h_prompt, h[0, :Lc - 1], h_prompt, h[1, :Lr - 1]])  # (Lc + Lr, C)
+    else:
+        rows = torch.cat([h_prompt, h_prompt])
+    labels = torch.tensor(chosen_ids + rejected_ids, device=device)  # (Lc + Lr,)
+    logp = gather_logprobs(model.lm_head(rows), labels)  # (Lc + Lr,)
+    return logp[:Lc], logp[Lc:]
+
+
+# --- the trainer (SCOREFLOW.md §7) ---------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Score-DPO training for one iteration. Defaults are the paper's (official code, SCOREFLOW.md §7)."""
+    loss: str = "score-dpo"          # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
+    beta: float = 0.1                # β; paper 0.1
+    lr: float = 1e-6                 # AdamW peak learning rate, decayed linearly to 0, no warmup; paper 1e-6
+    adam_betas: tuple = (0.9, 0.999)  # paper (0.9, 0.999)
+    adam_eps: float = 1e-8           # paper 1e-8
+    weight_decay: float = 0.0        # paper 0
+    epochs: int = 1                  # passes over the pairs per iteration; paper 1
+    grad_accum: int = 1              # pairs per optimizer step (the batch, summed over DDP ranks); paper 1
+    max_grad_norm: float = 1.0       # gradient-norm clip, 0 = none; paper 1.0
+    lora_r: int = 8                  # paper 8
+    lora_alpha: int = 16             # paper 16
+    lora_dropout: float = 0.01       # written into the adapter; paper 0.01
+    disable_dropout: bool = True     # the official trainer turns dropout off, so the paper's is effectively 0
+    lora_targets: tuple = ("q_proj", "v_proj")  # paper q_proj, v_proj
+    reference: str = "base"          # π_ref: "base" = adapters off, every iteration (official); "previous" =
+    #                                  the policy as it stands when this call starts (the last iteration's)
+    max_prompt_tokens: int = 0       # 0 = no cap (paper); else keep the prompt's last N tokens
+    max_completion_tokens: int = 0   # 0 = no cap (paper); else keep a completion's first N tokens (EOS included)
+    amp: str = "auto"                # "auto": bf16 autocast on CUDA with bf16, on bf16/fp16 weights, else fp32;
+    #                                  "bf16": always bf16 autocast; "off": never
+    seed: int = 0                    # pair shuffling per epoch and the initial LoRA A
+    save_every: int = 0              # optimizer steps between resumable checkpoints; 0 = at epoch ends only
+    log_every: float = 30.0          # seconds between progress lines on stderr
+
+    def __post_init__(self):
+        choices = {"loss": ("score-dpo", "dpo"), "reference": ("base", "previous"), "amp": ("auto", "bf16", "off")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)!r}, expected one of {allowed}")
+        for name in ("epochs", "grad_accum", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)}, expected >= 1")
+        for name in ("beta", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)}, expected > 0")
+        self.adam_betas, self.lora_targets = tuple(self.adam_betas), tuple(self.lora_targets)
+
+
+@dataclass
+class TrainResult:
+    steps: int              # optimizer steps taken in total (this call and any resumed part)
+    pairs: int              # pairs trained on (epochs × pairs)
+    truncated: int          # pairs with a truncated prompt or completion
+    history: list           # one dict per optimizer step: step, loss, margin, lr, grad_norm
+    ref_seconds: float      # time computing the reference log-probs
+    train_seconds: float    # time in the training loop (this call)
+    adapter_dir: str        # the final adapter, PEFT layout
+
+
+def _fingerprint(pairs, cfg):
+    """Identifies a training job: resuming with other pairs or settings is an error, not a silent mix."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps(asdict(p), sort_keys=True).encode())
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("log_every", "save_every")}
+    h.update(json.dumps(keep, sort_keys=True, default=list).encode())
+    return h.hexdigest()
+
+
+def _atomic_torch_save(obj, path):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, log=None):
+    """Train the generator's LoRA with Score-DPO (or DPO) on `pairs` (already d-sampled, §5); returns
+    a TrainResult. The model stays where it is (its device and dtype are the caller's choice).
+
+    - LoRA: model.py's own; added with cfg's r/alpha/dropout/targets if the model has none, else the
+      existing adapter keeps training (iteration 0 creates it, later iterations continue it, §7).
+    - Reference: log-probs are computed ONCE per pair before any step, from the same weights: with
+      cfg.reference "base" under model.lora_disabled (the original base in every iteration, as the
+      official code does); with "previous" with the adapters on, i.e. the policy as this call finds it
+      (the last iteration's policy, frozen by being precomputed; no second copy, no merge).
+    - Steps: AdamW, linear decay to 0 without warmup, gradient-norm clipping, cfg.grad_accum pairs per
+      step; the loss is the mean over the step's pairs. Pairs are shuffled per epoch with cfg.seed.
+    - Sequences: see encode_pair (EOS appended, truncation rule) and pair_token_logps (prompt run once).
+    - DDP: if torch.distributed is initialised, each step's pairs are split over ranks and the LoRA
+      gradients all-reduced (summed; each rank's loss is already divided by the global pair count).
+      Rank 0 writes the files.
+    - Files in out_dir: ref_logps.pt (kept so a resume never recomputes the reference from a changed
+      adapter), ckpt/ (adapter in PEFT layout + optimizer/scheduler state, written at every epoch end
+      and every cfg.save_every steps), adapter/ (the final adapter, PEFT layout). With resume=True a
+      run continues from ckpt/ if its fingerprint (pairs + settings) matches, else it is an error.
+    """
+    import model as M  # noqa: PLC0415
+    cfg = cfg or TrainConfig()
+    log = sys.stderr if log is None else log
+    if not pairs:
+        raise ValueError("train: no pairs to train on")
+    dist = torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    device = model.lm_head.weight.device
+    caller_mode = model.training
+    os.makedirs(out_dir, exist_ok=True)
+
+    # the adapter: create it on first use, keep training it afterwards; LoRA weights in fp32
+    if any(m.merged for _, m in M.lora_layers(model)):
+        raise ValueError("train: the model's LoRA is merged into its weights; call model.unmerge_lora first")
+    if not M.lora_layers(model):
+        M.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+        g = torch.Generator().manual_seed(cfg.seed)  # add_lora draws A from the global RNG; make it a function of seed
+        for _, layer in M.lora_layers(model):
+            w = torch.empty(layer.lora_A.weight.shape)
+            torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+            layer.lora_A.weight.data.copy_(w)
+    params = list(M.lora_state_dict(model).values())
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    base_dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_" not in n)
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        amp_dtype = torch.bfloat16
+    elif base_dtype != torch.float32:  # low-precision base weights with fp32 LoRA need autocast to mix
+        amp_dtype = base_dtype
+    else:
+        amp_dtype = None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    # sequences
+    encoded = [encode_pair(tokenizer, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
+    truncated = sum(e[3] for e in encoded)
+    n = len(pairs)
+    fingerprint = _fingerprint(pairs, cfg)
+    if rank == 0:
+        print(f"train: {n} pairs, {sum(len(e[0]) for e in encoded) / n:.0f} prompt + "
+              f"{sum(len(e[1]) + len(e[2]) for e in encoded) / (2 * n):.0f} completion tokens on average, "
+              f"{truncated} truncated (max_prompt_tokens={cfg.max_prompt_tokens}, "
+              f"max_completion_tokens={cfg.max_completion_tokens}), loss {cfg.loss}, reference {cfg.reference}, "
+              f"world {world}, autocast {amp_dtype}", file=log, flush=True)
+
+    # reference log-probs, once per pair, before any step (or from the file a previous run left)
+    ref_path = os.path.join(out_dir, "ref_logps.pt")
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    if not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):  # a crash mid-swap
+        os.replace(ckpt_dir + ".old", ckpt_dir)
+    state_path = os.path.join(ckpt_dir, "trainer_state.pt")
+    t_ref = time.time()
+    ref = None
+    if resume and os.path.exists(ref_path):
+        saved = torch.load(ref_path, map_location="cpu")
+        if saved.get("fingerprint") == fingerprint:
+            ref = saved["ref_logps"]
+    if ref is None:
+        if resume and os.path.exists(state_path):
+            raise ValueError(f"{out_dir}: a checkpoint exists but ref_logps.pt is missing or for other pairs/settings;"
+                             f" refusing to recompute the reference from a trained adapter (use a new out_dir)")
+        ref = torch.zeros(n, 2, dtype=torch.float64)  # (P, 2): chosen, rejected
+        model.eval()  # no dropout in the reference
+        ctx = M.lora_disabled(model) if cfg.reference == "base" else torch.no_grad()
+        with ctx, autocast():
+            for i in range(rank, n, world):
+                c, r = pair_token_logps(model, *encoded[i][:3])
+                ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
+        if dist:
+            ref_dev = ref.to(device)
+            dist.all_reduce(ref_dev)
+            ref = ref_dev.cpu()
+        if rank == 0:
+            _atomic_torch_save({"fingerprint": fingerprint, "ref_logps": ref}, ref_path)
+    ref_seconds = time.time() - t_ref
+
+    # optimizer and schedule
+    per_step = cfg.grad_accum * world                       # pairs per optimizer step, all ranks together
+    steps_per_epoch = math.ceil(n / per_step)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
+    step, history = 0, []
+    if resume and os.path.exists(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{state_path}: checkpoint is for other pairs or settings than this call "
+                             f"(fingerprint {state['fingerprint'][:12]} != {fingerprint[:12]}); use a new out_dir")
+        M.load_adapter(model, ckpt_dir)
+        for p in params:
+            p.data = p.data.float()
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = state["step"], state["history"]
+        if rank == 0:
+            print(f"train: resumed from {ckpt_dir} at step {step}/{total_steps}", file=log, flush=True)
+
+    def checkpoint():
+        # write ckpt.tmp completely, then swap it in; a crash mid-swap leaves ckpt.old, which resume reads
+        if rank != 0:
+            return
+        tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
+        _rmtree(tmp)
+        M.save_adapter(model, tmp)
+        _atomic_torch_save({"fingerprint": fingerprint, "step": step, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "history": history},
+                           os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(ckpt_dir):
+            _rmtree(old)
+            os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        _rmtree(old)
+
+    def pairs_done(s):  # pairs trained on after s optimizer steps (an epoch's last step may be short)
+        return (s // steps_per_epoch) * n + min((s % steps_per_epoch) * per_step, n)
+
+    model.train(not cfg.disable_dropout)
+    t0, last_log, start_step = time.time(), 0.0, step
+    while step < total_steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = list(range(n))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        batch = order[k * per_step:(k + 1) * per_step]       # this step's pairs, all ranks
+        mine = batch[rank::world]
+        losses, margins = [], []
+        for i in mine:
+            with autocast():
+                c, r = pair_token_logps(model, *encoded[i][:3])
+            pc, pr = c.float().sum()[None], r.float().sum()[None]  # (1,) each
+            rc, rr = ref[i, 0:1].to(device, torch.float32), ref[i, 1:2].to(device, torch.float32)
+            if cfg.loss == "dpo":
+                loss, r_w, r_l = dpo_loss(pc, pr, rc, rr, cfg.beta)
+            else:
+                sw = torch.tensor([pairs[i].chosen_score], device=device)
+                sl = torch.tensor([pairs[i].rejected_score], device=device)
+                loss, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, cfg.beta)
+            (loss.sum() / len(batch)).backward()  # the step's loss is the mean over all its pairs
+            losses.append(float(loss.detach()))
+            margins.append(float(r_w - r_l))
+        if dist:
+            stats = torch.tensor([sum(losses), sum(margins)], device=device)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            dist.all_reduce(stats)
+            mean_loss, mean_margin = (float(x) / len(batch) for x in stats)
+        else:
+            mean_loss, mean_margin = sum(losses) / len(batch), sum(margins) / len(batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history.append({"step": step, "loss": mean_loss, "margin": mean_margin, "lr": lr,
+                        "grad_norm": float(grad_norm)})
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch or (cfg.save_every and step % cfg.save_every == 0):
+            checkpoint()
+        now = time.time() - t0
+        if rank == 0 and (now - last_log >= cfg.log_every or step == total_steps):
+            last_log = now
+            rate = (pairs_done(step) - pairs_done(start_step)) / now if now > 0 else 0.0
+            eta = (cfg.epochs * n - pairs_done(step)) / rate if rate > 0 else 0.0
+            recent = history[-16:]
+            print(f"train: {pairs_done(step)}/{cfg.epochs * n} pairs, step {step}/{total_steps}, "
+                  f"loss {sum(h['loss'] for h in recent) / len(recent):.4f}, "
+                  f"margin {sum(h['margin'] for h in recent) / len(recent):+.4f}, "
+                  f"{rate:.2f} pairs/s, ETA {_fmt_time(eta)}", file=log, flush=True)
+    model.train(caller_mode)
+    adapter_dir = os.path.join(out_dir, "adapter")
+    if rank == 0:
+        tmp = adapter_dir + ".tmp"
+        M.save_adapter(model, tmp)
+        if os.path.exists(adapter_dir):
+            _rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+    if dist:
+        dist.barrier()
+    return TrainResult(step, cfg.epochs * n, truncated, history, ref_seconds, time.time() - t0, adapter_dir)
+
+
+def _rmtree(path):
+    shutil.rmtree(path, ignore_errors=True)

@@ -286,3 +286,294 @@ def test_pairs_jsonl_round_trip_and_errors(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON"):
         read_pairs(str(bad))
+
+
+# --- sequences, log-probs and the trainer on the real embedded model ---------------------------------
+
+import copy  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+
+import model as M  # noqa: E402
+from score_dpo import TrainConfig, encode_pair, pair_token_logps, train  # noqa: E402
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+TRAIN_PAIRS = [
+    Pair("a", CHAT.format("What is 2 + 3?"), "2 + 3 = 5.", "The answer is 7, because 2 and 3 make 7.", 1.0, 0.0),
+    Pair("b", CHAT.format("Name a colour."), "Blue.", "I cannot answer questions about colours.", 2 / 3, 1 / 3),
+    Pair("c", CHAT.format("Say hello in French."), "Bonjour !", "Hello! Hello! Hello! Hello!", 1.0, 1 / 3),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(smol, tmp_path_factory):
+    """Our HF-layout export of the embedded model: transformers loads it as a plain (unquantised) model."""
+    d = tmp_path_factory.mktemp("sd_hf_export")
+    M.save_hf(smol[0], smol[1], str(d))
+    return str(d)
+
+
+def fresh(smol):
+    """A private copy of the shared model (training must not touch the session fixture), in eval mode
+    (LoRA dropout 0.01 would otherwise be active in a loaded adapter)."""
+    return copy.deepcopy(smol[0]).eval()
+
+
+def test_encode_pair_appends_eos_and_truncates_by_the_rule(smol):
+    _, tok = smol
+    eos = score_dpo.completion_eos_id(tok)
+    assert eos in tok.eos_ids and tok.decode([eos]) == "<|im_end|>"
+    p = TRAIN_PAIRS[0]
+    prompt, chosen, rejected, cut = encode_pair(tok, p)
+    assert not cut and chosen == tok.encode(p.chosen) + [eos] and rejected == tok.encode(p.rejected) + [eos]
+    # the prompt is what model.generate feeds the sampler
+    assert len(prompt) == M.generate(smol[0], tok, [p.prompt], max_new_tokens=1)[0].n_prompt_tokens
+    assert prompt == tok.encode(p.prompt)  # SmolLM2's GGUF asks for no BOS
+    # prompt cut from the left (its end survives), completions from the right (EOS dropped when cut)
+    p2, c2, r2, cut2 = encode_pair(tok, p, max_prompt_tokens=5, max_completion_tokens=4)
+    assert cut2 and p2 == prompt[-5:] and c2 == chosen[:4] and r2 == rejected[:4]
+    assert encode_pair(tok, p, max_prompt_tokens=len(prompt), max_completion_tokens=len(rejected))[3] is False
+
+
+def completion_logps(logits, prompt, comp):
+    """Naive reference: log_softmax over one full forward of prompt + completion, read at the positions
+    that predict the completion tokens (the prompt's own tokens get nothing)."""
+    logp = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]  # (Lc, V)
+    return logp.gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
+
+
+def test_pair_token_logps_match_transformers_float64(smol, exported):
+    """Our shared-prompt, two-pass log-probs equal transformers' plain forward over prompt + completion,
+    read at the completion positions only (prompt tokens excluded), in float64. Against our own model's
+    full forward the match is exact to rounding (1e-12); against transformers the tolerance is model.py's
+    own float64 logit agreement (~1e-5 at the time of writing), far below an off-by-one (~1)."""
+    ours, tok = M.load(exported, dtype=torch.float64)
+    hf = transformers_model(exported, torch.float64)
+    for p in TRAIN_PAIRS[:2]:
+        prompt, chosen, rejected, _ = encode_pair(tok, p)
+        with torch.no_grad():
+            got_c, got_r = pair_token_logps(ours, prompt, chosen, rejected)
+            for comp, got in ((chosen, got_c), (rejected, got_r)):
+                x = torch.tensor([prompt + comp])
+                want = completion_logps(hf(x).logits[0], prompt, comp)
+                assert got.shape == want.shape == (len(comp),) and got.dtype == torch.float64
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+                torch.testing.assert_close(got, completion_logps(ours(x)[0], prompt, comp), rtol=0, atol=1e-12)
+    # with a LoRA: log-probs and their LoRA gradients equal two plain full forwards (float64)
+    M.add_lora(ours)
+    g = torch.Generator().manual_seed(0)
+    for _, layer in M.lora_layers(ours):
+        layer.lora_B.weight.data.normal_(0, 0.01, generator=g)
+    prompt, chosen, rejected, _ = encode_pair(tok, TRAIN_PAIRS[1])
+    c, r = pair_token_logps(ours, prompt, chosen, rejected)
+    (c.sum() - 2 * r.sum()).backward()
+    g_ours = [p.grad.clone() for p in M.lora_state_dict(ours).values()]
+    ours.zero_grad()
+    c2 = completion_logps(ours(torch.tensor([prompt + chosen]))[0], prompt, chosen)
+    r2 = completion_logps(ours(torch.tensor([prompt + rejected]))[0], prompt, rejected)
+    (c2.sum() - 2 * r2.sum()).backward()
+    torch.testing.assert_close(c, c2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(r, r2, rtol=0, atol=1e-12)
+    g_full = torch.cat([p.grad.flatten() for p in M.lora_state_dict(ours).values()])
+    g_ours = torch.cat([x.flatten() for x in g_ours])
+    # RMSNorm normalises in fp32 even for float64 weights (as HF does), so the gradients of two
+    # orderings agree to fp32 rounding of the largest gradient, not to float64's
+    assert (g_ours - g_full).abs().max() <= 1e-6 * g_full.abs().max()
+    assert g_full.abs().max() > 1e-2
+
+
+def transformers_model(path, dtype):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def test_dpo_loss_equals_trl_sigmoid_loss(exported, tmp_path):
+    """TRL's DPOTrainer computes the sigmoid DPO loss inside _compute_loss (no standalone function in
+    TRL 1.x): feed it a batch with our random reference log-probs and compare with dpo_loss on the same
+    policy log-probs (which TRL's own logged logps/chosen confirm)."""
+    trl = pytest.importorskip("trl")
+    transformers = pytest.importorskip("transformers")
+    from datasets import Dataset
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    hf = transformers_model(exported, torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    beta = 0.37
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=["sigmoid"],
+                         precompute_ref_log_probs=True, report_to=[], use_cpu=True, max_length=None)
+    ds = Dataset.from_dict({"prompt": ["Hi"], "chosen": [" there"], "rejected": [" you"]})
+    trainer = trl.DPOTrainer(model=hf, args=args, train_dataset=ds, processing_class=hf_tok)
+    g = torch.Generator().manual_seed(5)
+    examples = []
+    for i in range(4):
+        ids = lambda k: torch.randint(10, 40000, (k,), generator=g).tolist()  # noqa: E731
+        examples.append({"prompt_ids": ids(4 + i), "chosen_ids": ids(3 + 2 * i), "rejected_ids": ids(5 - i),
+                         "ref_chosen_logps": float(-60 * torch.rand(1, generator=g)),
+                         "ref_rejected_logps": float(-60 * torch.rand(1, generator=g))})
+    batch = DataCollatorForPreference(pad_token_id=hf_tok.pad_token_id)(examples)
+    hf.eval()
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(hf, batch, return_outputs=False)
+        policy = []
+        for e in examples:
+            for comp in (e["chosen_ids"], e["rejected_ids"]):
+                logits = hf(torch.tensor([e["prompt_ids"] + comp])).logits[0]
+                logp = torch.log_softmax(logits, -1)[len(e["prompt_ids"]) - 1:-1]
+                policy.append(logp.gather(-1, torch.tensor(comp)[:, None]).sum())
+    pc, pr = torch.stack(policy[0::2]), torch.stack(policy[1::2])
+    rc = torch.tensor([e["ref_chosen_logps"] for e in examples])
+    rr = torch.tensor([e["ref_rejected_logps"] for e in examples])
+    assert trainer._metrics["eval"]["logps/chosen"][-1] == pytest.approx(float(pc.mean()), abs=1e-3)
+    losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, beta)
+    assert float(trl_loss) == pytest.approx(float(losses.mean()), abs=1e-5)
+    assert trainer._metrics["eval"]["rewards/margins"][-1] == pytest.approx(float((r_w - r_l).mean()), abs=1e-4)
+    # Score-DPO at s_w = 1, s_l = 0 is the same number
+    sd, _, _ = score_dpo_loss(pc, pr, rc, rr, torch.ones(4), torch.zeros(4), beta)
+    assert float(trl_loss) == pytest.approx(float(sd.mean()), abs=1e-5)
+    assert float(losses.mean()) > 0.7  # random refs: far from the ln 2 of an untrained pair
+
+
+def seq_logps(model, tok, pairs):
+    """(log π(w), log π(l)) per pair through model.py's own token_logprobs (an independent path)."""
+    out = []
+    with torch.no_grad():
+        for p in pairs:
+            prompt, chosen, rejected, _ = encode_pair(tok, p)
+            c, r = M.token_logprobs(model, [prompt, prompt], [chosen, rejected])
+            out.append((float(c.sum()), float(r.sum())))
+    return torch.tensor(out, dtype=F64)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class CrashAfterStep(io.StringIO):
+    """A progress stream that raises once a given step has been logged: an interruption mid-training."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def write(self, s):
+        super().write(s)
+        if f"step {self.step}/" in s:
+            raise Interrupt(s)
+        return len(s)
+
+
+TRAIN_CFG = dict(lr=3e-3, epochs=2, grad_accum=1, log_every=0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(smol, tmp_path_factory):
+    """One short real run: 2 pairs × 2 epochs = 4 steps at a large lr, with log-probs before and after."""
+    model, tok = fresh(smol), smol[1]
+    before = seq_logps(model, tok, TRAIN_PAIRS[:2])
+    out = tmp_path_factory.mktemp("sd_train")
+    log = io.StringIO()
+    res = train(model, tok, TRAIN_PAIRS[:2], TrainConfig(**TRAIN_CFG), str(out), log=log)
+    return model, tok, before, seq_logps(model, tok, TRAIN_PAIRS[:2]), res, str(out), log.getvalue()
+
+
+def test_training_raises_reward_margin_and_logprob_ratio(trained):
+    model, tok, before, after, res, out, log = trained
+    assert res.steps == 4 and res.pairs == 4 and res.truncated == 0 and len(res.history) == 4
+    # the first step sees π_θ = π_ref (B = 0): loss ln 2, margin 0
+    assert res.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and res.history[0]["margin"] == 0.0
+    # linear decay from lr, no warmup
+    assert [h["lr"] for h in res.history] == pytest.approx([3e-3 * (4 - s) / 4 for s in range(4)])
+    # implicit reward margin β[(log π_θ(w) − log π_ref(w)) − (log π_θ(l) − log π_ref(l))], π_ref = base = before
+    beta = 0.1
+    margin = beta * ((after[:, 0] - before[:, 0]) - (after[:, 1] - before[:, 1]))
+    assert float(margin.mean()) > 0.1, margin
+    # the generator's log-prob ratio of chosen over rejected went up on every pair
+    assert bool(((after[:, 0] - after[:, 1]) > (before[:, 0] - before[:, 1])).all())
+    # progress lines on the log stream
+    assert "train: 4/4 pairs, step 4/4" in log and "pairs/s, ETA" in log and "margin +" in log
+    # the reference is the base with adapters off: ref log-probs on file equal the pre-training ones
+    ref = torch.load(os.path.join(out, "ref_logps.pt"))["ref_logps"]
+    torch.testing.assert_close(ref, before, rtol=0, atol=2e-4)
+
+
+def test_saved_adapter_loads_back_ours_and_peft(trained, smol, exported):
+    model, tok, _, _, res, out, _ = trained
+    adapter = res.adapter_dir
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg["lora_dropout"] == 0.01
+    x = torch.tensor([tok.encode(TRAIN_PAIRS[0].prompt + TRAIN_PAIRS[0].chosen)])
+    with torch.no_grad():
+        trained_logits = model(x)
+        base_logits = smol[0](x)
+    assert (trained_logits - base_logits).abs().max().item() > 1e-2  # the adapter matters
+    ours = fresh(smol)
+    M.load_adapter(ours, adapter).eval()  # eval: the new LoRA layers come in training mode (dropout 0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), trained_logits, rtol=0, atol=1e-5)
+    peft = pytest.importorskip("peft")
+    pm = peft.PeftModel.from_pretrained(transformers_model(exported, torch.float32), adapter).eval()
+    with torch.no_grad():
+        got = pm(x).logits
+    assert (got - trained_logits).abs().max().item() < 1e-3
+    # the checkpoint of the last epoch holds the same adapter
+    ck = fresh(smol)
+    M.load_adapter(ck, os.path.join(out, "ckpt")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ck(x), trained_logits, rtol=0, atol=1e-5)
+
+
+def test_resume_after_interruption_gives_the_same_adapter(trained, smol, tmp_path):
+    model, tok, _, _, res, _, _ = trained
+    cfg = TrainConfig(**TRAIN_CFG, save_every=1)
+    with pytest.raises(Interrupt):
+        train(fresh(smol), tok, TRAIN_PAIRS[:2], cfg, str(tmp_path), log=CrashAfterStep(1))
+    state = torch.load(str(tmp_path / "ckpt" / "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 1  # mid-epoch, from save_every
+    log = io.StringIO()
+    res2 = train(fresh(smol), tok, TRAIN_PAIRS[:2], cfg, str(tmp_path), log=log)
+    assert "resumed from" in log.getvalue() and "at step 1/4" in log.getvalue()
+    assert res2.steps == 4 and [h["step"] for h in res2.history] == list(range(1, 5))
+    for a, b in zip(res.history, res2.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    resumed = M.lora_state_dict(M.load_adapter(fresh(smol), res2.adapter_dir))
+    for k, v in M.lora_state_dict(model).items():
+        torch.testing.assert_close(resumed[k], v.detach(), rtol=0, atol=1e-6)
+    # other pairs or settings in the same directory are refused, not mixed in
+    with pytest.raises(ValueError, match="ref_logps.pt is missing or for other pairs"):
+        train(fresh(smol), tok, TRAIN_PAIRS[1:], cfg, str(tmp_path), log=io.StringIO())
+
+
+def test_reference_flag_base_vs_previous(trained, tmp_path):
+    """'previous': the policy as the call finds it is π_ref, so the first step is at ln 2; 'base' keeps
+    the original model as π_ref, so a trained adapter starts with a nonzero margin."""
+    model, tok, _, _, _, _, _ = trained
+    model = copy.deepcopy(model)
+    one = dict(lr=1e-9, epochs=1, log_every=0)
+    pairs = TRAIN_PAIRS[:1]
+    prev = train(model, tok, pairs, TrainConfig(**one, reference="previous"), str(tmp_path / "p"), log=io.StringIO())
+    base = train(model, tok, pairs, TrainConfig(**one, reference="base"), str(tmp_path / "b"), log=io.StringIO())
+    assert prev.steps == base.steps == 1
+    assert prev.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(prev.history[0]["margin"]) < 1e-6
+    assert base.history[0]["margin"] > 0.05 and base.history[0]["loss"] < math.log(2) - 0.01
+
+
+def test_dpo_loss_flag_and_config_errors(smol, tmp_path):
+    # with scores 1/0 on every pair, --loss dpo and score-dpo take identical steps
+    pairs = [Pair(p.problem_id, p.prompt, p.chosen, p.rejected, 1.0, 0.0) for p in TRAIN_PAIRS[1:2]]
+    one = dict(lr=1e-2, epochs=1, log_every=0)
+    a, b = fresh(smol), fresh(smol)
+    torch.manual_seed(0)
+    ra = train(a, smol[1], pairs, TrainConfig(**one, loss="dpo"), str(tmp_path / "a"), log=io.StringIO())
+    torch.manual_seed(0)
+    rb = train(b, smol[1], pairs, TrainConfig(**one, loss="score-dpo"), str(tmp_path / "b"), log=io.StringIO())
+    assert [h["loss"] for h in ra.history] == [h["loss"] for h in rb.history]
+    for (k, v), w in zip(M.lora_state_dict(a).items(), M.lora_state_dict(b).values()):
+        assert torch.equal(v, w), k
+    with pytest.raises(ValueError, match=r"TrainConfig.loss: got 'ipo'"):
+        TrainConfig(loss="ipo")
+    with pytest.raises(ValueError, match=r"TrainConfig.reference: got 'ema'"):
+        TrainConfig(reference="ema")
+    with pytest.raises(ValueError, match=r"TrainConfig.grad_accum: got 0"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="no pairs"):
+        train(a, smol[1], [], TrainConfig(), str(tmp_path / "c"))
