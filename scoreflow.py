@@ -1,0 +1,994 @@
+"""scoreflow.py: the ScoreFlow loop behind `python scoreflow.py --bench math`.
+
+ScoreFlow (Wang et al. 2025, arXiv 2502.04306), SCOREFLOW.md §1: a generator LLM writes k workflows
+per problem; an executor LLM runs each one r times and a benchmark scorer gives s in [0, 1]; pairs of
+workflows with different scores are drawn with weight d(s_w, s_l) = (s_w - s_l)^3; Score-DPO trains the
+generator's LoRA on them; repeat; finally evaluate on the test split against the baselines.
+
+Stages, one function each, in the order they run:
+  generate   -> k workflows per problem, with the runnable check and regeneration (SCOREFLOW.md §2)
+  execute    -> r executor runs per workflow, scored by the benchmark (§4)
+  pair       -> all pairs with s_w > s_l, N drawn with P ∝ d (§5)
+  train      -> Score-DPO on the pairs, continuing the adapter (§6, §7)
+  evaluate   -> one workflow per test problem; baselines CoT (the template), IO (direct answer), iter-0
+Everything goes into one run directory; every stage writes its output atomically and is skipped on
+--resume when its output exists, so kill -9 at any moment loses only the stage in flight (and the
+executor's call cache and the trainer's checkpoints make even that cheap to redo).
+
+Non-goals: no framework, no LLM judge by default (SCOREFLOW.md §10.6: rule scorers), no plotting
+dependency (the report's SVG is written by hand).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import bench
+import executor
+import operators
+import score_dpo
+
+VERSION = "0.1.0"
+
+# --------------------------------------------------------------------------------------------------
+# Config: defaults that finish on a laptop; --paper switches to SCOREFLOW.md's values.
+
+
+@dataclass
+class RunConfig:
+    bench: str = "math"                 # benchmark name or path to a task .py file
+    data: str | None = None             # directory or file with the benchmark's data (None: embedded / default)
+    run_dir: str | None = None          # where everything goes (default runs/<bench>-<time>)
+    seed: int = 0                       # seeds sampling, pair draws, shuffling and generation (§10.9)
+    iterations: int = 2                 # paper: up to 3; the official README trains 2
+    n_validate: int = 16                # validate problems used for optimisation (0 = all)
+    n_test: int = 24                    # test problems evaluated (0 = all)
+    device: str = "cpu"
+    dtype: str = "float32"
+    # generator
+    generator: str | None = None        # HF dir or GGUF file (None: embedded SmolLM2-135M-Instruct)
+    prompt: str = "fewshot"             # fewshot (small models) | paper (SCOREFLOW.md §2.2)
+    k: int = 4                          # workflows per problem (paper: 8)
+    gen_temperature: float = 0.8        # paper: 0.2
+    gen_top_p: float = 0.95             # paper: 0.95
+    gen_max_tokens: int = 160           # paper: 1000
+    regen_rounds: int = 2               # runnable-check rounds for rejected samples (paper: 501)
+    # executor
+    executor_url: str | None = None     # OpenAI-compatible base URL (None: start our local server)
+    executor_model: str | None = None   # model name at that endpoint
+    api_key: str | None = None          # bearer key (default: $OPENAI_API_KEY for a remote endpoint)
+    exec_temperature: float = 0.0       # paper: 0 (GPT-4o-mini)
+    exec_max_tokens: int = 200          # paper: 4096
+    runs: int = 1                       # executor runs per workflow (paper: 3)
+    concurrency: int = 32               # workflows executed at once
+    workflow_timeout: float = 120.0     # seconds per workflow run (paper: 120 math/QA, 240 code)
+    max_calls: int = 12                 # operator calls per workflow run
+    extractor: str = "rule"             # rule (ours) | llm (the paper's Extractor call, SCOREFLOW.md §3)
+    budget_usd: float | None = None     # hard cap on executor cost (None: none)
+    budget_tokens: int | None = None    # hard cap on executor tokens (None: none)
+    # pairs and training
+    pairs: int = 48                     # pairs drawn per iteration (paper: 2000; 600 for HumanEval)
+    d_power: float = 3.0                # d(x, y) = (x - y)^power; 0 = uniform (paper: 3)
+    loss: str = "score-dpo"             # score-dpo | dpo (the paper's ablation)
+    beta: float = 0.1                   # paper: 0.1
+    lr: float = 2e-4                    # paper: 1e-6 (an 8B model, 2,000 pairs)
+    epochs: int = 1                     # paper: 1 per iteration
+    grad_accum: int = 4                 # pairs per optimizer step (paper: batch 1)
+    lora_r: int = 8                     # paper: 8
+    lora_alpha: int = 16                # paper: 16
+    reference: str = "base"             # base (official code) | previous (last iteration's policy)
+    baselines: bool = True              # evaluate CoT, IO and iteration 0 on the test split
+
+
+# The paper's sizes (SCOREFLOW.md §1, §7, §8); --paper applies these before explicit flags.
+PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
+             gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501, exec_max_tokens=4096, runs=3,
+             pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16")
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directory: atomic writes, stage markers, progress.
+
+
+def write_atomic(path, text):
+    """Temp file in the same directory, fsync, os.replace: a reader sees the old file or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class Progress:
+    """done/total, rate and ETA on stderr: a live line on a TTY, one line per stage otherwise."""
+
+    def __init__(self, stage, total, unit="items"):
+        self.stage, self.total, self.unit = stage, total, unit
+        self.done, self.t0, self.last = 0, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n=1):
+        self.done += n
+        now = time.time()
+        if self.tty and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            sys.stderr.write("\r" + self._line() + "\033[K")
+            sys.stderr.flush()
+
+    def _line(self):
+        dt = max(time.time() - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
+        return (f"[{self.stage}] {self.done}/{self.total} {self.unit} {rate:6.2f}/s "
+                f"elapsed {dt:5.0f}s eta {eta_s}")
+
+    def close(self, extra=""):
+        line = self._line() + (f"  {extra}" if extra else "")
+        sys.stderr.write(("\r" + line + "\033[K\n") if self.tty else line + "\n")
+        sys.stderr.flush()
+        return time.time() - self.t0
+
+
+def log(msg):
+    print(f"[scoreflow] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report: report.md with a hand-written SVG of solve rate per iteration.
+
+
+def svg_plot(series, title, ylabel="solve rate"):
+    """A line chart as SVG text: series is {name: [(x, y), ...]} with y in [0, 1]."""
+    W, H, L, R, T, B = 520, 300, 56, 130, 30, 40
+    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    py = lambda y: H - B - y * (H - T - B)  # noqa: E731
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="11">', f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>']
+    for i in range(6):  # y grid at 0, 0.2, ..., 1
+        y = py(i / 5)
+        out.append(f'<line x1="{L}" y1="{y:.1f}" x2="{W - R}" y2="{y:.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{i / 5:.1f}</text>')
+    for x in range(int(x0), int(x1) + 1):
+        out.append(f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>')
+    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle">iteration</text>')
+    out.append(f'<text x="14" y="{(T + H - B) / 2}" transform="rotate(-90 14 {(T + H - B) / 2})" '
+               f'text-anchor="middle">{ylabel}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        if len(pts) > 1:
+            d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="2"/>')
+        for x, y in pts:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{c}"/>')
+        ly = T + 14 + 16 * i
+        out.append(f'<rect x="{W - R + 10}" y="{ly - 9}" width="10" height="10" fill="{c}"/>')
+        out.append(f'<text x="{W - R + 25}" y="{ly}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# The generator's input (SCOREFLOW.md §2.2) and what we make of its output (§2.3).
+#
+# Two prompt styles. "paper" is §2.2 as written: a raw zero-shot instruction with the template, the
+# operator menu, the problem and the rules; the model writes the whole class. It suits an 8B
+# generator. "fewshot" is for small generators (the embedded 135M model wrote 0/30 usable workflows
+# from the paper's prompt): a raw few-shot prompt of short complete workflows of different operator
+# compositions, composed here from the benchmark's operator set, then the problem and the class
+# header prefilled up to `):` so the model writes only the body of run_workflow. The prefill ends
+# at `):` and not at a newline because this tokenizer encodes newline-plus-indent as one token: a
+# prompt ending in a bare newline forces a token split the model never saw (token healing).
+
+# Few-shot examples per operator set: (problem, [(variable, operator attribute, keyword, argument)]).
+# An argument is a Python expression: a string literal, a variable, or a list of variables.
+FEWSHOT = {
+    "math": [
+        ("What is 15% of 80?", [("code", "programmer", "analysis", '"Compute 15 percent of 80."')]),
+        ("Simplify 12/18.", [("answer", "custom", "instruction", '"Simplify the fraction step by step."')]),
+        ("How many divisors does 36 have?", [
+            ("draft", "custom", "instruction", '"List the divisors step by step."'),
+            ("checked", "review", "pre_solution", "draft")]),
+        ("Solve 3x + 5 = 20.", [
+            ("a", "custom", "instruction", '"Solve the equation step by step."'),
+            ("b", "programmer", "analysis", "a"),
+            ("best", "sc_ensemble", "solutions", "[a, b]")]),
+        ("What is the remainder of 2^10 divided by 7?", [
+            ("p1", "programmer", "analysis", '"Use modular arithmetic."'),
+            ("p2", "programmer", "analysis", '"Compute the power, then the remainder."'),
+            ("best", "sc_ensemble", "solutions", "[p1, p2]")]),
+        ("What is 7 choose 3?", [
+            ("code", "programmer", "analysis", '"Count the combinations."'),
+            ("final", "review", "pre_solution", "code")]),
+        ("Find the 10th term of 2, 5, 8, ...", [
+            ("s1", "custom", "instruction", '"Find the pattern, then the term."'),
+            ("s2", "custom", "instruction", '"Write the general term and evaluate it."'),
+            ("s3", "programmer", "analysis", "s1"),
+            ("best", "sc_ensemble", "solutions", "[s1, s2, s3]")]),
+        ("What is the lcm of 8 and 12?", [
+            ("plan", "custom", "instruction", '"Explain how to find the answer."'),
+            ("code", "programmer", "analysis", "plan")]),
+    ],
+    "qa": [
+        ("Who was older, the author of Dracula or the author of Frankenstein?", [
+            ("answer", "answer_generate", None, None)]),
+        ("How many yards was the longest touchdown?", [
+            ("a", "answer_generate", None, None),
+            ("checked", "review", "pre_solution", "a")]),
+        ("Which city hosted the games first?", [
+            ("a", "custom", "instruction", '"Find the relevant facts, then answer briefly."'),
+            ("b", "answer_generate", None, None),
+            ("best", "sc_ensemble", "solutions", "[a, b]")]),
+        ("How many more points did the home team score?", [
+            ("a", "custom", "instruction", '"Find both numbers, then subtract."'),
+            ("checked", "review", "pre_solution", "a")]),
+        ("What nationality was the director of the film?", [
+            ("a", "answer_generate", None, None),
+            ("b", "custom", "instruction", '"Answer in a few words."'),
+            ("c", "custom", "instruction", '"Think step by step, then give a short answer."'),
+            ("best", "sc_ensemble", "solutions", "[a, b, c]")]),
+        ("In what year did the band release its first album?", [
+            ("a", "custom", "instruction", '"Give the year only."')]),
+    ],
+    "code": [
+        ("Return the sum of a list of numbers.", [
+            ("code", "code_generate", "instruction", '"Write a simple, correct solution."')]),
+        ("Return True if a string is a palindrome.", [
+            ("code", "code_generate", "instruction", '"Handle empty strings."'),
+            ("final", "test", "solution", "code")]),
+        ("Return the n-th Fibonacci number.", [
+            ("a", "code_generate", "instruction", '"Use a loop."'),
+            ("b", "code_generate", "instruction", '"Think about n = 0 and n = 1."'),
+            ("best", "sc_ensemble", "solutions", "[a, b]")]),
+        ("Count the vowels in a string.", [
+            ("a", "code_generate", "instruction", '"Write a clear solution."'),
+            ("b", "code_generate", "instruction", '"Check upper case letters too."'),
+            ("c", "code_generate", "instruction", '"Write a short solution."'),
+            ("best", "sc_ensemble", "solutions", "[a, b, c]"),
+            ("final", "test", "solution", "best")]),
+        ("Return the largest element of a list.", [
+            ("code", "code_generate", "instruction", '"Do not use max()."'),
+            ("final", "test", "solution", "code")]),
+    ],
+}
+
+SHORT_MENU = {  # one line per operator for the fewshot prompt (operators.operator_menu is the long form)
+    "Custom": "custom(instruction=...) asks the executor model to follow an instruction on the problem",
+    "AnswerGenerate": "answer_generate() thinks step by step and gives a short answer",
+    "Programmer": "programmer(analysis=...) writes and runs a Python program that computes the answer",
+    "ScEnsemble": "sc_ensemble(solutions=[...]) picks the most consistent of several solutions",
+    "Review": "review(pre_solution=...) checks a solution and corrects it",
+    "CustomCodeGenerate": "code_generate(instruction=...) writes the Python function for the task",
+    "Test": "test(solution=...) runs the code on the task's examples and fixes it",
+}
+
+HEADER_LINE = "class Workflow:"
+RUN_LINE = "    async def run_workflow(self):"
+
+
+def class_header(set_name):
+    """The part of every workflow the harness writes: the class line and an __init__ that creates
+    each operator of the set (SCOREFLOW.md §2.1)."""
+    inits = "".join(f"        self.{operators.ATTRIBUTE[op]} = {op}(config)\n"
+                    for op in operators.OPERATOR_SETS[set_name])
+    return f"{HEADER_LINE}\n    def __init__(self, config, problem):\n{inits}"
+
+
+def assemble(set_name, body):
+    """Full workflow source from a generated run_workflow body (fewshot style)."""
+    return class_header(set_name) + RUN_LINE + body
+
+
+def _fewshot_block(question, steps):
+    lines = []
+    for var, attr, kw, arg in steps:
+        call = f"self.{attr}({kw}={arg})" if kw else f"self.{attr}()"
+        lines.append(f"        {var} = await {call}")
+    lines.append(f"        return {steps[-1][0]}")
+    return f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE}\n" + "\n".join(lines) + "\n</graph>\n\n"
+
+
+def fewshot_prompt(set_name, question):
+    """The small-generator prompt: menu, examples, then this problem with the header prefilled."""
+    menu = "\n".join(f"#   self.{SHORT_MENU[op]}" for op in operators.OPERATOR_SETS[set_name])
+    head = (f"# Workflows that solve {set_name} problems. Each one calls these operators and returns text:\n"
+            f"{menu}\n\n")
+    examples = "".join(_fewshot_block(q, s) for q, s in FEWSHOT[set_name])
+    return head + examples + f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE[:-1]}:"
+
+
+def paper_prompt(set_name, question):
+    """SCOREFLOW.md §2.2, in our words: task, template, operator menu, warning + problem, rules, cue.
+    The model writes the whole class inside <graph> tags."""
+    lead = {"math": "Problem:\n", "qa": "Question: ", "code": "TASK:\n"}[set_name]
+    calls = {"math": "3 to 8", "qa": "3 to 8", "code": "at most 6"}[set_name]
+    change = "" if set_name == "code" else " It must differ from the template."
+    return (
+        "Write a workflow for the problem below: a Python class `Workflow` whose `async def run_workflow(self)` "
+        f"calls operators and returns the final answer. Start from this template.{change}\n\n"
+        f"<template>\n{operators.TEMPLATES[set_name]}</template>\n\n"
+        f"Operators (use only these):\n{operators.operator_menu(set_name)}\n\n"
+        "Do not copy the problem into the workflow. The problem:\n"
+        f"{lead}{question}\n\n"
+        "Rules: the workflow must run as written; no imports; no placeholders; combine several operators, "
+        "and build candidates with loops for an ensemble (at most 3 iterations); "
+        f"make {calls} operator calls; instructions ask for step-by-step thinking and one answer per call; "
+        "every output must feed the result. Output only the workflow between <graph> and </graph>.\n\n"
+        "<graph>\n")
+
+
+def build_prompt(style, set_name, question):
+    return fewshot_prompt(set_name, question) if style == "fewshot" else paper_prompt(set_name, question)
+
+
+def workflow_code(style, set_name, completion):
+    """The program to run from a generator completion (stop string already cut): fewshot bodies get
+    the harness's class header; paper outputs are taken from their <graph> tags (§2.3 step 1)."""
+    if style == "fewshot":
+        return assemble(set_name, completion)
+    return operators.extract_graph("<graph>\n" + completion + "</graph>")
+
+
+def repair_body(set_name, body):
+    """Keep the longest run of leading `name = await self.op(...)` lines of a fewshot body that
+    validates, and return the last variable it assigns. Returns the repaired body, or None if no
+    prefix is valid. Most invalid samples of a small generator return an expression or call an
+    operator that does not exist after a few good calls; this keeps those calls."""
+    import ast
+    lines = []
+    for line in body.split("\n"):
+        s = line.strip()
+        if not s:
+            continue
+        try:
+            node = ast.parse(s).body[0]
+        except SyntaxError:
+            break
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Await)):
+            break
+        lines.append(("        " + s, node.targets[0].id))
+    for n in range(len(lines), 0, -1):
+        fixed = "\n" + "\n".join(s for s, _ in lines[:n]) + f"\n        return {lines[n - 1][1]}\n"
+        if operators.validate_workflow(assemble(set_name, fixed), set_name)[0]:
+            return fixed
+    return None
+
+
+def composition(code):
+    """The operator calls of a workflow, in source order: 'programmer>sc_ensemble'."""
+    import ast
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, TypeError, ValueError):
+        return ""
+    fn = next((n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef) and n.name == "run_workflow"), None)
+    if fn is None:
+        return ""
+    calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"]
+    calls.sort(key=lambda n: (n.lineno, n.col_offset))
+    return ">".join(n.func.attr for n in calls)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: generate k workflows per problem, runnable check, regenerate (SCOREFLOW.md §2, §8).
+
+
+def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage):
+    """k workflows per problem from the generator as it stands. Returns one record per sample:
+    problem id, prompt, completion (the text the pairs train on), code, raw validity (before any
+    repair), whether it was repaired, the runnable-check verdict and the rounds it took."""
+    import model as M
+    mdl, tok = gen
+    prompts = {p.id: build_prompt(cfg.prompt, set_name, p.question) for p in problems}
+    recs = [dict(problem_id=p.id, sample=j, prompt=prompts[p.id], completion="", code=None, valid_raw=False,
+                 repaired=False, valid=False, reason="not generated", rounds=0, composition="")
+            for p in problems for j in range(k)]
+    todo = list(range(len(recs)))
+    prog = Progress(log_stage, len(recs), "workflows")
+    for rnd in range(max(1, cfg.regen_rounds + 1)):
+        if not todo:
+            break
+        batch = 32
+        for b0 in range(0, len(todo), batch):
+            idx = todo[b0:b0 + batch]
+            outs = M.generate(mdl, tok, [recs[i]["prompt"] for i in idx], max_new_tokens=cfg.gen_max_tokens,
+                              temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, stop=["</graph>"],
+                              seed=[_seed(seed, recs[i]["problem_id"], recs[i]["sample"], rnd) for i in idx])
+            for i, out in zip(idx, outs):
+                r = recs[i]
+                r.update(completion=out.text, rounds=rnd + 1, repaired=False)
+                code = workflow_code(cfg.prompt, set_name, out.text)
+                ok, reason = operators.validate_workflow(code, set_name) if code else (False, "no <graph> block")
+                if rnd == 0:
+                    r["valid_raw"] = ok
+                if not ok and cfg.prompt == "fewshot":
+                    fixed = repair_body(set_name, out.text)
+                    if fixed is not None:
+                        r.update(completion=fixed, repaired=True)
+                        code, ok = assemble(set_name, fixed), True
+                r.update(code=code if ok else None, valid=ok, reason="" if ok else reason)
+        checks = asyncio.run(_check_all(cfg, [recs[i] for i in todo if recs[i]["valid"]], set_name, client))
+        for r, (ok, reason) in checks:
+            r.update(valid=ok, reason=reason)
+            if not ok and not reason.startswith("infra"):
+                r["code"] = None
+        prog.update(sum(1 for i in todo if recs[i]["valid"]))
+        todo = [i for i in todo if not recs[i]["valid"]]
+    prog.done = len(recs)
+    for r in recs:
+        r["composition"] = composition(r["code"]) if r["code"] else ""
+    n_valid = sum(r["valid"] for r in recs)
+    prog.close(f"valid {n_valid}/{len(recs)}, raw-valid {sum(r['valid_raw'] for r in recs)}/{len(recs)}")
+    return recs
+
+
+async def _check_all(cfg, recs, set_name, client):
+    sem = asyncio.Semaphore(cfg.concurrency)
+    threshold = operators.SIMILARITY_THRESHOLDS.get(cfg.bench, operators.SET_THRESHOLDS[set_name])
+
+    async def one(r):
+        async with sem:
+            opts = operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
+                                             stage="check", tag="check")
+            return r, await operators.runnable_check(r["code"], set_name, client, threshold=threshold,
+                                                     options=opts, max_calls=cfg.max_calls)
+    return await asyncio.gather(*(one(r) for r in recs))
+
+
+def _seed(*parts):
+    """A 63-bit seed from any parts, the same on every machine (no hash randomisation)."""
+    import hashlib
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: execute each workflow r times and score it (SCOREFLOW.md §4, §10.7).
+
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+
+
+def rule_extract(output, set_name):
+    """Our rule-based stand-in for the paper's Extractor call (SCOREFLOW.md §3 "Not offered"): for
+    math, an output without \\boxed{} is reduced to its last number, boxed. QA and code outputs are
+    scored as they are. `--extractor llm` uses operators.extract_answer (one executor call) instead."""
+    if set_name != "math" or "\\boxed" in output:
+        return output
+    nums = NUMBER.findall(output)
+    return f"\\boxed{{{nums[-1].replace(',', '')}}}" if nums else output
+
+
+def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
+    """Run each (key, code, problem) job cfg.runs times. Returns {key: {"score": s or None, "runs":
+    [...]}}: s is the mean over runs, a run that failed by the workflow's own fault scores 0 and
+    still counts in the mean; runs that failed through the infrastructure are left out (retried
+    first), and a workflow with no informative run gets None (no score, no pairs)."""
+    prog = Progress(log_stage, len(jobs) * cfg.runs, "runs")
+    results = asyncio.run(_execute_all(cfg, task, jobs, set_name, client, prog))
+    out = {}
+    for (key, _, _), runs in zip(jobs, results):
+        informative = [r for r in runs if r["status"] != "infra_error"]
+        score = sum(r["score"] for r in informative) / len(informative) if informative else None
+        out[key] = {"score": score, "runs": runs}
+    infra = sum(r["status"] == "infra_error" for v in out.values() for r in v["runs"])
+    prog.close(f"infra failures {infra}" if infra else "")
+    return out
+
+
+async def _execute_all(cfg, task, jobs, set_name, client, prog):
+    sem = asyncio.Semaphore(cfg.concurrency)
+
+    async def one_run(key, code, problem, r):
+        async with sem:
+            opts = operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
+                                             seed=r, sample=r, stage="execute", tag=str(key), keep_prompts=False)
+            for attempt in range(3):  # infrastructure failures are retried, then left out (§10.7)
+                run = await operators.run_workflow(code, problem, client, set_name, timeout=cfg.workflow_timeout,
+                                                   max_calls=cfg.max_calls, options=opts)
+                if run.status != "infra_error":
+                    break
+            rec = {"run": r, "status": run.status, "reason": run.reason[:300], "n_calls": run.n_calls,
+                   "seconds": round(run.seconds, 2), "answer": run.answer[-2000:], "score": 0.0}
+            if run.status == "ok":
+                try:
+                    if cfg.extractor == "llm":
+                        answer = await operators.extract_answer(run.answer, problem, client, set_name, options=opts)
+                    else:
+                        answer = rule_extract(run.answer, set_name)
+                    rec["extracted"] = answer[-500:]
+                    rec["score"] = float(await asyncio.to_thread(task.score, answer, problem))
+                except bench.ScoringError as e:
+                    rec.update(status="infra_error", reason=f"scorer: {e}"[:300])
+                except executor.ExecutorError as e:
+                    rec.update(status="infra_error", reason=f"extractor: {e}"[:300])
+            prog.update()
+            return rec
+
+    async def one_job(key, code, problem):
+        return await asyncio.gather(*(one_run(key, code, problem, r) for r in range(cfg.runs)))
+    return await asyncio.gather(*(one_job(*j) for j in jobs))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages 3 and 4: pairs and Score-DPO (SCOREFLOW.md §5, §6, §7).
+
+
+def make_pairs(cfg, recs, scores, seed):
+    """All pairs with s_w > s_l per problem, then cfg.pairs drawn with P ∝ d (§5). The texts are
+    the completions plus the stop string `</graph>` (§5 "Record")."""
+    by_problem = {}
+    for r in recs:
+        s = scores.get(r["key"], {}).get("score") if r["valid"] else 0.0  # an invalid workflow scores 0
+        if s is None:
+            continue  # no informative run: no evidence about this workflow (§10.7)
+        by_problem.setdefault(r["problem_id"], []).append((r, s))
+    eligible = []
+    for pid, items in by_problem.items():
+        eligible += score_dpo.build_pairs(pid, items[0][0]["prompt"], [r["completion"] + "</graph>" for r, _ in items],
+                                          [s for _, s in items])
+    if not eligible:
+        return eligible, []
+    d = score_dpo.uniform_d if cfg.d_power == 0 else (lambda w, l: (w - l) ** cfg.d_power)
+    return eligible, score_dpo.sample_pairs(eligible, cfg.pairs, d=d, seed=seed)
+
+
+def train_config(cfg, iteration):
+    return score_dpo.TrainConfig(loss=cfg.loss, beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, grad_accum=cfg.grad_accum,
+                                 lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reference=cfg.reference,
+                                 seed=_seed(cfg.seed, "train", iteration) % (1 << 31))
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation on the test split: a generator (one workflow per problem) or a fixed workflow.
+
+
+def fixed_workflow(set_name, which):
+    """The baselines: "cot" is the paper's template (one step-by-step call, §2.2 item 2); "io" asks
+    the executor for the answer directly, with no instruction."""
+    if which == "cot":
+        return operators.TEMPLATES[set_name]
+    call = "self.code_generate(instruction=\"\")" if set_name == "code" else "self.custom(instruction=\"\")"
+    return assemble(set_name, f"\n        answer = await {call}\n        return answer\n")
+
+
+def score_jobs(cfg, task, jobs, set_name, client, stage):
+    res = execute_workflows(cfg, task, jobs, set_name, client, stage)
+    return res, _mean([v["score"] for v in res.values() if v["score"] is not None])
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop (SCOREFLOW.md §1) with its run directory.
+
+
+class Run:
+    """The run directory: config.json, iter<i>/{workflows,scores,pairs}.jsonl, iter<i>/train/ (the
+    adapter, PEFT layout), test/<method>.json, metrics.json, report.md. A stage whose output file
+    exists is done and is read back instead of redone (--resume)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.dir = cfg, cfg.run_dir
+        self.stage_seconds = {}
+        self.metrics = {"iterations": [], "test": {}, "infra_failures": {}}
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def stage(self, name, path, compute, *, jsonl=False):
+        """Read `path` if it exists, else compute() and write it atomically; time the stage."""
+        if os.path.exists(path):
+            log(f"{name}: done earlier, reading {os.path.relpath(path, self.dir)}")
+            return read_jsonl(path) if jsonl else json.load(open(path))
+        t0 = time.time()
+        value = compute()
+        if jsonl:
+            write_jsonl(path, value)
+        else:
+            write_atomic(path, json.dumps(value, indent=1))
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
+        return value
+
+
+def run(cfg):
+    import torch
+    import model as M
+    t_start = time.time()
+    task = bench.load_task(cfg.bench)
+    set_name = task.OPERATOR_SET
+    validate = task.load("validate", cfg.data)
+    test = task.load("test", cfg.data)
+    validate = validate[:cfg.n_validate] if cfg.n_validate else validate
+    test = test[:cfg.n_test] if cfg.n_test else test
+    R = Run(cfg)
+    os.makedirs(R.dir, exist_ok=True)
+    prior = R.path("metrics.json")
+    if os.path.exists(prior):
+        R.stage_seconds = json.load(open(prior)).get("stage_seconds", {})
+    print_plan(cfg, len(validate), len(test), set_name)
+
+    log(f"loading generator {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}")
+    dtype = getattr(torch, cfg.dtype)
+    gen = M.load(cfg.generator, device=cfg.device, dtype=dtype)
+    server = None
+    if cfg.executor_url is None:
+        server = executor.start_local_server(None, device=cfg.device, dtype=cfg.dtype)
+        url, name, key = server.base_url, server.model_name, ""
+        log(f"executor: local server at {url} ({name})")
+    else:
+        url, name, key = cfg.executor_url, cfg.executor_model, cfg.api_key
+    client = executor.ChatClient(url, name, api_key=key, timeout=max(600.0, cfg.workflow_timeout),
+                                 max_concurrency=cfg.concurrency, cache_path=R.path("calls.sqlite"),
+                                 budget=executor.Budget(dollars=cfg.budget_usd, tokens=cfg.budget_tokens)
+                                 if (cfg.budget_usd or cfg.budget_tokens) else None)
+    try:
+        _loop(cfg, R, task, set_name, validate, test, gen, client)
+    except executor.BudgetExceeded as e:
+        log(f"budget reached: {e}. Everything finished so far is saved; continue with "
+            f"--resume {R.dir} and a higher --budget-usd / --budget-tokens")
+        return 3
+    finally:
+        R.metrics["executor"] = client.stats()
+        R.metrics["stage_seconds"] = R.stage_seconds
+        R.metrics["wall_seconds"] = R.metrics.get("wall_seconds", 0.0) + time.time() - t_start
+        write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
+        client.close()
+        if server is not None:
+            server.stop()
+    write_report(R, set_name)
+    log(f"done in {time.time() - t_start:.0f} s: {R.path('report.md')}")
+    print(R.path("report.md"))
+    return 0
+
+
+def _loop(cfg, R, task, set_name, validate, test, gen, client):
+    import model as M
+    mdl, tok = gen
+    by_id = {p.id: p for p in validate + test}
+
+    def evaluate_generator(g):
+        """Test split, generator after g training iterations: one workflow per problem (§1 "Test")."""
+        def compute():
+            recs = generate_workflows(cfg, gen, test, set_name, client, _seed(cfg.seed, "test", g), 1, f"test gen{g}")
+            for r in recs:
+                r["key"] = f"test{g}:{r['problem_id']}"
+            jobs = [(r["key"], r["code"], by_id[r["problem_id"]]) for r in recs if r["valid"]]
+            res = execute_workflows(cfg, task, jobs, set_name, client, f"test exec gen{g}")
+            per = {r["problem_id"]: (res[r["key"]]["score"] if r["valid"] else 0.0) for r in recs}
+            return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per,
+                    "valid": sum(r["valid"] for r in recs), "workflows": recs,
+                    "infra": sum(v is None for v in per.values())}
+        return R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), compute)
+
+    def evaluate_fixed(which):
+        def compute():
+            code = fixed_workflow(set_name, which)
+            jobs = [(f"{which}:{p.id}", code, p) for p in test]
+            res, mean = score_jobs(cfg, task, jobs, set_name, client, f"test {which}")
+            return {"score": mean, "per_problem": {k.split(":", 1)[1]: v["score"] for k, v in res.items()}}
+        return R.stage(f"test {which}", R.path("test", f"{which}.json"), compute)
+
+    if cfg.baselines:
+        with M.lora_disabled(mdl) if M.lora_layers(mdl) else _null():
+            R.metrics["test"]["gen0"] = _brief(evaluate_generator(0))
+        for which in ("cot", "io"):
+            R.metrics["test"][which] = _brief(evaluate_fixed(which))
+
+    for i in range(cfg.iterations):
+        d = R.path(f"iter{i}")
+        seed = _seed(cfg.seed, "iter", i)
+
+        def gen_stage():
+            recs = generate_workflows(cfg, gen, validate, set_name, client, seed, cfg.k, f"iter{i} generate")
+            for r in recs:
+                r["key"] = f"{i}:{r['problem_id']}:{r['sample']}"
+            return recs
+        recs = R.stage(f"iter{i} generate", os.path.join(d, "workflows.jsonl"), gen_stage, jsonl=True)
+        jobs = [(r["key"], r["code"], by_id[r["problem_id"]]) for r in recs if r["valid"]]
+        scores = R.stage(f"iter{i} execute", os.path.join(d, "scores.json"),
+                         lambda: execute_workflows(cfg, task, jobs, set_name, client, f"iter{i} execute"))
+        eligible, pairs = make_pairs(cfg, recs, scores, _seed(cfg.seed, "pairs", i) % (1 << 31))
+        pairs_path = os.path.join(d, "pairs.jsonl")
+        if not os.path.exists(pairs_path):
+            score_dpo.write_pairs(pairs_path, pairs)
+        pairs = score_dpo.read_pairs(pairs_path)
+        train_dir = os.path.join(d, "train")
+        final_adapter = os.path.join(train_dir, "adapter")
+        history = []
+        if os.path.exists(os.path.join(final_adapter, "adapter_config.json")):
+            M.load_adapter(mdl, final_adapter)
+            log(f"iter{i} train: done earlier, loaded {os.path.relpath(final_adapter, R.dir)}")
+            hist_path = os.path.join(train_dir, "history.json")
+            history = json.load(open(hist_path)) if os.path.exists(hist_path) else []
+        elif pairs:
+            if i > 0 and not M.lora_layers(mdl):  # a resumed run: continue the last iteration's adapter
+                M.load_adapter(mdl, os.path.join(R.path(f"iter{i - 1}"), "train", "adapter"))
+            t0 = time.time()
+            result = score_dpo.train(mdl, tok, pairs, train_config(cfg, i), out_dir=train_dir)
+            history = result.history
+            write_atomic(os.path.join(train_dir, "history.json"), json.dumps(history))
+            R.stage_seconds[f"iter{i} train"] = time.time() - t0
+        else:
+            log(f"iter{i} train: no pairs (every problem's workflows tied); the generator is unchanged")
+        scored = [scores[r["key"]]["score"] for r in recs if r["valid"] and scores[r["key"]]["score"] is not None]
+        first40 = recs[:40]
+        R.metrics["iterations"].append({
+            "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
+            "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
+            "distinct_compositions_first40": len({r["composition"] for r in first40 if r["valid_raw"]}),
+            "compositions": _count(r["composition"] for r in recs if r["valid"]),
+            "validate_score": _mean([scores[r["key"]]["score"] or 0.0 if r["valid"] else 0.0 for r in recs]),
+            "validate_score_valid": _mean(scored),
+            "infra_failures": sum(rr["status"] == "infra_error" for v in scores.values() for rr in v["runs"]),
+            "eligible_pairs": len(eligible), "pairs": len(pairs),
+            "loss_curve": [h.get("loss") for h in history], "margin_curve": [h.get("margin") for h in history]})
+        if cfg.baselines or i == cfg.iterations - 1:
+            R.metrics["test"][f"gen{i + 1}"] = _brief(evaluate_generator(i + 1))
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _brief(ev):
+    return {k: v for k, v in ev.items() if k not in ("workflows",)}
+
+
+def _count(xs):
+    out = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning and the report.
+
+
+def print_plan(cfg, n_val, n_test, set_name):
+    """Sizes and a rough token estimate before any work (the executor calls dominate)."""
+    calls_per_run = 3  # a typical workflow of the small sets makes 1 to 4 calls
+    gen_runs = cfg.iterations * n_val * cfg.k * cfg.runs
+    test_runs = n_test * cfg.runs * ((cfg.iterations + 3) if cfg.baselines else 1)
+    calls = (gen_runs + test_runs) * calls_per_run
+    tokens = calls * (cfg.exec_max_tokens // 2 + 300)
+    log(f"plan: bench {cfg.bench} ({set_name} operators), {cfg.iterations} iterations x {n_val} validate problems "
+        f"x k={cfg.k} workflows x {cfg.runs} runs; {cfg.pairs} pairs/iteration; test {n_test} problems"
+        + (" with baselines CoT, IO and every iteration's generator" if cfg.baselines else ""))
+    log(f"estimate: ~{gen_runs + test_runs} workflow runs, ~{calls} executor calls, ~{tokens / 1e6:.2f}M tokens "
+        f"(upper bound with half of max_tokens per reply)")
+    write_atomic(os.path.join(cfg.run_dir, "plan.json"), json.dumps(
+        {"workflow_runs": gen_runs + test_runs, "calls": calls, "tokens": tokens}, indent=1))
+
+
+def write_report(R, set_name):
+    m, cfg = R.metrics, R.cfg
+    its, test = m["iterations"], m["test"]
+    pct = lambda x: "-" if x is None or x != x else f"{100 * x:.1f}%"  # noqa: E731
+    gens = sorted((int(k[3:]), v) for k, v in test.items() if k.startswith("gen"))
+    series = {"validate (all samples)": [(it["iteration"], it["validate_score"]) for it in its]}
+    if gens:
+        series["test (generator)"] = [(g, v["score"]) for g, v in gens]
+    for b in ("cot", "io"):
+        if b in test and gens:
+            series[f"test {b.upper()}"] = [(gens[0][0], test[b]["score"]), (gens[-1][0], test[b]["score"])]
+    write_atomic(R.path("solve_rate.svg"), svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
+    L = [f"# ScoreFlow run: {cfg.bench}", "",
+         f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
+         f"Executor: {cfg.executor_url or 'local server over the embedded model'}. Seed {cfg.seed}. "
+         f"Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "",
+         "## Test split", "", "| method | solve rate | notes |", "|---|---|---|"]
+    for g, v in gens:
+        name = "iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} (Score-DPO x{g})"
+        L.append(f"| {name} | {pct(v['score'])} | valid workflows {v.get('valid', '-')}, infra failures "
+                 f"{v.get('infra', 0)} |")
+    for b, desc in (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")):
+        if b in test:
+            L.append(f"| {desc} | {pct(test[b]['score'])} | |")
+    L += ["", "## Iterations (validate split)", "",
+          "| iteration | samples | valid before repair | repaired | valid | distinct compositions (first 40) | "
+          "solve rate | eligible pairs | pairs drawn | first / last loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for it in its:
+        lc = [x for x in it["loss_curve"] if x is not None]
+        losses = f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-"
+        L.append(f"| {it['iteration']} | {it['samples']} | {it['valid_raw']} ({pct(it['valid_raw'] / max(it['samples'], 1))})"
+                 f" | {it['repaired']} | {it['valid']} | {it['distinct_compositions_first40']} | "
+                 f"{pct(it['validate_score'])} | {it['eligible_pairs']} | {it['pairs']} | {losses} |")
+    L += ["", "Operator compositions of the valid workflows, per iteration:", ""]
+    for it in its:
+        top = ", ".join(f"`{c or '?'}` {n}" for c, n in list(it["compositions"].items())[:8])
+        L.append(f"- iteration {it['iteration']}: {top}")
+    for it in its:
+        lc = [x for x in it["loss_curve"] if x is not None]
+        if lc:
+            L += ["", f"Loss curve, iteration {it['iteration']} (per optimizer step): " +
+                  " ".join(f"{x:.3f}" for x in lc[:64]) + (" ..." if len(lc) > 64 else "")]
+    ex = m.get("executor", {})
+    tot = ex.get("total", {})
+    L += ["", "## Executor usage", "",
+          f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} replayed from the cache, {tot.get('errors', 0)} "
+          f"errors), {tot.get('prompt_tokens', 0)} prompt + {tot.get('completion_tokens', 0)} completion tokens, "
+          f"${tot.get('dollars', 0.0):.4f}" + ("" if ex.get("priced") else " (model unpriced: $0)") + ".", "",
+          "| stage | calls | prompt tokens | completion tokens |", "|---|---|---|---|"]
+    for st, u in ex.get("by_stage", {}).items():
+        L.append(f"| {st or '-'} | {u['calls']} | {u['prompt_tokens']} | {u['completion_tokens']} |")
+    L += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    for st, s in m.get("stage_seconds", {}).items():
+        L.append(f"| {st} | {s:.1f} |")
+    L.append(f"| **total (this and earlier sessions of the run)** | {m.get('wall_seconds', 0):.1f} |")
+    L += ["", "## Example workflows", ""]
+    last = R.path(f"iter{len(its) - 1}", "workflows.jsonl") if its else None
+    scores_path = R.path(f"iter{len(its) - 1}", "scores.json") if its else None
+    if last and os.path.exists(last) and os.path.exists(scores_path):
+        recs, scores = read_jsonl(last), json.load(open(scores_path))
+        scored = sorted(((scores[r["key"]]["score"], r) for r in recs if r["valid"] and scores.get(r["key"], {}).get("score")
+                         is not None), key=lambda x: -x[0])
+        for title, picks in (("Best", scored[:2]), ("Worst", scored[-2:][::-1])):
+            for s, r in picks:
+                L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition `{r['composition']}`", "",
+                      "```python", r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
+    write_atomic(R.path("report.md"), "\n".join(L) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="scoreflow.py", description="ScoreFlow: optimise LLM agent workflows with Score-DPO "
+        "(Wang et al. 2025). `python scoreflow.py serve --help` for the local OpenAI-compatible server.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    g = p.add_argument_group("run")
+    g.add_argument("--bench", help="math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen, or a task .py file "
+                   "(default math: with no --data, the embedded procedural set)")
+    g.add_argument("--data", help="the benchmark's data: a file or a directory (ScoreFlow layout <name>_<split>.jsonl)")
+    g.add_argument("--run-dir", help="output directory (default runs/<bench>-<time>)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
+    g.add_argument("--seed", type=int, help="seeds generation, pair draws and training (default 0)")
+    g.add_argument("--iterations", type=int, help="optimisation iterations (default 2; paper: up to 3)")
+    g.add_argument("--n-validate", type=int, help="validate problems used, 0 = all (default 16; paper: all)")
+    g.add_argument("--n-test", type=int, help="test problems evaluated, 0 = all (default 24; paper: all)")
+    g.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip CoT, IO and per-iteration test evaluations (only the final generator is tested)")
+    g.add_argument("--device", help="torch device for our models (default cpu)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    g.add_argument("--paper", action="store_true", help="the paper's sizes and prompt (for a GPU and a real endpoint)")
+    g = p.add_argument_group("generator")
+    g.add_argument("--generator", help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--prompt", choices=["fewshot", "paper"], help="generator prompt style (default fewshot; paper: paper)")
+    g.add_argument("-k", "--k", type=int, help="workflows per problem (default 4; paper: 8)")
+    g.add_argument("--gen-temperature", type=float, help="(default 0.8; paper: 0.2)")
+    g.add_argument("--gen-top-p", type=float, help="(default 0.95; paper: 0.95)")
+    g.add_argument("--gen-max-tokens", type=int, help="(default 160; paper: 1000)")
+    g.add_argument("--regen-rounds", type=int, help="regeneration rounds for rejected samples (default 2; paper: 501)")
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 "
+                   "(default: start our local server over the embedded model)")
+    g.add_argument("--executor-model", help="model name at --executor-url (required with it)")
+    g.add_argument("--api-key", help="bearer key (default $OPENAI_API_KEY)")
+    g.add_argument("--exec-temperature", type=float, help="(default 0; paper: 0)")
+    g.add_argument("--exec-max-tokens", type=int, help="tokens per executor reply (default 200; paper: 4096)")
+    g.add_argument("--runs", type=int, help="executor runs per workflow (default 1: our local executor at "
+                   "temperature 0 repeats itself; paper: 3)")
+    g.add_argument("--concurrency", type=int, help="workflow runs in flight (default 32)")
+    g.add_argument("--workflow-timeout", type=float, help="seconds per workflow run (default 120; paper: 120, code 240)")
+    g.add_argument("--max-calls", type=int, help="operator calls per workflow run (default 12)")
+    g.add_argument("--extractor", choices=["rule", "llm"], help="final-answer extraction (default rule; paper: llm)")
+    g.add_argument("--budget-usd", type=float, help="hard cap on executor dollars; stops at a resumable point")
+    g.add_argument("--budget-tokens", type=int, help="hard cap on executor tokens")
+    g = p.add_argument_group("pairs and training")
+    g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 48; paper: 2000, HumanEval 600)")
+    g.add_argument("--d-power", type=float, help="d(x, y) = (x - y)^power; 0 = uniform (default 3; paper: 3)")
+    g.add_argument("--loss", choices=["score-dpo", "dpo"], help="(default score-dpo; dpo is the paper's ablation)")
+    g.add_argument("--beta", type=float, help="(default 0.1; paper: 0.1)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4 for a 135M model; paper: 1e-6)")
+    g.add_argument("--epochs", type=int, help="epochs per iteration (default 1; paper: 1)")
+    g.add_argument("--grad-accum", type=int, help="pairs per optimizer step (default 4; paper: 1)")
+    g.add_argument("--lora-r", type=int, help="(default 8; paper: 8)")
+    g.add_argument("--lora-alpha", type=int, help="(default 16; paper: 16)")
+    g.add_argument("--reference", choices=["base", "previous"],
+                   help="π_ref: base model every iteration (default, as the official code) or the last iteration's policy")
+    return p
+
+
+def resolve_config(args, parser):
+    """Defaults, then --paper's values, then explicit flags; with --resume, the saved config, where
+    an explicit flag may only raise a budget."""
+    given = vars(args)
+    if "resume" in given:
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.exists(path):
+            parser.error(f"--resume {given['resume']}: no config.json there (not a run directory?)")
+        saved = json.load(open(path))
+        allowed = {"resume", "budget_usd", "budget_tokens"}
+        for k, v in given.items():
+            if k not in allowed and saved.get(k) != v:
+                parser.error(f"--resume: --{k.replace('_', '-')} {v!r} conflicts with the run's saved value "
+                             f"{saved.get(k)!r}; only --budget-usd and --budget-tokens may change")
+        saved.update({k: v for k, v in given.items() if k in ("budget_usd", "budget_tokens")})
+        saved.pop("version", None)
+        saved.pop("argv", None)
+        return RunConfig(**saved)
+    base = dataclasses.asdict(RunConfig())
+    if given.pop("paper", False):
+        base.update(PAPER)
+    base.update(given)
+    cfg = RunConfig(**base)
+    if cfg.run_dir is None:
+        name = os.path.splitext(os.path.basename(cfg.bench))[0]
+        cfg.run_dir = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    checks = [
+        (cfg.iterations >= 1, "--iterations must be >= 1"),
+        (cfg.k >= 2, "-k must be >= 2 (pairs need two workflows per problem)"),
+        (cfg.runs >= 1, "--runs must be >= 1"),
+        (cfg.pairs >= 1, "--pairs must be >= 1"),
+        (cfg.n_validate >= 0 and cfg.n_test >= 0, "--n-validate and --n-test must be >= 0"),
+        (0 <= cfg.gen_temperature and 0 < cfg.gen_top_p <= 1, "--gen-temperature >= 0 and 0 < --gen-top-p <= 1"),
+        (cfg.gen_max_tokens >= 8 and cfg.exec_max_tokens >= 1, "--gen-max-tokens >= 8 and --exec-max-tokens >= 1"),
+        (cfg.lr > 0 and cfg.beta > 0, "--lr and --beta must be > 0"),
+        (cfg.d_power >= 0, "--d-power must be >= 0"),
+        (cfg.regen_rounds >= 0 and cfg.concurrency >= 1 and cfg.max_calls >= 1,
+         "--regen-rounds >= 0, --concurrency >= 1, --max-calls >= 1"),
+        ((cfg.executor_url is None) == (cfg.executor_model is None),
+         "--executor-url and --executor-model go together"),
+        (cfg.budget_usd is None or cfg.executor_url is not None,
+         "--budget-usd needs a priced --executor-url (the local server costs nothing; use --budget-tokens)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            parser.error(msg)
+    if os.path.exists(os.path.join(cfg.run_dir, "config.json")):
+        parser.error(f"--run-dir {cfg.run_dir} holds a run already; use --resume {cfg.run_dir}")
+    return cfg
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return executor.serve_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args, parser)
+    if "resume" not in vars(args):
+        if cfg.bench not in bench.NAMES + (bench.EMBEDDED,) and not os.path.isfile(cfg.bench):
+            parser.error(f"--bench {cfg.bench}: not a benchmark name or a task file")
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        saved = dict(dataclasses.asdict(cfg), version=VERSION, argv=argv)
+        write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=1))
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
