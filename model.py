@@ -100,10 +100,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same values
         # normalise in fp32 and cast back before the gain, as HF does (matters in bf16)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -114,13 +114,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.packed_qkv = self.packed_o = None  # set by pack_weights
 
     def forward(self, x, cos, sin, mask, kv):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if use_packed(self.packed_qkv, x):
+            q, k, v = self.packed_qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # write this step into the static cache, attend over everything so far
             k, v = kv(k, v)  # (B, Hkv, S, D)
@@ -133,7 +138,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=H != Hkv)  # (B, H, T, D)
             y = y.transpose(1, 2).reshape(B, T, H * D)
-        return self.o_proj(y)
+        return self.packed_o(y) if use_packed(self.packed_o, y) else self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -142,9 +147,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.packed_gate_up = self.packed_down = None  # set by pack_weights
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if use_packed(self.packed_gate_up, x):
+            gate, up = self.packed_gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        h = F.silu(gate) * up  # SwiGLU
+        return self.packed_down(h) if use_packed(self.packed_down, h) else self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -158,6 +169,47 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, kv):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class PackedLinear(nn.Module):
+    """Inference-only packed copy of one or more weights (N_i, K), concatenated along N, so small-batch
+    decoding reads fewer bytes: 4-bit integers in groups of 32 with a bf16 scale and offset each
+    (w = (q - 8) s + z, torch's CPU int4 kernel), or 8-bit with one scale per row. Computes in bf16.
+    A Q4_1 GGUF tensor (x = d q + m per 32) is recovered exactly up to the bf16 rounding of s and z.
+    Used only for matmuls of at most `max_rows` rows; the dense weights stay for everything else."""
+
+    def __init__(self, weights, bits=4, group=32, max_rows=4):
+        super().__init__()
+        self.bits, self.group, self.max_rows = bits, group, max_rows
+        w = torch.cat([x.detach().float() for x in weights])  # (N, K)
+        N, K = w.shape
+        if bits == 4:
+            wg = w.view(N, K // group, group)
+            lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/group)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            scales = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/group, N, 2)
+        elif bits == 8:
+            scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
+            packed = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        else:
+            raise ValueError(f"pack_weights: bits must be 4 or 8, got {bits}")
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, K)
+        if self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def use_packed(packed, x):
+    """Whether this matmul goes through the packed weights: there are some, and x has few rows."""
+    return packed is not None and x.numel() // x.shape[-1] <= packed.max_rows
 
 
 # --------------------------------------------------------------------------- model
@@ -184,6 +236,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.freq_factors = freq_factors
+        self.packed_head = None  # set by pack_weights
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
 
     def init_rope(self, device):
@@ -207,6 +260,10 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, kv)
         return self.model.norm(x)
 
+    def logits(self, h):
+        """lm_head on hidden states (..., C) -> (..., V), packed when pack_weights was called."""
+        return self.packed_head(h) if use_packed(self.packed_head, h) else self.lm_head(h)
+
     def forward(self, tokens, attn_mask=None):
         B, T = tokens.shape
         if attn_mask is None:
@@ -216,17 +273,39 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden(tokens, padded_positions(valid), prefill_mask(valid)))
 
 
+def pack_weights(model, bits=4, head_bits=8, max_rows=4):
+    """Give every block packed copies of its weights (q|k|v, o, gate|up, down with `bits`) and the
+    lm_head one with `head_bits` (0 keeps it dense); decode steps of at most `max_rows` rows then
+    use them (see PackedLinear). Inference only and CPU only: an explicit call, refused on a model
+    with LoRA layers (the packed copies would bypass the adapters). Returns the model."""
+    if lora_layers(model):
+        raise ValueError("pack_weights: the model has LoRA layers; merge and save_hf, then load and pack that")
+    if model.lm_head.weight.device.type != "cpu":
+        raise ValueError(f"pack_weights: the packed kernels are CPU-only, model is on {model.lm_head.weight.device}")
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        a.packed_qkv = PackedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], bits, max_rows=max_rows)
+        a.packed_o = PackedLinear([a.o_proj.weight], bits, max_rows=max_rows)
+        m.packed_gate_up = PackedLinear([m.gate_proj.weight, m.up_proj.weight], bits, max_rows=max_rows)
+        m.packed_down = PackedLinear([m.down_proj.weight], bits, max_rows=max_rows)
+    if head_bits:
+        model.packed_head = PackedLinear([model.lm_head.weight], head_bits, max_rows=max_rows)
+    return model
+
+
 def padded_positions(valid):
     """valid (B,T) bool -> rope positions (B,T) counting real tokens only (pads get 0)."""
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prefill_mask(valid):
-    """valid (B,T) -> (B,1,T,T) bool: causal, never a pad key; a pad query sees itself (no empty rows)."""
-    T = valid.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
-    return ((causal & valid[:, None, :]) | eye)[:, None]
+def prefill_mask(valid, T=None):
+    """valid (B,S) real tokens -> (B,1,T,S) bool for queries at the last T of the S columns (all by
+    default): causal, never a pad key; a pad query sees itself (no empty rows)."""
+    S = valid.shape[1]
+    T = S if T is None else T
+    q = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1) query columns
+    k = torch.arange(S, device=valid.device)[None, :]  # (1, S) key columns
+    return (((k <= q) & valid[:, None, :]) | (k == q))[:, None]
 
 
 # --------------------------------------------------------------------------- GGUF loading
@@ -774,11 +853,12 @@ def top_k_top_p_mask(sorted_probs, top_k, top_p):
 def sample_tokens(logits, temperature, top_k, top_p, uniforms):
     """Next tokens (B,) from logits (B,V): argmax where temperature is 0, else inverse-CDF sampling
     of softmax(logits / temperature) after top-k/top-p, using one uniform draw per row (B,)."""
+    logits = logits.float()  # (argmax is slow on bf16 CPU tensors)
     greedy = logits.argmax(-1)
     hot = temperature > 0
     if not hot.any():
         return greedy
-    probs = torch.softmax(logits.float() / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # (B, V)
+    probs = torch.softmax(logits / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # (B, V)
     if bool(((top_p < 1) | (top_k > 0)).any()):
         probs, order = probs.sort(dim=-1, descending=True)
         probs = probs * top_k_top_p_mask(probs, top_k, top_p)
@@ -878,16 +958,24 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
     if S > cfg.max_seq_len:
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max(max_new)}) = {S} exceeds the model's "
                          f"context length {cfg.max_seq_len}")
-    # prefill each distinct prompt once, left-padded to T
     uniq = {}
     inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=device)
-    rows = list(uniq)
-    tokens = torch.tensor([[0] * (T - len(r)) + list(r) for r in rows], device=device)  # (Bu, T)
-    valid = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)  # (Bu, T)
-    padded = not bool(valid.all())
+    rows = list(uniq)  # each distinct prompt is prefilled once
+    P = _shared_prefix(rows)  # and a prefix all of them share, once for all
+    Ts = T - P  # suffix width; suffixes are left-padded, so cache column P + Ts - 1 is every row's last token
     cache = KVCache(cfg, len(rows), S, device, model.lm_head.weight.dtype)
-    h = model.hidden(tokens, padded_positions(valid), prefill_mask(valid) if padded else None, cache, 0)
-    logits = model.lm_head(h[:, -1])[inverse]  # (B, V), last position only
+    if P:
+        pre = KVCache(cfg, 1, P, device, cache.k[0].dtype)
+        model.hidden(torch.tensor([rows[0][:P]], device=device), torch.arange(P, device=device)[None], None, pre, 0)
+        for full, part in zip(cache.k + cache.v, pre.k + pre.v):
+            full[:, :, :P] = part  # (1, Hkv, P, D) broadcast into every row
+    tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (Bu, Ts)
+    valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P) for r in rows],
+                         device=device)  # (Bu, T) real tokens among cache columns :T
+    padded = not bool(valid.all())
+    mask = prefill_mask(valid, Ts) if padded or P else None
+    h = model.hidden(tokens, padded_positions(valid)[:, P:], mask, cache, P)  # (Bu, Ts, C)
+    logits = model.logits(h[:, -1])[inverse]  # (B, V), last position only
     if len(rows) < n:
         for buf in (cache.k, cache.v):
             buf[:] = [t.index_select(0, inverse) for t in buf]
@@ -933,9 +1021,20 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
         step = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
         mask = keys[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t+1)
         h = model.hidden(step, pos[:, None], mask, cache, t)  # (B, 1, C)
-        logits = model.lm_head(h[:, -1])  # (B, V)
+        logits = model.logits(h[:, -1])  # (B, V)
         pos += 1
         t += 1
+
+
+def _shared_prefix(rows, min_len=8):
+    """Length of the prefix all rows share, leaving each row at least one token of its own;
+    0 for a single row or when shorter than `min_len` (not worth a separate prefill)."""
+    if len(rows) < 2:
+        return 0
+    first, P = rows[0], min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        P = next((i for i in range(P) if r[i] != first[i]), P)
+    return P if P >= min_len else 0
 
 
 def _find_stop(tokenizer, gen, stops, max_bytes):
@@ -1025,6 +1124,8 @@ def lora_layers(model):
 
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")):
     """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else."""
+    if model.packed_head is not None or model.model.layers[0].self_attn.packed_qkv is not None:
+        raise ValueError("add_lora: the model was packed by pack_weights (inference only); load it afresh")
     model.requires_grad_(False)
     found = []
     for name, module in list(model.named_modules()):

@@ -1,0 +1,137 @@
+"""Speed of model.generate() against transformers' generate(), same model, prompts and settings,
+timed in the same run (interleaved repeats, median). Prints tok/s per side and the ratio.
+
+    python bench/speed_generate.py                 # batch 1 and 32, fp32 and bf16, 2 threads
+    python bench/speed_generate.py --packed        # also ours with int4-packed weights (pack_weights)
+
+Tokens/s counts completion tokens up to and including each row's eos (transformers' padding after
+a finished row is not counted). Both sides decode greedily from the same token ids; the
+transformers model is the same GGUF, dequantised by transformers itself. The ceiling line is
+memory bandwidth / bytes of weights read per decode step (batch 1 is bandwidth-bound).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402
+
+TOPICS = ["a dragon who is afraid of fire", "how rainbows form", "the history of the printing press",
+          "why the sky is blue", "a robot learning to paint", "the water cycle", "how to bake bread",
+          "a lighthouse keeper's last night", "prime numbers", "the life of a honeybee", "black holes",
+          "a city under the sea", "how vaccines work", "the first day at a new school", "volcanoes",
+          "a chess game between friends"]
+
+
+def prompts(tok, n):
+    out = []
+    for i in range(n):
+        ask = ["Write a story about", "Explain", "Write a poem about", "Give a detailed essay on"][i % 4]
+        out.append(tok.apply_chat([{"role": "user", "content": f"{ask} {TOPICS[i % len(TOPICS)]}."}]))
+    return out
+
+
+def hf_generate(hf, tok, texts, max_new):
+    """transformers generate on our token ids, left-padded; returns completion tokens counted to eos."""
+    ids = [tok.encode(t) for t in texts]
+    T = max(len(r) for r in ids)
+    x = torch.tensor([[0] * (T - len(r)) + r for r in ids])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in ids])
+    eos = sorted(tok.eos_ids)
+    with torch.no_grad():
+        out = hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                          eos_token_id=eos, pad_token_id=eos[0])[:, T:].tolist()
+    n = 0
+    for row in out:
+        ends = [i for i, t in enumerate(row) if t in tok.eos_ids]
+        n += ends[0] + 1 if ends else len(row)
+    return n, out
+
+
+def ours_generate(model, tok, texts, max_new):
+    res = M.generate(model, tok, texts, max_new_tokens=max_new)
+    return sum(r.n_completion_tokens for r in res), [r.token_ids for r in res]
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    n, toks = fn(*args)
+    return n / (time.perf_counter() - t), toks
+
+
+def bandwidth_gbs():
+    a = torch.empty(64 << 20, dtype=torch.float32)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    return 5 * 2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def step_bytes(model):
+    """Bytes of weights one decode step reads (embedding rows excluded, lm_head included)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "embed_tokens" in name or id(t) in seen or name.endswith("inv_freq"):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    if model.config.tie_embeddings:
+        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides (default 2)")
+    ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="max new tokens per row (default 64)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side, median reported (default 3)")
+    ap.add_argument("--packed", action="store_true", help="also time ours after pack_weights (int4, bf16)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    path = M.embedded_model_path()
+    bw = bandwidth_gbs()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+          f"copy bandwidth {bw:.1f} GB/s, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
+    print(f"{'dtype':<6} {'batch':>5} {'ours':<8} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} "
+          f"{'ceiling b1':>10} {'same tokens':>11}")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for dname in args.dtypes.split(","):
+        dtype = dtypes[dname]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               dtype=dtype).eval()
+        assert type(hf.model.layers[0].self_attn.q_proj) is torch.nn.Linear, "transformers kept GGUF blocks packed"
+        variants = [("dense", M.load(path, dtype=dtype))]
+        if args.packed and dtype == torch.bfloat16:
+            pm, ptok = M.load(path, dtype=dtype)
+            variants.append(("int4", (M.pack_weights(pm), ptok)))
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for vname, (ours, tok) in variants:
+                texts = prompts(tok, batch)
+                ours_generate(ours, tok, texts, 4)  # warm-up both
+                hf_generate(hf, tok, texts, 4)
+                o, h = [], []
+                for _ in range(args.repeats):
+                    r, ours_toks = timed(ours_generate, ours, tok, texts, args.new_tokens)
+                    o.append(r)
+                    r, hf_toks = timed(hf_generate, hf, tok, texts, args.new_tokens)
+                    h.append(r)
+                same = sum(a == b[:len(a)] for a, b in zip(ours_toks, hf_toks))
+                ceiling = bw * 1e9 / step_bytes(ours)
+                print(f"{dname:<6} {batch:>5} {vname:<8} {statistics.median(o):>10.1f} {statistics.median(h):>9.1f} "
+                      f"{statistics.median(o) / statistics.median(h):>5.2f}x {ceiling:>10.0f} {same:>6}/{batch}",
+                      flush=True)
+        del hf, variants
+
+
+if __name__ == "__main__":
+    main()
