@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import bench
-from bench import Problem, drop_task, gsm8k_task, humaneval_task, math_task, mbpp_task
+from bench import Problem, drop_task, gsm8k_task, math_task, mbpp_task
 from conftest import DATASETS, ROOT
 
 needs_data = pytest.mark.skipif(not os.path.isdir(DATASETS), reason=f"no ScoreFlow data at {DATASETS}")
