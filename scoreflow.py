@@ -623,8 +623,8 @@ def run(cfg):
     t_start = time.time()
     task = bench.load_task(cfg.bench)
     set_name = task.OPERATOR_SET
-    validate = task.load("validate", cfg.data)
-    test = task.load("test", cfg.data)
+    validate = bench.load_problems(task, "validate", cfg.data)
+    test = bench.load_problems(task, "test", cfg.data)
     validate = validate[:cfg.n_validate] if cfg.n_validate else validate
     test = test[:cfg.n_test] if cfg.n_test else test
     R = Run(cfg)

@@ -1,0 +1,213 @@
+"""The loop (scoreflow.py): prompt building, repair, CLI errors, and real runs of the whole program on
+the embedded model with our local server (tiny sizes), including kill -9 and --resume."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import operators  # noqa: E402
+import scoreflow  # noqa: E402
+
+TASK = os.path.join(ROOT, "tests", "data", "parity_task.py")
+TINY = ["--bench", TASK, "--n-validate", "2", "--n-test", "1", "-k", "3", "--iterations", "1", "--pairs", "4",
+        "--grad-accum", "2", "--gen-max-tokens", "48", "--exec-max-tokens", "24", "--regen-rounds", "0",
+        "--lr", "5e-3", "--no-baselines", "--max-calls", "4"]
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+def test_fewshot_prompt_prefills_header_to_colon():
+    p = scoreflow.fewshot_prompt("math", "What is 1 + 1?")
+    # token healing: the prefill ends at '):' so the first sampled token carries the newline+indent
+    assert p.endswith("Problem: What is 1 + 1?\n<graph>\nclass Workflow:\n    async def run_workflow(self):")
+    for _, steps in scoreflow.FEWSHOT["math"]:  # every example is a valid workflow of the set
+        body = "\n" + scoreflow._fewshot_block("q", steps).split(scoreflow.RUN_LINE)[1].split("</graph>")[0]
+        assert operators.validate_workflow(scoreflow.assemble("math", body), "math") == (True, "")
+    comps = {">".join(s[1] for s in steps) for _, steps in scoreflow.FEWSHOT["math"]}
+    assert len(comps) == len(scoreflow.FEWSHOT["math"])  # different operator compositions
+
+
+def test_fewshot_examples_valid_for_every_set():
+    for set_name, examples in scoreflow.FEWSHOT.items():
+        for q, steps in examples:
+            body = "\n" + scoreflow._fewshot_block(q, steps).split(scoreflow.RUN_LINE)[1].split("</graph>")[0]
+            ok, reason = operators.validate_workflow(scoreflow.assemble(set_name, body), set_name)
+            assert ok, (set_name, q, reason)
+
+
+def test_repair_keeps_valid_leading_calls_and_returns_last_variable():
+    body = ('\n        a = await self.programmer(analysis="x")\n        b = await self.custom(instruction="y")\n'
+            '        c = await self.nonexistent(z=b)\n        return a + b\n')
+    fixed = scoreflow.repair_body("math", body)
+    assert fixed == ('\n        a = await self.programmer(analysis="x")\n        b = await self.custom(instruction="y")\n'
+                     '        return b\n')
+    assert operators.validate_workflow(scoreflow.assemble("math", fixed), "math")[0]
+    assert scoreflow.repair_body("math", "\n        return 3\n") is None
+    assert scoreflow.repair_body("math", "\n        x = await self.foo()\n") is None
+
+
+def test_composition_and_rule_extract():
+    code = scoreflow.assemble("math", '\n        a = await self.custom(instruction="s")\n'
+                              '        b = await self.programmer(analysis=a)\n'
+                              '        c = await self.sc_ensemble(solutions=[a, b])\n        return c\n')
+    assert scoreflow.composition(code) == "custom>programmer>sc_ensemble"
+    assert scoreflow.rule_extract("```python\nprint(1)\n```\nOutput: 1,250", "math") == "\\boxed{1250}"
+    assert scoreflow.rule_extract("so \\boxed{7} and 8", "math") == "so \\boxed{7} and 8"
+    assert scoreflow.rule_extract("Paris 1900", "qa") == "Paris 1900"
+    assert scoreflow.rule_extract("x = -3/6", "math") == "\\boxed{-3/6}"
+
+
+def test_make_pairs_drops_ties_and_left_out_workflows():
+    cfg = scoreflow.RunConfig(pairs=50)
+    recs = [dict(problem_id="p", prompt="P", completion=f"w{i}", valid=v, key=f"k{i}")
+            for i, v in enumerate([True, True, True, False, True])]
+    scores = {"k0": {"score": 1.0}, "k1": {"score": 0.5}, "k2": {"score": 0.5}, "k4": {"score": None}}
+    eligible, drawn = scoreflow.make_pairs(cfg, recs, scores, seed=0)
+    # k0 > k1, k0 > k2, k0 > k3 (invalid: 0), k1 > k3, k2 > k3; k1 = k2 tie dropped; k4 left out
+    assert sorted((p.chosen, p.rejected) for p in eligible) == sorted(
+        [("w0</graph>", "w1</graph>"), ("w0</graph>", "w2</graph>"), ("w0</graph>", "w3</graph>"),
+         ("w1</graph>", "w3</graph>"), ("w2</graph>", "w3</graph>")])
+    assert len(drawn) == 50 and all(p.chosen_score > p.rejected_score for p in drawn)
+
+
+def test_svg_plot_is_wellformed_xml():
+    import xml.etree.ElementTree as ET
+    svg = scoreflow.svg_plot({"a": [(0, 0.1), (1, 0.5)], "b": [(0, 1.0)]}, "t & <u>".replace("&", "and")
+                             .replace("<", "").replace(">", ""))
+    root = ET.fromstring(svg)
+    assert root.tag.endswith("svg") and len(root.findall(".//{http://www.w3.org/2000/svg}polyline")) == 1
+
+
+def run_cli(args, timeout=600, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scoreflow.py")] + args, cwd=kw.pop("cwd", ROOT),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "1"], "-k must be >= 2"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--executor-url", "http://127.0.0.1:9/v1"], "--executor-url and --executor-model go together"),
+    (["--bench", "nosuchbench"], "not a benchmark name or a task file"),
+    (["--resume", "/nonexistent-run"], "no config.json there"),
+    (["--gen-top-p", "0"], "--gen-top-p"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, args, message):
+    r = run_cli(args + ["--run-dir", str(tmp_path / "run")] if "--resume" not in args else args, timeout=60)
+    assert r.returncode == 2 and message in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# --- the whole program -----------------------------------------------------------------------------
+
+def test_tiny_run_end_to_end(tmp_path):
+    """Real embedded generator, real local server, real sandbox, real Score-DPO: every artifact is
+    written and the trained adapter changes the generator."""
+    run_dir = tmp_path / "run"
+    r = run_cli(TINY + ["--run-dir", str(run_dir)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("config.json", "plan.json", "metrics.json", "report.md", "solve_rate.svg", "calls.sqlite",
+              "iter0/workflows.jsonl", "iter0/scores.json", "iter0/pairs.jsonl",
+              "iter0/train/adapter/adapter_model.safetensors", "iter0/train/adapter/adapter_config.json",
+              "test/gen1.json"):
+        assert (run_dir / f).exists(), f
+    recs = [json.loads(line) for line in open(run_dir / "iter0/workflows.jsonl")]
+    assert len(recs) == 2 * 3 and all(r["prompt"].endswith("async def run_workflow(self):") for r in recs)
+    metrics = json.load(open(run_dir / "metrics.json"))
+    it = metrics["iterations"][0]
+    assert it["pairs"] == 4 and it["eligible_pairs"] >= 1 and len(it["loss_curve"]) == 2
+    assert metrics["executor"]["total"]["calls"] > 0
+    report = open(run_dir / "report.md").read()
+    assert "## Test split" in report and "solve_rate.svg" in report
+
+    # the adapter moved the generator: log-probs of a trained pair's chosen text differ from the base
+    import torch
+    import model as M
+    import score_dpo
+    mdl, tok = M.load(None, device="cpu", dtype=torch.float32)
+    pair = score_dpo.read_pairs(str(run_dir / "iter0/pairs.jsonl"))[0]
+    p_ids, c_ids = tok.encode(pair.prompt), tok.encode(pair.chosen)
+    with torch.no_grad():
+        base = M.token_logprobs(mdl, [p_ids], [c_ids])[0].sum()
+        M.load_adapter(mdl, str(run_dir / "iter0/train/adapter"))
+        tuned = M.token_logprobs(mdl, [p_ids], [c_ids])[0].sum()
+    assert abs(float(tuned - base)) > 1e-3
+
+
+def _cache_keys(run_dir):
+    path = os.path.join(run_dir, "calls.sqlite")
+    if not os.path.exists(path):
+        return set()
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        return {k for (k,) in con.execute("SELECT key FROM calls")}
+    finally:
+        con.close()
+
+
+def _served(log_path):
+    with open(log_path) as fh:
+        return sum("POST /v1/chat/completions" in line for line in fh)
+
+
+@pytest.mark.slow
+def test_kill9_mid_execution_and_mid_training_then_resume(tmp_path):
+    """SIGKILL the run while it executes workflows and again while it trains; --resume finishes it.
+    An external `scoreflow.py serve --verbose` logs every request it answers: after each resume the
+    requests it answers equal the calls newly added to the journal, so no finished call is asked again."""
+    log_path = tmp_path / "server.log"
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "scoreflow.py"), "serve", "--port", "0", "--verbose"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
+    try:
+        line = server.stdout.readline()  # "serving NAME at URL"
+        name, url = line.split(" at ")[0].split()[-1], line.split(" at ")[1].strip()
+        run_dir = str(tmp_path / "run")
+        args = TINY + ["--executor-url", url, "--executor-model", name, "--n-validate", "3", "--pairs", "16",
+                       "--grad-accum", "1", "--exec-max-tokens", "64"]
+
+        def start(extra):
+            return subprocess.Popen([sys.executable, os.path.join(ROOT, "scoreflow.py")] + extra, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+        def kill_when(proc, cond, what):
+            t0 = time.time()
+            while not cond():
+                assert proc.poll() is None, f"run ended before {what}: {proc.stderr.read()[-2000:]}"
+                assert time.time() - t0 < 600, f"never reached {what}"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+        # 1) kill while executing: some calls journaled, scores not yet written
+        p = start(args + ["--run-dir", run_dir])
+        kill_when(p, lambda: len(_cache_keys(run_dir)) >= 3 and not os.path.exists(f"{run_dir}/iter0/scores.json"),
+                  "mid-execution")
+        assert not os.path.exists(f"{run_dir}/iter0/scores.json")
+        # 2) resume, kill while training: the reference log-probs are saved, the adapter is not
+        keys, served = _cache_keys(run_dir), _served(log_path)
+        p = start(["--resume", run_dir])
+        kill_when(p, lambda: os.path.exists(f"{run_dir}/iter0/train/ref_logps.pt")
+                  and not os.path.exists(f"{run_dir}/iter0/train/adapter"), "mid-training")
+        new_keys = _cache_keys(run_dir) - keys
+        assert keys <= _cache_keys(run_dir)
+        assert _served(log_path) - served == len(new_keys), "a journaled call was asked again"
+        # 3) resume to the end
+        keys, served = _cache_keys(run_dir), _served(log_path)
+        p = start(["--resume", run_dir])
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        assert _served(log_path) - served == len(_cache_keys(run_dir) - keys)
+        for f in ("iter0/scores.json", "iter0/pairs.jsonl", "iter0/train/adapter/adapter_config.json",
+                  "test/gen1.json", "report.md"):
+            assert os.path.exists(os.path.join(run_dir, f)), f
+        metrics = json.load(open(f"{run_dir}/metrics.json"))
+        assert metrics["iterations"][0]["pairs"] == 16
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
