@@ -10,7 +10,10 @@ recommended lookup, not the official one by entry_point).
 §4 "Training scorers / HumanEval": the candidate is exec'd with math, hashlib, re and the typing
 names preloaded (for decode_cyclic, decode_shift and find_zero the prompt's helper goes first),
 then `test`, then check(entry_point) runs with a 40 s timeout; pass = 1. Here the program runs in
-executor.run_python, a separate isolated process, never in ours (SCOREFLOW.md §10.10). The workflow's
+executor.run_python, a separate isolated process, never in ours (SCOREFLOW.md §10.10). Pass means
+exit 0 AND a fresh random marker, printed after check() returns, in stdout: a clean exit alone
+(sys.exit(0) in the candidate) is not a pass. Not covered: candidate code that reads the program's
+own source (main.py) for the marker, or results that fake equality (__eq__ always True). The workflow's
 code operators return sanitised code; the scorer only unwraps a ``` fenced block.
 
 Data: the ScoreFlow files humaneval_{validate,test}.jsonl, or any file with {task_id, prompt,
@@ -24,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import secrets
 import sys
 
 import executor
@@ -115,25 +119,41 @@ def helper_of(prompt: str, entry_point: str) -> str:
     return prompt[:prompt.find(f"def {entry_point}(")]
 
 
-def program(answer: str, problem: Problem) -> str:
-    """The checking program: preloads, helper, candidate, hidden test, check(entry_point)."""
+def program(answer: str, problem: Problem, marker: str) -> str:
+    """The checking program: preloads, helper, candidate, hidden test, check(entry_point), then the
+    pass marker, printed only once check() has returned."""
     ep = problem.extra["entry_point"]
     helper = helper_of(problem.question, ep) if ep in HELPER_ENTRY_POINTS else ""
-    return f"{PRELOAD}{helper}\n{extract_code(answer, ep)}\n\n{problem.gold}\n\ncheck({ep})\n"
+    return f"{PRELOAD}{helper}\n{extract_code(answer, ep)}\n\n{problem.gold}\n\ncheck({ep})\n{passed(marker)}"
 
 
-def run_program(source: str, timeout: float) -> tuple[float, str]:
-    """(1.0, "passed") or (0.0, why); raises ScoringError when the sandbox itself failed."""
+def new_marker() -> str:
+    """A fresh pass marker per run: candidate code cannot print it in advance, so an early exit(0),
+    os._exit(0) or SystemExit(0) (a clean exit before check() has run) does not score."""
+    return "scoreflow-check-passed-" + secrets.token_hex(16)
+
+
+def passed(marker: str) -> str:
+    """The program's last line: prints the marker (reached only after check() returned)."""
+    return f"print({marker!r}, flush=True)\n"
+
+
+def run_program(source: str, timeout: float, marker: str) -> tuple[float, str]:
+    """(1.0, "passed") if the run exits 0 AND printed `marker`, else (0.0, why); raises ScoringError
+    when the sandbox itself failed (not evidence about the code)."""
     result = executor.run_python(source, timeout=timeout)
     if result.status == "internal":
         raise ScoringError(f"sandbox internal failure: {result.stderr[-300:]}")
-    if result.status == "ok" and result.exit_code == 0:
+    if result.status == "ok" and result.exit_code == 0 and marker in result.stdout:
         return 1.0, "passed"
+    if result.status == "ok":
+        return 0.0, "exit: the program exited 0 before check() finished (no pass marker)"
     return 0.0, f"{result.status}: {result.reason[:200]}"
 
 
 def verdict(answer: str, problem: Problem) -> tuple[float, str]:
-    return run_program(program(answer, problem), TIMEOUT)
+    marker = new_marker()
+    return run_program(program(answer, problem, marker), TIMEOUT, marker)
 
 
 def score(answer: str, problem: Problem) -> float:

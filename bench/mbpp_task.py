@@ -11,7 +11,8 @@ when there is no file, the public test is test_list[0] with the entry point rena
 rule that reproduces the file's other 422 records; each such repair is reported on stderr.
 
 §4 "Training scorers / MBPP": as HumanEval (math, hashlib, re and typing preloaded, plus the
-record's test_imports), but check() takes no argument and the timeout is 15 s.
+record's test_imports), but check() takes no argument and the timeout is 15 s. Pass = exit 0 and
+the fresh marker printed after check() (humaneval_task.run_program).
 
 Data: the ScoreFlow files mbpp_{validate,test}.jsonl and the public layouts ({text, code, task_id,
 test_list, test_setup_code} and the sanitized {prompt, code, task_id, test_imports, test_list}),
@@ -26,7 +27,7 @@ import sys
 
 from bench import (Problem, bad_record, build_problems, check_split, field_of, no_data, read_records,
                    resolve_data)
-from bench.humaneval_task import PRELOAD, extract_code, run_program
+from bench.humaneval_task import PRELOAD, extract_code, new_marker, passed, run_program
 
 NAME = "mbpp"
 OPERATOR_SET = "code"
@@ -104,14 +105,16 @@ def _entry_point(code: str, first_test: str) -> str:
     raise ValueError("no field 'entry_point', and no function of 'code' is called by test_list[0]")
 
 
-def program(answer: str, problem: Problem) -> str:
+def program(answer: str, problem: Problem, marker: str) -> str:
+    """Preloads, test_imports, candidate, hidden test, check(), then the pass marker (as HumanEval)."""
     ep = problem.extra["entry_point"]
     imports = "".join(f"{line}\n" for line in problem.extra.get("test_imports", []))
-    return f"{PRELOAD}{imports}\n{extract_code(answer, ep)}\n\n{problem.gold}\n\ncheck()\n"
+    return f"{PRELOAD}{imports}\n{extract_code(answer, ep)}\n\n{problem.gold}\n\ncheck()\n{passed(marker)}"
 
 
 def verdict(answer: str, problem: Problem) -> tuple[float, str]:
-    return run_program(program(answer, problem), TIMEOUT)
+    marker = new_marker()
+    return run_program(program(answer, problem, marker), TIMEOUT, marker)
 
 
 def score(answer: str, problem: Problem) -> float:

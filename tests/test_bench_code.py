@@ -65,8 +65,43 @@ def test_humaneval_helper_rule_and_fences(humaneval):
 def test_failures_are_results_with_reasons(humaneval):
     p = humaneval["HumanEval/0"]
     assert humaneval_task.verdict("def has_close_elements(:", p)[1].startswith("error: SyntaxError")
-    score, why = humaneval_task.run_program("while True:\n    pass\n", timeout=1.0)
+    score, why = humaneval_task.run_program("while True:\n    pass\n", timeout=1.0, marker="m")
     assert score == 0.0 and why.startswith("timeout")
+
+
+# Candidates that end the program cleanly (exit status 0) before check() has run or finished: each
+# scored 1.0 when a clean exit counted as a pass. The fake line has the marker's shape, not its value.
+CHEATS = {
+    "sys.exit": "import sys\nsys.exit(0)\n",
+    "os._exit": "import os\nos._exit(0)\n",
+    "SystemExit": "raise SystemExit(0)\n",
+    "fake marker": "import sys\nprint('scoreflow-check-passed-' + '0' * 32, flush=True)\nsys.exit(0)\n",
+    # a wrong solution whose failing check() is turned into exit 0 by an at-exit hook
+    "atexit": "import atexit, os\natexit.register(os._exit, 0)\ndef {ep}(*args):\n    return None\n",
+}
+
+
+@pytest.mark.parametrize("task_name,task_id", [("humaneval", "HumanEval/0"), ("mbpp", "2")])
+def test_clean_exit_before_check_is_not_a_pass(task_name, task_id, humaneval, mbpp):
+    task, p = (humaneval_task, humaneval[task_id]) if task_name == "humaneval" else (mbpp_task, mbpp[task_id])
+    good = _canonical(p) if task_name == "humaneval" else p.extra["hidden_reference_code"]
+    assert task.verdict(good, p) == (1.0, "passed")
+    for name, cheat in CHEATS.items():
+        score, why = task.verdict(cheat.replace("{ep}", p.extra["entry_point"]), p)
+        assert score == 0.0, (task_id, name, why)
+        assert why.startswith("exit: the program exited 0 before check() finished"), (task_id, name, why)
+    # the same cheat appended to a correct solution still scores 0: the exit comes before check()
+    assert task.score(good + "\n" + CHEATS["sys.exit"], p) == 0.0
+
+
+def test_marker_is_fresh_and_printed_only_after_check(humaneval):
+    assert humaneval_task.new_marker() != humaneval_task.new_marker()
+    p = humaneval["HumanEval/0"]
+    source = humaneval_task.program(_canonical(p), p, "MARK")
+    assert source.index("check(has_close_elements)") < source.index("print('MARK'") == len(source) - len("print('MARK', flush=True)\n")
+    # exit 0 with the marker missing (a different one expected) is not a pass
+    assert humaneval_task.run_program(source, 40.0, "OTHER")[0] == 0.0
+    assert humaneval_task.run_program(source, 40.0, "MARK") == (1.0, "passed")
 
 
 def test_mbpp_reference_and_mutated_subset(mbpp):
