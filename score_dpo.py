@@ -335,7 +335,7 @@ class TrainResult:
     steps: int              # optimizer steps taken in total (this call and any resumed part)
     pairs: int              # pairs trained on (epochs × pairs)
     truncated: int          # pairs with a truncated prompt or completion
-    history: list           # one dict per optimizer step: step, loss, margin, lr, grad_norm
+    history: list           # one dict per optimizer step: step, loss, margin, lr, grad_norm, seconds
     ref_seconds: float      # time computing the reference log-probs
     train_seconds: float    # time in the training loop (this call)
     adapter_dir: str        # the final adapter, PEFT layout
@@ -514,6 +514,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         batch = order[k * per_step:(k + 1) * per_step]       # this step's pairs, all ranks
         mine = batch[rank::world]
         losses, margins = [], []
+        t_step = time.time()
         for i in mine:
             with autocast():
                 c, r = pair_token_logps(model, *encoded[i][:3])
@@ -545,7 +546,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         optimizer.zero_grad(set_to_none=True)
         step += 1
         history.append({"step": step, "loss": mean_loss, "margin": mean_margin, "lr": lr,
-                        "grad_norm": float(grad_norm)})
+                        "grad_norm": float(grad_norm), "seconds": time.time() - t_step})
         end_of_epoch = step % steps_per_epoch == 0
         if end_of_epoch or (cfg.save_every and step % cfg.save_every == 0):
             checkpoint()

@@ -349,7 +349,8 @@ def test_pair_token_logps_match_transformers_float64(smol, exported):
     own float64 logit agreement (~1e-5 at the time of writing), far below an off-by-one (~1)."""
     ours, tok = M.load(exported, dtype=torch.float64)
     hf = transformers_model(exported, torch.float64)
-    for p in TRAIN_PAIRS[:2]:
+    # the last pair has an empty chosen text (just EOS) and a one-token rejected: the second pass is 1 token
+    for p in TRAIN_PAIRS[:2] + [Pair("d", CHAT.format("Hi"), "", "Ok", 0.5, 0.0)]:
         prompt, chosen, rejected, _ = encode_pair(tok, p)
         with torch.no_grad():
             got_c, got_r = pair_token_logps(ours, prompt, chosen, rejected)
@@ -577,3 +578,48 @@ def test_dpo_loss_flag_and_config_errors(smol, tmp_path):
         TrainConfig(grad_accum=0)
     with pytest.raises(ValueError, match="no pairs"):
         train(a, smol[1], [], TrainConfig(), str(tmp_path / "c"))
+
+
+DDP_SCRIPT = r'''
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+import model as M, score_dpo as S
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+m, tok = M.load(None)
+m.eval()
+pairs = S.read_pairs(sys.argv[2])
+cfg = S.TrainConfig(**json.loads(sys.argv[3]))
+res = S.train(m, tok, pairs, cfg, sys.argv[4])
+if dist.get_rank() == 0:
+    json.dump(res.history, open(sys.argv[4] + "/history.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+def test_ddp_two_gloo_processes_equal_one_process_with_accumulation(smol, tmp_path):
+    """torchrun, 2 CPU processes (gloo), 1 pair per rank per step == 1 process with grad_accum 2."""
+    import subprocess
+    import sys
+    pairs = TRAIN_PAIRS[:2] * 2  # 4 pairs: 2 steps of 2
+    write_pairs(str(tmp_path / "pairs.jsonl"), pairs)
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    common = dict(lr=3e-3, epochs=1, log_every=0, seed=3)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc-per-node", "2", str(tmp_path / "ddp.py"), os.path.dirname(score_dpo.__file__),
+                           str(tmp_path / "pairs.jsonl"), json.dumps(dict(common, grad_accum=1)), str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 2" in proc.stderr
+    single = fresh(smol)
+    res = train(single, smol[1], pairs, TrainConfig(**common, grad_accum=2), str(tmp_path / "one"), log=io.StringIO())
+    ddp_hist = json.loads((out / "history.json").read_text())
+    assert len(ddp_hist) == res.steps == 2
+    for a, b in zip(ddp_hist, res.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    ddp = M.lora_state_dict(M.load_adapter(fresh(smol), str(out / "adapter")))
+    for k, v in M.lora_state_dict(single).items():
+        torch.testing.assert_close(ddp[k], v.detach(), rtol=0, atol=1e-5)
