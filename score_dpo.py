@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import model as M
+
 # --- preference pairs and d-sampling (SCOREFLOW.md §5) ------------------------------------------
 
 
@@ -385,7 +387,6 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
       and every cfg.save_every steps), adapter/ (the final adapter, PEFT layout). With resume=True a
       run continues from ckpt/ if its fingerprint (pairs + settings) matches, else it is an error.
     """
-    import model as M  # noqa: PLC0415
     cfg = cfg or TrainConfig()
     log = sys.stderr if log is None else log
     if not pairs:
@@ -445,6 +446,10 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         saved = torch.load(ref_path, map_location="cpu")
         if saved.get("fingerprint") == fingerprint:
             ref = saved["ref_logps"]
+    if dist:  # every rank looked before any can write: all load, or all compute (a collective below)
+        have = torch.tensor([float(ref is not None)], device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        ref = ref if have.item() == 1.0 else None
     if ref is None:
         if resume and os.path.exists(state_path):
             raise ValueError(f"{out_dir}: a checkpoint exists but ref_logps.pt is missing or for other pairs/settings;"
@@ -529,14 +534,13 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
             (loss.sum() / len(batch)).backward()  # the step's loss is the mean over all its pairs
             losses.append(float(loss.detach()))
             margins.append(float(r_w - r_l))
-        if dist:
-            stats = torch.tensor([sum(losses), sum(margins)], device=device)
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            dist.all_reduce(stats)
-            mean_loss, mean_margin = (float(x) / len(batch) for x in stats)
+        if dist:  # sum the LoRA gradients and the stats over ranks, in one flat buffer
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([sum(losses), sum(margins)], device=device)])
+            dist.all_reduce(flat)
+            for p, g in zip(params, flat[:-2].split([g.numel() for g in grads])):
+                p.grad = g.view_as(p).clone()
+            mean_loss, mean_margin = (float(x) / len(batch) for x in flat[-2:])
         else:
             mean_loss, mean_margin = sum(losses) / len(batch), sum(margins) / len(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
