@@ -795,9 +795,9 @@ class Review(_Operator):
 
 
 class Programmer(_Operator):
-    """programmer(analysis) -> code with solve() and its output, run in the sandbox, errors fed back.
-    The official operator refuses imports of os, sys, subprocess and the like because it runs code
-    in a plain subprocess; executor.run_python contains them, so nothing is refused here."""
+    """programmer(analysis) -> code and its output, run in the sandbox, errors fed back. The model may
+    write a solve() returning the answer or a program printing it (small executors rarely follow the
+    solve() contract); see runnable_program."""
     name = "Programmer"
 
     async def run(self, analysis: str = "None"):
@@ -805,22 +805,50 @@ class Programmer(_Operator):
         for attempt in range(o.programmer_attempts):
             prompt = (f"{_problem_text(self.ctx.problem)}\n\nAnalysis so far:\n{analysis}\n\n"
                       + (f"Your previous code failed:\n```python\n{code}\n```\nError:\n{error}\n\n" if error else "")
-                      + "Write Python code that defines a function solve() taking no arguments and returning "
-                        "the final answer. Use only the standard library. Reply with one ```python code block.")
+                      + "Write a short Python program that computes the final answer: a function solve() taking "
+                        "no arguments and returning it, or code that prints it. Use only the standard library. "
+                        "Reply with one ```python code block.")
             reply = await self.ctx.chat(self.name, prompt)
-            code = sanitize_code(reply, "solve")
-            run = await asyncio.to_thread(executor.run_python, code + "\n\nprint(solve())\n",
-                                          timeout=o.program_timeout)
+            code = runnable_program(reply)
+            run = await asyncio.to_thread(executor.run_python, code, timeout=o.program_timeout)
             if run.status == "internal":
                 raise SandboxFailure(run.reason)
-            if run.status == "ok":
+            if run.status == "ok" and run.stdout.strip():
                 output = run.stdout.strip()[:2000]
                 break
-            error = (run.stderr.strip()[-1000:] or run.reason)
-            self.ctx.note(f"Programmer: attempt {attempt + 1} {run.status}: {run.reason[:120]}")
+            error = (run.stderr.strip()[-1000:] or run.reason or "the program printed nothing")
+            self.ctx.note(f"Programmer: attempt {attempt + 1} {run.status}: {error[:120]}")
         else:
             output = f"(no successful run; last error: {error[-300:]})"
         return f"```python\n{code}\n```\nOutput: {output}"
+
+
+def runnable_program(reply: str) -> str:
+    """The program Programmer runs from a reply: with a solve() that needs no arguments, the
+    sanitized solve() and `print(solve())`; otherwise the reply's code block as a whole program
+    (its longest parsing prefix), plus a print of the last argument-free function it defines and
+    never calls at top level (small models often define main() and stop)."""
+    code = sanitize_code(reply, "solve")
+    try:
+        fns = {n.name: n for n in ast.parse(code).body if isinstance(n, ast.FunctionDef)}
+    except SyntaxError:
+        fns = {}
+    solve = fns.get("solve")
+    if solve is not None and not (solve.args.args or solve.args.posonlyargs or solve.args.kwonlyargs):
+        return code + "\n\nprint(solve())\n"
+    blocks = re.findall(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\n(.*?)(?:```|$)", reply, re.S)
+    lines = (max(blocks, key=len) if blocks else reply).splitlines()
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        program = "\n".join(lines[:end])
+        called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        free = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.args.args
+                and not n.args.posonlyargs and not n.args.kwonlyargs and n.name not in called]
+        return program + (f"\n\nprint({free[-1]}())\n" if free else "")
+    return code
 
 
 class CustomCodeGenerate(_Operator):

@@ -172,3 +172,20 @@ def test_runnable_check_trial_run_and_extractor(client):
     answer = go(O.extract_answer("So the total is 42 apples.", Problem("How many apples?"), client, "math",
                                  options=OPTS))
     assert answer.startswith("\\boxed{") and answer.endswith("}")
+
+
+def test_runnable_program_forms():
+    """Programmer runs solve(), a printing program, or an uncalled argument-free function; for real."""
+    import executor
+    cases = {
+        "```python\ndef solve():\n    return 6 * 7\n```": "42",
+        "```python\nx = 6 * 7\nprint(f'The answer is {x}')\n```": "The answer is 42",
+        "```python\ndef main():\n    return 6 * 7\n```\nThis computes it.": "42",
+        "```python\ndef helper(a):\n    return a * 7\n\ndef main():\n    print(helper(6))\n\nmain()\n```": "42",
+    }
+    for reply, want in cases.items():
+        run = executor.run_python(O.runnable_program(reply), timeout=10)
+        assert run.status == "ok" and run.stdout.strip() == want, (reply, run.stdout, run.stderr)
+    # a solve(n) that needs arguments is not called blindly: the program prints nothing
+    run = executor.run_python(O.runnable_program("```python\ndef solve(n):\n    return n\n```"), timeout=10)
+    assert run.status == "ok" and run.stdout.strip() == ""
