@@ -50,8 +50,8 @@ class RunConfig:
     run_dir: str | None = None          # where everything goes (default runs/<bench>-<time>)
     seed: int = 0                       # seeds sampling, pair draws, shuffling and generation (§10.9)
     iterations: int = 2                 # paper: up to 3; the official README trains 2
-    n_validate: int = 16                # validate problems used for optimisation (0 = all)
-    n_test: int = 24                    # test problems evaluated (0 = all)
+    n_validate: int = 8                 # validate problems used for optimisation (0 = all)
+    n_test: int = 12                    # test problems evaluated (0 = all)
     device: str = "cpu"
     dtype: str = "float32"
     # generator
@@ -60,23 +60,23 @@ class RunConfig:
     k: int = 4                          # workflows per problem (paper: 8)
     gen_temperature: float = 0.8        # paper: 0.2
     gen_top_p: float = 0.95             # paper: 0.95
-    gen_max_tokens: int = 160           # paper: 1000
+    gen_max_tokens: int = 128           # paper: 1000
     regen_rounds: int = 2               # runnable-check rounds for rejected samples (paper: 501)
     # executor
     executor_url: str | None = None     # OpenAI-compatible base URL (None: start our local server)
     executor_model: str | None = None   # model name at that endpoint
     api_key: str | None = None          # bearer key (default: $OPENAI_API_KEY for a remote endpoint)
     exec_temperature: float = 0.0       # paper: 0 (GPT-4o-mini)
-    exec_max_tokens: int = 200          # paper: 4096
+    exec_max_tokens: int = 128          # paper: 4096
     runs: int = 1                       # executor runs per workflow (paper: 3)
     concurrency: int = 32               # workflows executed at once
     workflow_timeout: float = 120.0     # seconds per workflow run (paper: 120 math/QA, 240 code)
-    max_calls: int = 12                 # operator calls per workflow run
+    max_calls: int = 8                  # operator calls per workflow run
     extractor: str = "rule"             # rule (ours) | llm (the paper's Extractor call, SCOREFLOW.md §3)
     budget_usd: float | None = None     # hard cap on executor cost (None: none)
     budget_tokens: int | None = None    # hard cap on executor tokens (None: none)
     # pairs and training
-    pairs: int = 48                     # pairs drawn per iteration (paper: 2000; 600 for HumanEval)
+    pairs: int = 32                     # pairs drawn per iteration (paper: 2000; 600 for HumanEval)
     d_power: float = 3.0                # d(x, y) = (x - y)^power; 0 = uniform (paper: 3)
     loss: str = "score-dpo"             # score-dpo | dpo (the paper's ablation)
     beta: float = 0.1                   # paper: 0.1
@@ -878,8 +878,8 @@ def build_parser():
     g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
     g.add_argument("--seed", type=int, help="seeds generation, pair draws and training (default 0)")
     g.add_argument("--iterations", type=int, help="optimisation iterations (default 2; paper: up to 3)")
-    g.add_argument("--n-validate", type=int, help="validate problems used, 0 = all (default 16; paper: all)")
-    g.add_argument("--n-test", type=int, help="test problems evaluated, 0 = all (default 24; paper: all)")
+    g.add_argument("--n-validate", type=int, help="validate problems used, 0 = all (default 8; paper: all)")
+    g.add_argument("--n-test", type=int, help="test problems evaluated, 0 = all (default 12; paper: all)")
     g.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip CoT, IO and per-iteration test evaluations (only the final generator is tested)")
     g.add_argument("--device", help="torch device for our models (default cpu)")
@@ -891,7 +891,7 @@ def build_parser():
     g.add_argument("-k", "--k", type=int, help="workflows per problem (default 4; paper: 8)")
     g.add_argument("--gen-temperature", type=float, help="(default 0.8; paper: 0.2)")
     g.add_argument("--gen-top-p", type=float, help="(default 0.95; paper: 0.95)")
-    g.add_argument("--gen-max-tokens", type=int, help="(default 160; paper: 1000)")
+    g.add_argument("--gen-max-tokens", type=int, help="(default 128; paper: 1000)")
     g.add_argument("--regen-rounds", type=int, help="regeneration rounds for rejected samples (default 2; paper: 501)")
     g = p.add_argument_group("executor")
     g.add_argument("--executor-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 "
@@ -899,17 +899,17 @@ def build_parser():
     g.add_argument("--executor-model", help="model name at --executor-url (required with it)")
     g.add_argument("--api-key", help="bearer key (default $OPENAI_API_KEY)")
     g.add_argument("--exec-temperature", type=float, help="(default 0; paper: 0)")
-    g.add_argument("--exec-max-tokens", type=int, help="tokens per executor reply (default 200; paper: 4096)")
+    g.add_argument("--exec-max-tokens", type=int, help="tokens per executor reply (default 128; paper: 4096)")
     g.add_argument("--runs", type=int, help="executor runs per workflow (default 1: our local executor at "
                    "temperature 0 repeats itself; paper: 3)")
     g.add_argument("--concurrency", type=int, help="workflow runs in flight (default 32)")
     g.add_argument("--workflow-timeout", type=float, help="seconds per workflow run (default 120; paper: 120, code 240)")
-    g.add_argument("--max-calls", type=int, help="operator calls per workflow run (default 12)")
+    g.add_argument("--max-calls", type=int, help="operator calls per workflow run (default 8)")
     g.add_argument("--extractor", choices=["rule", "llm"], help="final-answer extraction (default rule; paper: llm)")
     g.add_argument("--budget-usd", type=float, help="hard cap on executor dollars; stops at a resumable point")
     g.add_argument("--budget-tokens", type=int, help="hard cap on executor tokens")
     g = p.add_argument_group("pairs and training")
-    g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 48; paper: 2000, HumanEval 600)")
+    g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 32; paper: 2000, HumanEval 600)")
     g.add_argument("--d-power", type=float, help="d(x, y) = (x - y)^power; 0 = uniform (default 3; paper: 3)")
     g.add_argument("--loss", choices=["score-dpo", "dpo"], help="(default score-dpo; dpo is the paper's ablation)")
     g.add_argument("--beta", type=float, help="(default 0.1; paper: 0.1)")
