@@ -183,6 +183,9 @@ class PackedLinear(nn.Module):
         self.bits, self.group, self.max_rows = bits, group, max_rows
         w = torch.cat([x.detach().float() for x in weights])  # (N, K)
         N, K = w.shape
+        if K % group or N % 16:
+            raise ValueError(f"pack_weights: a ({N}, {K}) weight does not fit int{bits} packing "
+                             f"(in features must divide by {group}, out features by 16)")
         if bits == 4:
             wg = w.view(N, K // group, group)
             lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/group)
@@ -860,8 +863,14 @@ def sample_tokens(logits, temperature, top_k, top_p, uniforms):
         return greedy
     probs = torch.softmax(logits / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # (B, V)
     if bool(((top_p < 1) | (top_k > 0)).any()):
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * top_k_top_p_mask(probs, top_k, top_p)
+        # the kept tokens are nearly always among the few most likely: sort only the top k when
+        # they hold every row's top-p mass (or its top-k fits), else more, else everything
+        V, k_max = probs.shape[-1], int(top_k.max())
+        for k in sorted({min(V, max(64, k_max)), min(V, max(1024, k_max)), V}):
+            head, order = probs.topk(k, dim=-1)  # (B, k), descending
+            if bool((((top_p < 1) & (head.sum(-1) >= top_p)) | (top_k > 0) | ~hot).all()):
+                break
+        probs = head * top_k_top_p_mask(head, top_k, top_p)
     else:
         order = None
     cdf = probs.cumsum(-1)  # (B, V)

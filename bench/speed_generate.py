@@ -3,6 +3,11 @@ timed in the same run (interleaved repeats, median). Prints tok/s per side and t
 
     python bench/speed_generate.py                 # batch 1 and 32, fp32 and bf16, 2 threads
     python bench/speed_generate.py --packed        # also ours with int4-packed weights (pack_weights)
+    python bench/speed_generate.py --new-tokens 256 --batches 32 --dtypes bf16   # until eos, mostly
+
+With 64 new tokens nearly every row runs to the limit (a fixed-length test of the decode step);
+with 256 most rows end at eos first, where our generate drops finished rows and transformers
+keeps computing them.
 
 Tokens/s counts completion tokens up to and including each row's eos (transformers' padding after
 a finished row is not counted). Both sides decode greedily from the same token ids; the
@@ -27,15 +32,16 @@ TOPICS = ["a dragon who is afraid of fire", "how rainbows form", "the history of
           "a chess game between friends"]
 
 
-def prompts(tok, n):
+def prompts(tok, n, group=1):
+    """n chat prompts; with group k, n/k distinct prompts each repeated k times (k samples each)."""
     out = []
-    for i in range(n):
+    for i in range(0, n, group):
         ask = ["Write a story about", "Explain", "Write a poem about", "Give a detailed essay on"][i % 4]
-        out.append(tok.apply_chat([{"role": "user", "content": f"{ask} {TOPICS[i % len(TOPICS)]}."}]))
-    return out
+        out += [tok.apply_chat([{"role": "user", "content": f"{ask} {TOPICS[i % len(TOPICS)]}."}])] * group
+    return out[:n]
 
 
-def hf_generate(hf, tok, texts, max_new):
+def hf_generate(hf, tok, texts, max_new, temperature=0.0):
     """transformers generate on our token ids, left-padded; returns completion tokens counted to eos."""
     ids = [tok.encode(t) for t in texts]
     T = max(len(r) for r in ids)
@@ -43,8 +49,10 @@ def hf_generate(hf, tok, texts, max_new):
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in ids])
     eos = sorted(tok.eos_ids)
     with torch.no_grad():
-        out = hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
-                          eos_token_id=eos, pad_token_id=eos[0])[:, T:].tolist()
+        sampling = dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0) if temperature else \
+            dict(do_sample=False)
+        out = hf.generate(x, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos[0],
+                          **sampling)[:, T:].tolist()
     n = 0
     for row in out:
         ends = [i for i, t in enumerate(row) if t in tok.eos_ids]
@@ -52,8 +60,9 @@ def hf_generate(hf, tok, texts, max_new):
     return n, out
 
 
-def ours_generate(model, tok, texts, max_new):
-    res = M.generate(model, tok, texts, max_new_tokens=max_new)
+def ours_generate(model, tok, texts, max_new, temperature=0.0):
+    res = M.generate(model, tok, texts, max_new_tokens=max_new, temperature=temperature, top_p=0.95,
+                     seed=list(range(len(texts))))
     return sum(r.n_completion_tokens for r in res), [r.token_ids for r in res]
 
 
@@ -74,15 +83,20 @@ def bandwidth_gbs():
 
 
 def step_bytes(model):
-    """Bytes of weights one decode step reads (embedding rows excluded, lm_head included)."""
-    seen, total = set(), 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if "embed_tokens" in name or id(t) in seen or name.endswith("inv_freq"):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    if model.config.tie_embeddings:
-        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    """Bytes of weights one batch-1 decode step reads: the packed copies where pack_weights made
+    them, else the dense weights (lm_head included, embedding rows not)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, M.Attention) or isinstance(module, M.MLP):
+            packed = [module.packed_qkv, module.packed_o] if isinstance(module, M.Attention) else \
+                [module.packed_gate_up, module.packed_down]
+            if packed[0] is not None:
+                total += sum(p.packed.nbytes + p.scales.nbytes for p in packed)
+            else:
+                total += sum(p.numel() * p.element_size() for p in module.parameters())
+    head = model.packed_head
+    total += head.packed.nbytes + head.scales.nbytes if head is not None else \
+        model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     return total
 
 
@@ -92,18 +106,24 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)")
     ap.add_argument("--new-tokens", type=int, default=64, help="max new tokens per row (default 64)")
+    ap.add_argument("--samples-per-prompt", type=int, default=1,
+                    help="k: batch rows are batch/k prompts x k samples, sampled at temperature 0.8, "
+                         "top_p 0.95 (ScoreFlow's k workflows per problem); default 1 = distinct prompts, greedy")
+    ap.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side, median reported (default 3)")
     ap.add_argument("--packed", action="store_true", help="also time ours after pack_weights (int4, bf16)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
     transformers.logging.set_verbosity_error()
-    path = M.embedded_model_path()
+    path = args.model or M.embedded_model_path()
     bw = bandwidth_gbs()
+    how = (f"{args.samples_per_prompt} samples per prompt at temperature 0.8" if args.samples_per_prompt > 1
+           else "distinct prompts, greedy")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
-          f"copy bandwidth {bw:.1f} GB/s, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
+          f"copy bandwidth {bw:.1f} GB/s, max {args.new_tokens} new tokens, {how}, median of {args.repeats}")
     print(f"{'dtype':<6} {'batch':>5} {'ours':<8} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} "
-          f"{'ceiling b1':>10} {'same tokens':>11}")
+          f"{'ceiling b1':>10} {'ours/ceil':>9} {'same tokens':>11} {'tokens':>7}")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for dname in args.dtypes.split(","):
         dtype = dtypes[dname]
@@ -116,20 +136,23 @@ def main(argv=None):
             variants.append(("int4", (M.pack_weights(pm), ptok)))
         for batch in [int(b) for b in args.batches.split(",")]:
             for vname, (ours, tok) in variants:
-                texts = prompts(tok, batch)
+                k = min(args.samples_per_prompt, batch)
+                temp = 0.8 if k > 1 else 0.0
+                texts = prompts(tok, batch, k)
                 ours_generate(ours, tok, texts, 4)  # warm-up both
                 hf_generate(hf, tok, texts, 4)
                 o, h = [], []
                 for _ in range(args.repeats):
-                    r, ours_toks = timed(ours_generate, ours, tok, texts, args.new_tokens)
+                    r, ours_toks = timed(ours_generate, ours, tok, texts, args.new_tokens, temp)
                     o.append(r)
-                    r, hf_toks = timed(hf_generate, hf, tok, texts, args.new_tokens)
+                    r, hf_toks = timed(hf_generate, hf, tok, texts, args.new_tokens, temp)
                     h.append(r)
                 same = sum(a == b[:len(a)] for a, b in zip(ours_toks, hf_toks))
-                ceiling = bw * 1e9 / step_bytes(ours)
-                print(f"{dname:<6} {batch:>5} {vname:<8} {statistics.median(o):>10.1f} {statistics.median(h):>9.1f} "
-                      f"{statistics.median(o) / statistics.median(h):>5.2f}x {ceiling:>10.0f} {same:>6}/{batch}",
-                      flush=True)
+                ceiling = bw * 1e9 / step_bytes(ours)  # tok/s at batch 1 if only weight reads cost
+                mo, mh = statistics.median(o), statistics.median(h)
+                frac = f"{mo / ceiling:>9.2f}" if batch == 1 else f"{'-':>9}"
+                print(f"{dname:<6} {batch:>5} {vname:<8} {mo:>10.1f} {mh:>9.1f} {mo / mh:>5.2f}x {ceiling:>10.0f} "
+                      f"{frac} {same:>6}/{batch} {sum(map(len, ours_toks)):>7}", flush=True)
         del hf, variants
 
 

@@ -364,3 +364,48 @@ def test_runtime_imports_only_allowed_packages():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_pack_weights_int4_recovers_q4_1_and_keeps_greedy(exported):
+    """Packed int4 of a Q4_1 GGUF tensor reproduces it (bf16 scales aside); a packed model's
+    decode logits stay close to the dense bf16 model's, and packing refuses LoRA (and vice versa)."""
+    g = M.GGUFFile(M.embedded_model_path())
+    w = g.tensor("blk.3.ffn_up.weight")  # Q4_1 in the file
+    x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+    packed = M.PackedLinear([w], bits=4)
+    ref = x @ w.T
+    assert ((packed(x) - ref).abs().max() / ref.abs().max()).item() < 0.02  # bf16 compute
+    model, tok = M.load(exported, dtype=torch.bfloat16)
+    ids = ids_of(tok, PROMPTS[0])
+    with torch.no_grad():
+        dense = model(torch.tensor([ids]))[0, -1].float()
+        M.pack_weights(model)
+        cache = M.KVCache(model.config, 1, len(ids), "cpu", torch.bfloat16)
+        model.hidden(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], None, cache, 0)  # dense prefill
+        h = model.hidden(torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), None, cache, len(ids) - 1)
+        packed_logits = model.logits(h[0, -1]).float()  # a 1-row decode step: packed path
+    assert model.model.layers[0].self_attn.packed_qkv.packed.dtype == torch.uint8
+    assert packed_logits.argmax() == dense.argmax()
+    assert (packed_logits - dense).abs().max().item() < 0.1 * dense.abs().max().item()
+    with pytest.raises(ValueError, match="packed by pack_weights"):
+        M.add_lora(model)
+    fresh, _ = M.load(exported)
+    M.add_lora(fresh)
+    with pytest.raises(ValueError, match="has LoRA layers"):
+        M.pack_weights(fresh)
+
+
+def test_sample_tokens_short_sort_equals_full_sort():
+    """Sorting only the top 64 (when they hold the top-p mass) samples exactly as a full sort."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 1000, generator=g) * 4  # peaked enough for top-p 0.5 to fit in 64
+    temp, top_p, top_k = torch.full((64,), 0.7), torch.full((64,), 0.5), torch.zeros(64, dtype=torch.long)
+    u = torch.rand(64, generator=g)
+    got = M.sample_tokens(logits, temp, top_k, top_p, u)
+    probs, order = torch.softmax(logits / 0.7, -1).sort(-1, descending=True)
+    probs = probs * M.top_k_top_p_mask(probs, top_k, top_p)
+    cdf = probs.cumsum(-1)
+    want = order.gather(-1, torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])).squeeze(-1)
+    assert torch.equal(got, want)
+    top_p[0] = 1.0  # a row that needs the whole vocabulary forces the full sort, same answers
+    assert torch.equal(M.sample_tokens(logits, temp, top_k, top_p, u)[1:], want[1:])
