@@ -26,11 +26,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import bench
 import executor
