@@ -536,12 +536,21 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
 # Stages 3 and 4: pairs and Score-DPO (SCOREFLOW.md §5, §6, §7).
 
 
+def workflow_score(rec, scores):
+    """A sample's score: the mean of its runs if it passed the runnable check; 0 if it failed the
+    check by its own fault (an invalid workflow scores 0, as in the paper); None when there is no
+    evidence either way: no informative run, or the check hit an infrastructure failure (§10.7)."""
+    if rec["valid"]:
+        return scores.get(rec["key"], {}).get("score")
+    return None if rec["reason"].startswith("infra") else 0.0
+
+
 def make_pairs(cfg, recs, scores, seed):
     """All pairs with s_w > s_l per problem, then cfg.pairs drawn with P ∝ d (§5). The texts are
     the completions plus the stop string `</graph>` (§5 "Record")."""
     by_problem = {}
     for r in recs:
-        s = scores.get(r["key"], {}).get("score") if r["valid"] else 0.0  # an invalid workflow scores 0
+        s = workflow_score(r, scores)
         if s is None:
             continue  # no informative run: no evidence about this workflow (§10.7)
         by_problem.setdefault(r["problem_id"], []).append((r, s))
@@ -680,7 +689,7 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
                 r["key"] = f"test{g}:{r['problem_id']}"
             jobs = [(r["key"], r["code"], by_id[r["problem_id"]]) for r in recs if r["valid"]]
             res = execute_workflows(cfg, task, jobs, set_name, client, f"test exec gen{g}")
-            per = {r["problem_id"]: (res[r["key"]]["score"] if r["valid"] else 0.0) for r in recs}
+            per = {r["problem_id"]: workflow_score(r, res) for r in recs}
             return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per,
                     "valid": sum(r["valid"] for r in recs), "workflows": recs,
                     "infra": sum(v is None for v in per.values())}
@@ -745,7 +754,7 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
             "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
             "distinct_compositions_first40": len({r["composition"] for r in first40 if r["valid_raw"]}),
             "compositions": _count(r["composition"] for r in recs if r["valid"]),
-            "validate_score": _mean([scores[r["key"]]["score"] or 0.0 if r["valid"] else 0.0 for r in recs]),
+            "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
             "validate_score_valid": _mean(scored),
             "infra_failures": sum(rr["status"] == "infra_error" for v in scores.values() for rr in v["runs"]),
             "eligible_pairs": len(eligible), "pairs": len(pairs),

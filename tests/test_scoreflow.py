@@ -66,11 +66,13 @@ def test_composition_and_rule_extract():
 
 def test_make_pairs_drops_ties_and_left_out_workflows():
     cfg = scoreflow.RunConfig(pairs=50)
-    recs = [dict(problem_id="p", prompt="P", completion=f"w{i}", valid=v, key=f"k{i}")
-            for i, v in enumerate([True, True, True, False, True])]
+    reasons = ["", "", "", "trial run failed: ValueError", "", "infra: ExecutorError (timeout)"]
+    recs = [dict(problem_id="p", prompt="P", completion=f"w{i}", valid=not reasons[i], key=f"k{i}", reason=reasons[i])
+            for i in range(6)]
     scores = {"k0": {"score": 1.0}, "k1": {"score": 0.5}, "k2": {"score": 0.5}, "k4": {"score": None}}
     eligible, drawn = scoreflow.make_pairs(cfg, recs, scores, seed=0)
-    # k0 > k1, k0 > k2, k0 > k3 (invalid: 0), k1 > k3, k2 > k3; k1 = k2 tie dropped; k4 left out
+    # k0 > k1, k0 > k2, k0 > k3 (invalid by its own fault: 0), k1 > k3, k2 > k3; k1 = k2 tie dropped;
+    # k4 (no informative run) and k5 (the check's endpoint failed) are no evidence: left out
     assert sorted((p.chosen, p.rejected) for p in eligible) == sorted(
         [("w0</graph>", "w1</graph>"), ("w0</graph>", "w2</graph>"), ("w0</graph>", "w3</graph>"),
          ("w1</graph>", "w3</graph>"), ("w2</graph>", "w3</graph>")])
