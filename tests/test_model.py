@@ -407,3 +407,35 @@ def test_sample_tokens_short_sort_equals_full_sort():
     assert torch.equal(got, want)
     top_p[0] = 1.0  # a row that needs the whole vocabulary forces the full sort, same answers
     assert torch.equal(M.sample_tokens(logits, temp, top_k, top_p, u)[1:], want[1:])
+
+
+def test_prepacked_generate_matches_plain_and_follows_weight_changes(lora_model):
+    """generate's oneDNN copies (prepack) give the plain path's greedy tokens, LoRA deltas included,
+    and are rebuilt when the weights change under them (merge, an in-place edit)."""
+    model, tok = lora_model
+    if not M.prepack(model):
+        pytest.skip("no oneDNN fp32 linear on this build")
+    prompts = [tok.apply_chat(m) for m in PROMPTS]
+
+    def run(prepacked):
+        model.use_prepacked = prepacked
+        try:
+            return [c.token_ids for c in M.generate(model, tok, prompts, max_new_tokens=24)]
+        finally:
+            model.use_prepacked = True
+
+    run_before = run(False)
+    assert run(True) == run_before  # unmerged: base copy + LoRA delta
+    M.merge_lora(model)
+    try:
+        assert run(True) == run(False)  # merged: the copies must hold W + BA now
+        with torch.no_grad():  # an in-place edit that changes the greedy tokens
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.mul_(-1)
+        flipped = run(False)
+        assert flipped != run_before and run(True) == flipped
+    finally:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.mul_(-1)
+        M.unmerge_lora(model)
