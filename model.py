@@ -217,6 +217,9 @@ class Prepacked:
         w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(w)  # opaque mkldnn tensor
 
+    def __deepcopy__(self, memo):
+        return None  # oneDNN's opaque tensors cannot be copied; a copied model rebuilds its own in prepack
+
     def __call__(self, x, modules):
         """x (..., K) -> one tensor (..., N_i) per module."""
         y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")  # (..., sum N_i)

@@ -241,8 +241,8 @@ def gather_logprobs(logits, labels):
 
 class _PrefixKV:
     """The cache protocol of model.Transformer.hidden (writer(layer, start) -> (k, v) -> keys so far),
-    without in-place writes, so gradients flow back into the prompt's keys and values. The prompt pass
-    (start 0) keeps each layer's (1, Hkv, Tp, D); a later pass at start Tp sees them as a shared prefix."""
+    without in-place writes, so gradients flow back into the prefix's keys and values. The prefix pass
+    (start 0) keeps each layer's (1, Hkv, P, D); a later pass at start P sees them as a shared prefix."""
 
     def __init__(self):
         self.k, self.v = {}, {}
@@ -253,39 +253,62 @@ class _PrefixKV:
                 self.k[layer], self.v[layer] = k, v
                 return k, v
             B = k.shape[0]
-            pk = self.k[layer].expand(B, -1, -1, -1)  # (B, Hkv, Tp, D)
+            pk = self.k[layer].expand(B, -1, -1, -1)  # (B, Hkv, P, D)
             pv = self.v[layer].expand(B, -1, -1, -1)
-            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, Hkv, Tp + T, D)
+            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, Hkv, P + T, D)
         return write
 
 
-def pair_token_logps(model, prompt_ids, chosen_ids, rejected_ids):
-    """Per-token log p of the chosen (Lc,) and rejected (Lr,) completions given the shared prompt,
-    differentiable when grad is enabled. The prompt is run ONCE: pass 1 is the prompt alone (causal);
-    pass 2 is both completions as a batch of 2 attending to the prompt's keys/values plus their own
-    past. The last completion token is never an input. Prompt tokens never get a log-prob."""
-    if not prompt_ids or not chosen_ids or not rejected_ids:
-        raise ValueError(f"pair_token_logps: empty prompt/chosen/rejected "
-                         f"({len(prompt_ids)}/{len(chosen_ids)}/{len(rejected_ids)} tokens)")
+def _common_prefix(rows):
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
+
+
+def pairs_token_logps(model, items):
+    """Per-token log p of each pair's chosen (Lc,) and rejected (Lr,) completion given its prompt, for
+    items = [(prompt_ids, chosen_ids, rejected_ids), ...]; returns [(chosen, rejected), ...],
+    differentiable when grad is enabled. Prompt tokens never get a log-prob.
+
+    The token prefix every prompt shares is run ONCE for the whole group (pass 1, causal); pass 2 is
+    one batch of 2 rows per pair, prompt suffix + completion, attending to that prefix and to their
+    own past. Exact: a sum of losses over the group backpropagates through the shared prefix once.
+    This is what makes training affordable when prompts share a long few-shot head (scoreflow.py's
+    default prompt: ~740 of ~770 tokens are the same for every problem)."""
+    for k, (p, c, r) in enumerate(items):
+        if not p or not c or not r:
+            raise ValueError(f"pairs_token_logps: item {k}: empty prompt/chosen/rejected "
+                             f"({len(p)}/{len(c)}/{len(r)} tokens)")
     device = model.lm_head.weight.device
-    Tp, Lc, Lr = len(prompt_ids), len(chosen_ids), len(rejected_ids)
-    cache = _PrefixKV()
-    prompt = torch.tensor([prompt_ids], device=device)  # (1, Tp)
-    h_prompt = model.hidden(prompt, torch.arange(Tp, device=device)[None], None, cache, 0)[0, -1:]  # (1, C)
-    T = max(Lc, Lr) - 1  # completion inputs: every token but the last
-    if T > 0:
-        inputs = [chosen_ids[:-1] + [0] * (T - Lc + 1), rejected_ids[:-1] + [0] * (T - Lr + 1)]  # right-padded
-        tokens = torch.tensor(inputs, device=device)  # (2, T)
-        pos = (Tp + torch.arange(T, device=device)).expand(2, T)  # (2, T)
-        mask = torch.ones(T, Tp + T, dtype=torch.bool, device=device)  # (T, Tp + T): all of the prompt ...
-        mask[:, Tp:] = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # ... and its own past
-        h = model.hidden(tokens, pos, mask.expand(2, 1, T, Tp + T), cache, Tp)  # (2, T, C)
-        rows = torch.cat([h_prompt, h[0, :Lc - 1], h_prompt, h[1, :Lr - 1]])  # (Lc + Lr, C)
+    P = min(_common_prefix([p for p, _, _ in items]), min(len(p) for p, _, _ in items) - 1)  # >= 1 suffix token
+    rows, spans = [], []  # each row: prompt suffix + completion without its last token
+    for p, c, r in items:
+        for comp in (c, r):
+            spans.append((len(rows), len(p) - P - 1, len(comp)))  # row, index predicting comp[0], length
+            rows.append(p[P:] + comp[:-1])
+    T = max(len(x) for x in rows)
+    tokens = torch.tensor([x + [0] * (T - len(x)) for x in rows], device=device)  # (2G, T), right-padded
+    pos = (P + torch.arange(T, device=device)).expand(len(rows), T)  # (2G, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # own past; padding only trails
+    if P:
+        cache = _PrefixKV()
+        model.hidden(torch.tensor([items[0][0][:P]], device=device), torch.arange(P, device=device)[None],
+                     None, cache, 0)
+        mask = torch.cat([torch.ones(T, P, dtype=torch.bool, device=device), causal], 1)  # (T, P + T)
+        h = model.hidden(tokens, pos, mask.expand(len(rows), 1, T, P + T), cache, P)  # (2G, T, C)
     else:
-        rows = torch.cat([h_prompt, h_prompt])
-    labels = torch.tensor(chosen_ids + rejected_ids, device=device)  # (Lc + Lr,)
-    logp = gather_logprobs(model.lm_head(rows), labels)  # (Lc + Lr,)
-    return logp[:Lc], logp[Lc:]
+        h = model.hidden(tokens, pos, causal.expand(len(rows), 1, T, T))
+    picked = torch.cat([h[row, at:at + L] for row, at, L in spans])  # (sum of L, C)
+    labels = torch.tensor([t for p, c, r in items for t in c + r], device=device)
+    logp = gather_logprobs(model.lm_head(picked), labels).split([L for _, _, L in spans])
+    return [(logp[2 * k], logp[2 * k + 1]) for k in range(len(items))]
+
+
+def pair_token_logps(model, prompt_ids, chosen_ids, rejected_ids):
+    """pairs_token_logps for one pair: (chosen (Lc,), rejected (Lr,)); the prompt is run once."""
+    return pairs_token_logps(model, [(prompt_ids, chosen_ids, rejected_ids)])[0]
 
 
 # --- the trainer (SCOREFLOW.md §7) ---------------------------------------------------------------------
@@ -378,7 +401,8 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
       (the last iteration's policy, frozen by being precomputed; no second copy, no merge).
     - Steps: AdamW, linear decay to 0 without warmup, gradient-norm clipping, cfg.grad_accum pairs per
       step; the loss is the mean over the step's pairs. Pairs are shuffled per epoch with cfg.seed.
-    - Sequences: see encode_pair (EOS appended, truncation rule) and pair_token_logps (prompt run once).
+    - Sequences: see encode_pair (EOS appended, truncation rule) and pairs_token_logps (a step's pairs in
+      one pass, their shared prompt prefix run once).
     - DDP: if torch.distributed is initialised, each step's pairs are split over ranks and the LoRA
       gradients all-reduced (summed; each rank's loss is already divided by the global pair count).
       Rank 0 writes the files.
@@ -434,6 +458,16 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
               f"max_completion_tokens={cfg.max_completion_tokens}), loss {cfg.loss}, reference {cfg.reference}, "
               f"world {world}, autocast {amp_dtype}", file=log, flush=True)
 
+    per_step = cfg.grad_accum * world                       # pairs per optimizer step, all ranks together
+    steps_per_epoch = math.ceil(n / per_step)
+
+    def step_pairs(epoch, k):
+        """(the pairs of step k of epoch, all ranks; this rank's share): shuffled per epoch with cfg.seed."""
+        order = list(range(n))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        batch = order[k * per_step:(k + 1) * per_step]
+        return batch, batch[rank::world]
+
     # reference log-probs, once per pair, before any step (or from the file a previous run left)
     ref_path = os.path.join(out_dir, "ref_logps.pt")
     ckpt_dir = os.path.join(out_dir, "ckpt")
@@ -457,10 +491,11 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         ref = torch.zeros(n, 2, dtype=torch.float64)  # (P, 2): chosen, rejected
         model.eval()  # no dropout in the reference
         ctx = M.lora_disabled(model) if cfg.reference == "base" else torch.no_grad()
-        with ctx, autocast():
-            for i in range(rank, n, world):
-                c, r = pair_token_logps(model, *encoded[i][:3])
-                ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
+        with ctx, autocast():  # in epoch 0's step groups: the first step then sees π_θ = π_ref exactly
+            for k in range(steps_per_epoch):
+                mine = step_pairs(0, k)[1]
+                for i, (c, r) in zip(mine, pairs_token_logps(model, [encoded[i][:3] for i in mine])):
+                    ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
         if dist:
             ref_dev = ref.to(device)
             dist.all_reduce(ref_dev)
@@ -470,8 +505,6 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     ref_seconds = time.time() - t_ref
 
     # optimizer and schedule
-    per_step = cfg.grad_accum * world                       # pairs per optimizer step, all ranks together
-    steps_per_epoch = math.ceil(n / per_step)
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
@@ -513,27 +546,24 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     model.train(not cfg.disable_dropout)
     t0, last_log, start_step = time.time(), 0.0, step
     while step < total_steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = list(range(n))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        batch = order[k * per_step:(k + 1) * per_step]       # this step's pairs, all ranks
-        mine = batch[rank::world]
+        batch, mine = step_pairs(*divmod(step, steps_per_epoch))
         losses, margins = [], []
         t_step = time.time()
-        for i in mine:
+        if mine:  # this rank's pairs of the step in one pass: their shared prompt prefix runs once
             with autocast():
-                c, r = pair_token_logps(model, *encoded[i][:3])
-            pc, pr = c.float().sum()[None], r.float().sum()[None]  # (1,) each
-            rc, rr = ref[i, 0:1].to(device, torch.float32), ref[i, 1:2].to(device, torch.float32)
+                logps = pairs_token_logps(model, [encoded[i][:3] for i in mine])
+            pc = torch.stack([c.float().sum() for c, _ in logps])  # (P,)
+            pr = torch.stack([r.float().sum() for _, r in logps])
+            rc, rr = ref[mine, 0].to(device, torch.float32), ref[mine, 1].to(device, torch.float32)
             if cfg.loss == "dpo":
                 loss, r_w, r_l = dpo_loss(pc, pr, rc, rr, cfg.beta)
             else:
-                sw = torch.tensor([pairs[i].chosen_score], device=device)
-                sl = torch.tensor([pairs[i].rejected_score], device=device)
+                sw = torch.tensor([pairs[i].chosen_score for i in mine], device=device)
+                sl = torch.tensor([pairs[i].rejected_score for i in mine], device=device)
                 loss, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, cfg.beta)
             (loss.sum() / len(batch)).backward()  # the step's loss is the mean over all its pairs
-            losses.append(float(loss.detach()))
-            margins.append(float(r_w - r_l))
+            losses += loss.detach().tolist()
+            margins += (r_w - r_l).detach().tolist()
         if dist:  # sum the LoRA gradients and the stats over ranks, in one flat buffer
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
             flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([sum(losses), sum(margins)], device=device)])

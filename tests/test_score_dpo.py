@@ -627,6 +627,36 @@ def test_ddp_two_gloo_processes_equal_one_process_with_accumulation(smol, tmp_pa
         assert (diff > 1e-5).float().mean() < 0.01 and diff.max() <= 2 * common["lr"], (k, diff.max())
 
 
+def test_grouped_pairs_equal_one_pass_per_pair_float64(exported):
+    """pairs_token_logps over a group (the prompts' shared prefix run once, every pair's suffix +
+    completions in one batch) gives each pair's log-probs and the group's LoRA gradient as one pass
+    per pair does, in float64: same prompt twice, prompts that share a head, completions of other
+    lengths, a one-token completion, and prompts with no common token at all."""
+    ours, tok = M.load(exported, dtype=torch.float64)
+    M.add_lora(ours)
+    g = torch.Generator().manual_seed(1)
+    for _, layer in M.lora_layers(ours):
+        layer.lora_B.weight.data.normal_(0, 0.01, generator=g)
+    pairs = TRAIN_PAIRS + [TRAIN_PAIRS[0], Pair("d", CHAT.format("Hi"), "", "Ok", 0.5, 0.0)]
+    items = [encode_pair(tok, p)[:3] for p in pairs]
+    assert score_dpo._common_prefix([p for p, _, _ in items]) >= 3  # a real shared head
+    for group in (items, [([7] + items[0][0], *items[0][1:]), ([9] + items[1][0], *items[1][1:])]):
+        got = score_dpo.pairs_token_logps(ours, group)
+        sum(c.sum() - 2 * r.sum() for c, r in got).backward()
+        g_group = [p.grad.clone() for p in M.lora_state_dict(ours).values()]
+        ours.zero_grad()
+        want = [pair_token_logps(ours, *it) for it in group]
+        sum(c.sum() - 2 * r.sum() for c, r in want).backward()
+        for (c, r), (c2, r2) in zip(got, want):
+            torch.testing.assert_close(c, c2, rtol=0, atol=1e-10)
+            torch.testing.assert_close(r, r2, rtol=0, atol=1e-10)
+        # gradients of size ~10 agree to ~1e-6 (float64 SDPA over a different batch); a prefix cut out
+        # of the graph, or a wrong mask, moves them by O(1)
+        for a, b in zip(g_group, [p.grad for p in M.lora_state_dict(ours).values()]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+        ours.zero_grad()
+
+
 def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
     """bf16: log-probs within a stated loose tolerance of fp32 (0.25 nat per token; bf16 keeps ~3
     digits, which is why fp32 stays the CPU default), and training runs with fp32 LoRA weights on a
