@@ -36,13 +36,19 @@ SIZE = 500  # problems per seed; validate = every fifth round of 25
 
 
 def load(split: str, data: str | None = None, *, strict: bool = False, seed: int = 0,
-         size: int = SIZE) -> list[Problem]:
+         size: int = SIZE, kinds=None) -> list[Problem]:
     """The `split` part of the set generated from `seed` (data must be None: the set is built in;
-    strict is accepted for a uniform interface: generated records are never malformed)."""
+    strict is accepted for a uniform interface: generated records are never malformed). kinds: a
+    collection of kind names (KIND_NAMES) to keep, None = all; the split is the same either way."""
     check_split(NAME, split)
     if data is not None:
         raise ValueError(f"mathgen: the embedded set takes no --data (got {data!r}); use --bench math --data")
-    return [p for k, p in enumerate(generate(seed, size)) if in_validate(k) == (split == "validate")]
+    if kinds is not None:
+        unknown = sorted(set(kinds) - set(KIND_NAMES))
+        if unknown or not kinds:
+            raise ValueError(f"mathgen: kinds {sorted(kinds)!r}: unknown {unknown!r}; expected some of {KIND_NAMES}")
+    return [p for k, p in enumerate(generate(seed, size)) if in_validate(k) == (split == "validate")
+            and (kinds is None or p.extra["kind"] in kinds)]
 
 
 def in_validate(index: int) -> bool:
@@ -653,3 +659,4 @@ KINDS = (("arithmetic", _arithmetic), ("fractions", _fractions), ("linear", _lin
          ("choose", _choose), ("arrange", _arrange), ("dice", _dice), ("arith_seq", _arith_seq),
          ("geom_seq", _geom_seq), ("series", _series), ("percent", _percent), ("mean", _mean))
 ROUND = KINDS + (("basic", _basic),) * 5  # one round of the set: every kind once, five basic problems
+KIND_NAMES = tuple(name for name, _ in KINDS) + ("basic",)

@@ -48,6 +48,19 @@ def test_deterministic_split_and_sizes(problems):
     assert sum(p.extra["kind"] == "basic" for p in val) == 20
 
 
+def test_kinds_filter_keeps_the_split():
+    """kinds= keeps those kinds of the same split (ids unchanged, so no problem moves split); an
+    unknown or empty kind list is an error naming the known kinds."""
+    val = mathgen_task.load("validate")
+    basic = bench.load_task("math").load("validate", kinds=("basic",))
+    assert [p.id for p in basic] == [p.id for p in val if p.extra["kind"] == "basic"] and len(basic) == 20
+    two = mathgen_task.load("test", kinds={"basic", "percent"})
+    assert {p.extra["kind"] for p in two} == {"basic", "percent"} and len(two) == 80 + 16
+    for bad in (("basic", "algebra"), ()):
+        with pytest.raises(ValueError, match="expected some of"):
+            mathgen_task.load("test", kinds=bad)
+
+
 def test_same_set_in_a_fresh_process_with_other_hash_seeds():
     code = "import bench.mathgen_task as g, hashlib; print(hashlib.sha256(repr([(p.question, p.gold) for p in g.generate(7, 120)]).encode()).hexdigest())"
     outs = set()
