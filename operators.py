@@ -37,6 +37,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import difflib
+import inspect
 import re
 import secrets
 import textwrap
@@ -997,13 +998,60 @@ def forbidden_usage(code: str) -> str:
     return ""
 
 
+def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
+    """True when a whitelisted workflow provably cannot raise by its own fault, so §2.3's trial run
+    could only fail through the infrastructure or the executor's text: run_workflow is a sequence
+    of `name = await self.op(...)` with each operator's own parameter names, every argument a string
+    literal or a name bound above (a non-empty list of such for sc_ensemble, whose one parameter
+    needs a list), at most max_calls calls, then `return name` of a bound name. Every operator
+    returns a str, so each name holds one. Anything else (loops, branches, expressions) gets the
+    trial run."""
+    try:
+        tree, attrs = _check_workflow(code, set_name)
+    except WorkflowRejected:
+        return False
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef))
+    run = next(n for n in cls.body if isinstance(n, ast.AsyncFunctionDef))
+    body = [n for n in run.body if not _is_docstring(n)]
+    bound = set()
+
+    def text(a):
+        return (isinstance(a, ast.Constant) and isinstance(a.value, str)) or (isinstance(a, ast.Name) and a.id in bound)
+
+    for stmt in body[:-1]:
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+                and isinstance(stmt.value, ast.Await) and isinstance(stmt.value.value, ast.Call)):
+            return False
+        c = stmt.value.value
+        if not (_is_self_attr(c.func) and c.func.attr in attrs):
+            return False
+        params = list(inspect.signature(_factory(attrs[c.func.attr]).run).parameters)[1:]  # without self
+        if len(c.args) + len(c.keywords) > len(params) or any(k.arg not in params for k in c.keywords):
+            return False
+        given = dict(zip(params, c.args)) | {k.arg: k.value for k in c.keywords}
+        if len(given) != len(c.args) + len(c.keywords):
+            return False  # a parameter given twice
+        for name, a in given.items():
+            if name == "solutions":
+                if not (isinstance(a, ast.List) and a.elts and all(map(text, a.elts))):
+                    return False
+            elif not text(a):
+                return False
+        if attrs[c.func.attr] == "ScEnsemble" and "solutions" not in given:
+            return False
+        bound.add(stmt.targets[0].id)
+    last = body[-1] if body else None
+    return (len(body) - 1 <= max_calls and isinstance(last, ast.Return) and isinstance(last.value, ast.Name)
+            and last.value.id in bound)
+
+
 async def runnable_check(code: str, set_name: str, client, *, threshold: float | None = -1.0,
                          timeout: float | None = None, options: OperatorOptions | None = None,
-                         max_calls: int = 20) -> tuple[bool, str]:
+                         max_calls: int = 20, trial: bool = True) -> tuple[bool, str]:
     """§2.3 steps 2-5 on an extracted graph: the whitelist, not a near copy of the template
     (ratio must be below threshold; -1 = the set's default from SET_THRESHOLDS, None = off),
-    no forbidden usage, and one trial run on the set's toy problem that must not fail within
-    timeout (default 60 s math/QA, 120 s code). An infra_error in the trial is reported as
+    no forbidden usage, and (if trial) one trial run on the set's toy problem that must not fail
+    within timeout (default 60 s math/QA, 120 s code). An infra_error in the trial is reported as
     such in the reason ("infra: ..."): the caller should retry rather than regenerate."""
     ok, reason = validate_workflow(code, set_name)
     if not ok:
@@ -1016,6 +1064,8 @@ async def runnable_check(code: str, set_name: str, client, *, threshold: float |
     bad = forbidden_usage(code)
     if bad:
         return False, f"forbidden: {bad}"
+    if not trial:
+        return True, ""
     run = await run_workflow(code, TOY_PROBLEMS[set_name], client, set_name,
                              timeout=timeout or TRIAL_TIMEOUTS[set_name], max_calls=max_calls, options=options)
     if run.status == "infra_error":

@@ -189,3 +189,14 @@ def test_runnable_program_forms():
     # a solve(n) that needs arguments is not called blindly: the program prints nothing
     run = executor.run_python(O.runnable_program("```python\ndef solve(n):\n    return n\n```"), timeout=10)
     assert run.status == "ok" and run.stdout.strip() == ""
+
+
+def test_straight_line_workflows_pass_the_real_trial_run(client):
+    """What operators.straight_line lets the loop skip really passes §2.3's trial run on the real
+    executor: the skip saves calls, never a rejection."""
+    from test_workflow_validation import STRAIGHT, workflow
+    for body in STRAIGHT:
+        code = workflow(body)
+        assert O.straight_line(code, "math")
+        ok, reason = go(O.runnable_check(code, "math", client, options=OPTS))
+        assert ok, (body, reason)

@@ -219,3 +219,39 @@ def test_sanitize_code():
     assert abs(ns["area"](1) - 3 * 3.141592653589793) < 1e-9
     broken = "def f(x):\n    return x + 1\n\ndef g(:\n"  # a truncated reply: the longest valid prefix
     assert O.sanitize_code(broken, "f") == "def f(x):\n    return x + 1"
+
+
+STRAIGHT = [  # run_workflow bodies of straight-line operator calls: the trial run may be skipped
+    'a = await self.custom(instruction="Solve it.")\nreturn a\n',
+    'a = await self.programmer(analysis="Compute it.")\nb = await self.review(pre_solution=a)\nreturn b\n',
+    'a = await self.custom("Plan.")\nb = await self.programmer(a)\nc = await self.sc_ensemble(solutions=[a, b])\n'
+    'return c\n',
+    'a = await self.programmer()\nreturn a\n',
+]
+NOT_STRAIGHT = {  # whitelisted, but the trial run is still needed (or it would fail)
+    "an expression returned": 'a = await self.custom(instruction="x")\nreturn a + "!"\n',
+    "an unbound name": 'a = await self.programmer(analysis=b)\nb = await self.custom(instruction="x")\nreturn a\n',
+    "a string for solutions": 'a = await self.custom(instruction="x")\nb = await self.sc_ensemble(solutions=a)\n'
+                              'return b\n',
+    "an empty ensemble": 'b = await self.sc_ensemble(solutions=[])\nreturn b\n',
+    "no solutions at all": 'b = await self.sc_ensemble()\nreturn b\n',
+    "a wrong keyword": 'a = await self.custom(analysis="x")\nreturn a\n',
+    "too many arguments": 'a = await self.custom("x", "y")\nreturn a\n',
+    "a parameter twice": 'a = await self.custom("x", instruction="y")\nreturn a\n',
+    "a loop": 'xs = []\nfor i in range(2):\n    xs.append(await self.custom(instruction="x"))\n'
+              'b = await self.sc_ensemble(solutions=xs)\nreturn b\n',
+    "a non-string argument": 'a = await self.custom(instruction=3)\nreturn a\n',
+    "a literal returned": 'a = await self.custom(instruction="x")\nreturn "a"\n',
+}
+
+
+def test_straight_line_workflows_are_told_apart():
+    for body in STRAIGHT:
+        code = workflow(body)
+        assert O.validate_workflow(code, "math")[0] and O.straight_line(code, "math"), body
+    assert not O.straight_line(workflow(STRAIGHT[2]), "math", max_calls=2)  # 3 calls over the cap
+    for why, body in NOT_STRAIGHT.items():
+        assert not O.straight_line(workflow(body), "math"), why
+    assert not O.straight_line("class Workflow: pass", "math")  # not even whitelisted
+    # runnable_check without the trial makes no executor call (client None would raise)
+    assert asyncio.run(O.runnable_check(workflow(STRAIGHT[1]), "math", None, trial=False)) == (True, "")
