@@ -259,14 +259,6 @@ class _PrefixKV:
         return write
 
 
-def _common_prefix(rows):
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return n
-
-
 def pairs_token_logps(model, items):
     """Per-token log p of each pair's chosen (Lc,) and rejected (Lr,) completion given its prompt, for
     items = [(prompt_ids, chosen_ids, rejected_ids), ...]; returns [(chosen, rejected), ...],
@@ -282,7 +274,9 @@ def pairs_token_logps(model, items):
             raise ValueError(f"pairs_token_logps: item {k}: empty prompt/chosen/rejected "
                              f"({len(p)}/{len(c)}/{len(r)} tokens)")
     device = model.lm_head.weight.device
-    P = min(_common_prefix([p for p, _, _ in items]), min(len(p) for p, _, _ in items) - 1)  # >= 1 suffix token
+    # the shared prefix, each prompt keeping >= 1 token of its own (the list doubled: one pair's prompt
+    # is then shared with itself up to its last token)
+    P = M._shared_prefix([p for p, _, _ in items] * 2, min_len=1)
     rows, spans = [], []  # each row: prompt suffix + completion without its last token
     for p, c, r in items:
         for comp in (c, r):
