@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import bench
@@ -46,6 +47,8 @@ VERSION = "0.1.0"
 class RunConfig:
     bench: str = "math"                 # benchmark name or path to a task .py file
     data: str | None = None             # directory or file with the benchmark's data (None: embedded / default)
+    kinds: str | None = None            # embedded math set only: comma-separated kinds, "all", or None =
+    #                                     "basic" (the one kind the embedded 135M executor can solve at all)
     run_dir: str | None = None          # where everything goes (default runs/<bench>-<time>)
     seed: int = 0                       # seeds sampling, pair draws, shuffling and generation (§10.9)
     iterations: int = 2                 # paper: up to 3; the official README trains 2
@@ -59,8 +62,10 @@ class RunConfig:
     k: int = 4                          # workflows per problem (paper: 8)
     gen_temperature: float = 0.8        # paper: 0.2
     gen_top_p: float = 0.95             # paper: 0.95
-    gen_max_tokens: int = 128           # paper: 1000
+    gen_max_tokens: int = 96            # paper: 1000 (a valid few-shot body here is ~40 tokens, rarely 80)
     regen_rounds: int = 2               # runnable-check rounds for rejected samples (paper: 501)
+    trial_run: str = "auto"             # §2.3 step 5: always (paper) | auto: skipped where operators.straight_line
+    #                                     proves the workflow cannot raise by its own fault
     # executor
     executor_url: str | None = None     # OpenAI-compatible base URL (None: start our local server)
     executor_model: str | None = None   # model name at that endpoint
@@ -79,9 +84,10 @@ class RunConfig:
     d_power: float = 3.0                # d(x, y) = (x - y)^power; 0 = uniform (paper: 3)
     loss: str = "score-dpo"             # score-dpo | dpo (the paper's ablation)
     beta: float = 0.1                   # paper: 0.1
-    lr: float = 2e-4                    # paper: 1e-6 (an 8B model, 2,000 pairs)
+    lr: float = 5e-4                    # paper: 1e-6 (an 8B model, 2,000 pairs; here 4 steps of 8 pairs)
     epochs: int = 1                     # paper: 1 per iteration
-    grad_accum: int = 4                 # pairs per optimizer step (paper: batch 1)
+    grad_accum: int = 8                 # pairs per optimizer step (paper: batch 1); one pass shares their
+    #                                     few-shot prompt head (score_dpo.pairs_token_logps)
     lora_r: int = 8                     # paper: 8
     lora_alpha: int = 16                # paper: 16
     reference: str = "base"             # base (official code) | previous (last iteration's policy)
@@ -91,7 +97,7 @@ class RunConfig:
 # The paper's sizes (SCOREFLOW.md §1, §7, §8); --paper applies these before explicit flags.
 PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
              gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501, exec_max_tokens=4096, runs=3,
-             pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16")
+             pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16", trial_run="always")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,9 +369,10 @@ def repair_body(set_name, body):
         if not s:
             continue
         try:
-            node = ast.parse(s).body[0]
+            parsed = ast.parse(s).body
         except SyntaxError:
             break
+        node = parsed[0] if parsed else None  # None: a comment line
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
                 and isinstance(node.value, ast.Await)):
             break
@@ -398,15 +405,17 @@ def composition(code):
 
 
 def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage):
-    """k workflows per problem from the generator as it stands. Returns one record per sample:
-    problem id, prompt, completion (the text the pairs train on), code, raw validity (before any
-    repair), whether it was repaired, the runnable-check verdict and the rounds it took."""
+    """k workflows per problem (an int, or a list with one k per problem) from the generator as it
+    stands, in one batch. Returns one record per sample: problem id, prompt, completion (the text
+    the pairs train on), code, raw validity (before any repair), whether it was repaired, the
+    runnable-check verdict, whether the trial run was needed, and the rounds it took."""
     import model as M
     mdl, tok = gen
+    ks = [k] * len(problems) if isinstance(k, int) else list(k)
     prompts = {p.id: build_prompt(cfg.prompt, set_name, p.question) for p in problems}
     recs = [dict(problem_id=p.id, sample=j, prompt=prompts[p.id], completion="", code=None, valid_raw=False,
                  repaired=False, valid=False, reason="not generated", rounds=0, composition="")
-            for p in problems for j in range(k)]
+            for p, kp in zip(problems, ks) for j in range(kp)]
     todo = list(range(len(recs)))
     prog = Progress(log_stage, len(recs), "workflows")
     for rnd in range(max(1, cfg.regen_rounds + 1)):
@@ -431,7 +440,8 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage)
                         r.update(completion=fixed, repaired=True)
                         code, ok = assemble(set_name, fixed), True
                 r.update(code=code if ok else None, valid=ok, reason="" if ok else reason)
-        checks = asyncio.run(_check_all(cfg, [recs[i] for i in todo if recs[i]["valid"]], set_name, client))
+        checks = run_async(_check_all(cfg, [recs[i] for i in todo if recs[i]["valid"]], set_name, client),
+                           4 * cfg.concurrency)
         for r, (ok, reason) in checks:
             r.update(valid=ok, reason=reason)
             if not ok and not reason.startswith("infra"):
@@ -454,9 +464,22 @@ async def _check_all(cfg, recs, set_name, client):
         async with sem:
             opts = operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
                                              stage="check", tag="check")
+            r["trial"] = cfg.trial_run == "always" or not operators.straight_line(r["code"], set_name, cfg.max_calls)
             return r, await operators.runnable_check(r["code"], set_name, client, threshold=threshold,
-                                                     options=opts, max_calls=cfg.max_calls)
+                                                     options=opts, max_calls=cfg.max_calls, trial=r["trial"])
     return await asyncio.gather(*(one(r) for r in recs))
+
+
+def run_async(coro, workers):
+    """asyncio.run with a default thread pool of `workers` threads. Operators reach the executor and
+    the sandbox through asyncio.to_thread, whose default pool has min(32, cores + 4) threads: 6 on a
+    2-core machine, which capped the calls in flight (and so the local server's batches) at 6 whatever
+    --concurrency said (measured: 0.6 calls/s, 10.9 s per call, in the default run's execute stage)."""
+    async def main():
+        asyncio.get_running_loop().set_default_executor(pool)
+        return await coro
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="workflow") as pool:
+        return asyncio.run(main())
 
 
 def _seed(*parts):
@@ -487,7 +510,7 @@ def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
     still counts in the mean; runs that failed through the infrastructure are left out (retried
     first), and a workflow with no informative run gets None (no score, no pairs)."""
     prog = Progress(log_stage, len(jobs) * cfg.runs, "runs")
-    results = asyncio.run(_execute_all(cfg, task, jobs, set_name, client, prog))
+    results = run_async(_execute_all(cfg, task, jobs, set_name, client, prog), 4 * cfg.concurrency)
     out = {}
     for (key, _, _), runs in zip(jobs, results):
         informative = [r for r in runs if r["status"] != "infra_error"]
@@ -583,11 +606,6 @@ def fixed_workflow(set_name, which):
     return assemble(set_name, f"\n        answer = await {call}\n        return answer\n")
 
 
-def score_jobs(cfg, task, jobs, set_name, client, stage):
-    res = execute_workflows(cfg, task, jobs, set_name, client, stage)
-    return res, _mean([v["score"] for v in res.values() if v["score"] is not None])
-
-
 def _mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -631,8 +649,9 @@ def run(cfg):
     t_start = time.time()
     task = bench.load_task(cfg.bench)
     set_name = task.OPERATOR_SET
-    validate = bench.load_problems(task, "validate", cfg.data)
-    test = bench.load_problems(task, "test", cfg.data)
+    opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
+    validate = bench.load_problems(task, "validate", cfg.data, **opts)
+    test = bench.load_problems(task, "test", cfg.data, **opts)
     validate = validate[:cfg.n_validate] if cfg.n_validate else validate
     test = test[:cfg.n_test] if cfg.n_test else test
     R = Run(cfg)
@@ -677,51 +696,62 @@ def run(cfg):
 
 
 def _loop(cfg, R, task, set_name, validate, test, gen, client):
+    """Iteration i generates the validate split's k workflows per problem and, with baselines, the
+    test split's one per problem from the same generator in one batch (test gen{i}), and executes
+    them together (with CoT and IO at i = 0): one generate and one execute stage per iteration keep
+    the local server's batches full. Then pairs and Score-DPO on the validate workflows only. The
+    generator after the last iteration gets its own test stage."""
     import model as M
     mdl, tok = gen
-    by_id = {p.id: p for p in validate + test}
+    by_id = {"validate": {p.id: p for p in validate}, "test": {p.id: p for p in test}}
 
-    def evaluate_generator(g):
-        """Test split, generator after g training iterations: one workflow per problem (§1 "Test")."""
-        def compute():
-            recs = generate_workflows(cfg, gen, test, set_name, client, _seed(cfg.seed, "test", g), 1, f"test gen{g}")
-            for r in recs:
-                r["key"] = f"test{g}:{r['problem_id']}"
-            jobs = [(r["key"], r["code"], by_id[r["problem_id"]]) for r in recs if r["valid"]]
-            res = execute_workflows(cfg, task, jobs, set_name, client, f"test exec gen{g}")
-            per = {r["problem_id"]: workflow_score(r, res) for r in recs}
-            return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per,
-                    "valid": sum(r["valid"] for r in recs), "workflows": recs,
-                    "infra": sum(v is None for v in per.values())}
-        return R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), compute)
+    def test_summary(recs, scores):
+        per = {r["problem_id"]: workflow_score(r, scores) for r in recs}
+        return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per,
+                "valid": sum(r["valid"] for r in recs), "workflows": recs,
+                "infra": sum(v is None for v in per.values())}
 
-    def evaluate_fixed(which):
-        def compute():
-            code = fixed_workflow(set_name, which)
-            jobs = [(f"{which}:{p.id}", code, p) for p in test]
-            res, mean = score_jobs(cfg, task, jobs, set_name, client, f"test {which}")
-            return {"score": mean, "per_problem": {k.split(":", 1)[1]: v["score"] for k, v in res.items()}}
-        return R.stage(f"test {which}", R.path("test", f"{which}.json"), compute)
+    def fixed_jobs(which):
+        code = fixed_workflow(set_name, which)
+        return [(f"{which}:{p.id}", code, p) for p in test]
 
-    if cfg.baselines:
-        with M.lora_disabled(mdl) if M.lora_layers(mdl) else _null():
-            R.metrics["test"]["gen0"] = _brief(evaluate_generator(0))
-        for which in ("cot", "io"):
-            R.metrics["test"][which] = _brief(evaluate_fixed(which))
+    def fixed_summary(which, scores):
+        per = {p.id: scores[f"{which}:{p.id}"]["score"] for p in test}
+        return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per}
+
+    def record_test(name, path, value):
+        R.metrics["test"][name] = _brief(R.stage(f"test {name}", R.path("test", path), lambda: value))
 
     for i in range(cfg.iterations):
         d = R.path(f"iter{i}")
         seed = _seed(cfg.seed, "iter", i)
+        with_test = cfg.baselines  # test gen{i}: this iteration's generator on the test split
+        with_fixed = cfg.baselines and i == 0
 
         def gen_stage():
-            recs = generate_workflows(cfg, gen, validate, set_name, client, seed, cfg.k, f"iter{i} generate")
-            for r in recs:
-                r["key"] = f"{i}:{r['problem_id']}:{r['sample']}"
+            problems = validate + (test if with_test else [])
+            recs = generate_workflows(cfg, gen, problems, set_name, client, seed,
+                                      [cfg.k] * len(validate) + [1] * (len(problems) - len(validate)),
+                                      f"iter{i} generate")
+            for j, r in enumerate(recs):  # in problem order: the validate samples come first
+                r["split"] = "validate" if j < len(validate) * cfg.k else "test"
+                r["key"] = f"{i}:{r['problem_id']}:{r['sample']}" if r["split"] == "validate" else \
+                    f"test{i}:{r['problem_id']}"
             return recs
-        recs = R.stage(f"iter{i} generate", os.path.join(d, "workflows.jsonl"), gen_stage, jsonl=True)
-        jobs = [(r["key"], r["code"], by_id[r["problem_id"]]) for r in recs if r["valid"]]
+        all_recs = R.stage(f"iter{i} generate", os.path.join(d, "workflows.jsonl"), gen_stage, jsonl=True)
+        recs = [r for r in all_recs if r.get("split", "validate") == "validate"]
+        test_recs = [r for r in all_recs if r.get("split") == "test"]
+        jobs = [(r["key"], r["code"], by_id[r.get("split", "validate")][r["problem_id"]]) for r in all_recs
+                if r["valid"]]
+        if with_fixed:
+            jobs += fixed_jobs("cot") + fixed_jobs("io")
         scores = R.stage(f"iter{i} execute", os.path.join(d, "scores.json"),
                          lambda: execute_workflows(cfg, task, jobs, set_name, client, f"iter{i} execute"))
+        if with_test:
+            record_test(f"gen{i}", f"gen{i}.json", test_summary(test_recs, scores))
+        if with_fixed:
+            for which in ("cot", "io"):
+                record_test(which, f"{which}.json", fixed_summary(which, scores))
         eligible, pairs = make_pairs(cfg, recs, scores, _seed(cfg.seed, "pairs", i) % (1 << 31))
         pairs_path = os.path.join(d, "pairs.jsonl")
         if not os.path.exists(pairs_path):
@@ -738,8 +768,10 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
             history = json.load(open(hist_path)) if os.path.exists(hist_path) else []
         elif pairs:
             if i > 0 and not M.lora_layers(mdl):  # a resumed run: continue the last iteration's adapter
-                M.load_adapter(mdl, os.path.join(R.path(f"iter{i - 1}"), "train", "adapter"))
-                mdl.eval()
+                prev = os.path.join(R.path(f"iter{i - 1}"), "train", "adapter")
+                if os.path.exists(os.path.join(prev, "adapter_config.json")):
+                    M.load_adapter(mdl, prev)
+                    mdl.eval()
             t0 = time.time()
             result = score_dpo.train(mdl, tok, pairs, train_config(cfg, i), out_dir=train_dir)
             history = result.history
@@ -752,6 +784,7 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
         R.metrics["iterations"].append({
             "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
             "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
+            "trial_runs": sum(bool(r.get("trial")) for r in recs),
             "distinct_compositions_first40": len({r["composition"] for r in first40 if r["valid_raw"]}),
             "compositions": _count(r["composition"] for r in recs if r["valid"]),
             "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
@@ -759,16 +792,16 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
             "infra_failures": sum(rr["status"] == "infra_error" for v in scores.values() for rr in v["runs"]),
             "eligible_pairs": len(eligible), "pairs": len(pairs),
             "loss_curve": [h.get("loss") for h in history], "margin_curve": [h.get("margin") for h in history]})
-        if cfg.baselines or i == cfg.iterations - 1:
-            R.metrics["test"][f"gen{i + 1}"] = _brief(evaluate_generator(i + 1))
 
+    g = cfg.iterations  # the final generator: its own generate + execute stage on the test split
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    def final_test():
+        recs = generate_workflows(cfg, gen, test, set_name, client, _seed(cfg.seed, "test", g), 1, f"test gen{g}")
+        for r in recs:
+            r.update(split="test", key=f"test{g}:{r['problem_id']}")
+        jobs = [(r["key"], r["code"], by_id["test"][r["problem_id"]]) for r in recs if r["valid"]]
+        return test_summary(recs, execute_workflows(cfg, task, jobs, set_name, client, f"test exec gen{g}"))
+    R.metrics["test"][f"gen{g}"] = _brief(R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), final_test))
 
 
 def _brief(ev):
@@ -861,7 +894,7 @@ def write_report(R, set_name):
     last = R.path(f"iter{len(its) - 1}", "workflows.jsonl") if its else None
     scores_path = R.path(f"iter{len(its) - 1}", "scores.json") if its else None
     if last and os.path.exists(last) and os.path.exists(scores_path):
-        recs, scores = read_jsonl(last), json.load(open(scores_path))
+        recs, scores = [r for r in read_jsonl(last) if r.get("split", "validate") == "validate"], json.load(open(scores_path))
         scored = sorted(((scores[r["key"]]["score"], r) for r in recs if r["valid"] and scores.get(r["key"], {}).get("score")
                          is not None), key=lambda x: -x[0])
         for title, picks in (("Best", scored[:2]), ("Worst", scored[-2:][::-1])):
@@ -884,6 +917,9 @@ def build_parser():
     g.add_argument("--bench", help="math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen, or a task .py file "
                    "(default math: with no --data, the embedded procedural set)")
     g.add_argument("--data", help="the benchmark's data: a file or a directory (ScoreFlow layout <name>_<split>.jsonl)")
+    g.add_argument("--kinds", help="embedded math set only (--bench math or mathgen, no --data): comma-separated "
+                   "problem kinds, or all (default basic: one operation on two numbers, the only kind the embedded "
+                   "135M executor solves at all; with the other kinds every workflow scores 0 and nothing is learned)")
     g.add_argument("--run-dir", help="output directory (default runs/<bench>-<time>)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
     g.add_argument("--seed", type=int, help="seeds generation, pair draws and training (default 0)")
@@ -901,8 +937,11 @@ def build_parser():
     g.add_argument("-k", "--k", type=int, help="workflows per problem (default 4; paper: 8)")
     g.add_argument("--gen-temperature", type=float, help="(default 0.8; paper: 0.2)")
     g.add_argument("--gen-top-p", type=float, help="(default 0.95; paper: 0.95)")
-    g.add_argument("--gen-max-tokens", type=int, help="(default 128; paper: 1000)")
+    g.add_argument("--gen-max-tokens", type=int, help="(default 96; paper: 1000)")
     g.add_argument("--regen-rounds", type=int, help="regeneration rounds for rejected samples (default 2; paper: 501)")
+    g.add_argument("--trial-run", choices=["auto", "always"], help="the runnable check's trial run on a toy problem: "
+                   "always (paper), or auto: skipped for straight-line workflows (operator calls on literals and "
+                   "earlier results, then a return), which cannot raise by their own fault (default auto)")
     g = p.add_argument_group("executor")
     g.add_argument("--executor-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 "
                    "(default: start our local server over the embedded model)")
@@ -923,9 +962,9 @@ def build_parser():
     g.add_argument("--d-power", type=float, help="d(x, y) = (x - y)^power; 0 = uniform (default 3; paper: 3)")
     g.add_argument("--loss", choices=["score-dpo", "dpo"], help="(default score-dpo; dpo is the paper's ablation)")
     g.add_argument("--beta", type=float, help="(default 0.1; paper: 0.1)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4 for a 135M model; paper: 1e-6)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-4 for a 135M model; paper: 1e-6)")
     g.add_argument("--epochs", type=int, help="epochs per iteration (default 1; paper: 1)")
-    g.add_argument("--grad-accum", type=int, help="pairs per optimizer step (default 4; paper: 1)")
+    g.add_argument("--grad-accum", type=int, help="pairs per optimizer step (default 8; paper: 1)")
     g.add_argument("--lora-r", type=int, help="(default 8; paper: 8)")
     g.add_argument("--lora-alpha", type=int, help="(default 16; paper: 16)")
     g.add_argument("--reference", choices=["base", "previous"],
@@ -959,6 +998,17 @@ def resolve_config(args, parser):
     if cfg.run_dir is None:
         name = os.path.splitext(os.path.basename(cfg.bench))[0]
         cfg.run_dir = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    embedded = cfg.bench in ("math", bench.EMBEDDED) and cfg.data is None
+    if cfg.kinds is not None and not embedded:
+        parser.error(f"--kinds picks problems of the embedded math set (--bench math or {bench.EMBEDDED} without "
+                     f"--data); got --bench {cfg.bench}" + (f" --data {cfg.data}" if cfg.data else ""))
+    if embedded:
+        from bench import mathgen_task
+        cfg.kinds = cfg.kinds or "basic"
+        unknown = [k for k in cfg.kinds.split(",") if k not in mathgen_task.KIND_NAMES] if cfg.kinds != "all" else []
+        if unknown:
+            parser.error(f"--kinds: unknown {','.join(unknown)}; expected all or some of "
+                         f"{','.join(mathgen_task.KIND_NAMES)}")
     checks = [
         (cfg.iterations >= 1, "--iterations must be >= 1"),
         (cfg.k >= 2, "-k must be >= 2 (pairs need two workflows per problem)"),

@@ -18,7 +18,7 @@ import scoreflow  # noqa: E402
 TASK = os.path.join(ROOT, "tests", "data", "parity_task.py")
 TINY = ["--bench", TASK, "--n-validate", "2", "--n-test", "1", "-k", "3", "--iterations", "1", "--pairs", "4",
         "--grad-accum", "2", "--gen-max-tokens", "48", "--exec-max-tokens", "24", "--regen-rounds", "0",
-        "--lr", "5e-3", "--no-baselines", "--max-calls", "4"]
+        "--lr", "5e-3", "--max-calls", "4"]
 
 
 # --- pieces -------------------------------------------------------------------------------------
@@ -50,6 +50,8 @@ def test_repair_keeps_valid_leading_calls_and_returns_last_variable():
                      '        return b\n')
     assert operators.validate_workflow(scoreflow.assemble("math", fixed), "math")[0]
     assert scoreflow.repair_body("math", "\n        return 3\n") is None
+    commented = '\n        a = await self.custom(instruction="x")\n        # and now the answer\n        return a * 2\n'
+    assert scoreflow.repair_body("math", commented) == '\n        a = await self.custom(instruction="x")\n        return a\n'
     assert scoreflow.repair_body("math", "\n        x = await self.foo()\n") is None
 
 
@@ -117,10 +119,14 @@ def test_tiny_run_end_to_end(tmp_path):
     for f in ("config.json", "plan.json", "metrics.json", "report.md", "solve_rate.svg", "calls.sqlite",
               "iter0/workflows.jsonl", "iter0/scores.json", "iter0/pairs.jsonl",
               "iter0/train/adapter/adapter_model.safetensors", "iter0/train/adapter/adapter_config.json",
-              "test/gen1.json"):
+              "test/gen0.json", "test/gen1.json", "test/cot.json", "test/io.json"):
         assert (run_dir / f).exists(), f
     recs = [json.loads(line) for line in open(run_dir / "iter0/workflows.jsonl")]
-    assert len(recs) == 2 * 3 and all(r["prompt"].endswith("async def run_workflow(self):") for r in recs)
+    # one batch: 2 validate problems x k=3, then the test problem's one workflow from the same generator
+    assert [r["split"] for r in recs] == ["validate"] * 6 + ["test"]
+    assert all(r["prompt"].endswith("async def run_workflow(self):") for r in recs)
+    scores = json.load(open(run_dir / "iter0/scores.json"))  # executed together, CoT and IO included
+    assert {k.split(":")[0] for k in scores} >= {"cot", "io"} and any(k.startswith("test0:") for k in scores)
     metrics = json.load(open(run_dir / "metrics.json"))
     it = metrics["iterations"][0]
     assert it["pairs"] == 4 and it["eligible_pairs"] >= 1 and len(it["loss_curve"]) == 2
