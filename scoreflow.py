@@ -63,7 +63,7 @@ class RunConfig:
     gen_temperature: float = 0.8        # paper: 0.2
     gen_top_p: float = 0.95             # paper: 0.95
     gen_max_tokens: int = 96            # paper: 1000 (a valid few-shot body here is ~40 tokens, rarely 80)
-    regen_rounds: int = 2               # runnable-check rounds for rejected samples (paper: 501)
+    regen_rounds: int = 1               # runnable-check rounds for rejected samples (paper: 501)
     trial_run: str = "auto"             # §2.3 step 5: always (paper) | auto: skipped where operators.straight_line
     #                                     proves the workflow cannot raise by its own fault
     # executor
@@ -71,7 +71,7 @@ class RunConfig:
     executor_model: str | None = None   # model name at that endpoint
     api_key: str | None = None          # bearer key (default: $OPENAI_API_KEY for a remote endpoint)
     exec_temperature: float = 0.0       # paper: 0 (GPT-4o-mini)
-    exec_max_tokens: int = 128          # paper: 4096
+    exec_max_tokens: int = 96           # paper: 4096 (every sequential call round costs this many decode steps)
     runs: int = 1                       # executor runs per workflow (paper: 3)
     concurrency: int = 32               # workflows executed at once
     workflow_timeout: float = 120.0     # seconds per workflow run (paper: 120 math/QA, 240 code)
@@ -80,11 +80,11 @@ class RunConfig:
     budget_usd: float | None = None     # hard cap on executor cost (None: none)
     budget_tokens: int | None = None    # hard cap on executor tokens (None: none)
     # pairs and training
-    pairs: int = 32                     # pairs drawn per iteration (paper: 2000; 600 for HumanEval)
+    pairs: int = 24                     # pairs drawn per iteration (paper: 2000; 600 for HumanEval)
     d_power: float = 3.0                # d(x, y) = (x - y)^power; 0 = uniform (paper: 3)
     loss: str = "score-dpo"             # score-dpo | dpo (the paper's ablation)
     beta: float = 0.1                   # paper: 0.1
-    lr: float = 5e-4                    # paper: 1e-6 (an 8B model, 2,000 pairs; here 4 steps of 8 pairs)
+    lr: float = 5e-4                    # paper: 1e-6 (an 8B model, 2,000 pairs; here 3 steps of 8 pairs)
     epochs: int = 1                     # paper: 1 per iteration
     grad_accum: int = 8                 # pairs per optimizer step (paper: batch 1); one pass shares their
     #                                     few-shot prompt head (score_dpo.pairs_token_logps)
@@ -938,7 +938,7 @@ def build_parser():
     g.add_argument("--gen-temperature", type=float, help="(default 0.8; paper: 0.2)")
     g.add_argument("--gen-top-p", type=float, help="(default 0.95; paper: 0.95)")
     g.add_argument("--gen-max-tokens", type=int, help="(default 96; paper: 1000)")
-    g.add_argument("--regen-rounds", type=int, help="regeneration rounds for rejected samples (default 2; paper: 501)")
+    g.add_argument("--regen-rounds", type=int, help="regeneration rounds for rejected samples (default 1; paper: 501)")
     g.add_argument("--trial-run", choices=["auto", "always"], help="the runnable check's trial run on a toy problem: "
                    "always (paper), or auto: skipped for straight-line workflows (operator calls on literals and "
                    "earlier results, then a return), which cannot raise by their own fault (default auto)")
@@ -948,7 +948,7 @@ def build_parser():
     g.add_argument("--executor-model", help="model name at --executor-url (required with it)")
     g.add_argument("--api-key", help="bearer key (default $OPENAI_API_KEY)")
     g.add_argument("--exec-temperature", type=float, help="(default 0; paper: 0)")
-    g.add_argument("--exec-max-tokens", type=int, help="tokens per executor reply (default 128; paper: 4096)")
+    g.add_argument("--exec-max-tokens", type=int, help="tokens per executor reply (default 96; paper: 4096)")
     g.add_argument("--runs", type=int, help="executor runs per workflow (default 1: our local executor at "
                    "temperature 0 repeats itself; paper: 3)")
     g.add_argument("--concurrency", type=int, help="workflow runs in flight (default 32)")
@@ -958,7 +958,7 @@ def build_parser():
     g.add_argument("--budget-usd", type=float, help="hard cap on executor dollars; stops at a resumable point")
     g.add_argument("--budget-tokens", type=int, help="hard cap on executor tokens")
     g = p.add_argument_group("pairs and training")
-    g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 32; paper: 2000, HumanEval 600)")
+    g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 24; paper: 2000, HumanEval 600)")
     g.add_argument("--d-power", type=float, help="d(x, y) = (x - y)^power; 0 = uniform (default 3; paper: 3)")
     g.add_argument("--loss", choices=["score-dpo", "dpo"], help="(default score-dpo; dpo is the paper's ablation)")
     g.add_argument("--beta", type=float, help="(default 0.1; paper: 0.1)")

@@ -81,6 +81,18 @@ def test_make_pairs_drops_ties_and_left_out_workflows():
     assert len(drawn) == 50 and all(p.chosen_score > p.rejected_score for p in drawn)
 
 
+def test_run_async_lets_every_workflow_call_at_once():
+    """asyncio.to_thread's default pool (min(32, cores + 4) threads: 6 on 2 cores) capped the calls
+    in flight; run_async's pool lets all 24 blocking calls overlap (a barrier of 24 would time out)."""
+    import asyncio
+    import threading
+    barrier = threading.Barrier(24, timeout=20)
+
+    async def all_calls():
+        return await asyncio.gather(*(asyncio.to_thread(barrier.wait) for _ in range(24)))
+    assert sorted(scoreflow.run_async(all_calls(), workers=32)) == list(range(24))
+
+
 def test_svg_plot_is_wellformed_xml():
     import xml.etree.ElementTree as ET
     svg = scoreflow.svg_plot({"a": [(0, 0.1), (1, 0.5)], "b": [(0, 1.0)]}, "t & <u>".replace("&", "and")
