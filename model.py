@@ -1281,7 +1281,8 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")):
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                lora = LoRALinear(child, r, alpha, dropout).train(child.training)  # the wrapped layer's mode
+                setattr(module, child_name, lora)
                 found.append(f"{name}.{child_name}")
     if not found:
         raise ValueError(f"add_lora: no nn.Linear named any of {list(targets)} (already wrapped?)")

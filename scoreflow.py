@@ -762,7 +762,6 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
         history = []
         if os.path.exists(os.path.join(final_adapter, "adapter_config.json")):
             M.load_adapter(mdl, final_adapter)
-            mdl.eval()  # load_adapter's new LoRA layers start in train mode (dropout on); we sample next
             log(f"iter{i} train: done earlier, loaded {os.path.relpath(final_adapter, R.dir)}")
             hist_path = os.path.join(train_dir, "history.json")
             history = json.load(open(hist_path)) if os.path.exists(hist_path) else []
@@ -771,7 +770,6 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
                 prev = os.path.join(R.path(f"iter{i - 1}"), "train", "adapter")
                 if os.path.exists(os.path.join(prev, "adapter_config.json")):
                     M.load_adapter(mdl, prev)
-                    mdl.eval()
             t0 = time.time()
             result = score_dpo.train(mdl, tok, pairs, train_config(cfg, i), out_dir=train_dir)
             history = result.history

@@ -255,6 +255,22 @@ def test_lora_b_zero_is_identity_and_disabled_is_reference(smol, exported):
     assert all(layer.enabled for _, layer in M.lora_layers(model))
 
 
+def test_lora_layers_take_the_model_mode(exported, tmp_path):
+    """New LoRA layers keep the wrapped layer's mode: an eval model stays deterministic (no dropout)
+    after add_lora or load_adapter, a training one trains."""
+    model, tok = M.load(exported)
+    assert not model.training
+    M.add_lora(model, dropout=0.5)
+    assert not any(m.training for _, m in M.lora_layers(model))
+    M.save_adapter(model, str(tmp_path / "a"))
+    fresh, _ = M.load(exported)
+    M.load_adapter(fresh, str(tmp_path / "a"))
+    assert not any(m.training for m in fresh.modules())
+    trained, _ = M.load(exported)
+    M.add_lora(trained.train(), dropout=0.5)
+    assert all(m.training for _, m in M.lora_layers(trained))
+
+
 def test_merged_equals_unmerged(lora_model):
     model, tok = lora_model
     x = torch.tensor([ids_of(tok, PROMPTS[1])])
@@ -439,3 +455,19 @@ def test_prepacked_generate_matches_plain_and_follows_weight_changes(lora_model)
             for layer in model.model.layers:
                 layer.mlp.down_proj.weight.mul_(-1)
         M.unmerge_lora(model)
+
+
+def test_length_grouped_prefill_matches_single_rows(smol):
+    """A batch of very different prompt lengths (a server batch: short questions beside a long retry)
+    is prefilled in length groups, not padded to the longest; greedy tokens equal each prompt alone."""
+    model, tok = smol
+    long = [{"role": "user", "content": "Here is some code and its error. " + "x = 1 + 2  # note\n" * 40 + "Fix it."}]
+    msgs = [long, PROMPTS[1], [{"role": "user", "content": "Hi"}], PROMPTS[0], long]
+    prompts = [tok.apply_chat(m) for m in msgs]
+    lengths = [len(tok.encode(p)) for p in prompts]
+    assert len(M._length_groups([n - 1 for n in lengths])) > 1
+    got = M.generate(model, tok, prompts, max_new_tokens=16)
+    for p, g in zip(prompts, got):
+        assert g.token_ids == M.generate(model, tok, [p], max_new_tokens=16)[0].token_ids
+    assert M._length_groups([5, 5, 5]) == [([0, 1, 2], 5)]
+    assert M._length_groups([400, 40, 41, 39]) == [([0], 400), ([2, 1, 3], 41)]
