@@ -1003,8 +1003,8 @@ def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
     could only fail through the infrastructure or the executor's text: run_workflow is a sequence
     of `name = await self.op(...)` with each operator's own parameter names, every argument a string
     literal or a name bound above (a non-empty list of such for sc_ensemble, whose one parameter
-    needs a list), at most max_calls calls, then `return name` of a bound name. Every operator
-    returns a str, so each name holds one. Anything else (loops, branches, expressions) gets the
+    needs a list), at most max_calls calls, then `return name` of a bound name or `return await
+    self.op(...)` of such a call. Every operator returns a str, so each name holds one. Anything else (loops, branches, expressions) gets the
     trial run."""
     try:
         tree, attrs = _check_workflow(code, set_name)
@@ -1018,11 +1018,7 @@ def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
     def text(a):
         return (isinstance(a, ast.Constant) and isinstance(a.value, str)) or (isinstance(a, ast.Name) and a.id in bound)
 
-    for stmt in body[:-1]:
-        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-                and isinstance(stmt.value, ast.Await) and isinstance(stmt.value.value, ast.Call)):
-            return False
-        c = stmt.value.value
+    def operator_call(c):  # self.op(...) with the operator's own parameters, each given text
         if not (_is_self_attr(c.func) and c.func.attr in attrs):
             return False
         params = list(inspect.signature(_factory(attrs[c.func.attr]).run).parameters)[1:]  # without self
@@ -1037,12 +1033,22 @@ def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
                     return False
             elif not text(a):
                 return False
-        if attrs[c.func.attr] == "ScEnsemble" and "solutions" not in given:
+        return attrs[c.func.attr] != "ScEnsemble" or "solutions" in given
+
+    def awaited_call(e):
+        return isinstance(e, ast.Await) and isinstance(e.value, ast.Call) and operator_call(e.value)
+
+    for stmt in body[:-1]:
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+                and awaited_call(stmt.value)):
             return False
         bound.add(stmt.targets[0].id)
     last = body[-1] if body else None
-    return (len(body) - 1 <= max_calls and isinstance(last, ast.Return) and isinstance(last.value, ast.Name)
-            and last.value.id in bound)
+    if not isinstance(last, ast.Return) or last.value is None:
+        return False
+    if awaited_call(last.value):  # `return await self.op(...)`: one more call
+        return len(body) <= max_calls
+    return len(body) - 1 <= max_calls and isinstance(last.value, ast.Name) and last.value.id in bound
 
 
 async def runnable_check(code: str, set_name: str, client, *, threshold: float | None = -1.0,

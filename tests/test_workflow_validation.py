@@ -227,6 +227,7 @@ STRAIGHT = [  # run_workflow bodies of straight-line operator calls: the trial r
     'a = await self.custom("Plan.")\nb = await self.programmer(a)\nc = await self.sc_ensemble(solutions=[a, b])\n'
     'return c\n',
     'a = await self.programmer()\nreturn a\n',
+    'a = await self.custom(instruction="Solve it.")\nreturn await self.review(pre_solution=a)\n',
 ]
 NOT_STRAIGHT = {  # whitelisted, but the trial run is still needed (or it would fail)
     "an expression returned": 'a = await self.custom(instruction="x")\nreturn a + "!"\n',
@@ -242,6 +243,8 @@ NOT_STRAIGHT = {  # whitelisted, but the trial run is still needed (or it would 
               'b = await self.sc_ensemble(solutions=xs)\nreturn b\n',
     "a non-string argument": 'a = await self.custom(instruction=3)\nreturn a\n',
     "a literal returned": 'a = await self.custom(instruction="x")\nreturn "a"\n',
+    "a returned call on an unbound name": 'return await self.review(pre_solution=b)\n',
+    "a returned call that is not awaited": 'a = await self.custom(instruction="x")\nreturn len(a)\n',
 }
 
 
