@@ -242,7 +242,7 @@ def gather_logprobs(logits, labels):
 class _PrefixKV:
     """The cache protocol of model.Transformer.hidden (writer(layer, start) -> (k, v) -> keys so far),
     without in-place writes, so gradients flow back into the prefix's keys and values. The prefix pass
-    (start 0) keeps each layer's (1, Hkv, P, D); a later pass at start P sees them as a shared prefix."""
+    (start 0) keeps each layer's (1, Hkv, Tp, D); a later pass at start Tp sees them as a shared prefix."""
 
     def __init__(self):
         self.k, self.v = {}, {}
@@ -253,9 +253,9 @@ class _PrefixKV:
                 self.k[layer], self.v[layer] = k, v
                 return k, v
             B = k.shape[0]
-            pk = self.k[layer].expand(B, -1, -1, -1)  # (B, Hkv, P, D)
+            pk = self.k[layer].expand(B, -1, -1, -1)  # (B, Hkv, Tp, D)
             pv = self.v[layer].expand(B, -1, -1, -1)
-            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, Hkv, P + T, D)
+            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, Hkv, Tp + T, D)
         return write
 
 
@@ -276,22 +276,22 @@ def pairs_token_logps(model, items):
     device = model.lm_head.weight.device
     # the shared prefix, each prompt keeping >= 1 token of its own (the list doubled: one pair's prompt
     # is then shared with itself up to its last token)
-    P = M._shared_prefix([p for p, _, _ in items] * 2, min_len=1)
+    Tp = M._shared_prefix([p for p, _, _ in items] * 2, min_len=1)
     rows, spans = [], []  # each row: prompt suffix + completion without its last token
     for p, c, r in items:
         for comp in (c, r):
-            spans.append((len(rows), len(p) - P - 1, len(comp)))  # row, index predicting comp[0], length
-            rows.append(p[P:] + comp[:-1])
+            spans.append((len(rows), len(p) - Tp - 1, len(comp)))  # row, index predicting comp[0], length
+            rows.append(p[Tp:] + comp[:-1])
     T = max(len(x) for x in rows)
-    tokens = torch.tensor([x + [0] * (T - len(x)) for x in rows], device=device)  # (2G, T), right-padded
-    pos = (P + torch.arange(T, device=device)).expand(len(rows), T)  # (2G, T)
+    tokens = torch.tensor([x + [0] * (T - len(x)) for x in rows], device=device)  # (2P, T), right-padded
+    pos = (Tp + torch.arange(T, device=device)).expand(len(rows), T)  # (2P, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # own past; padding only trails
-    if P:
+    if Tp:
         cache = _PrefixKV()
-        model.hidden(torch.tensor([items[0][0][:P]], device=device), torch.arange(P, device=device)[None],
+        model.hidden(torch.tensor([items[0][0][:Tp]], device=device), torch.arange(Tp, device=device)[None],
                      None, cache, 0)
-        mask = torch.cat([torch.ones(T, P, dtype=torch.bool, device=device), causal], 1)  # (T, P + T)
-        h = model.hidden(tokens, pos, mask.expand(len(rows), 1, T, P + T), cache, P)  # (2G, T, C)
+        mask = torch.cat([torch.ones(T, Tp, dtype=torch.bool, device=device), causal], 1)  # (T, Tp + T)
+        h = model.hidden(tokens, pos, mask.expand(len(rows), 1, T, Tp + T), cache, Tp)  # (2P, T, C)
     else:
         h = model.hidden(tokens, pos, causal.expand(len(rows), 1, T, T))
     picked = torch.cat([h[row, at:at + L] for row, at, L in spans])  # (sum of L, C)
@@ -487,8 +487,8 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         ctx = M.lora_disabled(model) if cfg.reference == "base" else torch.no_grad()
         with ctx, autocast():  # in epoch 0's step groups: the first step then sees π_θ = π_ref exactly
             for k in range(steps_per_epoch):
-                mine = step_pairs(0, k)[1]
-                for i, (c, r) in zip(mine, pairs_token_logps(model, [encoded[i][:3] for i in mine])):
+                mine = step_pairs(0, k)[1]  # empty on a rank past a short last step
+                for i, (c, r) in zip(mine, pairs_token_logps(model, [encoded[i][:3] for i in mine]) if mine else []):
                     ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
         if dist:
             ref_dev = ref.to(device)

@@ -412,10 +412,10 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage)
     import model as M
     mdl, tok = gen
     ks = [k] * len(problems) if isinstance(k, int) else list(k)
-    prompts = {p.id: build_prompt(cfg.prompt, set_name, p.question) for p in problems}
-    recs = [dict(problem_id=p.id, sample=j, prompt=prompts[p.id], completion="", code=None, valid_raw=False,
+    prompts = [build_prompt(cfg.prompt, set_name, p.question) for p in problems]  # by position: ids may repeat
+    recs = [dict(problem_id=p.id, sample=j, prompt=prompt, completion="", code=None, valid_raw=False,
                  repaired=False, valid=False, reason="not generated", rounds=0, composition="")
-            for p, kp in zip(problems, ks) for j in range(kp)]
+            for p, prompt, kp in zip(problems, prompts, ks) for j in range(kp)]
     todo = list(range(len(recs)))
     prog = Progress(log_stage, len(recs), "workflows")
     for rnd in range(max(1, cfg.regen_rounds + 1)):
@@ -719,8 +719,11 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
         per = {p.id: scores[f"{which}:{p.id}"]["score"] for p in test}
         return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per}
 
-    def record_test(name, path, value):
-        R.metrics["test"][name] = _brief(R.stage(f"test {name}", R.path("test", path), lambda: value))
+    def record_test(name, value):  # test/<name>.json from an iteration's stages (no stage of its own)
+        path = R.path("test", f"{name}.json")
+        if not os.path.exists(path):
+            write_atomic(path, json.dumps(value, indent=1))
+        R.metrics["test"][name] = _brief(json.load(open(path)))
 
     for i in range(cfg.iterations):
         d = R.path(f"iter{i}")
@@ -748,10 +751,10 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
         scores = R.stage(f"iter{i} execute", os.path.join(d, "scores.json"),
                          lambda: execute_workflows(cfg, task, jobs, set_name, client, f"iter{i} execute"))
         if with_test:
-            record_test(f"gen{i}", f"gen{i}.json", test_summary(test_recs, scores))
+            record_test(f"gen{i}", test_summary(test_recs, scores))
         if with_fixed:
             for which in ("cot", "io"):
-                record_test(which, f"{which}.json", fixed_summary(which, scores))
+                record_test(which, fixed_summary(which, scores))
         eligible, pairs = make_pairs(cfg, recs, scores, _seed(cfg.seed, "pairs", i) % (1 << 31))
         pairs_path = os.path.join(d, "pairs.jsonl")
         if not os.path.exists(pairs_path):
