@@ -1005,11 +1005,12 @@ def resolve_config(args, parser):
                      f"--data); got --bench {cfg.bench}" + (f" --data {cfg.data}" if cfg.data else ""))
     if embedded:
         from bench import mathgen_task
-        cfg.kinds = cfg.kinds or "basic"
-        unknown = [k for k in cfg.kinds.split(",") if k not in mathgen_task.KIND_NAMES] if cfg.kinds != "all" else []
-        if unknown:
-            parser.error(f"--kinds: unknown {','.join(unknown)}; expected all or some of "
-                         f"{','.join(mathgen_task.KIND_NAMES)}")
+        cfg.kinds = "basic" if cfg.kinds is None else cfg.kinds
+        if cfg.kinds != "all":
+            try:
+                mathgen_task.check_kinds(cfg.kinds.split(","))
+            except ValueError as e:
+                parser.error(f"--kinds {cfg.kinds!r} (or all): {e}")
     checks = [
         (cfg.iterations >= 1, "--iterations must be >= 1"),
         (cfg.k >= 2, "-k must be >= 2 (pairs need two workflows per problem)"),

@@ -44,11 +44,16 @@ def load(split: str, data: str | None = None, *, strict: bool = False, seed: int
     if data is not None:
         raise ValueError(f"mathgen: the embedded set takes no --data (got {data!r}); use --bench math --data")
     if kinds is not None:
-        unknown = sorted(set(kinds) - set(KIND_NAMES))
-        if unknown or not kinds:
-            raise ValueError(f"mathgen: kinds {sorted(kinds)!r}: unknown {unknown!r}; expected some of {KIND_NAMES}")
+        check_kinds(kinds)
     return [p for k, p in enumerate(generate(seed, size)) if in_validate(k) == (split == "validate")
             and (kinds is None or p.extra["kind"] in kinds)]
+
+
+def check_kinds(kinds) -> None:
+    """ValueError unless kinds is a non-empty collection of names from KIND_NAMES."""
+    unknown = sorted(set(kinds) - set(KIND_NAMES))
+    if unknown or not kinds:
+        raise ValueError(f"mathgen: kinds {sorted(kinds)!r}: unknown {unknown!r}; expected some of {KIND_NAMES}")
 
 
 def in_validate(index: int) -> bool:

@@ -113,6 +113,9 @@ def run_cli(args, timeout=600, **kw):
     (["--bench", "nosuchbench"], "not a benchmark name or a task file"),
     (["--resume", "/nonexistent-run"], "no config.json there"),
     (["--gen-top-p", "0"], "--gen-top-p"),
+    (["--kinds", "basic,algebra"], "unknown ['algebra']"),
+    (["--kinds", ""], "expected some of"),
+    (["--bench", "gsm8k", "--kinds", "basic"], "--kinds picks problems of the embedded math set"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, args, message):
     r = run_cli(args + ["--run-dir", str(tmp_path / "run")] if "--resume" not in args else args, timeout=60)
