@@ -546,6 +546,7 @@ class OperatorOptions:
     program_timeout: float = 30.0   # seconds per Programmer/Test sandbox run (official: 30)
     programmer_attempts: int = 3    # Programmer: write, run, feed the error back (official: 3)
     test_rounds: int = 3            # Test: repair rounds (official: 10 HumanEval, 6 MBPP)
+    programmer_examples: int = 2    # Programmer: worked example turns before the real request (paper: 0)
     keep_prompts: bool = True       # WorkflowRun.calls keeps each prompt and reply text
 
 
@@ -576,10 +577,12 @@ class _Context:
             raise WorkflowError(f"operator call cap reached: {self.max_calls} calls")
         self.n_calls += 1
 
-    async def chat(self, operator, prompt):
-        """One executor call (a user message). ExecutorError propagates untouched."""
+    async def chat(self, operator, prompt, examples=()):
+        """One executor call: the user message `prompt`, after (user, assistant) example turns.
+        ExecutorError propagates untouched."""
         o = self.options
-        result = await asyncio.to_thread(self.client.chat, [{"role": "user", "content": prompt}],
+        turns = [{"role": role, "content": text} for pair in examples for role, text in zip(("user", "assistant"), pair)]
+        result = await asyncio.to_thread(self.client.chat, turns + [{"role": "user", "content": prompt}],
                                          temperature=o.temperature, max_tokens=o.max_tokens, seed=o.seed,
                                          sample=o.sample, stage=o.stage, tag=o.tag or operator)
         self.calls.append({"operator": operator, "prompt": prompt if o.keep_prompts else len(prompt),
@@ -795,6 +798,25 @@ class Review(_Operator):
         return str(pre_solution)
 
 
+# Programmer's worked examples, as earlier chat turns (OperatorOptions.programmer_examples). The
+# format is the lesson: a no-argument solve() with the problem's numbers written in. Measured with
+# the embedded SmolLM2-135M-Instruct as executor on 36 basic problems of the embedded set (greedy,
+# analysis "Compute the answer."): 11/36 with no example turn, 34/36 with these two.
+PROGRAMMER_EXAMPLES = (
+    ("What is $96 \\div 8$?", "Divide.", "```python\ndef solve():\n    return 96 // 8\n```"),
+    ("How many positive divisors does 12 have?", "None",
+     "```python\ndef solve():\n    return sum(1 for d in range(1, 13) if 12 % d == 0)\n```"),
+)
+
+
+def programmer_prompt(problem_text, analysis, code="", error=""):
+    return (f"{problem_text}\n\nAnalysis so far:\n{analysis}\n\n"
+            + (f"Your previous code failed:\n```python\n{code}\n```\nError:\n{error}\n\n" if error else "")
+            + "Write a short Python program that computes the final answer: a function solve() taking "
+              "no arguments and returning it, or code that prints it. Use only the standard library. "
+              "Reply with one ```python code block.")
+
+
 class Programmer(_Operator):
     """programmer(analysis) -> code and its output, run in the sandbox, errors fed back. The model may
     write a solve() returning the answer or a program printing it (small executors rarely follow the
@@ -803,13 +825,10 @@ class Programmer(_Operator):
 
     async def run(self, analysis: str = "None"):
         o, error, code, output = self.ctx.options, "", "", ""
+        examples = [(programmer_prompt(q, a), reply) for q, a, reply in PROGRAMMER_EXAMPLES[:o.programmer_examples]]
         for attempt in range(o.programmer_attempts):
-            prompt = (f"{_problem_text(self.ctx.problem)}\n\nAnalysis so far:\n{analysis}\n\n"
-                      + (f"Your previous code failed:\n```python\n{code}\n```\nError:\n{error}\n\n" if error else "")
-                      + "Write a short Python program that computes the final answer: a function solve() taking "
-                        "no arguments and returning it, or code that prints it. Use only the standard library. "
-                        "Reply with one ```python code block.")
-            reply = await self.ctx.chat(self.name, prompt)
+            prompt = programmer_prompt(_problem_text(self.ctx.problem), analysis, code, error)
+            reply = await self.ctx.chat(self.name, prompt, examples)
             code = runnable_program(reply)
             run = await asyncio.to_thread(executor.run_python, code, timeout=o.program_timeout)
             if run.status == "internal":

@@ -200,3 +200,39 @@ def test_straight_line_workflows_pass_the_real_trial_run(client):
         assert O.straight_line(code, "math")
         ok, reason = go(O.runnable_check(code, "math", client, options=OPTS))
         assert ok, (body, reason)
+
+
+def test_programmer_example_turns_teach_the_solve_format(client):
+    """Programmer's worked example turns reach the executor as earlier chat turns, and the embedded
+    135M executor, which without them rarely writes the problem's numbers into an argument-free
+    solve(), then does: real model, greedy, real sandbox."""
+    from bench import mathgen_task
+    problems = [p for p in mathgen_task.load("test", kinds=("basic",))][:6]
+    code = """class Workflow:
+    def __init__(self, config, problem):
+        self.programmer = Programmer(config)
+
+    async def run_workflow(self):
+        return await self.programmer(analysis="Compute the answer.")
+"""
+    shown = []
+
+    class Recording:  # the real client; records the messages each call sent
+        def chat(self, messages, **kw):
+            shown.append(messages)
+            return client.chat(messages, **kw)
+
+    def solved(n_examples):
+        opts = O.OperatorOptions(max_tokens=40, program_timeout=10.0, programmer_attempts=1,
+                                 programmer_examples=n_examples)
+        runs = [go(O.run_workflow(code, p, Recording(), "math", timeout=240, options=opts)) for p in problems]
+        assert all(r.status == "ok" for r in runs), [r.reason for r in runs]
+        return sum(r.answer.endswith(f"Output: {p.gold}") for p, r in zip(problems, runs))
+
+    with_examples = solved(2)
+    assert [m["role"] for m in shown[0]] == ["user", "assistant", "user", "assistant", "user"]
+    assert shown[0][1]["content"] == O.PROGRAMMER_EXAMPLES[0][2] and problems[0].input in shown[0][-1]["content"]
+    shown.clear()
+    without = solved(0)
+    assert [m["role"] for m in shown[0]] == ["user"]
+    assert with_examples >= 4 and with_examples > without, (with_examples, without)
