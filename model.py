@@ -206,6 +206,11 @@ class Prepacked:
     the weight on every call; prepacked it is 1.2x (M=32) to 2x (M=1) faster, bit-identical.
     fp32 results differ from F.linear by summation order only (~1e-6 relative).
 
+    bf16 weights on a CPU whose oneDNN has no bf16 kernels (AVX2 only; torch then emulates bf16
+    matmuls, ~5x slower than fp32): the copy holds them widened to fp32 (exact), and x is widened
+    too; the product is accumulated in fp32 and rounded to bf16, as a bf16 GEMM does, so results
+    differ from F.linear by summation order only. The copy is then twice the bf16 weights' size.
+
     `key` holds each source weight's (data pointer, in-place version) so that `prepack` rebuilds
     stale copies (after merge_lora, an optimizer step, load_state_dict, .to()). Called with the
     modules it was built from, LoRA-wrapped ones get their adapter's delta added."""
@@ -215,16 +220,23 @@ class Prepacked:
         self.key = _weights_key(weights)
         self.sizes = [w.shape[0] for w in weights]
         w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w)  # opaque mkldnn tensor
+        self.widen = w.dtype == torch.bfloat16 and not _mkldnn_bf16()  # compute in fp32, see above
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)  # opaque
 
     def __deepcopy__(self, memo):
         return None  # oneDNN's opaque tensors cannot be copied; a copied model rebuilds its own in prepack
 
     def __call__(self, x, modules):
         """x (..., K) -> one tensor (..., N_i) per module."""
-        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")  # (..., sum N_i)
+        xw = x.float() if self.widen else x
+        y = torch.ops.mkldnn._linear_pointwise(xw, self.weight, None, "none", [], "").to(x.dtype)  # (..., sum N_i)
         ys = y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else [y]
         return [y + m.delta(x) if isinstance(m, LoRALinear) and m.active() else y for y, m in zip(ys, modules)]
+
+
+def _mkldnn_bf16():
+    """Whether oneDNN has native bf16 linear here (AVX-512 bw/vl/dq or AVX-NE-CONVERT; not AVX2)."""
+    return hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _base_weight(m):
@@ -237,15 +249,14 @@ def _weights_key(weights):
 
 def prepack(model):
     """(Re)build the Prepacked copies generate uses; returns whether the fast path is available
-    (CPU; fp32, or bf16 where this CPU's oneDNN has it; `model.use_prepacked`). Copies whose source
-    weights are unchanged are kept, so repeated generate calls pay the packing (~0.5 s for 135M fp32) once.
-    Costs a second copy of the weights in memory; set model.use_prepacked = False to avoid it."""
+    (CPU, fp32 or bf16; `model.use_prepacked`). Copies whose source weights are unchanged are kept,
+    so repeated generate calls pay the packing (~0.5 s for 135M fp32) once. Costs a second copy of
+    the weights in memory (fp32 for bf16 weights without native bf16, see Prepacked); set
+    model.use_prepacked = False to avoid it."""
     w = model.lm_head.weight
     mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    # oneDNN's bf16 linear needs AVX-512 (bw/vl/dq) or AVX-NE-CONVERT; on an AVX2-only CPU it refuses
-    bf16 = mkldnn and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     ok = (model.use_prepacked and w.device.type == "cpu" and mkldnn
-          and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16)))
+          and w.dtype in (torch.float32, torch.bfloat16))
     if not ok:
         return False
 

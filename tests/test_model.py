@@ -471,3 +471,27 @@ def test_length_grouped_prefill_matches_single_rows(smol):
         assert g.token_ids == M.generate(model, tok, [p], max_new_tokens=16)[0].token_ids
     assert M._length_groups([5, 5, 5]) == [([0, 1, 2], 5)]
     assert M._length_groups([400, 40, 41, 39]) == [([0], 400), ([2, 1, 3], 41)]
+
+
+def test_prepacked_bf16_matches_plain_bf16(exported):
+    """bf16 weights on the fast path (natively, or widened to fp32 where oneDNN has no bf16 kernels):
+    a decode step's logits are as close to the fp32 model's as plain bf16 F.linear's are."""
+    model, tok = M.load(exported, dtype=torch.bfloat16)
+    if not M.prepack(model):
+        pytest.skip("no oneDNN linear on this build")
+    assert model.model.layers[0].self_attn.fast_qkv.widen == (not M._mkldnn_bf16())
+    ids = ids_of(tok, PROMPTS[0])
+
+    def last_logits(m, fast):
+        with torch.no_grad():
+            cache = M.KVCache(m.config, 1, len(ids), "cpu", m.lm_head.weight.dtype)
+            m.hidden(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], None, cache, 0, fast=fast)
+            h = m.hidden(torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), None, cache, len(ids) - 1,
+                         fast=fast)
+            return m.logits(h[0, -1], fast)
+    plain, fast = last_logits(model, False), last_logits(model, True)
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    exact = last_logits(M.load(exported)[0], False)  # fp32
+    err_plain, err_fast = ((x.float() - exact).abs().max().item() for x in (plain, fast))
+    assert err_fast <= 1.5 * err_plain + 1e-3, (err_fast, err_plain)
+    assert fast.argmax() == exact.argmax() and err_fast < 0.05 * exact.abs().max().item()
