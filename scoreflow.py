@@ -52,15 +52,17 @@ class RunConfig:
     run_dir: str | None = None          # where everything goes (default runs/<bench>-<time>)
     seed: int = 0                       # seeds sampling, pair draws, shuffling and generation (§10.9)
     iterations: int = 2                 # paper: up to 3; the official README trains 2
-    n_validate: int = 8                 # validate problems used for optimisation (0 = all)
-    n_test: int = 12                    # test problems evaluated (0 = all)
+    n_validate: int = 12                # validate problems used for optimisation (0 = all)
+    n_test: int = 24                    # test problems evaluated (0 = all)
     device: str = "cpu"
     dtype: str = "float32"
     # generator
     generator: str | None = None        # HF dir or GGUF file (None: embedded SmolLM2-135M-Instruct)
     prompt: str = "fewshot"             # fewshot (small models) | paper (SCOREFLOW.md §2.2)
     k: int = 4                          # workflows per problem (paper: 8)
-    gen_temperature: float = 0.8        # paper: 0.2
+    gen_temperature: float = 0.8        # paper: 0.2 (validate samples: a 135M generator needs 0.8 for variety)
+    test_temperature: float = 0.2       # paper: 0.2 (the one workflow per test problem: the generator's choice,
+    #                                     not sampling noise; 12 problems at 0.8 hid a learned shift)
     gen_top_p: float = 0.95             # paper: 0.95
     gen_max_tokens: int = 96            # paper: 1000 (a valid few-shot body here is ~40 tokens, rarely 80)
     regen_rounds: int = 1               # runnable-check rounds for rejected samples (paper: 501)
@@ -76,6 +78,8 @@ class RunConfig:
     concurrency: int = 32               # workflows executed at once
     workflow_timeout: float = 120.0     # seconds per workflow run (paper: 120 math/QA, 240 code)
     max_calls: int = 8                  # operator calls per workflow run
+    programmer_examples: int = 2        # worked example turns in Programmer's request (paper: 0); a small
+    #                                     executor learns the solve() format from them (operators.py)
     extractor: str = "rule"             # rule (ours) | llm (the paper's Extractor call, SCOREFLOW.md §3)
     budget_usd: float | None = None     # hard cap on executor cost (None: none)
     budget_tokens: int | None = None    # hard cap on executor tokens (None: none)
@@ -97,7 +101,8 @@ class RunConfig:
 # The paper's sizes (SCOREFLOW.md §1, §7, §8); --paper applies these before explicit flags.
 PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
              gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501, exec_max_tokens=4096, runs=3,
-             pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16", trial_run="always")
+             pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16", trial_run="always",
+             programmer_examples=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,18 +409,21 @@ def composition(code):
 # Stage 1: generate k workflows per problem, runnable check, regenerate (SCOREFLOW.md §2, §8).
 
 
-def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage):
+def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage, temperature=None):
     """k workflows per problem (an int, or a list with one k per problem) from the generator as it
-    stands, in one batch. Returns one record per sample: problem id, prompt, completion (the text
-    the pairs train on), code, raw validity (before any repair), whether it was repaired, the
-    runnable-check verdict, whether the trial run was needed, and the rounds it took."""
+    stands, in one batch, at `temperature` (a float, or one per problem; default cfg.gen_temperature).
+    Returns one record per sample: problem id, prompt, completion (the text the pairs train on),
+    code, raw validity (before any repair), whether it was repaired, the runnable-check verdict,
+    whether the trial run was needed, the rounds it took and the temperature it was sampled at."""
     import model as M
     mdl, tok = gen
     ks = [k] * len(problems) if isinstance(k, int) else list(k)
+    temperature = cfg.gen_temperature if temperature is None else temperature
+    temps = [temperature] * len(problems) if isinstance(temperature, (int, float)) else list(temperature)
     prompts = [build_prompt(cfg.prompt, set_name, p.question) for p in problems]  # by position: ids may repeat
     recs = [dict(problem_id=p.id, sample=j, prompt=prompt, completion="", code=None, valid_raw=False,
-                 repaired=False, valid=False, reason="not generated", rounds=0, composition="")
-            for p, prompt, kp in zip(problems, prompts, ks) for j in range(kp)]
+                 repaired=False, valid=False, reason="not generated", rounds=0, composition="", temperature=t)
+            for p, prompt, kp, t in zip(problems, prompts, ks, temps) for j in range(kp)]
     todo = list(range(len(recs)))
     prog = Progress(log_stage, len(recs), "workflows")
     for rnd in range(max(1, cfg.regen_rounds + 1)):
@@ -425,7 +433,8 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage)
         for b0 in range(0, len(todo), batch):
             idx = todo[b0:b0 + batch]
             outs = M.generate(mdl, tok, [recs[i]["prompt"] for i in idx], max_new_tokens=cfg.gen_max_tokens,
-                              temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, stop=["</graph>"],
+                              temperature=[recs[i]["temperature"] for i in idx], top_p=cfg.gen_top_p,
+                              stop=["</graph>"],
                               seed=[_seed(seed, recs[i]["problem_id"], recs[i]["sample"], rnd) for i in idx])
             for i, out in zip(idx, outs):
                 r = recs[i]
@@ -463,6 +472,7 @@ async def _check_all(cfg, recs, set_name, client):
     async def one(r):
         async with sem:
             opts = operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
+                                             programmer_examples=cfg.programmer_examples,
                                              stage="check", tag="check")
             r["trial"] = cfg.trial_run == "always" or not operators.straight_line(r["code"], set_name, cfg.max_calls)
             return r, await operators.runnable_check(r["code"], set_name, client, threshold=threshold,
@@ -527,6 +537,7 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
     async def one_run(key, code, problem, r):
         async with sem:
             opts = operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
+                                             programmer_examples=cfg.programmer_examples,
                                              seed=r, sample=r, stage="execute", tag=str(key), keep_prompts=False)
             for attempt in range(3):  # infrastructure failures are retried, then left out (§10.7)
                 run = await operators.run_workflow(code, problem, client, set_name, timeout=cfg.workflow_timeout,
@@ -733,9 +744,10 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
 
         def gen_stage():
             problems = validate + (test if with_test else [])
+            n_test = len(problems) - len(validate)
             recs = generate_workflows(cfg, gen, problems, set_name, client, seed,
-                                      [cfg.k] * len(validate) + [1] * (len(problems) - len(validate)),
-                                      f"iter{i} generate")
+                                      [cfg.k] * len(validate) + [1] * n_test, f"iter{i} generate",
+                                      [cfg.gen_temperature] * len(validate) + [cfg.test_temperature] * n_test)
             for j, r in enumerate(recs):  # in problem order: the validate samples come first
                 r["split"] = "validate" if j < len(validate) * cfg.k else "test"
                 r["key"] = f"{i}:{r['problem_id']}:{r['sample']}" if r["split"] == "validate" else \
@@ -797,7 +809,8 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
     g = cfg.iterations  # the final generator: its own generate + execute stage on the test split
 
     def final_test():
-        recs = generate_workflows(cfg, gen, test, set_name, client, _seed(cfg.seed, "test", g), 1, f"test gen{g}")
+        recs = generate_workflows(cfg, gen, test, set_name, client, _seed(cfg.seed, "test", g), 1, f"test gen{g}",
+                                  cfg.test_temperature)
         for r in recs:
             r.update(split="test", key=f"test{g}:{r['problem_id']}")
         jobs = [(r["key"], r["code"], by_id["test"][r["problem_id"]]) for r in recs if r["valid"]]
@@ -860,6 +873,13 @@ def write_report(R, set_name):
     for b, desc in (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")):
         if b in test:
             L.append(f"| {desc} | {pct(test[b]['score'])} | |")
+    L += ["", f"One workflow per test problem, sampled at temperature {cfg.test_temperature} (the validate "
+          f"samples: {cfg.gen_temperature}). What each generator chose:", ""]
+    for g, _ in gens:
+        path = R.path("test", f"gen{g}.json")
+        recs = json.load(open(path)).get("workflows", []) if os.path.exists(path) else []
+        top = ", ".join(f"`{c or 'invalid'}` {n}" for c, n in list(_count(r["composition"] for r in recs).items())[:6])
+        L.append(f"- generator {g}: {top}")
     L += ["", "## Iterations (validate split)", "",
           "| iteration | samples | valid before repair | repaired | valid | distinct compositions (first 40) | "
           "solve rate | eligible pairs | pairs drawn | first / last loss |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -925,8 +945,8 @@ def build_parser():
     g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
     g.add_argument("--seed", type=int, help="seeds generation, pair draws and training (default 0)")
     g.add_argument("--iterations", type=int, help="optimisation iterations (default 2; paper: up to 3)")
-    g.add_argument("--n-validate", type=int, help="validate problems used, 0 = all (default 8; paper: all)")
-    g.add_argument("--n-test", type=int, help="test problems evaluated, 0 = all (default 12; paper: all)")
+    g.add_argument("--n-validate", type=int, help="validate problems used, 0 = all (default 12; paper: all)")
+    g.add_argument("--n-test", type=int, help="test problems evaluated, 0 = all (default 24; paper: all)")
     g.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip CoT, IO and per-iteration test evaluations (only the final generator is tested)")
     g.add_argument("--device", help="torch device for our models (default cpu)")
@@ -936,7 +956,8 @@ def build_parser():
     g.add_argument("--generator", help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", choices=["fewshot", "paper"], help="generator prompt style (default fewshot; paper: paper)")
     g.add_argument("-k", "--k", type=int, help="workflows per problem (default 4; paper: 8)")
-    g.add_argument("--gen-temperature", type=float, help="(default 0.8; paper: 0.2)")
+    g.add_argument("--gen-temperature", type=float, help="validate samples (default 0.8; paper: 0.2)")
+    g.add_argument("--test-temperature", type=float, help="the workflow per test problem (default 0.2; paper: 0.2)")
     g.add_argument("--gen-top-p", type=float, help="(default 0.95; paper: 0.95)")
     g.add_argument("--gen-max-tokens", type=int, help="(default 96; paper: 1000)")
     g.add_argument("--regen-rounds", type=int, help="regeneration rounds for rejected samples (default 1; paper: 501)")
@@ -955,6 +976,8 @@ def build_parser():
     g.add_argument("--concurrency", type=int, help="workflow runs in flight (default 32)")
     g.add_argument("--workflow-timeout", type=float, help="seconds per workflow run (default 120; paper: 120, code 240)")
     g.add_argument("--max-calls", type=int, help="operator calls per workflow run (default 8)")
+    g.add_argument("--programmer-examples", type=int, choices=range(len(operators.PROGRAMMER_EXAMPLES) + 1),
+                   help="worked example turns before each Programmer request (default 2; paper: 0)")
     g.add_argument("--extractor", choices=["rule", "llm"], help="final-answer extraction (default rule; paper: llm)")
     g.add_argument("--budget-usd", type=float, help="hard cap on executor dollars; stops at a resumable point")
     g.add_argument("--budget-tokens", type=int, help="hard cap on executor tokens")
@@ -1017,7 +1040,8 @@ def resolve_config(args, parser):
         (cfg.runs >= 1, "--runs must be >= 1"),
         (cfg.pairs >= 1, "--pairs must be >= 1"),
         (cfg.n_validate >= 0 and cfg.n_test >= 0, "--n-validate and --n-test must be >= 0"),
-        (0 <= cfg.gen_temperature and 0 < cfg.gen_top_p <= 1, "--gen-temperature >= 0 and 0 < --gen-top-p <= 1"),
+        (0 <= cfg.gen_temperature and 0 <= cfg.test_temperature and 0 < cfg.gen_top_p <= 1,
+         "--gen-temperature >= 0, --test-temperature >= 0 and 0 < --gen-top-p <= 1"),
         (cfg.gen_max_tokens >= 8 and cfg.exec_max_tokens >= 1, "--gen-max-tokens >= 8 and --exec-max-tokens >= 1"),
         (cfg.lr > 0 and cfg.beta > 0, "--lr and --beta must be > 0"),
         (cfg.d_power >= 0, "--d-power must be >= 0"),

@@ -113,6 +113,8 @@ def run_cli(args, timeout=600, **kw):
     (["--bench", "nosuchbench"], "not a benchmark name or a task file"),
     (["--resume", "/nonexistent-run"], "no config.json there"),
     (["--gen-top-p", "0"], "--gen-top-p"),
+    (["--test-temperature", "-1"], "--test-temperature >= 0"),
+    (["--programmer-examples", "3"], "invalid choice: 3"),
     (["--kinds", "basic,algebra"], "unknown ['algebra']"),
     (["--kinds", ""], "expected some of"),
     (["--bench", "gsm8k", "--kinds", "basic"], "--kinds picks problems of the embedded math set"),
@@ -139,6 +141,10 @@ def test_tiny_run_end_to_end(tmp_path):
     recs = [json.loads(line) for line in open(run_dir / "iter0/workflows.jsonl")]
     # one batch: 2 validate problems x k=3, then the test problem's one workflow from the same generator
     assert [r["split"] for r in recs] == ["validate"] * 6 + ["test"]
+    # validate samples explore at --gen-temperature; the test workflow is the generator's choice
+    assert [r["temperature"] for r in recs] == [0.8] * 6 + [0.2]
+    final = json.load(open(run_dir / "test/gen1.json"))["workflows"]
+    assert [r["temperature"] for r in final] == [0.2]
     assert all(r["prompt"].endswith("async def run_workflow(self):") for r in recs)
     scores = json.load(open(run_dir / "iter0/scores.json"))  # executed together, CoT and IO included
     assert {k.split(":")[0] for k in scores} >= {"cot", "io"} and any(k.startswith("test0:") for k in scores)
