@@ -135,9 +135,15 @@ class Attention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        pk = pv = None
         if kv is not None:  # write this step into the static cache, attend over everything so far
-            k, v = kv(k, v)  # (B, Hkv, S, D)
-        if T == 1 and B > 1:
+            k, v = kv(k, v)  # (B, Hkv, S, D); with a shared prefix, the columns after it (B, Hkv, S - P, D)
+            pk, pv = getattr(kv, "prefix", (None, None))  # (1, Hkv, P, D): one copy for all rows
+        if pk is not None and T > 1:  # prefill after the prefix: every row sees it (a copy, once per prompt)
+            k, v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+        if pk is not None and T == 1:
+            y = _decode_with_prefix(q, k, v, pk, pv, mask)
+        elif T == 1 and B > 1:
             # batched decode: the G = H/Hkv query heads sharing a KV head become G rows of one small
             # matmul against it (no repeated K/V). SDPA's CPU flash kernel costs ~1.2-2.5x more here
             # (measured B=32, S=100-300); at B=1 it is the faster one and is used below.
@@ -159,6 +165,27 @@ class Attention(nn.Module):
         if use_packed(self.packed_o, y):
             return self.packed_o(y)
         return self.fast_o(y, (self.o_proj,))[0] if fast else self.o_proj(y)
+
+
+def _decode_with_prefix(q, k, v, pk, pv, mask):
+    """One decode step attending over a prefix shared by all rows, stored once, and each row's own
+    columns after it. q (B, H, 1, D); k, v (B, Hkv, S', D); pk, pv (1, Hkv, P, D); mask additive
+    (B, 1, 1, P + S') or None -> (B, 1, H*D). The prefix scores are one matmul of all B*G query rows
+    per KV head against the single copy, so its K/V are read once per step, not B times (the
+    generator's ~780-token few-shot head made decode ~2x slower per token than short prompts)."""
+    B, H, _, D = q.shape
+    Hkv, P = pk.shape[1], pk.shape[2]
+    G = H // Hkv
+    q = q.view(B, Hkv, G, D)
+    qh = q.transpose(0, 1).reshape(Hkv, B * G, D)  # every row's queries, per KV head
+    scores = torch.cat([(qh @ pk[0].transpose(-1, -2)).view(Hkv, B, G, P).transpose(0, 1),  # (B, Hkv, G, P)
+                        q @ k.transpose(-1, -2)], dim=-1) * D ** -0.5  # (B, Hkv, G, P + S')
+    if mask is not None:
+        scores = scores + mask
+    att = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as SDPA
+    ap, own = att.split([P, att.shape[-1] - P], dim=-1)
+    y = (ap.transpose(0, 1).reshape(Hkv, B * G, P) @ pv[0]).view(Hkv, B, G, D).transpose(0, 1) + own @ v
+    return y.reshape(B, 1, H * D)
 
 
 class MLP(nn.Module):
@@ -926,30 +953,41 @@ def load(path=None, *, device="cpu", dtype=torch.float32):
 
 
 class KVCache:
-    """Static preallocated cache: per layer k, v of (B, Hkv, S, D), written by column (gpt-fast)."""
+    """Static preallocated cache: per layer k, v of (B, Hkv, S, D), written by column (gpt-fast).
 
-    def __init__(self, cfg, batch, length, device, dtype):
-        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    With `prefix` = (ks, vs), per layer (1, Hkv, P, D) keys and values of a prompt head every row
+    shares: those columns 0..P are held once, the rows store only columns P..S, (B, Hkv, S - P, D),
+    and writers carry `.prefix` for Attention (columns are still numbered from 0)."""
+
+    def __init__(self, cfg, batch, length, device, dtype, prefix=None):
+        self.prefix = prefix
+        self.P = 0 if prefix is None else prefix[0][0].shape[2]
+        shape = (batch, cfg.n_kv_heads, length - self.P, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
 
     def writer(self, layer, start):
-        """A function (k, v) (B,Hkv,T,D) -> cached (k, v) (B,Hkv,start+T,D) that writes columns start..start+T."""
+        """A function (k, v) (B,Hkv,T,D) -> cached (k, v) (B,Hkv,start+T-P,D) that writes columns
+        start..start+T (start >= P)."""
+        a = start - self.P
+
         def write(k, v):
             T = k.shape[2]
             kc, vc = self.k[layer], self.v[layer]
-            kc[:, :, start:start + T] = k  # this is where the KV cache is written
-            vc[:, :, start:start + T] = v
-            return kc[:, :, :start + T], vc[:, :, :start + T]
+            kc[:, :, a:a + T] = k  # this is where the KV cache is written
+            vc[:, :, a:a + T] = v
+            return kc[:, :, :a + T], vc[:, :, :a + T]
+        if self.prefix is not None:
+            write.prefix = (self.prefix[0][layer], self.prefix[1][layer])
         return write
 
     def select(self, rows, upto):
         """Keep only batch rows `rows` (a LongTensor), moving them to the front in place; the used
         columns :upto are copied. Afterwards the cache has len(rows) rows."""
-        n = len(rows)
+        n, used = len(rows), upto - self.P
         for buf in (self.k, self.v):
             for i, t in enumerate(buf):
-                t[:n, :, :upto] = t[rows, :, :upto]
+                t[:n, :, :used] = t[rows, :, :used]
                 buf[i] = t[:n]
 
 
@@ -1084,13 +1122,14 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
     P = _shared_prefix(rows)  # and a prefix all of them share, once for all
     Ts = T - P  # suffix width; suffixes are left-padded, so cache column P + Ts - 1 is every row's last token
     fast = prepack(model)  # oneDNN copies of the weights, built once per model (see Prepacked)
-    cache = KVCache(cfg, len(rows), S, device, model.lm_head.weight.dtype)
-    if P:
-        pre = KVCache(cfg, 1, P, device, cache.k[0].dtype)
+    dtype = model.lm_head.weight.dtype
+    prefix = None
+    if P:  # the shared head, prefilled once and kept once (KVCache prefix)
+        pre = KVCache(cfg, 1, P, device, dtype)
         model.hidden(torch.tensor([rows[0][:P]], device=device), torch.arange(P, device=device)[None], None, pre, 0,
                      fast=fast)
-        for full, part in zip(cache.k + cache.v, pre.k + pre.v):
-            full[:, :, :P] = part  # (1, Hkv, P, D) broadcast into every row
+        prefix = (pre.k, pre.v)
+    cache = KVCache(cfg, len(rows), S, device, dtype, prefix)
     tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (Bu, Ts)
     valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P) for r in rows],
                          device=device)  # (Bu, T) real tokens among cache columns :T
@@ -1102,19 +1141,16 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
         h = model.hidden(tokens, pos[:, P:], mask, cache, P, fast=fast)  # (Bu, Ts, C)
         logits = model.logits(h[:, -1], fast)  # (Bu, V), last position only
     else:  # suffixes of very different lengths: prefill each group in its own width, not the longest's
-        logits = torch.empty(len(rows), cfg.vocab_size, device=device, dtype=cache.k[0].dtype)
+        logits = torch.empty(len(rows), cfg.vocab_size, device=device, dtype=dtype)
         for idx, L in groups:
             sel = torch.tensor(idx, device=device)
-            part = KVCache(cfg, len(idx), P + L, device, cache.k[0].dtype)
+            part = KVCache(cfg, len(idx), P + L, device, dtype, prefix)
             cols = list(range(P)) + list(range(T - L, T))  # the prefix and this group's last L columns
-            if P:
-                for dst, src in zip(part.k + part.v, cache.k + cache.v):
-                    dst[:, :, :P] = src[:1, :, :P]
             v = valid[sel][:, cols]  # (n, P + L)
             h = model.hidden(tokens[sel, Ts - L:], pos[sel][:, T - L:], prefill_mask(v, L), part, P, fast=fast)
             logits[sel] = model.logits(h[:, -1], fast)
             for dst, src in zip(cache.k + cache.v, part.k + part.v):
-                dst[sel, :, T - L:T] = src[:, :, P:]  # (n, Hkv, L, D) right-aligned, as the one-batch path
+                dst[sel, :, T - L - P:T - P] = src  # (n, Hkv, L, D) right-aligned, as the one-batch path
     logits = logits[inverse]  # (B, V)
     if len(rows) < n:
         for buf in (cache.k, cache.v):
