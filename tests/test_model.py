@@ -482,13 +482,14 @@ def test_prepacked_bf16_matches_plain_bf16(exported):
     assert model.model.layers[0].self_attn.fast_qkv.widen == (not M._mkldnn_bf16())
     ids = ids_of(tok, PROMPTS[0])
 
-    def last_logits(m, fast):
+    def last_logits(m, fast):  # 4 rows: below that the fast path uses plain bf16 F.linear
         with torch.no_grad():
-            cache = M.KVCache(m.config, 1, len(ids), "cpu", m.lm_head.weight.dtype)
-            m.hidden(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], None, cache, 0, fast=fast)
-            h = m.hidden(torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), None, cache, len(ids) - 1,
+            cache = M.KVCache(m.config, 4, len(ids), "cpu", m.lm_head.weight.dtype)
+            m.hidden(torch.tensor([ids[:-1]] * 4), torch.arange(len(ids) - 1).expand(4, -1), None, cache, 0,
+                     fast=fast)
+            h = m.hidden(torch.tensor([ids[-1:]] * 4), torch.full((4, 1), len(ids) - 1), None, cache, len(ids) - 1,
                          fast=fast)
-            return m.logits(h[0, -1], fast)
+            return m.logits(h[:, -1], fast)[0]
     plain, fast = last_logits(model, False), last_logits(model, True)
     assert fast.dtype == plain.dtype == torch.bfloat16
     exact = last_logits(M.load(exported)[0], False)  # fp32
