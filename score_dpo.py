@@ -242,7 +242,8 @@ def gather_logprobs(logits, labels):
 class _PrefixKV:
     """The cache protocol of model.Transformer.hidden (writer(layer, start) -> (k, v) -> keys so far),
     without in-place writes, so gradients flow back into the prefix's keys and values. The prefix pass
-    (start 0) keeps each layer's (1, Hkv, Tp, D); a later pass at start Tp sees them as a shared prefix."""
+    (start 0) keeps each layer's (1, Hkv, Tp, D); a later pass at start Tp hands them to Attention as
+    the writer's shared `.prefix` (model.KVCache's protocol), which every row attends to."""
 
     def __init__(self):
         self.k, self.v = {}, {}
@@ -251,11 +252,9 @@ class _PrefixKV:
         def write(k, v):
             if start == 0:
                 self.k[layer], self.v[layer] = k, v
-                return k, v
-            B = k.shape[0]
-            pk = self.k[layer].expand(B, -1, -1, -1)  # (B, Hkv, Tp, D)
-            pv = self.v[layer].expand(B, -1, -1, -1)
-            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, Hkv, Tp + T, D)
+            return k, v
+        if start:
+            write.prefix = (self.k[layer], self.v[layer])
         return write
 
 
