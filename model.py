@@ -11,7 +11,8 @@ log-probs -> LoRA -> HF/PEFT export.
 
 Numerics: fp32 matches transformers on the same weights to ~1e-4 in logits (1e-9 in float64);
 bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). `pack_weights` trades exactness for
-batch-1 speed (4-bit weights, bf16 compute) and is never applied implicitly.
+batch-1 speed (4-bit weights, bf16 compute) and is never applied implicitly; generate(compile=True)
+then removes most of the per-op cost that is left (torch.compile of the decode step only).
 
 Non-goals: training from scratch, architectures other than Llama (no q/k/v biases, no sliding
 windows, no MoE), SentencePiece tokenizers, chat templates other than ChatML and Llama-3.
@@ -417,9 +418,10 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden(tokens, padded_positions(valid), prefill_mask(valid)))
 
 
-def pack_weights(model, bits=4, head_bits=8, max_rows=4):
+def pack_weights(model, bits=4, head_bits=0, max_rows=4):
     """Give every block packed copies of its weights (q|k|v, o, gate|up, down with `bits`) and the
-    lm_head one with `head_bits` (0 keeps it dense); decode steps of at most `max_rows` rows then
+    lm_head one with `head_bits` (0, the default, keeps it dense: per-row int8 re-quantises a Q8_0
+    head more coarsely than the file, and measured no faster); decode steps of at most `max_rows` rows then
     use them (see PackedLinear). Inference only and CPU only: an explicit call, refused on a model
     with LoRA layers (the packed copies would bypass the adapters). Returns the model."""
     if lora_layers(model):
@@ -1061,7 +1063,7 @@ def _stops_per_row(stop, n):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
-             stop=(), seed=None) -> list[Completion]:
+             stop=(), seed=None, compile=False) -> list[Completion]:
     """Sample completions for raw prompt strings with a static KV cache.
 
     Prompts are left-padded into one batch; identical prompts are prefilled once and their cache
@@ -1069,6 +1071,10 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
     finished rows are dropped from the batch (cache compacted once a quarter of it is done).
     Every row samples from its own torch.Generator seeded `seed[i]` (a scalar seed s gives row i
     the seed s + i; None draws fresh seeds); temperature 0 is greedy.
+    compile=True runs the decode steps through torch.compile (needs a C++ compiler; the first call
+    compiles, ~1 min for 135M, and the result is kept as model.compiled_step). It fuses the small
+    per-layer ops, which is what bounds batch-1 decoding once pack_weights has shrunk the weights;
+    the step then uses plain or packed weights, not prepack's oneDNN copies (for larger batches).
     """
     n = len(prompts)
     if n == 0:
@@ -1098,7 +1104,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
         if not row:
             raise ValueError(f"prompts[{i}] is empty and the tokenizer has no bos token to start from")
         ids.append(row)
-    out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer)
+    out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile)
     results = []
     for row, (gen, reason, cut) in zip(ids, out_ids):
         body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
@@ -1109,7 +1115,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
     return results
 
 
-def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer):
+def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile=False):
     """The sampling loop: prefill, then one decode step per token. Returns per row
     (generated ids, finish reason, character index of the stop string or None)."""
     device = model.lm_head.weight.device
@@ -1162,6 +1168,11 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
     keys[:, :T] = valid[inverse]
     pos = torch.tensor([len(r) for r in ids], device=device)  # (B,) rope position of the next token
 
+    step_fn = decode_step
+    if compile:  # torch.compile of the decode step only, built once per model (first call ~1 min)
+        if getattr(model, "compiled_step", None) is None:
+            model.compiled_step = torch.compile(decode_step, dynamic=True)  # one graph for all t, B > 1
+        step_fn, fast = model.compiled_step, False  # inductor cannot trace oneDNN's opaque weights
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     temp_t = torch.tensor(temps, device=device)
     top_p_t = torch.tensor(top_ps, device=device)
@@ -1199,10 +1210,19 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
             nxt = [nxt[j] for j in keep]
         step = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
         mask = keys[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t+1)
-        h = model.hidden(step, pos[:, None], mask, cache, t, fast=fast)  # (B, 1, C)
-        logits = model.logits(h[:, -1], fast)  # (B, V)
+        args = (step, pos[:, None], mask)
+        if compile and len(live) > 1:  # B varies (compaction, calls): keep it symbolic, or each B recompiles
+            for x in [a for a in args if a is not None] + cache.k + cache.v:
+                torch._dynamo.mark_dynamic(x, 0)
+        logits = step_fn(model, *args, cache, t, fast)  # (B, V)
         pos += 1
         t += 1
+
+
+def decode_step(model, tokens, pos, mask, cache, t, fast=False):
+    """One decode step: tokens (B,1) at rope positions pos (B,1), their K/V written to cache
+    column t, attending to the columns mask (B,1,1,t+1) allows (None: all) -> logits (B,V)."""
+    return model.logits(model.hidden(tokens, pos, mask, cache, t, fast=fast)[:, -1], fast)
 
 
 def _length_groups(lengths, waste=0.25):

@@ -3,11 +3,13 @@ timed in the same run (interleaved repeats, median). Prints tok/s per side and t
 
     python bench/speed_generate.py                 # batch 1 and 32, fp32 and bf16, 2 threads
     python bench/speed_generate.py --packed        # also ours with int4-packed weights (pack_weights)
+    python bench/speed_generate.py --dtypes bf16 --batches 1 --packed --compile   # batch 1 at its fastest
     python bench/speed_generate.py --new-tokens 256 --batches 32 --dtypes bf16   # until eos, mostly
 
 With 64 new tokens nearly every row runs to the limit (a fixed-length test of the decode step);
 with 256 most rows end at eos first, where our generate drops finished rows and transformers
-keeps computing them.
+keeps computing them. --compile adds each of ours with generate(compile=True); its warm-up column
+includes the compilation (~1 min the first time; inductor's on-disk cache makes later runs ~10 s).
 
 Tokens/s counts completion tokens up to and including each row's eos (transformers' padding after
 a finished row is not counted). Both sides decode greedily from the same token ids; the
@@ -60,9 +62,9 @@ def hf_generate(hf, tok, texts, max_new, temperature=0.0):
     return n, out
 
 
-def ours_generate(model, tok, texts, max_new, temperature=0.0):
+def ours_generate(model, tok, texts, max_new, temperature=0.0, compile=False):
     res = M.generate(model, tok, texts, max_new_tokens=max_new, temperature=temperature, top_p=0.95,
-                     seed=list(range(len(texts))))
+                     seed=list(range(len(texts))), compile=compile)
     return sum(r.n_completion_tokens for r in res), [r.token_ids for r in res]
 
 
@@ -112,6 +114,10 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side, median reported (default 3)")
     ap.add_argument("--packed", action="store_true", help="also time ours after pack_weights (int4, bf16)")
+    ap.add_argument("--head-bits", type=int, default=0, help="pack_weights' lm_head bits: 8, or 0 = dense (default)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time each of ours with generate(compile=True) (torch.compile of the decode step; "
+                         "its first call compiles, untimed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -123,27 +129,32 @@ def main(argv=None):
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
           f"copy bandwidth {bw:.1f} GB/s, max {args.new_tokens} new tokens, {how}, median of {args.repeats}")
     print(f"{'dtype':<6} {'batch':>5} {'ours':<8} {'ours tok/s':>10} {'hf tok/s':>9} {'ratio':>6} "
-          f"{'ceiling b1':>10} {'ours/ceil':>9} {'same tokens':>11} {'tokens':>7}")
+          f"{'ceiling b1':>10} {'ours/ceil':>9} {'same tokens':>11} {'tokens':>7} {'warm-up s':>9}")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for dname in args.dtypes.split(","):
         dtype = dtypes[dname]
         hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                                dtype=dtype).eval()
         assert type(hf.model.layers[0].self_attn.q_proj) is torch.nn.Linear, "transformers kept GGUF blocks packed"
-        variants = [("dense", M.load(path, dtype=dtype))]
+        variants = [("dense", M.load(path, dtype=dtype), False)]
         if args.packed and dtype == torch.bfloat16:
             pm, ptok = M.load(path, dtype=dtype)
-            variants.append(("int4", (M.pack_weights(pm), ptok)))
+            variants.append(("int4", (M.pack_weights(pm, head_bits=args.head_bits), ptok), False))
+        if args.compile:
+            variants += [(name + "+c", pair, True) for name, pair, _ in variants]
         for batch in [int(b) for b in args.batches.split(",")]:
-            for vname, (ours, tok) in variants:
+            for vname, (ours, tok), compiled in variants:
                 k = min(args.samples_per_prompt, batch)
                 temp = 0.8 if k > 1 else 0.0
                 texts = prompts(tok, batch, k)
-                ours_generate(ours, tok, texts, 4)  # warm-up both
+                t0 = time.perf_counter()
+                ours_generate(ours, tok, texts, 4, 0.0, compiled)  # warm-up both (compiles, for +c)
+                ours_generate(ours, tok, texts[:max(1, batch // 2)], 6, 0.0, compiled)  # other shapes
+                warm = time.perf_counter() - t0
                 hf_generate(hf, tok, texts, 4)
                 o, h = [], []
                 for _ in range(args.repeats):
-                    r, ours_toks = timed(ours_generate, ours, tok, texts, args.new_tokens, temp)
+                    r, ours_toks = timed(ours_generate, ours, tok, texts, args.new_tokens, temp, compiled)
                     o.append(r)
                     r, hf_toks = timed(hf_generate, hf, tok, texts, args.new_tokens, temp)
                     h.append(r)
@@ -152,7 +163,7 @@ def main(argv=None):
                 mo, mh = statistics.median(o), statistics.median(h)
                 frac = f"{mo / ceiling:>9.2f}" if batch == 1 else f"{'-':>9}"
                 print(f"{dname:<6} {batch:>5} {vname:<8} {mo:>10.1f} {mh:>9.1f} {mo / mh:>5.2f}x {ceiling:>10.0f} "
-                      f"{frac} {same:>6}/{batch} {sum(map(len, ours_toks)):>7}", flush=True)
+                      f"{frac} {same:>6}/{batch} {sum(map(len, ours_toks)):>7} {warm:>9.1f}", flush=True)
         del hf, variants
 
 
