@@ -409,7 +409,7 @@ def test_pack_weights_int4_recovers_q4_1_and_keeps_greedy(exported, lora_model):
         M.pack_weights(lora_model[0])
 
 
-def test_compiled_decode_matches_eager(smol):
+def test_compiled_decode_matches_eager(smol, tmp_path, monkeypatch):
     """generate(compile=True) gives the eager greedy tokens, for one row and for a left-padded batch
     whose rows finish at different steps (compaction shrinks B mid-run; one graph serves every
     step); and pack_weights' int4 bf16 model's compiled decode logits are its eager ones. On a
@@ -417,6 +417,7 @@ def test_compiled_decode_matches_eager(smol):
     import copy
     import dataclasses
     from torch._dynamo.utils import counters
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # inductor's kernels, not in /tmp/torchinductor_*
     model, tok = smol
     small = copy.deepcopy(model)
     small.model.layers = small.model.layers[:2]
