@@ -465,15 +465,20 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
     return recs
 
 
+def _operator_options(cfg, **kw):
+    """The executor settings every operator call of this run shares (the runnable check and the
+    execute stage must ask alike), plus the stage's own fields."""
+    return operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
+                                     programmer_examples=cfg.programmer_examples, **kw)
+
+
 async def _check_all(cfg, recs, set_name, client):
     sem = asyncio.Semaphore(cfg.concurrency)
     threshold = operators.SIMILARITY_THRESHOLDS.get(cfg.bench, operators.SET_THRESHOLDS[set_name])
 
     async def one(r):
         async with sem:
-            opts = operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
-                                             programmer_examples=cfg.programmer_examples,
-                                             stage="check", tag="check")
+            opts = _operator_options(cfg, stage="check", tag="check")
             r["trial"] = cfg.trial_run == "always" or not operators.straight_line(r["code"], set_name, cfg.max_calls)
             return r, await operators.runnable_check(r["code"], set_name, client, threshold=threshold,
                                                      options=opts, max_calls=cfg.max_calls, trial=r["trial"])
@@ -536,9 +541,7 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
 
     async def one_run(key, code, problem, r):
         async with sem:
-            opts = operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
-                                             programmer_examples=cfg.programmer_examples,
-                                             seed=r, sample=r, stage="execute", tag=str(key), keep_prompts=False)
+            opts = _operator_options(cfg, seed=r, sample=r, stage="execute", tag=str(key), keep_prompts=False)
             for attempt in range(3):  # infrastructure failures are retried, then left out (§10.7)
                 run = await operators.run_workflow(code, problem, client, set_name, timeout=cfg.workflow_timeout,
                                                    max_calls=cfg.max_calls, options=opts)
