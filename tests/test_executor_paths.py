@@ -217,7 +217,7 @@ def test_serial_endpoint_queue_time_is_not_workflow_time(canned_factory):
 
 
 def test_own_work_still_times_out_and_a_client_timeout_is_infra_by_kind(canned_factory):
-    sleeper = canned_factory(reply=lambda body, n: "```python\nimport time\ntime.sleep(20)\nprint(1)\n```")
+    sleeper = canned_factory(reply=lambda body, n: "```python\nimport time\ntime.sleep(4)\nprint(1)\n```")
     code = workflow("math", 'a = await self.programmer(analysis="x")\nreturn a')
     p = Problem(id="p", question="Q", input="Q", gold="1")
     with executor.ChatClient(sleeper.url, "canned", api_key="", retry=NO_RETRY) as c:
