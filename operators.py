@@ -28,6 +28,9 @@ extras (entry_point, public_tests), never gold or any "hidden_*" extra (bench/__
 Every executor call goes through `client.chat` (executor.ChatClient) via asyncio.to_thread; an
 ExecutorError is never caught by an operator: run_workflow reports it as "infra_error" (SCOREFLOW.md
 §10.7: an endpoint failure is no evidence about the workflow) and keeps it in WorkflowRun.error.
+Two ExecutorErrors are stops, not failures: BudgetExceeded and EndpointDown propagate out of
+run_workflow, so the stage in flight records nothing and the run stops resumably. Each call is keyed
+in the client's journal by the run's sample and attempt and by its occurrence in the run (_Context).
 
 Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES and operator_menu), the
 test-time judge, and running workflows that use Python beyond the whitelist.
