@@ -68,6 +68,8 @@ DEFAULT_PRICES = {
     "gpt-4o": (2.50, 10.00),         # ablation executor (SCOREFLOW.md §8)
     "deepseek-chat": (0.27, 1.10),   # DeepSeek-V3, ablation executor
 }
+# The body fields the client sets from its own arguments; ChatClient(extra=...) may not replace them.
+CLIENT_FIELDS = ("model", "messages", "temperature", "top_p", "max_tokens", "stop", "seed")
 # Budget reservations bound a prompt's tokens by its UTF-8 bytes (a BPE token covers >= 1 byte)
 # plus the chat template's own tokens, which we cannot see: this many per call and per message.
 TEMPLATE_TOKENS_PER_CALL, TEMPLATE_TOKENS_PER_MESSAGE = 32, 8
@@ -102,6 +104,19 @@ class BudgetExceeded(ExecutorError):
 
     def __init__(self, kind="budget", message="", *, status=None, endpoint=None, attempts=0):
         super().__init__("budget", message, status=status, endpoint=endpoint, attempts=attempts)
+
+
+class EndpointDown(ExecutorError):
+    """The endpoint stopped answering: ENDPOINT_DOWN_AFTER calls in a row ended in a timeout or a
+    dropped connection after all their retries, none answered in between. Every later call of the
+    client raises it unsent (kind "down"), so a hung endpoint ends a stage within one client
+    timeout of the trip instead of one per queued call."""
+
+    def __init__(self, kind="down", message="", *, status=None, endpoint=None, attempts=0):
+        super().__init__("down", message, status=status, endpoint=endpoint, attempts=attempts)
+
+
+ENDPOINT_DOWN_AFTER = 3  # consecutive calls ending in timeout/connection (retries spent) that trip it
 
 
 def _rebuild_error(cls, kind, message, status, endpoint, attempts):
@@ -313,10 +328,15 @@ class ChatClient:
     (requests semantics). max_concurrency bounds calls in flight (None: 32 on a loopback server,
     which batches them, 16 elsewhere). cache_path names the sqlite call cache (None: no cache).
     budget is a Budget, or a number meaning dollars. prices extends DEFAULT_PRICES.
+    extra: server-specific request fields added to every body (e.g. llama.cpp's
+    {"repeat_penalty": 1.0}); they may not replace a field the client sets itself.
+    identity: what determines the endpoint's replies, for the journal key (default: base_url; our
+    local server passes its model file's fingerprint, so a resumed run replays its journal whatever
+    port the server gets this time). The model name and the extra fields are in the body, so in the key.
     """
 
     def __init__(self, base_url, model, *, api_key=None, timeout=60.0, max_concurrency=None,
-                 cache_path=None, budget=None, prices=None, retry=None):
+                 cache_path=None, budget=None, prices=None, retry=None, extra=None, identity=None):
         self.base_url = str(base_url).rstrip("/")
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -327,6 +347,12 @@ class ChatClient:
             raise ValueError(f"ChatClient: timeout must be > 0 seconds, got {timeout!r}")
         self.endpoint = self.base_url + "/chat/completions"
         self.model, self.timeout = model, float(timeout)
+        self.extra = dict(extra or {})
+        clash = sorted(set(self.extra) & set(CLIENT_FIELDS))
+        if clash:
+            raise ValueError(f"ChatClient: extra fields {clash} are set by the client itself "
+                             f"(its own arguments: temperature, top_p, max_tokens, stop, seed)")
+        self.identity = self.base_url if identity is None else str(identity)
         self.api_key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
         local = parts.hostname in ("127.0.0.1", "localhost", "::1")
         self.max_concurrency = int(max_concurrency or (32 if local else 16))
@@ -365,6 +391,8 @@ class ChatClient:
         self.n_requests = 0                    # HTTP attempts, retries included
         self.n_missing_usage = 0               # finished calls whose body had no usage counts
         self.errors = {}                       # ExecutorError kind -> count
+        self.stopped = None                    # the BudgetExceeded / EndpointDown that stopped the client
+        self._dead_in_a_row = 0                # calls ended in timeout/connection since the last answer
 
     # -- request building ----------------------------------------------------------------------
     def _body(self, messages, temperature, top_p, max_tokens, stop, seed):
@@ -390,14 +418,19 @@ class ChatClient:
             body["stop"] = stop
         if seed is not None:
             body["seed"] = seed
+        body.update(self.extra)
         return body
 
-    def _key(self, body, sample):
-        """The cache key: the full request (endpoint, model, messages, sampling) and the sample
-        index, so k samples of one prompt stay k distinct calls."""
-        blob = json.dumps({"base_url": self.base_url, "body": body, "sample": sample},
-                          sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    def _blob(self, body, sample, attempt, occurrence):
+        """What the journal key hashes: the endpoint's identity (not its port), the full request
+        body (model, messages, sampling, extra fields), and which call this is: the sample (k
+        samples of one prompt stay k calls), the attempt (a retried run asks anew) and the
+        occurrence (the n-th identical request within one run: repeated calls are n calls)."""
+        return json.dumps({"endpoint": self.identity, "body": body, "sample": sample, "attempt": attempt,
+                           "occurrence": occurrence}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def _key(self, body, sample, attempt=0, occurrence=0):
+        return hashlib.sha256(self._blob(body, sample, attempt, occurrence).encode("utf-8")).hexdigest()
 
     def _cost(self, prompt_tokens, completion_tokens):
         if self.price is None:
@@ -412,17 +445,20 @@ class ChatClient:
 
     # -- the call ------------------------------------------------------------------------------
     def chat(self, messages, *, temperature=0.0, top_p=1.0, max_tokens=512, stop=None, seed=None,
-             sample=0, stage="", tag=""):
-        """One chat call -> ChatResult, from the cache when this exact request already finished.
-        Raises ExecutorError (BudgetExceeded for the budget) when it ends without a completion.
+             sample=0, attempt=0, occurrence=0, stage="", tag=""):
+        """One chat call -> ChatResult, from the cache when this exact call already finished.
+        Raises ExecutorError when it ends without a completion: BudgetExceeded for the budget and
+        EndpointDown for an endpoint that stopped answering; after either, every call raises it.
+        sample, attempt and occurrence say which call of an identical request this is (see _blob).
         stage and tag only label the accounting (by_stage, by_tag); they are not part of the key."""
-        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
-            raise ValueError(f"chat: sample must be an int >= 0, got {sample!r}")
+        for name, v in (("sample", sample), ("attempt", attempt), ("occurrence", occurrence)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"chat: {name} must be an int >= 0, got {v!r}")
         body = self._body(messages, temperature, top_p, max_tokens, stop, seed)
         try:
             if self.cache is None:
                 return self._send(body, stage, tag)
-            result = self._cached_call(body, self._key(body, sample), stage, tag)
+            result = self._cached_call(body, (sample, attempt, occurrence), stage, tag)
         except ExecutorError as e:
             self._account_error(e, stage, tag)
             raise
@@ -431,9 +467,11 @@ class ChatClient:
                 self._account(result, stage, tag)
         return result
 
-    def _cached_call(self, body, key, stage, tag):
-        """Replay `key` from the cache, or become its only sender: concurrent identical calls wait
-        for the one in flight instead of asking the endpoint twice."""
+    def _cached_call(self, body, which, stage, tag):
+        """Replay the call from the cache, or become its only sender: concurrent identical calls
+        wait for the one in flight instead of asking the endpoint twice."""
+        blob = self._blob(body, *which)
+        key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
         while True:
             hit = self.cache.get(key)
             if hit is not None:
@@ -450,8 +488,7 @@ class ChatClient:
                 return hit
             t0 = time.monotonic()
             result = self._send(body, stage, tag)
-            self.cache.put(key, json.dumps(body, ensure_ascii=False), result, stage=stage, tag=tag,
-                           seconds=time.monotonic() - t0)
+            self.cache.put(key, blob, result, stage=stage, tag=tag, seconds=time.monotonic() - t0)
             return result
         finally:
             with self._lock:
@@ -480,11 +517,15 @@ class ChatClient:
             tokens = self._prompt_bound(body["messages"]) + body["max_tokens"]
             dollars = self._cost(tokens - body["max_tokens"], body["max_tokens"])
             with self._lock:
-                while (over := self._over_budget(tokens, dollars)) and self._n_inflight:
+                while (over := self._over_budget(tokens, dollars)) and self._n_inflight and not self.stopped:
                     self._budget_freed.wait()
+                if self.stopped is not None:  # a stop is a stop: nothing more is sent
+                    raise type(self.stopped)(message=str(self.stopped), endpoint=self.endpoint)
                 if over:
-                    raise BudgetExceeded(message=f"{self.endpoint}: budget reached, call not sent: {over} "
-                                         "(resume with a raised cap)", endpoint=self.endpoint)
+                    self.stopped = BudgetExceeded(message=f"{self.endpoint}: budget reached, call not sent: {over} "
+                                                  "(resume with a raised cap)", endpoint=self.endpoint)
+                    self._budget_freed.notify_all()
+                    raise self.stopped
                 self._reserved[0] += tokens
                 self._reserved[1] += dollars
                 self._n_inflight += 1
@@ -493,6 +534,9 @@ class ChatClient:
             try:
                 result = self._post(body)
                 return result
+            except ExecutorError as e:
+                self._note_failure(e)
+                raise
             finally:
                 with self._lock:
                     self._reserved[0] -= tokens
@@ -501,6 +545,18 @@ class ChatClient:
                     if result is not None:
                         self._account(result, stage, tag)
                     self._budget_freed.notify_all()
+
+    def _note_failure(self, error):
+        """Count a call that ended unanswered; ENDPOINT_DOWN_AFTER in a row stop the client."""
+        with self._lock:
+            if error.kind not in ("timeout", "connection") or self.stopped is not None:
+                return
+            self._dead_in_a_row += 1
+            if self._dead_in_a_row >= ENDPOINT_DOWN_AFTER:
+                self.stopped = EndpointDown(message=f"{self.endpoint}: {self._dead_in_a_row} calls in a row got no "
+                                            f"answer within {self.timeout:g} s, retries included; last: {error}",
+                                            endpoint=self.endpoint)
+                self._budget_freed.notify_all()
 
     def _post(self, body):
         """POST with openai-python's retry policy (STYLE.md §6) -> ChatResult, or ExecutorError."""
@@ -512,6 +568,8 @@ class ChatClient:
         while True:
             attempt += 1
             with self._lock:
+                if self.stopped is not None and attempt > 1:  # no retries once the client is stopped
+                    raise type(self.stopped)(message=str(self.stopped), endpoint=self.endpoint)
                 self.n_requests += 1
             wait = None
             try:
@@ -533,9 +591,9 @@ class ChatClient:
                     except ExecutorError as exc:  # truncated or garbled: another try may do
                         error = exc
                     else:
-                        if result.prompt_tokens < 0 or result.completion_tokens < 0:
-                            with self._lock:
-                                self.n_missing_usage += 1
+                        with self._lock:
+                            self.n_missing_usage += result.prompt_tokens < 0 or result.completion_tokens < 0
+                            self._dead_in_a_row = 0
                         return result
                 else:
                     error = ExecutorError("http", f"{self.endpoint}: HTTP {resp.status_code}: "
@@ -579,6 +637,8 @@ class ChatClient:
             return {"model": self.model, "endpoint": self.endpoint, "priced": self.price is not None,
                     "total": dataclasses.asdict(self.total), "n_sent": self.n_sent, "n_requests": self.n_requests,
                     "n_missing_usage": self.n_missing_usage, "errors": dict(self.errors),
+                    "identity": self.identity, "extra": dict(self.extra), "max_concurrency": self.max_concurrency,
+                    "timeout": self.timeout,
                     "by_stage": {k: dataclasses.asdict(v) for k, v in self.by_stage.items()},
                     "by_tag": {k: dataclasses.asdict(v) for k, v in self.by_tag.items()},
                     "budget": dataclasses.asdict(self.budget)}
@@ -593,7 +653,8 @@ class ChatClient:
             body = self._body(req["messages"], req.get("temperature", 0.0), req.get("top_p", 1.0),
                               req.get("max_tokens", 512), req.get("stop"), req.get("seed"))
             calls += 1
-            if self.cache is not None and self.cache.get(self._key(body, req.get("sample", 0))) is not None:
+            if self.cache is not None and self.cache.get(self._key(body, req.get("sample", 0), req.get("attempt", 0),
+                                                                   req.get("occurrence", 0))) is not None:
                 cached += 1
                 continue
             prompt += TEMPLATE_TOKENS_PER_CALL + sum(TEMPLATE_TOKENS_PER_MESSAGE + math.ceil(len(m["content"]) / 4)
@@ -660,6 +721,54 @@ class ChatClient:
         self.close()
 
 
+def preflight(base_url, model, *, api_key=None, timeout=30.0):
+    """Before any work: does the endpoint answer GET {base_url}/models, and does it serve `model`
+    where it lists models? "" if so, else one line saying what is wrong. An endpoint without the
+    route (404/405) is taken as answering. A listing without `model` is an error even when it has a
+    single id: llama.cpp's server answers any name with its one model and echoes the name back."""
+    url = str(base_url).rstrip("/") + "/models"
+    key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+    headers = {"Accept": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        resp = requests.get(url, headers=headers, timeout=(timeout, timeout))
+    except requests.exceptions.RequestException as e:
+        return f"--executor-url {base_url}: no answer from GET {url} ({type(e).__name__}: {e})"
+    if resp.status_code in (404, 405):
+        return ""
+    if resp.status_code in (401, 403):
+        return (f"--executor-url {base_url}: GET {url} refused the key (HTTP {resp.status_code}: "
+                f"{_server_message(resp.content)}); pass --api-key or set OPENAI_API_KEY")
+    if not 200 <= resp.status_code < 300:
+        return f"--executor-url {base_url}: GET {url} answered HTTP {resp.status_code}: {_server_message(resp.content)}"
+    try:
+        data = resp.json().get("data")
+        ids = [str(m["id"]) for m in data]
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return ""  # answered, but lists nothing we can read: nothing to check the name against
+    if ids and model not in ids and f"{model}:latest" not in ids:  # Ollama lists "name:latest"
+        shown = ", ".join(ids[:8]) + (f", ... ({len(ids)} models)" if len(ids) > 8 else "")
+        return f"--executor-model {model}: {url} does not serve it; it lists {shown}"
+    return ""
+
+
+def model_fingerprint(path, *, blocks=8, block_bytes=1 << 16):
+    """A cheap identity for a model file or directory: sha256 over the size and `blocks` evenly
+    spaced blocks of each file (a directory: each file by relative name, sorted). It reads at most
+    blocks x block_bytes per file, and differs for any other model file we know of."""
+    h = hashlib.sha256()
+    path = os.fspath(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for name in files:
+        size = os.path.getsize(name)
+        h.update(f"{os.path.relpath(name, path) if name != path else ''}\0{size}\0".encode())
+        with open(name, "rb") as fh:
+            for i in range(blocks):
+                fh.seek(max(0, size - block_bytes) * i // max(blocks - 1, 1))
+                h.update(fh.read(block_bytes))
+    return h.hexdigest()[:32]
+
+
 # --- local OpenAI-compatible server (issue 4) -------------------------------------------------
 # POST /v1/chat/completions and GET /v1/models over a model.py model, on the standard library's
 # ThreadingHTTPServer. Handler threads validate a request, render it with the chat template and
@@ -670,8 +779,22 @@ class ChatClient:
 
 MAX_BODY_BYTES = 16 << 20   # a request body larger than this is refused with 413
 MAX_STOP_STRINGS = 16
-# Fields OpenAI clients may send that we accept when they ask for our only behaviour.
-_NEUTRAL_FIELDS = {"stream": False, "n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0}
+# Fields OpenAI clients (and llama.cpp's own sampler fields) may send that we accept when they ask for
+# our only behaviour: our sampler has no penalties, no top-k and no min-p.
+_NEUTRAL_FIELDS = {"stream": False, "n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0,
+                   "repeat_penalty": 1, "top_k": 0, "min_p": 0}
+
+
+def neutral_field_error(name, value):
+    """Why our server refuses `name` = value ("" if it accepts it): unknown fields are refused, and
+    the known optional ones only at the value that asks for our only behaviour."""
+    if name not in _NEUTRAL_FIELDS:
+        return (f"Unrecognized request argument supplied: {name} (this server also takes, at one value each: "
+                + ", ".join(f"{k}={v!r}" for k, v in _NEUTRAL_FIELDS.items()) + ")")
+    want = _NEUTRAL_FIELDS[name]
+    if value is not None and (isinstance(value, bool) != isinstance(want, bool) or value != want):
+        return f"'{name}' = {value!r} is not supported by this server (only {want!r})"
+    return ""
 
 
 class _BadRequest(Exception):
@@ -783,16 +906,12 @@ class LocalServer:
         if not isinstance(body, dict):
             raise _BadRequest(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
         known = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
-                 "seed", "user"} | set(_NEUTRAL_FIELDS)
+                 "seed", "user"}
         for name in body:
-            if name not in known:
-                raise _BadRequest(f"Unrecognized request argument supplied: {name}", param=name,
-                                  code="unsupported_parameter")
-        for name, want in _NEUTRAL_FIELDS.items():
-            v = body.get(name)
-            if v is not None and (isinstance(v, bool) != isinstance(want, bool) or v != want):
-                raise _BadRequest(f"'{name}' = {v!r} is not supported by this server (only {want!r})",
-                                  param=name, code="unsupported_value")
+            why = "" if name in known else neutral_field_error(name, body[name])
+            if why:
+                raise _BadRequest(why, param=name, code="unsupported_parameter" if name not in _NEUTRAL_FIELDS
+                                  else "unsupported_value")
         name = body.get("model")
         if not isinstance(name, str):
             raise _BadRequest(f"'model' must be a string, got {name!r}", param="model", code="invalid_type")
@@ -1029,13 +1148,19 @@ def start_local_server(model_path=None, *, host="127.0.0.1", port=0, api_key=Non
     import model as modellib  # see LocalServer.__init__
     if (model is None) != (tokenizer is None):
         raise ValueError("start_local_server: pass both model and tokenizer, or neither")
+    loaded = model is None
     if model is None:
         model, tokenizer = modellib.load(model_path, device=device, dtype=_dtype(dtype))
+    path = model_path if model_path is not None else modellib.embedded_model_path()
     if model_name is None:
-        path = model_path if model_path is not None else modellib.embedded_model_path()
         model_name = os.path.basename(os.path.normpath(os.fspath(path)))
         model_name = model_name[:-5] if model_name.endswith(".gguf") else model_name
-    return LocalServer(model, tokenizer, model_name=model_name, host=host, port=port, api_key=api_key, **options)
+    server = LocalServer(model, tokenizer, model_name=model_name, host=host, port=port, api_key=api_key, **options)
+    # what determines its replies, for a client's journal key (ChatClient identity): not the port
+    weights = model.lm_head.weight
+    server.identity = (f"local:{model_fingerprint(path) if loaded or model_path is not None else model_name + '-given'}:"
+                       f"{str(weights.dtype).replace('torch.', '')}:{weights.device.type}")
+    return server
 
 
 def serve_main(argv=None):

@@ -28,6 +28,9 @@ extras (entry_point, public_tests), never gold or any "hidden_*" extra (bench/__
 Every executor call goes through `client.chat` (executor.ChatClient) via asyncio.to_thread; an
 ExecutorError is never caught by an operator: run_workflow reports it as "infra_error" (SCOREFLOW.md
 §10.7: an endpoint failure is no evidence about the workflow) and keeps it in WorkflowRun.error.
+Two ExecutorErrors are stops, not failures: BudgetExceeded and EndpointDown propagate out of
+run_workflow, so the stage in flight records nothing and the run stops resumably. Each call is keyed
+in the client's journal by the run's sample and attempt and by its occurrence in the run (_Context).
 
 Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES and operator_menu), the
 test-time judge, and running workflows that use Python beyond the whitelist.
@@ -36,8 +39,10 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import difflib
 import inspect
+import json
 import re
 import secrets
 import textwrap
@@ -548,6 +553,9 @@ class OperatorOptions:
     test_rounds: int = 3            # Test: repair rounds (official: 10 HumanEval, 6 MBPP)
     programmer_examples: int = 2    # Programmer: worked example turns before the real request (paper: 0)
     keep_prompts: bool = True       # WorkflowRun.calls keeps each prompt and reply text
+    attempt: int = 0                # which attempt of this run (a retried run asks the executor anew)
+    programmer_call_attempts: int = 1   # Programmer's whole call, when it raises (paper: 3, SCOREFLOW.md §3)
+    programmer_call_delay: float = 2.0  # seconds between those attempts (paper: 2)
 
 
 @dataclass
@@ -561,16 +569,60 @@ class WorkflowRun:
     calls: list = field(default_factory=list)  # per executor call: operator, prompt, reply, notes
     notes: list = field(default_factory=list)  # fallbacks taken (bad ensemble letter, ...)
     error: BaseException | None = None         # the ExecutorError / SandboxFailure of an infra_error
+    raised: bool = False                       # a workflow_error where the workflow raised or timed out
+    #                                            (a retry may help, SCOREFLOW.md §4), not a bad return value
+    executor_seconds: float = 0.0              # time with an executor call queued or in flight (not
+    #                                            counted against the timeout)
 
 
 class _Context:
-    """What the generated code receives as `config`: the client, the problem, the caps, the log."""
+    """What the generated code receives as `config`: the client, the problem, the caps, the log.
 
-    def __init__(self, client, problem, set_name, options, max_calls, deadline):
+    The run's clock: `timeout` seconds of the workflow's own work (SCOREFLOW.md §4 "Timeouts",
+    §10.7). Time while an executor call is queued or in flight (at our client, in the thread pool,
+    at the endpoint) is the executor's, not the workflow's: own_seconds() leaves it out, so a slow
+    or serial endpoint cannot make a workflow "time out"."""
+
+    def __init__(self, client, problem, set_name, options, max_calls, timeout):
         self.client, self.problem, self.set_name, self.options = client, problem, set_name, options
-        self.max_calls, self.deadline = max_calls, deadline
+        self.max_calls, self.timeout = max_calls, timeout
         self.n_calls, self.steps = 0, 0
         self.calls, self.notes = [], []
+        self.t0 = time.monotonic()
+        self.waiting = 0                 # executor calls outstanding now
+        self._wait_since = 0.0           # when `waiting` last went from 0 to 1
+        self.executor_seconds = 0.0      # closed intervals with a call outstanding
+        self._seen = {}                  # request -> how many times this run has made it (occurrence)
+
+    def own_seconds(self):
+        now = time.monotonic()
+        waiting = now - self._wait_since if self.waiting else 0.0
+        return now - self.t0 - self.executor_seconds - waiting
+
+    def waited_seconds(self):
+        return self.executor_seconds + (time.monotonic() - self._wait_since if self.waiting else 0.0)
+
+    @contextlib.contextmanager
+    def executor_time(self):
+        """The clock stops while at least one executor call is outstanding (gathered calls overlap)."""
+        if self.waiting == 0:
+            self._wait_since = time.monotonic()
+        self.waiting += 1
+        try:
+            yield
+        finally:
+            self.waiting -= 1
+            if self.waiting == 0:
+                self.executor_seconds += time.monotonic() - self._wait_since
+
+    def occurrence(self, *request):
+        """0 for the first time this run makes `request`, 1 for the second, ...: repeated identical
+        calls are distinct calls (a loop of three Custom calls asks three times), and a resumed run
+        replays each one (the n-th occurrence has the same key every time the run is made)."""
+        key = json.dumps(request, sort_keys=True, ensure_ascii=False)
+        n = self._seen.get(key, 0)
+        self._seen[key] = n + 1
+        return n
 
     def start_call(self, operator):
         if self.n_calls >= self.max_calls:
@@ -582,9 +634,13 @@ class _Context:
         ExecutorError propagates untouched."""
         o = self.options
         turns = [{"role": role, "content": text} for pair in examples for role, text in zip(("user", "assistant"), pair)]
-        result = await asyncio.to_thread(self.client.chat, turns + [{"role": "user", "content": prompt}],
-                                         temperature=o.temperature, max_tokens=o.max_tokens, seed=o.seed,
-                                         sample=o.sample, stage=o.stage, tag=o.tag or operator)
+        messages = turns + [{"role": "user", "content": prompt}]
+        sampling = dict(temperature=o.temperature, max_tokens=o.max_tokens, seed=o.seed)
+        occurrence = self.occurrence(messages, sampling)  # counted before the await: gather order is fixed
+        with self.executor_time():
+            result = await asyncio.to_thread(self.client.chat, messages, **sampling, sample=o.sample,
+                                             attempt=o.attempt, occurrence=occurrence, stage=o.stage,
+                                             tag=o.tag or operator)
         self.calls.append({"operator": operator, "prompt": prompt if o.keep_prompts else len(prompt),
                            "reply": result.text if o.keep_prompts else len(result.text),
                            "finish_reason": result.finish_reason})
@@ -598,8 +654,8 @@ class _Context:
         self.steps += 1
         if self.steps > MAX_STEPS:
             raise WorkflowError(f"more than {MAX_STEPS} statements executed")
-        if time.monotonic() > self.deadline:
-            raise WorkflowError("wall-clock limit reached")
+        if self.own_seconds() > self.timeout:
+            raise WorkflowError(f"time limit reached: {self.timeout:g} s of the workflow's own work")
         if sum(_chars(v) for k, v in frame_locals.items() if k != "self") > MAX_CHARS:
             raise WorkflowError(f"run_workflow's variables hold more than {MAX_CHARS} characters")
 
@@ -636,14 +692,17 @@ class _Guard(ast.NodeTransformer):
 async def run_workflow(code: str, problem, client, set_name: str, *, timeout: float = 120.0,
                        max_calls: int = 20, options: OperatorOptions | None = None) -> WorkflowRun:
     """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1, §4 "Timeouts": the paper
-    gives a run 120 s for math/QA, 240 s for code). Never raises for the workflow's faults or the
-    infrastructure's: the status says which."""
+    gives a run 120 s for math/QA, 240 s for code), `timeout` counting the workflow's own work only
+    (see _Context). Never raises for the workflow's faults or the infrastructure's: the status says
+    which; a run whose time runs out while an executor call is outstanding is an infra_error.
+    Raises executor.BudgetExceeded and executor.EndpointDown: they stop the stage, not the run."""
     t0 = time.monotonic()
     options = options or OperatorOptions()
-    ctx = _Context(client, problem, set_name, options, max_calls, t0 + timeout)
+    ctx = _Context(client, problem, set_name, options, max_calls, timeout)
 
-    def result(answer, status, reason, error=None):
-        return WorkflowRun(answer, status, reason, ctx.n_calls, time.monotonic() - t0, ctx.calls, ctx.notes, error)
+    def result(answer, status, reason, error=None, raised=False):
+        return WorkflowRun(answer, status, reason, ctx.n_calls, time.monotonic() - t0, ctx.calls, ctx.notes, error,
+                           raised, round(ctx.waited_seconds(), 3))
 
     try:
         tree, attrs = _check_workflow(code, set_name)
@@ -656,14 +715,19 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
     try:
         exec(compile(tree, "<workflow>", "exec"), names)
         workflow = names["Workflow"](ctx, problem)
-        answer = await asyncio.wait_for(workflow.run_workflow(), max(0.0, ctx.deadline - time.monotonic()))
+        answer = await _within_own_time(workflow.run_workflow(), ctx)
+    except (executor.BudgetExceeded, executor.EndpointDown):
+        raise
     except (executor.ExecutorError, SandboxFailure) as e:
         kind = getattr(e, "kind", "sandbox")
         return result("", "infra_error", f"{type(e).__name__} ({kind}): {e}", e)
-    except asyncio.TimeoutError:
-        return result("", "workflow_error", f"timed out after {timeout:g} s")
+    except _OutOfTime as e:
+        if e.waiting:  # the executor's time, not the workflow's: no evidence (§10.7)
+            return result("", "infra_error", f"timed out after {timeout:g} s with an executor call outstanding",
+                          executor.ExecutorError("timeout", "workflow time ran out during an executor call"))
+        return result("", "workflow_error", f"timed out after {timeout:g} s of its own work", raised=True)
     except Exception as e:  # the workflow's own fault: it raised
-        return result("", "workflow_error", f"{type(e).__name__}: {e}"[:500])
+        return result("", "workflow_error", f"{type(e).__name__}: {e}"[:500], raised=True)
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str):
@@ -671,6 +735,33 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
     if not answer.strip():
         return result("", "workflow_error", "run_workflow returned an empty answer")
     return result(answer, "ok", "")
+
+
+class _OutOfTime(Exception):
+    def __init__(self, waiting):
+        self.waiting = waiting
+
+
+async def _within_own_time(coro, ctx):
+    """Await coro while ctx.own_seconds() < ctx.timeout; then cancel it and raise _OutOfTime (with
+    whether an executor call was outstanding). The clock stands still during executor calls, so
+    the wait is re-armed until the own time is really spent."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            left = ctx.timeout - ctx.own_seconds()
+            if left <= 0 and not task.done():
+                waiting = ctx.waiting > 0
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise _OutOfTime(waiting)
+            done, _ = await asyncio.wait({task}, timeout=max(left, 0.001) if not ctx.waiting else min(max(left, 0.05), 1.0))
+            if done:
+                return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def _builtins():
@@ -723,6 +814,9 @@ class _Operator:
     async def __call__(self, *args, **kwargs):
         self.ctx.start_call(self.name)
         return await self.run(*args, **kwargs)
+
+
+_INFRA = (executor.ExecutorError, SandboxFailure)  # never retried by an operator: the run reports them
 
 
 class Custom(_Operator):
@@ -822,6 +916,24 @@ class Programmer(_Operator):
     write a solve() returning the answer or a program printing it (small executors rarely follow the
     solve() contract); see runnable_program."""
     name = "Programmer"
+
+    async def __call__(self, *args, **kwargs):
+        """The whole call gets options.programmer_call_attempts attempts, programmer_call_delay s
+        apart, when it raises by its own fault (SCOREFLOW.md §3: 3 attempts, 2 s apart); it counts
+        as one operator call. A retry's requests repeat earlier ones, so they are new occurrences:
+        asked anew, and replayed exactly on resume."""
+        self.ctx.start_call(self.name)
+        o = self.ctx.options
+        for attempt in range(max(1, o.programmer_call_attempts)):
+            try:
+                return await self.run(*args, **kwargs)
+            except (*_INFRA, WorkflowError, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                if attempt + 1 >= max(1, o.programmer_call_attempts):
+                    raise
+                self.ctx.note(f"Programmer: call attempt {attempt + 1} raised {type(e).__name__}: {str(e)[:120]}")
+                await asyncio.sleep(o.programmer_call_delay)
 
     async def run(self, analysis: str = "None"):
         o, error, code, output = self.ctx.options, "", "", ""
@@ -1115,7 +1227,7 @@ async def extract_answer(output: str, problem, client, set_name: str, *,
               f"Give {form}. Reply in this form: <answer>...</answer>")
     result = await asyncio.to_thread(client.chat, [{"role": "user", "content": prompt}],
                                      temperature=o.temperature, max_tokens=min(o.max_tokens, 256), seed=o.seed,
-                                     sample=o.sample, stage=o.stage, tag="extract")
+                                     sample=o.sample, attempt=o.attempt, stage=o.stage, tag="extract")
     answer = _field(result.text, "answer") or result.text.strip()
     if set_name == "math" and "\\boxed" not in answer and answer:
         answer = f"\\boxed{{{answer}}}"

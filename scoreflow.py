@@ -83,6 +83,12 @@ class RunConfig:
     extractor: str = "rule"             # rule (ours) | llm (the paper's Extractor call, SCOREFLOW.md §3)
     budget_usd: float | None = None     # hard cap on executor cost (None: none)
     budget_tokens: int | None = None    # hard cap on executor tokens (None: none)
+    executor_extra: dict | None = None  # server-specific fields added to every request (in the journal key)
+    executor_timeout: float = 300.0     # s the client waits for an answer (per attempt; 5 retries)
+    executor_concurrency: int | None = None  # calls in flight at the endpoint (None: --concurrency for our
+    #                                     local server, which batches them; 16 for a remote one)
+    run_attempts: int = 1               # attempts of a run that raises by its own fault, 1 s apart (paper: 5)
+    programmer_call_attempts: int = 1   # attempts of Programmer's whole call when it raises, 2 s apart (paper: 3)
     # pairs and training
     pairs: int = 24                     # pairs drawn per iteration (paper: 2000; 600 for HumanEval)
     d_power: float = 3.0                # d(x, y) = (x - y)^power; 0 = uniform (paper: 3)
@@ -102,7 +108,11 @@ class RunConfig:
 PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
              gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501, exec_max_tokens=4096, runs=3,
              pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16", trial_run="always",
-             programmer_examples=0)
+             programmer_examples=0, run_attempts=5, programmer_call_attempts=3)
+RUN_RETRY_DELAY = 1.0  # s between attempts of a run that raised (SCOREFLOW.md §4)
+# Exit statuses: 0 finished, 1 crashed, 2 a user error (before any run directory is made), and the
+# resumable stops: nothing the stage in flight did is recorded as a result; --resume DIR continues.
+EXIT_BUDGET, EXIT_ENDPOINT_DOWN = 3, 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,7 +479,8 @@ def _operator_options(cfg, **kw):
     """The executor settings every operator call of this run shares (the runnable check and the
     execute stage must ask alike), plus the stage's own fields."""
     return operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
-                                     programmer_examples=cfg.programmer_examples, **kw)
+                                     programmer_examples=cfg.programmer_examples,
+                                     programmer_call_attempts=cfg.programmer_call_attempts, **kw)
 
 
 async def _check_all(cfg, recs, set_name, client):
@@ -493,8 +504,11 @@ def run_async(coro, workers):
     async def main():
         asyncio.get_running_loop().set_default_executor(pool)
         return await coro
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="workflow") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="workflow")
+    try:
         return asyncio.run(main())
+    finally:  # a stopped stage (budget, endpoint down) drops the queued work; running calls end on their own
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _seed(*parts):
@@ -522,8 +536,10 @@ def rule_extract(output, set_name):
 def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
     """Run each (key, code, problem) job cfg.runs times. Returns {key: {"score": s or None, "runs":
     [...]}}: s is the mean over runs, a run that failed by the workflow's own fault scores 0 and
-    still counts in the mean; runs that failed through the infrastructure are left out (retried
-    first), and a workflow with no informative run gets None (no score, no pairs)."""
+    still counts in the mean (a run that raised is first attempted cfg.run_attempts times, §4);
+    runs that failed through the infrastructure are left out (retried first; each keeps its
+    "kind"), and a workflow with no informative run gets None (no score, no pairs).
+    Raises executor.BudgetExceeded / EndpointDown: the stage stops and records nothing."""
     prog = Progress(log_stage, len(jobs) * cfg.runs, "runs")
     results = run_async(_execute_all(cfg, task, jobs, set_name, client, prog), 4 * cfg.concurrency)
     out = {}
@@ -531,9 +547,15 @@ def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
         informative = [r for r in runs if r["status"] != "infra_error"]
         score = sum(r["score"] for r in informative) / len(informative) if informative else None
         out[key] = {"score": score, "runs": runs}
-    infra = sum(r["status"] == "infra_error" for v in out.values() for r in v["runs"])
-    prog.close(f"infra failures {infra}" if infra else "")
+    kinds = infra_kinds(out)
+    prog.close(("infra failures " + ", ".join(f"{k} {n}" for k, n in kinds.items())) if kinds else "")
     return out
+
+
+def infra_kinds(scores):
+    """{kind: runs} of the infrastructure failures in a stage's scores (timeout, connection, http,
+    bad_body, sandbox, scorer, ...): left out of scores and pairs, counted here (§10.7)."""
+    return _count(r.get("kind", "other") for v in scores.values() for r in v["runs"] if r["status"] == "infra_error")
 
 
 async def _execute_all(cfg, task, jobs, set_name, client, prog):
@@ -541,14 +563,23 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
 
     async def one_run(key, code, problem, r):
         async with sem:
-            opts = _operator_options(cfg, seed=r, sample=r, stage="execute", tag=str(key), keep_prompts=False)
-            for attempt in range(3):  # infrastructure failures are retried, then left out (§10.7)
-                run = await operators.run_workflow(code, problem, client, set_name, timeout=cfg.workflow_timeout,
-                                                   max_calls=cfg.max_calls, options=opts)
-                if run.status != "infra_error":
+            for attempt in range(cfg.run_attempts):  # a run that raised gets run_attempts, 1 s apart (§4)
+                opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute", tag=str(key),
+                                         keep_prompts=False)
+                for _ in range(3):  # infrastructure failures are retried (finished calls replay), then left out
+                    run = await operators.run_workflow(code, problem, client, set_name,
+                                                       timeout=cfg.workflow_timeout, max_calls=cfg.max_calls,
+                                                       options=opts)
+                    if run.status != "infra_error":
+                        break
+                if not run.raised or attempt + 1 == cfg.run_attempts:
                     break
+                await asyncio.sleep(RUN_RETRY_DELAY)
             rec = {"run": r, "status": run.status, "reason": run.reason[:300], "n_calls": run.n_calls,
-                   "seconds": round(run.seconds, 2), "answer": run.answer[-2000:], "score": 0.0}
+                   "seconds": round(run.seconds, 2), "executor_seconds": run.executor_seconds,
+                   "attempts": attempt + 1, "answer": run.answer[-2000:], "score": 0.0}
+            if run.status == "infra_error":
+                rec["kind"] = getattr(run.error, "kind", "other")
             if run.status == "ok":
                 try:
                     if cfg.extractor == "llm":
@@ -558,9 +589,11 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
                     rec["extracted"] = answer[-500:]
                     rec["score"] = float(await asyncio.to_thread(task.score, answer, problem))
                 except bench.ScoringError as e:
-                    rec.update(status="infra_error", reason=f"scorer: {e}"[:300])
+                    rec.update(status="infra_error", reason=f"scorer: {e}"[:300], kind="scorer")
+                except (executor.BudgetExceeded, executor.EndpointDown):
+                    raise
                 except executor.ExecutorError as e:
-                    rec.update(status="infra_error", reason=f"extractor: {e}"[:300])
+                    rec.update(status="infra_error", reason=f"extractor: {e}"[:300], kind=e.kind)
             prog.update()
             return rec
 
@@ -673,6 +706,7 @@ def run(cfg):
     prior = R.path("metrics.json")
     if os.path.exists(prior):
         R.stage_seconds = json.load(open(prior)).get("stage_seconds", {})
+        R.metrics["executor_sessions"] = json.load(open(prior)).get("executor_sessions", [])
     print_plan(cfg, len(validate), len(test), set_name)
 
     log(f"loading generator {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}")
@@ -681,22 +715,27 @@ def run(cfg):
     server = None
     if cfg.executor_url is None:
         server = executor.start_local_server(None, device=cfg.device, dtype=cfg.dtype)
-        url, name, key = server.base_url, server.model_name, ""
-        log(f"executor: local server at {url} ({name})")
+        url, name, key, identity = server.base_url, server.model_name, "", server.identity
+        log(f"executor: local server at {url} ({name}, journal identity {identity})")
     else:
-        url, name, key = cfg.executor_url, cfg.executor_model, cfg.api_key
-    client = executor.ChatClient(url, name, api_key=key, timeout=max(600.0, cfg.workflow_timeout),
-                                 max_concurrency=cfg.concurrency, cache_path=R.path("calls.sqlite"),
-                                 budget=executor.Budget(dollars=cfg.budget_usd, tokens=cfg.budget_tokens)
-                                 if (cfg.budget_usd or cfg.budget_tokens) else None)
+        url, name, key, identity = cfg.executor_url, cfg.executor_model, cfg.api_key, None
+    budget = executor.Budget(dollars=cfg.budget_usd, tokens=cfg.budget_tokens) \
+        if (cfg.budget_usd is not None or cfg.budget_tokens is not None) else None
+    client = executor.ChatClient(url, name, api_key=key, timeout=cfg.executor_timeout,
+                                 max_concurrency=cfg.executor_concurrency or (cfg.concurrency if server else 16),
+                                 cache_path=R.path("calls.sqlite"), budget=budget, extra=cfg.executor_extra,
+                                 identity=identity)
     try:
         _loop(cfg, R, task, set_name, validate, test, gen, client)
-    except executor.BudgetExceeded as e:
-        log(f"budget reached: {e}. Everything finished so far is saved; continue with "
-            f"--resume {R.dir} and a higher --budget-usd / --budget-tokens")
-        return 3
+    except (executor.BudgetExceeded, executor.EndpointDown) as e:
+        log(_stop_message(cfg, client, e))
+        return EXIT_BUDGET if isinstance(e, executor.BudgetExceeded) else EXIT_ENDPOINT_DOWN
     finally:
-        R.metrics["executor"] = client.stats()
+        st = client.stats()
+        R.metrics.setdefault("executor_sessions", []).append(  # sent = asked of the endpoint; replayed = journal
+            {"sent": st["n_sent"], "replayed": st["total"]["cached"], "errors": st["total"]["errors"],
+             "served_by_local_server": server.n_completions if server is not None else None})
+        R.metrics["executor"] = st
         R.metrics["stage_seconds"] = R.stage_seconds
         R.metrics["wall_seconds"] = R.metrics.get("wall_seconds", 0.0) + time.time() - t_start
         write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
@@ -707,6 +746,26 @@ def run(cfg):
     log(f"done in {time.time() - t_start:.0f} s: {R.path('report.md')}")
     print(R.path("report.md"))
     return 0
+
+
+def _stop_message(cfg, client, e):
+    """What a resumable stop says: why, what was spent against which cap, and the command that goes on."""
+    st = client.stats()
+    spent = st["total"]["prompt_tokens"] + st["total"]["completion_tokens"]
+    if isinstance(e, executor.BudgetExceeded):
+        caps, flags = [], []
+        if cfg.budget_tokens is not None:
+            caps.append(f"{spent} tokens spent of the cap {cfg.budget_tokens}")
+            flags.append(f"--budget-tokens {max(2 * cfg.budget_tokens, spent + 1)}")
+        if cfg.budget_usd is not None:
+            caps.append(f"${st['total']['dollars']:.4f} spent of the cap ${cfg.budget_usd:g}")
+            flags.append(f"--budget-usd {max(2 * cfg.budget_usd, 0.01):g}")
+        return (f"stopped: executor budget reached ({'; '.join(caps)}; replayed calls count at their recorded "
+                f"cost). Nothing of the stage in flight was recorded as a result; finished calls are in the "
+                f"journal. Continue with a higher cap: python scoreflow.py --resume {cfg.run_dir} {' '.join(flags)}")
+    return (f"stopped: the executor endpoint stopped answering ({e}). Nothing of the stage in flight was "
+            f"recorded as a result; finished calls are in the journal. When it answers again: "
+            f"python scoreflow.py --resume {cfg.run_dir}")
 
 
 def _loop(cfg, R, task, set_name, validate, test, gen, client):
@@ -806,6 +865,7 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
             "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
             "validate_score_valid": _mean(scored),
             "infra_failures": sum(rr["status"] == "infra_error" for v in scores.values() for rr in v["runs"]),
+            "infra_by_kind": infra_kinds(scores),
             "eligible_pairs": len(eligible), "pairs": len(pairs),
             "loss_curve": [h.get("loss") for h in history], "margin_curve": [h.get("margin") for h in history]})
 
@@ -936,6 +996,10 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="scoreflow.py", description="ScoreFlow: optimise LLM agent workflows with Score-DPO "
         "(Wang et al. 2025). `python scoreflow.py serve --help` for the local OpenAI-compatible server.",
+        epilog=f"Exit status: 0 finished, 1 crashed, 2 bad flags or an endpoint that fails its check (nothing "
+        f"written), {EXIT_BUDGET} stopped at the budget, {EXIT_ENDPOINT_DOWN} stopped because the endpoint stopped "
+        "answering. After 3 or 4 nothing of the stage in flight is recorded as a result and `--resume RUN_DIR` "
+        "(with a higher cap) continues, replaying every finished executor call from the run's journal.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("run")
     g.add_argument("--bench", help="math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen, or a task .py file "
@@ -982,8 +1046,22 @@ def build_parser():
     g.add_argument("--programmer-examples", type=int, choices=range(len(operators.PROGRAMMER_EXAMPLES) + 1),
                    help="worked example turns before each Programmer request (default 2; paper: 0)")
     g.add_argument("--extractor", choices=["rule", "llm"], help="final-answer extraction (default rule; paper: llm)")
-    g.add_argument("--budget-usd", type=float, help="hard cap on executor dollars; stops at a resumable point")
-    g.add_argument("--budget-tokens", type=int, help="hard cap on executor tokens")
+    g.add_argument("--budget-usd", type=float, help="hard cap on executor dollars; stops at a resumable point "
+                   f"(exit status {EXIT_BUDGET}) and prints the --resume command")
+    g.add_argument("--budget-tokens", type=int, help="hard cap on executor tokens (as --budget-usd)")
+    g.add_argument("--executor-extra", type=_json_object, metavar="JSON",
+                   help="server-specific fields added to every request, e.g. '{\"repeat_penalty\": 1.0, \"top_k\": 0}' "
+                   "for llama.cpp's server; part of the call journal's key (default none)")
+    g.add_argument("--executor-timeout", type=float, help="seconds the client waits for an answer, per attempt "
+                   "(5 retries); 3 calls in a row unanswered stop the run resumably (default 300)")
+    g.add_argument("--executor-concurrency", type=int, help="calls in flight at the endpoint (default: "
+                   "--concurrency for our local server, which batches them; 16 for --executor-url; 1 for a server "
+                   "that answers one at a time, such as llama.cpp's with one slot). Time queued or in flight at the "
+                   "executor never counts against --workflow-timeout")
+    g.add_argument("--run-attempts", type=int, help="attempts of a workflow run that raises by its own fault "
+                   "(timeouts included), 1 s apart, before it scores 0 (default 1; paper: 5)")
+    g.add_argument("--programmer-call-attempts", type=int, help="attempts of Programmer's whole call when it "
+                   "raises, 2 s apart (default 1; paper: 3)")
     g = p.add_argument_group("pairs and training")
     g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 24; paper: 2000, HumanEval 600)")
     g.add_argument("--d-power", type=float, help="d(x, y) = (x - y)^power; 0 = uniform (default 3; paper: 3)")
@@ -997,6 +1075,47 @@ def build_parser():
     g.add_argument("--reference", choices=["base", "previous"],
                    help="π_ref: base model every iteration (default, as the official code) or the last iteration's policy")
     return p
+
+
+def _json_object(text):
+    """--executor-extra: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__} {text!r}")
+    return value
+
+
+def _check_executor(cfg, parser):
+    """The executor settings, then the endpoint itself: it answers and serves --executor-model (an
+    external one), or our local server accepts the --executor-extra fields. Before any work."""
+    checks = [
+        (cfg.executor_timeout > 0, f"--executor-timeout must be > 0 seconds, got {cfg.executor_timeout}"),
+        (cfg.executor_concurrency is None or cfg.executor_concurrency >= 1,
+         f"--executor-concurrency must be >= 1, got {cfg.executor_concurrency}"),
+        (cfg.run_attempts >= 1 and cfg.programmer_call_attempts >= 1,
+         "--run-attempts and --programmer-call-attempts must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            parser.error(msg)
+    extra = cfg.executor_extra or {}
+    clash = sorted(set(extra) & set(executor.CLIENT_FIELDS))
+    if clash:
+        parser.error(f"--executor-extra: {clash} are set by their own flags (--exec-temperature, --exec-max-tokens, "
+                     "--executor-model, ...), not here")
+    if cfg.executor_url is None:
+        for k, v in extra.items():
+            why = executor.neutral_field_error(k, v)
+            if why:
+                parser.error(f"--executor-extra: our local server refuses it: {why}")
+        return
+    why = executor.preflight(cfg.executor_url, cfg.executor_model, api_key=cfg.api_key,
+                             timeout=min(cfg.executor_timeout, 30.0))
+    if why:
+        parser.error(why)
 
 
 def resolve_config(args, parser):
@@ -1016,7 +1135,9 @@ def resolve_config(args, parser):
         saved.update({k: v for k, v in given.items() if k in ("budget_usd", "budget_tokens")})
         saved.pop("version", None)
         saved.pop("argv", None)
-        return RunConfig(**saved)
+        cfg = RunConfig(**saved)
+        _check_executor(cfg, parser)
+        return cfg
     base = dataclasses.asdict(RunConfig())
     if given.pop("paper", False):
         base.update(PAPER)
@@ -1060,6 +1181,7 @@ def resolve_config(args, parser):
             parser.error(msg)
     if os.path.exists(os.path.join(cfg.run_dir, "config.json")):
         parser.error(f"--run-dir {cfg.run_dir} holds a run already; use --resume {cfg.run_dir}")
+    _check_executor(cfg, parser)
     return cfg
 
 

@@ -376,8 +376,8 @@ def test_kill_9_mid_batch_then_rerun_asks_only_unfinished_calls(server, tmp_path
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     assert 12 <= answered_before_kill < 40
-    rows = sqlite3.connect(db).execute("SELECT request FROM calls").fetchall()
-    done = {json.loads(r)["messages"][-1]["content"] for (r,) in rows}
+    rows = sqlite3.connect(db).execute("SELECT request FROM calls").fetchall()  # the key blob: body and which call
+    done = {json.loads(r)["body"]["messages"][-1]["content"] for (r,) in rows}
     assert len(done) >= answered_before_kill - 4  # at most max_concurrency calls were in flight
     n = len(server.log)
     with client_for(server, cache_path=db) as c:

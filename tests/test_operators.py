@@ -147,12 +147,14 @@ def test_executor_errors_are_infra_errors_not_wrong_answers():
     assert not ok and reason.startswith("infra:")
 
 
-def test_wall_clock_limit_stops_a_slow_workflow(client):
-    slow = O.OperatorOptions(max_tokens=400)
+def test_executor_time_does_not_count_against_the_workflow_timeout(client):
+    """SCOREFLOW.md §10.7: the 0.5 s limit is the workflow's own work; the executor call that takes
+    longer is the executor's time (tests/test_executor_paths.py has the own-time limit firing)."""
+    slow = O.OperatorOptions(max_tokens=120)
     run = go(O.run_workflow(O.TEMPLATES["math"], Problem("Write a long essay about numbers."), client, "math",
                             timeout=0.5, options=slow))
-    assert run.status == "workflow_error" and "timed out" in run.reason
-    assert run.seconds < 5
+    assert run.status == "ok", run.reason
+    assert run.seconds > 0.5 and run.executor_seconds > 0.5 and run.seconds - run.executor_seconds < 0.5
 
 
 def test_runnable_check_trial_run_and_extractor(client):

@@ -169,74 +169,82 @@ def test_tiny_run_end_to_end(tmp_path):
     assert abs(float(tuned - base)) > 1e-3
 
 
-def _cache_keys(run_dir):
+def _executed(run_dir):
+    """Execute-stage calls journaled so far."""
     path = os.path.join(run_dir, "calls.sqlite")
     if not os.path.exists(path):
-        return set()
+        return 0
     con = sqlite3.connect(path, timeout=30)
     try:
-        return {k for (k,) in con.execute("SELECT key FROM calls")}
+        return con.execute("SELECT COUNT(*) FROM calls WHERE stage = 'execute'").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not made yet
+        return 0
     finally:
         con.close()
 
 
-def _served(log_path):
-    with open(log_path) as fh:
-        return sum("POST /v1/chat/completions" in line for line in fh)
+def _journal(run_dir):
+    """{key: (request blob, created)}: a call sent again would rewrite its row's `created`."""
+    con = sqlite3.connect(os.path.join(run_dir, "calls.sqlite"), timeout=30)
+    try:
+        return {k: (r, c) for k, r, c in con.execute("SELECT key, request, created FROM calls")}
+    finally:
+        con.close()
+
+
+def _asked_once(before, after):
+    """No call journaled in `before` was asked again by the session that made `after`: its row is
+    untouched, and no other row is the same call under another endpoint identity (before issue 14
+    the identity was the local server's URL, whose port changes every session)."""
+    untouched = all(after.get(k) == row for k, row in before.items())
+    which = [json.dumps({k: v for k, v in json.loads(r).items() if k != "endpoint"}, sort_keys=True)
+             for r, _ in after.values()]
+    return untouched and len(set(which)) == len(which)
 
 
 @pytest.mark.slow
 def test_kill9_mid_execution_and_mid_training_then_resume(tmp_path):
-    """SIGKILL the run while it executes workflows and again while it trains; --resume finishes it.
-    An external `scoreflow.py serve --verbose` logs every request it answers: after each resume the
-    requests it answers equal the calls newly added to the journal, so no finished call is asked again."""
-    log_path = tmp_path / "server.log"
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "scoreflow.py"), "serve", "--port", "0", "--verbose"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
-    try:
-        line = server.stdout.readline()  # "serving NAME at URL"
-        name, url = line.split(" at ")[0].split()[-1], line.split(" at ")[1].strip()
-        run_dir = str(tmp_path / "run")
-        args = TINY + ["--executor-url", url, "--executor-model", name, "--n-validate", "3", "--pairs", "16",
-                       "--grad-accum", "1", "--exec-max-tokens", "64"]
+    """SIGKILL a default run (its own local server on a random port) while it executes workflows and
+    again while it trains; --resume finishes it. Through the journal: no call finished before a kill
+    is asked again, and the last session's own server answered exactly the calls it added."""
+    run_dir = str(tmp_path / "run")
+    args = TINY + ["--n-validate", "3", "--pairs", "16", "--grad-accum", "1", "--exec-max-tokens", "64"]
 
-        def start(extra):
-            return subprocess.Popen([sys.executable, os.path.join(ROOT, "scoreflow.py")] + extra, cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def start(extra):
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, "scoreflow.py")] + extra, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-        def kill_when(proc, cond, what):
-            t0 = time.time()
-            while not cond():
-                assert proc.poll() is None, f"run ended before {what}: {proc.stderr.read()[-2000:]}"
-                assert time.time() - t0 < 600, f"never reached {what}"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    def kill_when(proc, cond, what):
+        t0 = time.time()
+        while not cond():
+            assert proc.poll() is None, f"run ended before {what}: {proc.stderr.read()[-2000:]}"
+            assert time.time() - t0 < 600, f"never reached {what}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
-        # 1) kill while executing: some calls journaled, scores not yet written
-        p = start(args + ["--run-dir", run_dir])
-        kill_when(p, lambda: len(_cache_keys(run_dir)) >= 3 and not os.path.exists(f"{run_dir}/iter0/scores.json"),
-                  "mid-execution")
-        assert not os.path.exists(f"{run_dir}/iter0/scores.json")
-        # 2) resume, kill while training: the reference log-probs are saved, the adapter is not
-        keys, served = _cache_keys(run_dir), _served(log_path)
-        p = start(["--resume", run_dir])
-        kill_when(p, lambda: os.path.exists(f"{run_dir}/iter0/train/ref_logps.pt")
-                  and not os.path.exists(f"{run_dir}/iter0/train/adapter"), "mid-training")
-        new_keys = _cache_keys(run_dir) - keys
-        assert keys <= _cache_keys(run_dir)
-        assert _served(log_path) - served == len(new_keys), "a journaled call was asked again"
-        # 3) resume to the end
-        keys, served = _cache_keys(run_dir), _served(log_path)
-        p = start(["--resume", run_dir])
-        _, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-3000:]
-        assert _served(log_path) - served == len(_cache_keys(run_dir) - keys)
-        for f in ("iter0/scores.json", "iter0/pairs.jsonl", "iter0/train/adapter/adapter_config.json",
-                  "test/gen1.json", "report.md"):
-            assert os.path.exists(os.path.join(run_dir, f)), f
-        metrics = json.load(open(f"{run_dir}/metrics.json"))
-        assert metrics["iterations"][0]["pairs"] == 16
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    # 1) kill while executing: some execute calls journaled, scores not yet written
+    p = start(args + ["--run-dir", run_dir])
+    kill_when(p, lambda: _executed(run_dir) >= 3 and not os.path.exists(f"{run_dir}/iter0/scores.json"),
+              "mid-execution")
+    assert not os.path.exists(f"{run_dir}/iter0/scores.json")
+    # 2) resume (a new server, a new port), kill while training: reference log-probs saved, adapter not
+    before = _journal(run_dir)
+    p = start(["--resume", run_dir])
+    kill_when(p, lambda: os.path.exists(f"{run_dir}/iter0/train/ref_logps.pt")
+              and not os.path.exists(f"{run_dir}/iter0/train/adapter"), "mid-training")
+    middle = _journal(run_dir)
+    assert _asked_once(before, middle), "a journaled call was asked again"
+    # 3) resume to the end
+    p = start(["--resume", run_dir])
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+    after = _journal(run_dir)
+    assert _asked_once(middle, after)
+    last = json.load(open(f"{run_dir}/metrics.json"))["executor_sessions"][-1]
+    assert last["served_by_local_server"] == last["sent"] == len(after) - len(middle)
+    for f in ("iter0/scores.json", "iter0/pairs.jsonl", "iter0/train/adapter/adapter_config.json",
+              "test/gen1.json", "report.md"):
+        assert os.path.exists(os.path.join(run_dir, f)), f
+    metrics = json.load(open(f"{run_dir}/metrics.json"))
+    assert metrics["iterations"][0]["pairs"] == 16
