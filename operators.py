@@ -694,7 +694,9 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
     """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1, §4 "Timeouts": the paper
     gives a run 120 s for math/QA, 240 s for code), `timeout` counting the workflow's own work only
     (see _Context). Never raises for the workflow's faults or the infrastructure's: the status says
-    which; a run whose time runs out while an executor call is outstanding is an infra_error.
+    which. The clock stands still while an executor call is outstanding, so only the workflow's own
+    work can time it out; an executor call that takes too long ends as the client's own timeout, an
+    infra_error (SCOREFLOW.md §10.7).
     Raises executor.BudgetExceeded and executor.EndpointDown: they stop the stage, not the run."""
     t0 = time.monotonic()
     options = options or OperatorOptions()
@@ -721,10 +723,7 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
     except (executor.ExecutorError, SandboxFailure) as e:
         kind = getattr(e, "kind", "sandbox")
         return result("", "infra_error", f"{type(e).__name__} ({kind}): {e}", e)
-    except _OutOfTime as e:
-        if e.waiting:  # the executor's time, not the workflow's: no evidence (§10.7)
-            return result("", "infra_error", f"timed out after {timeout:g} s with an executor call outstanding",
-                          executor.ExecutorError("timeout", "workflow time ran out during an executor call"))
+    except _OutOfTime:
         return result("", "workflow_error", f"timed out after {timeout:g} s of its own work", raised=True)
     except Exception as e:  # the workflow's own fault: it raised
         return result("", "workflow_error", f"{type(e).__name__}: {e}"[:500], raised=True)
@@ -738,24 +737,22 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
 
 
 class _OutOfTime(Exception):
-    def __init__(self, waiting):
-        self.waiting = waiting
+    """The workflow's own time is spent."""
 
 
 async def _within_own_time(coro, ctx):
-    """Await coro while ctx.own_seconds() < ctx.timeout; then cancel it and raise _OutOfTime (with
-    whether an executor call was outstanding). The clock stands still during executor calls, so
-    the wait is re-armed until the own time is really spent."""
+    """Await coro while ctx.own_seconds() < ctx.timeout; then cancel it and raise _OutOfTime. The
+    clock stands still during executor calls, so the wait is re-armed until the own time is spent
+    (polled each second while a call is outstanding)."""
     task = asyncio.ensure_future(coro)
     try:
         while True:
             left = ctx.timeout - ctx.own_seconds()
             if left <= 0 and not task.done():
-                waiting = ctx.waiting > 0
                 task.cancel()
-                with contextlib.suppress(BaseException):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-                raise _OutOfTime(waiting)
+                raise _OutOfTime()
             done, _ = await asyncio.wait({task}, timeout=max(left, 0.001) if not ctx.waiting else min(max(left, 0.05), 1.0))
             if done:
                 return task.result()

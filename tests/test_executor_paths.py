@@ -355,5 +355,5 @@ def test_hung_endpoint_stops_the_run_resumably(tmp_path, canned_factory):
     assert r.returncode == scoreflow.EXIT_ENDPOINT_DOWN, r.stderr[-3000:]
     assert "stopped answering" in r.stderr and f"--resume {run_dir}" in r.stderr
     assert not os.path.exists(f"{run_dir}/iter0/workflows.jsonl")  # the check stage recorded nothing
-    assert took < 120, took  # model load + generation + 6 x 1 s timeouts with backoff (~16 s)
+    assert took < 300, took  # model load + generation (~30-90 s on 2 busy cores) + 6 x 1 s timeouts with backoff (~16 s)
 
