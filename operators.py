@@ -16,10 +16,11 @@ Public API (stable; scoreflow.py and the tests use only these names):
     template_similarity(code, set_name) -> float                   difflib ratio of run_workflow bodies
     await runnable_check(code, set_name, client, *, threshold, timeout, options) -> (ok, reason)  (§2.3)
     await extract_answer(output, problem, client, set_name, *, options) -> str   §3 "Extractor"
+    await judge(problem, answer, client, bench_name, *, options) -> float        §4 "At test time"
     sanitize_code(text, entry_point) -> str  the code operators' output cleaner (§3)
     OperatorOptions                          sampling and sandbox settings for one run
     WorkflowRun                              answer, status ("ok" | "workflow_error" | "infra_error"),
-                                             reason, n_calls, seconds, calls, notes, error
+                                             reason, n_calls, seconds, calls, notes, error, tokens
     SandboxFailure                           the sandbox itself failed (an infrastructure error)
 
 `problem` is any object with `.input` (text, or for code a dict with "prompt" and "entry_point")
@@ -29,8 +30,8 @@ Every executor call goes through `client.chat` (executor.ChatClient) via asyncio
 ExecutorError is never caught by an operator: run_workflow reports it as "infra_error" (SCOREFLOW.md
 §10.7: an endpoint failure is no evidence about the workflow) and keeps it in WorkflowRun.error.
 
-Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES and operator_menu), the
-test-time judge, and running workflows that use Python beyond the whitelist.
+Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES and operator_menu) and
+running workflows that use Python beyond the whitelist.
 """
 from __future__ import annotations
 
@@ -561,6 +562,7 @@ class WorkflowRun:
     calls: list = field(default_factory=list)  # per executor call: operator, prompt, reply, notes
     notes: list = field(default_factory=list)  # fallbacks taken (bad ensemble letter, ...)
     error: BaseException | None = None         # the ExecutorError / SandboxFailure of an infra_error
+    tokens: int = 0      # executor prompt + completion tokens of its calls (cache replays count: same text)
 
 
 class _Context:
@@ -569,11 +571,11 @@ class _Context:
     def __init__(self, client, problem, set_name, options, max_calls, deadline):
         self.client, self.problem, self.set_name, self.options = client, problem, set_name, options
         self.max_calls, self.deadline = max_calls, deadline
-        self.n_calls, self.steps = 0, 0
+        self.n_calls, self.steps, self.tokens = 0, 0, 0
         self.calls, self.notes = [], []
 
     def start_call(self, operator):
-        if self.n_calls >= self.max_calls:
+        if self.max_calls and self.n_calls >= self.max_calls:  # max_calls 0: no cap (the paper has none)
             raise WorkflowError(f"operator call cap reached: {self.max_calls} calls")
         self.n_calls += 1
 
@@ -585,6 +587,7 @@ class _Context:
         result = await asyncio.to_thread(self.client.chat, turns + [{"role": "user", "content": prompt}],
                                          temperature=o.temperature, max_tokens=o.max_tokens, seed=o.seed,
                                          sample=o.sample, stage=o.stage, tag=o.tag or operator)
+        self.tokens += result.prompt_tokens + result.completion_tokens
         self.calls.append({"operator": operator, "prompt": prompt if o.keep_prompts else len(prompt),
                            "reply": result.text if o.keep_prompts else len(result.text),
                            "finish_reason": result.finish_reason})
@@ -636,14 +639,16 @@ class _Guard(ast.NodeTransformer):
 async def run_workflow(code: str, problem, client, set_name: str, *, timeout: float = 120.0,
                        max_calls: int = 20, options: OperatorOptions | None = None) -> WorkflowRun:
     """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1, §4 "Timeouts": the paper
-    gives a run 120 s for math/QA, 240 s for code). Never raises for the workflow's faults or the
-    infrastructure's: the status says which."""
+    gives a run 120 s for math/QA, 240 s for code). max_calls 0 = no operator-call cap (the paper has
+    none; the statement guard and the deadline still bound the run). Never raises for the workflow's
+    faults or the infrastructure's: the status says which."""
     t0 = time.monotonic()
     options = options or OperatorOptions()
     ctx = _Context(client, problem, set_name, options, max_calls, t0 + timeout)
 
     def result(answer, status, reason, error=None):
-        return WorkflowRun(answer, status, reason, ctx.n_calls, time.monotonic() - t0, ctx.calls, ctx.notes, error)
+        return WorkflowRun(answer, status, reason, ctx.n_calls, time.monotonic() - t0, ctx.calls, ctx.notes, error,
+                           ctx.tokens)
 
     try:
         tree, attrs = _check_workflow(code, set_name)
@@ -1065,9 +1070,10 @@ def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
     last = body[-1] if body else None
     if not isinstance(last, ast.Return) or last.value is None:
         return False
+    cap = max_calls or len(body)  # max_calls 0: no cap
     if awaited_call(last.value):  # `return await self.op(...)`: one more call
-        return len(body) <= max_calls
-    return len(body) - 1 <= max_calls and isinstance(last.value, ast.Name) and last.value.id in bound
+        return len(body) <= cap
+    return len(body) - 1 <= cap and isinstance(last.value, ast.Name) and last.value.id in bound
 
 
 async def runnable_check(code: str, set_name: str, client, *, threshold: float | None = -1.0,
@@ -1120,3 +1126,51 @@ async def extract_answer(output: str, problem, client, set_name: str, *,
     if set_name == "math" and "\\boxed" not in answer and answer:
         answer = f"\\boxed{{{answer}}}"
     return answer
+
+
+# --- the test-time judge (SCOREFLOW.md §4 "At test time", §3 "Not offered: Judge") ----------------
+
+JUDGED = ("math", "drop", "hotpotqa")  # the benchmarks the official code judges at test time
+HOTPOTQA_RATIO = 10.0  # §4: 0 without judging when len(out)/len(gold) >= 10 or <= 1/10
+
+
+def judge_prompt(problem, answer: str, bench_name: str) -> str:
+    """What the judge sees (§4 "At test time"): the question, the extracted gold and the answer;
+    DROP adds the passage and its golds joined with "or", HotpotQA the context. The gold is shown
+    to the judge only: the judge is a scorer, never an operator of the workflow."""
+    gold = problem.gold
+    extra = problem.extra or {}
+    if bench_name == "drop":
+        gold = " or ".join(g.strip() for g in gold.split("|") if g.strip())
+        head = f"Passage:\n{extra.get('passage', '')}\n\n"
+    elif bench_name == "hotpotqa":
+        head = f"Context:\n{extra.get('context', '')}\n\n"
+    else:
+        head = ""
+    return (f"{head}Question:\n{problem.question}\n\nCorrect answer:\n{gold}\n\nAnswer to grade:\n{answer}\n\n"
+            "Is the answer to grade correct, that is, equivalent to the correct answer? "
+            "Reply with 1 if it is and 0 if it is not: one digit, nothing else.")
+
+
+def judge_verdict(reply: str) -> float:
+    """1.0 for a reply "1", 0.0 for "0" and for anything else (§3: anything else counts as 0)."""
+    return 1.0 if reply.strip().rstrip(".") == "1" else 0.0
+
+
+async def judge(problem, answer: str, client, bench_name: str, *,
+                options: OperatorOptions | None = None) -> float:
+    """One executor call that scores a test answer 0 or 1 (MATH, DROP, HotpotQA; `--judge llm`).
+    HotpotQA's length rule comes first: an answer 10x longer or shorter than the gold scores 0
+    without a call (§4)."""
+    if bench_name not in JUDGED:
+        raise ValueError(f"judge: bench {bench_name!r} is scored by its rule; the judge covers {JUDGED}")
+    if bench_name == "hotpotqa":
+        ratio = len(answer) / max(len(problem.gold), 1)
+        if ratio >= HOTPOTQA_RATIO or ratio <= 1 / HOTPOTQA_RATIO:
+            return 0.0
+    o = options or OperatorOptions(stage="judge")
+    result = await asyncio.to_thread(client.chat, [{"role": "user", "content": judge_prompt(problem, answer,
+                                                                                            bench_name)}],
+                                     temperature=0.0, max_tokens=min(o.max_tokens, 8), seed=o.seed,
+                                     sample=o.sample, stage="judge", tag="judge")
+    return judge_verdict(result.text)
