@@ -16,10 +16,11 @@ Public API (stable; scoreflow.py and the tests use only these names):
     template_similarity(code, set_name) -> float                   difflib ratio of run_workflow bodies
     await runnable_check(code, set_name, client, *, threshold, timeout, options) -> (ok, reason)  (§2.3)
     await extract_answer(output, problem, client, set_name, *, options) -> str   §3 "Extractor"
+    await judge(problem, answer, client, bench_name, *, options) -> float        §4 "At test time"
     sanitize_code(text, entry_point) -> str  the code operators' output cleaner (§3)
     OperatorOptions                          sampling and sandbox settings for one run
     WorkflowRun                              answer, status ("ok" | "workflow_error" | "infra_error"),
-                                             reason, n_calls, seconds, calls, notes, error
+                                             reason, n_calls, seconds, calls, notes, error, tokens
     SandboxFailure                           the sandbox itself failed (an infrastructure error)
 
 `problem` is any object with `.input` (text, or for code a dict with "prompt" and "entry_point")
@@ -32,8 +33,8 @@ Two ExecutorErrors are stops, not failures: BudgetExceeded and EndpointDown prop
 run_workflow, so the stage in flight records nothing and the run stops resumably. Each call is keyed
 in the client's journal by the run's sample and attempt and by its occurrence in the run (_Context).
 
-Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES and operator_menu), the
-test-time judge, and running workflows that use Python beyond the whitelist.
+Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES and operator_menu) and
+running workflows that use Python beyond the whitelist.
 """
 from __future__ import annotations
 
@@ -573,6 +574,7 @@ class WorkflowRun:
     #                                            (a retry may help, SCOREFLOW.md §4), not a bad return value
     executor_seconds: float = 0.0              # time with an executor call queued or in flight (not
     #                                            counted against the timeout)
+    tokens: int = 0      # executor prompt + completion tokens of its calls (cache replays count: same text)
 
 
 class _Context:
@@ -586,7 +588,7 @@ class _Context:
     def __init__(self, client, problem, set_name, options, max_calls, timeout):
         self.client, self.problem, self.set_name, self.options = client, problem, set_name, options
         self.max_calls, self.timeout = max_calls, timeout
-        self.n_calls, self.steps = 0, 0
+        self.n_calls, self.steps, self.tokens = 0, 0, 0
         self.calls, self.notes = [], []
         self.t0 = time.monotonic()
         self.waiting = 0                 # executor calls outstanding now
@@ -625,7 +627,7 @@ class _Context:
         return n
 
     def start_call(self, operator):
-        if self.n_calls >= self.max_calls:
+        if self.max_calls and self.n_calls >= self.max_calls:  # max_calls 0: no cap (the paper has none)
             raise WorkflowError(f"operator call cap reached: {self.max_calls} calls")
         self.n_calls += 1
 
@@ -641,6 +643,7 @@ class _Context:
             result = await asyncio.to_thread(self.client.chat, messages, **sampling, sample=o.sample,
                                              attempt=o.attempt, occurrence=occurrence, stage=o.stage,
                                              tag=o.tag or operator)
+        self.tokens += result.prompt_tokens + result.completion_tokens
         self.calls.append({"operator": operator, "prompt": prompt if o.keep_prompts else len(prompt),
                            "reply": result.text if o.keep_prompts else len(result.text),
                            "finish_reason": result.finish_reason})
@@ -693,10 +696,11 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
                        max_calls: int = 20, options: OperatorOptions | None = None) -> WorkflowRun:
     """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1, §4 "Timeouts": the paper
     gives a run 120 s for math/QA, 240 s for code), `timeout` counting the workflow's own work only
-    (see _Context). Never raises for the workflow's faults or the infrastructure's: the status says
-    which. The clock stands still while an executor call is outstanding, so only the workflow's own
-    work can time it out; an executor call that takes too long ends as the client's own timeout, an
-    infra_error (SCOREFLOW.md §10.7).
+    (see _Context). max_calls 0 = no operator-call cap (the paper has none; the statement guard and
+    the timeout still bound the run). Never raises for the workflow's faults or the infrastructure's:
+    the status says which. The clock stands still while an executor call is outstanding, so only the
+    workflow's own work can time it out; an executor call that takes too long ends as the client's
+    own timeout, an infra_error (SCOREFLOW.md §10.7).
     Raises executor.BudgetExceeded and executor.EndpointDown: they stop the stage, not the run."""
     t0 = time.monotonic()
     options = options or OperatorOptions()
@@ -704,7 +708,7 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
 
     def result(answer, status, reason, error=None, raised=False):
         return WorkflowRun(answer, status, reason, ctx.n_calls, time.monotonic() - t0, ctx.calls, ctx.notes, error,
-                           raised, round(ctx.waited_seconds(), 3))
+                           raised, round(ctx.waited_seconds(), 3), ctx.tokens)
 
     try:
         tree, attrs = _check_workflow(code, set_name)
@@ -1174,9 +1178,10 @@ def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
     last = body[-1] if body else None
     if not isinstance(last, ast.Return) or last.value is None:
         return False
+    cap = max_calls or len(body)  # max_calls 0: no cap
     if awaited_call(last.value):  # `return await self.op(...)`: one more call
-        return len(body) <= max_calls
-    return len(body) - 1 <= max_calls and isinstance(last.value, ast.Name) and last.value.id in bound
+        return len(body) <= cap
+    return len(body) - 1 <= cap and isinstance(last.value, ast.Name) and last.value.id in bound
 
 
 async def runnable_check(code: str, set_name: str, client, *, threshold: float | None = -1.0,
@@ -1229,3 +1234,51 @@ async def extract_answer(output: str, problem, client, set_name: str, *,
     if set_name == "math" and "\\boxed" not in answer and answer:
         answer = f"\\boxed{{{answer}}}"
     return answer
+
+
+# --- the test-time judge (SCOREFLOW.md §4 "At test time", §3 "Not offered: Judge") ----------------
+
+JUDGED = ("math", "drop", "hotpotqa")  # the benchmarks the official code judges at test time
+HOTPOTQA_RATIO = 10.0  # §4: 0 without judging when len(out)/len(gold) >= 10 or <= 1/10
+
+
+def judge_prompt(problem, answer: str, bench_name: str) -> str:
+    """What the judge sees (§4 "At test time"): the question, the extracted gold and the answer;
+    DROP adds the passage and its golds joined with "or", HotpotQA the context. The gold is shown
+    to the judge only: the judge is a scorer, never an operator of the workflow."""
+    gold = problem.gold
+    extra = problem.extra or {}
+    if bench_name == "drop":
+        gold = " or ".join(g.strip() for g in gold.split("|") if g.strip())
+        head = f"Passage:\n{extra.get('passage', '')}\n\n"
+    elif bench_name == "hotpotqa":
+        head = f"Context:\n{extra.get('context', '')}\n\n"
+    else:
+        head = ""
+    return (f"{head}Question:\n{problem.question}\n\nCorrect answer:\n{gold}\n\nAnswer to grade:\n{answer}\n\n"
+            "Is the answer to grade correct, that is, equivalent to the correct answer? "
+            "Reply with 1 if it is and 0 if it is not: one digit, nothing else.")
+
+
+def judge_verdict(reply: str) -> float:
+    """1.0 for a reply "1", 0.0 for "0" and for anything else (§3: anything else counts as 0)."""
+    return 1.0 if reply.strip().rstrip(".") == "1" else 0.0
+
+
+async def judge(problem, answer: str, client, bench_name: str, *,
+                options: OperatorOptions | None = None) -> float:
+    """One executor call that scores a test answer 0 or 1 (MATH, DROP, HotpotQA; `--judge llm`).
+    HotpotQA's length rule comes first: an answer 10x longer or shorter than the gold scores 0
+    without a call (§4)."""
+    if bench_name not in JUDGED:
+        raise ValueError(f"judge: bench {bench_name!r} is scored by its rule; the judge covers {JUDGED}")
+    if bench_name == "hotpotqa":
+        ratio = len(answer) / max(len(problem.gold), 1)
+        if ratio >= HOTPOTQA_RATIO or ratio <= 1 / HOTPOTQA_RATIO:
+            return 0.0
+    o = options or OperatorOptions(stage="judge")
+    result = await asyncio.to_thread(client.chat, [{"role": "user", "content": judge_prompt(problem, answer,
+                                                                                            bench_name)}],
+                                     temperature=0.0, max_tokens=min(o.max_tokens, 8), seed=o.seed,
+                                     sample=o.sample, stage="judge", tag="judge")
+    return judge_verdict(result.text)

