@@ -148,13 +148,14 @@ def test_executor_errors_are_infra_errors_not_wrong_answers():
 
 
 def test_executor_time_does_not_count_against_the_workflow_timeout(client):
-    """SCOREFLOW.md §10.7: the 0.5 s limit is the workflow's own work; the executor call that takes
-    longer is the executor's time (tests/test_executor_paths.py has the own-time limit firing)."""
-    slow = O.OperatorOptions(max_tokens=120)
+    """SCOREFLOW.md §10.7: the 0.2 s limit is the workflow's own work; the executor call (a real
+    generation, longer than that) is the executor's time. tests/test_executor_paths.py has the
+    own-time limit firing and a serial endpoint's queue."""
+    slow = O.OperatorOptions(max_tokens=64)
     run = go(O.run_workflow(O.TEMPLATES["math"], Problem("Write a long essay about numbers."), client, "math",
-                            timeout=0.5, options=slow))
+                            timeout=0.2, options=slow))
     assert run.status == "ok", run.reason
-    assert run.seconds > 0.5 and run.executor_seconds > 0.5 and run.seconds - run.executor_seconds < 0.5
+    assert run.executor_seconds > 0.2 and run.seconds - run.executor_seconds < 0.2, (run.seconds, run.executor_seconds)
 
 
 def test_runnable_check_trial_run_and_extractor(client):
