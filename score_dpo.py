@@ -328,8 +328,8 @@ class TrainConfig:
     #                                  the policy as it stands when this call starts (the last iteration's)
     max_prompt_tokens: int = 0       # 0 = no cap (paper); else keep the prompt's last N tokens
     max_completion_tokens: int = 0   # 0 = no cap (paper); else keep a completion's first N tokens (EOS included)
-    amp: str = "auto"                # "auto": bf16 autocast on CUDA with bf16, on bf16/fp16 weights, else fp32;
-    #                                  "bf16": always bf16 autocast; "off": never
+    amp: str = "auto"                # "auto": bf16 autocast for fp32 weights on a CUDA with bf16, else none (bf16/fp16
+    #                                  weights compute in their dtype, the fp32 LoRA in fp32); "bf16": always; "off": never
     seed: int = 0                    # pair shuffling per epoch and the initial LoRA A
     save_every: int = 0              # optimizer steps between resumable checkpoints; 0 = at epoch ends only
     log_every: float = 30.0          # seconds between progress lines on stderr
@@ -414,7 +414,8 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     caller_mode = model.training
     os.makedirs(out_dir, exist_ok=True)
 
-    # the adapter: create it on first use, keep training it afterwards; LoRA weights in fp32
+    # the adapter: create it on first use, keep training it afterwards; LoRA weights in fp32 on any base
+    # (model.LoRALinear computes its term in fp32 and casts it back to the base's dtype)
     if any(m.merged for _, m in M.lora_layers(model)):
         raise ValueError("train: the model's LoRA is merged into its weights; call model.unmerge_lora first")
     if not M.lora_layers(model):
@@ -429,12 +430,9 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         p.data = p.data.float()
         p.requires_grad_(True)
     base_dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_" not in n)
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        amp_dtype = torch.bfloat16
-    elif base_dtype != torch.float32:  # low-precision base weights with fp32 LoRA need autocast to mix
-        amp_dtype = base_dtype
-    else:
-        amp_dtype = None
+    # no autocast on bf16/fp16 weights: training then runs the very forward pass generate runs
+    auto = base_dtype == torch.float32 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and auto) else None
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
