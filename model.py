@@ -1300,13 +1300,20 @@ def token_logprobs(model, prompt_ids, completion_ids):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha/r) B A dropout(x); A Kaiming-uniform, B zero (so it starts as a no-op)."""
+    """y = base(x) + (alpha/r) B A dropout(x); A Kaiming-uniform, B zero (so it starts as a no-op).
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout):
+    Dtypes: A and B are kept in `dtype` (add_lora's default fp32, whatever the base's dtype, as
+    PEFT's autocast_adapter_dtype does): at the paper's lr 1e-6 a bf16 adapter would round most
+    updates away. The adapter's term is computed in A/B's dtype (x cast to it) and cast back to x's,
+    so a bf16 or fp16 base trains, generates and reloads with the same fp32 adapter, unmerged; merge()
+    (SCOREFLOW.md §7's "merged into a copy of the base") is an explicit call and rounds the delta to
+    the base's dtype."""
+
+    def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=torch.float32):
         super().__init__()
         self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
@@ -1320,8 +1327,8 @@ class LoRALinear(nn.Module):
         return self.enabled and not self.merged
 
     def delta(self, x):
-        """The adapter's term for input x (..., in) -> (..., out)."""
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        """The adapter's term for input x (..., in) -> (..., out), in x's dtype (computed in the adapter's)."""
+        return (self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(x.dtype)
 
     def forward(self, x):
         y = self.base_layer(x)
@@ -1344,8 +1351,9 @@ def lora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")):
-    """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else."""
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), dtype=torch.float32):
+    """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else. The adapters'
+    weights are in `dtype` (fp32 by default on any base: see LoRALinear)."""
     if model.packed_head is not None or model.model.layers[0].self_attn.packed_qkv is not None:
         raise ValueError("add_lora: the model was packed by pack_weights (inference only); load it afresh")
     model.requires_grad_(False)
@@ -1353,7 +1361,7 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")):
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                lora = LoRALinear(child, r, alpha, dropout).train(child.training)  # the wrapped layer's mode
+                lora = LoRALinear(child, r, alpha, dropout, dtype).train(child.training)  # the wrapped layer's mode
                 setattr(module, child_name, lora)
                 found.append(f"{name}.{child_name}")
     if not found:
@@ -1417,7 +1425,9 @@ def save_adapter(model, dir):
 
 
 def load_adapter(model, dir):
-    """Load a PEFT LoRA adapter saved by us or by peft (adding LoRA layers if the model has none)."""
+    """Load a PEFT LoRA adapter saved by us or by peft (adding LoRA layers if the model has none).
+    The values are copied into the model's adapter weights (fp32 from add_lora, on any base dtype), so
+    an fp32 adapter reloads exactly on a bf16 or fp16 model."""
     cfg = _read_json(os.path.join(dir, "adapter_config.json"))
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{dir}/adapter_config.json: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")

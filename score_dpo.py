@@ -328,8 +328,8 @@ class TrainConfig:
     #                                  the policy as it stands when this call starts (the last iteration's)
     max_prompt_tokens: int = 0       # 0 = no cap (paper); else keep the prompt's last N tokens
     max_completion_tokens: int = 0   # 0 = no cap (paper); else keep a completion's first N tokens (EOS included)
-    amp: str = "auto"                # "auto": bf16 autocast on CUDA with bf16, on bf16/fp16 weights, else fp32;
-    #                                  "bf16": always bf16 autocast; "off": never
+    amp: str = "auto"                # "auto": bf16 autocast for fp32 weights on a CUDA with bf16, else none (bf16/fp16
+    #                                  weights compute in their dtype, the fp32 LoRA in fp32); "bf16": always; "off": never
     seed: int = 0                    # pair shuffling per epoch and the initial LoRA A
     save_every: int = 0              # optimizer steps between resumable checkpoints; 0 = at epoch ends only
     log_every: float = 30.0          # seconds between progress lines on stderr
@@ -359,12 +359,14 @@ class TrainResult:
     adapter_dir: str        # the final adapter, PEFT layout
 
 
-def _fingerprint(pairs, cfg):
-    """Identifies a training job: resuming with other pairs or settings is an error, not a silent mix."""
+def _fingerprint(pairs, cfg, world=1):
+    """Identifies a training job: resuming with other pairs or settings is an error, not a silent mix.
+    grad_accum counts as the pairs per step of all `world` ranks, which is what the steps depend on."""
     h = hashlib.sha256()
     for p in pairs:
         h.update(json.dumps(asdict(p), sort_keys=True).encode())
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("log_every", "save_every")}
+    keep["grad_accum"] = cfg.grad_accum * world
     h.update(json.dumps(keep, sort_keys=True, default=list).encode())
     return h.hexdigest()
 
@@ -398,7 +400,9 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
       one pass, their shared prompt prefix run once).
     - DDP: if torch.distributed is initialised, each step's pairs are split over ranks and the LoRA
       gradients all-reduced (summed; each rank's loss is already divided by the global pair count).
-      Rank 0 writes the files.
+      Rank 0 writes the files; every rank reads ref_logps.pt and ckpt/ on a resume (out_dir on a filesystem
+      all ranks see). The fingerprint counts pairs per step over all ranks, so a checkpoint of one
+      process with grad_accum 2G resumes under two ranks with G.
     - Files in out_dir: ref_logps.pt (kept so a resume never recomputes the reference from a changed
       adapter), ckpt/ (adapter in PEFT layout + optimizer/scheduler state, written at every epoch end
       and every cfg.save_every steps), adapter/ (the final adapter, PEFT layout). With resume=True a
@@ -412,9 +416,11 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     device = model.lm_head.weight.device
     caller_mode = model.training
-    os.makedirs(out_dir, exist_ok=True)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
 
-    # the adapter: create it on first use, keep training it afterwards; LoRA weights in fp32
+    # the adapter: create it on first use, keep training it afterwards; LoRA weights in fp32 on any base
+    # (model.LoRALinear computes its term in fp32 and casts it back to the base's dtype)
     if any(m.merged for _, m in M.lora_layers(model)):
         raise ValueError("train: the model's LoRA is merged into its weights; call model.unmerge_lora first")
     if not M.lora_layers(model):
@@ -429,12 +435,9 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         p.data = p.data.float()
         p.requires_grad_(True)
     base_dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_" not in n)
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        amp_dtype = torch.bfloat16
-    elif base_dtype != torch.float32:  # low-precision base weights with fp32 LoRA need autocast to mix
-        amp_dtype = base_dtype
-    else:
-        amp_dtype = None
+    # no autocast on bf16/fp16 weights: training then runs the very forward pass generate runs
+    auto = base_dtype == torch.float32 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and auto) else None
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -443,7 +446,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     encoded = [encode_pair(tokenizer, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
     truncated = sum(e[3] for e in encoded)
     n = len(pairs)
-    fingerprint = _fingerprint(pairs, cfg)
+    fingerprint = _fingerprint(pairs, cfg, world)
     if rank == 0:
         print(f"train: {n} pairs, {sum(len(e[0]) for e in encoded) / n:.0f} prompt + "
               f"{sum(len(e[1]) + len(e[2]) for e in encoded) / (2 * n):.0f} completion tokens on average, "
@@ -464,8 +467,10 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     # reference log-probs, once per pair, before any step (or from the file a previous run left)
     ref_path = os.path.join(out_dir, "ref_logps.pt")
     ckpt_dir = os.path.join(out_dir, "ckpt")
-    if not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):  # a crash mid-swap
+    if rank == 0 and not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):  # a crash mid-swap
         os.replace(ckpt_dir + ".old", ckpt_dir)
+    if dist:  # the other ranks read out_dir after rank 0 has set it up
+        dist.barrier()
     state_path = os.path.join(ckpt_dir, "trainer_state.pt")
     t_ref = time.time()
     ref = None

@@ -810,6 +810,100 @@ def train_config(cfg, iteration):
                                  seed=_seed(cfg.seed, "train", iteration) % (1 << 31))
 
 
+def _has_adapter(path):
+    return os.path.exists(os.path.join(path, "adapter_config.json"))
+
+
+def train_stage(cfg, R, i, gen, pairs):
+    """Iteration i's Score-DPO on `pairs` (SCOREFLOW.md §6, §7); returns the loss history (empty on
+    ranks > 0). Rank 0 decides, and under torchrun every rank calls this once per iteration and
+    receives rank 0's plan and pairs (its own `pairs` are ignored): this is where ranks meet. The plan:
+    the adapter is on file already (--resume): load it; or train, first loading the last iteration's
+    adapter when a resumed run has none in memory; or, without pairs, nothing. So every rank holds
+    rank 0's adapter after the stage, and score_dpo.train splits each step's pairs over the ranks."""
+    import model as M
+    mdl, tok = gen
+    rank = _rank()
+    train_dir = R.path(f"iter{i}", "train")
+    final, prev = os.path.join(train_dir, "adapter"), R.path(f"iter{i - 1}", "train", "adapter")
+    plan = None
+    if rank == 0:
+        if _has_adapter(final):
+            plan = ("done", final, [])
+        elif pairs:
+            plan = ("train", prev if i > 0 and not M.lora_layers(mdl) and _has_adapter(prev) else None, pairs)
+        else:
+            plan = ("none", None, [])
+    what, load, pairs = share(plan)
+    if load:
+        M.load_adapter(mdl, load)
+    if rank != 0 and what != "train":
+        return []
+    if what == "done":
+        log(f"iter{i} train: done earlier, loaded {os.path.relpath(final, R.dir)}")
+        hist_path = os.path.join(train_dir, "history.json")
+        return json.load(open(hist_path)) if os.path.exists(hist_path) else []
+    if what == "none":
+        log(f"iter{i} train: no pairs (every problem's workflows tied); the generator is unchanged")
+        return []
+    t0 = time.time()
+    result = score_dpo.train(mdl, tok, pairs, train_config(cfg, i), out_dir=train_dir)
+    if rank == 0:
+        write_atomic(os.path.join(train_dir, "history.json"), json.dumps(result.history))
+        R.stage_seconds[f"iter{i} train"] = time.time() - t0
+    return result.history
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun: data-parallel training over pairs. Rank 0 runs the whole loop (generate, execute, the
+# executor and its local server, the run directory); the other ranks load the generator and train
+# with it in train_stage, nothing else.
+
+
+def init_distributed(device):
+    """Join torchrun's process group when there is one (WORLD_SIZE > 1 in the environment): gloo for
+    a CPU device, NCCL for CUDA, each rank on the GPU its LOCAL_RANK names. Returns this rank (0
+    without torchrun). The run directory must be on a filesystem every rank sees (one machine, or a
+    shared one): the other ranks read the adapters and training checkpoints rank 0 writes there."""
+    import torch
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
+def _rank():
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def share(obj):
+    """Rank 0's `obj` on every rank (pickled; `obj` itself without torchrun)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def follow(cfg):
+    """A rank > 0 under torchrun: load the generator as rank 0 does, then join every iteration's train
+    stage (train_stage); rank 0 alone writes, executes and tests."""
+    import torch
+    import model as M
+    gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    R = Run(cfg)
+    for i in range(cfg.iterations):
+        train_stage(cfg, R, i, gen, None)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation on the test split: a generator (one workflow per problem) or a fixed workflow.
 
@@ -864,6 +958,8 @@ def run(cfg, data=None):
     """The whole run; data is load_data(cfg), loaded by main before the run directory exists."""
     import torch
     import model as M
+    if _rank() != 0:  # torchrun: the other ranks only train, with rank 0
+        return follow(cfg)
     t_start = time.time()
     data = data or load_data(cfg)
     task, validate, test = data.task, data.validate, data.test
@@ -945,8 +1041,6 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
     them together (with CoT and IO at i = 0): one generate and one execute stage per iteration keep
     the local server's batches full. Then pairs and Score-DPO on the validate workflows only. The
     generator after the last iteration gets its own test stage."""
-    import model as M
-    mdl, tok = gen
     by_id = {"validate": {p.id: p for p in validate}, "test": {p.id: p for p in test}}
 
     def test_summary(recs, scores):
@@ -1005,26 +1099,7 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
         if not os.path.exists(pairs_path):
             score_dpo.write_pairs(pairs_path, pairs)
         pairs = score_dpo.read_pairs(pairs_path)
-        train_dir = os.path.join(d, "train")
-        final_adapter = os.path.join(train_dir, "adapter")
-        history = []
-        if os.path.exists(os.path.join(final_adapter, "adapter_config.json")):
-            M.load_adapter(mdl, final_adapter)
-            log(f"iter{i} train: done earlier, loaded {os.path.relpath(final_adapter, R.dir)}")
-            hist_path = os.path.join(train_dir, "history.json")
-            history = json.load(open(hist_path)) if os.path.exists(hist_path) else []
-        elif pairs:
-            if i > 0 and not M.lora_layers(mdl):  # a resumed run: continue the last iteration's adapter
-                prev = os.path.join(R.path(f"iter{i - 1}"), "train", "adapter")
-                if os.path.exists(os.path.join(prev, "adapter_config.json")):
-                    M.load_adapter(mdl, prev)
-            t0 = time.time()
-            result = score_dpo.train(mdl, tok, pairs, train_config(cfg, i), out_dir=train_dir)
-            history = result.history
-            write_atomic(os.path.join(train_dir, "history.json"), json.dumps(history))
-            R.stage_seconds[f"iter{i} train"] = time.time() - t0
-        else:
-            log(f"iter{i} train: no pairs (every problem's workflows tied); the generator is unchanged")
+        history = train_stage(cfg, R, i, gen, pairs)  # every rank, under torchrun
         scored = [scores[r["key"]]["score"] for r in recs if r["valid"] and scores[r["key"]]["score"] is not None]
         first40 = recs[:40]
         R.metrics["iterations"].append({
@@ -1416,7 +1491,7 @@ def main(argv=None):
         return executor.serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = resolve_config(args, parser)
+    cfg = resolve_config(args, parser)  # every rank checks the flags, before any rank writes
     if "resume" not in vars(args) and cfg.bench not in bench.NAMES + (bench.EMBEDDED,) \
             and not os.path.isfile(cfg.bench):
         parser.error(f"--bench {cfg.bench}: not a benchmark name or a task file")
@@ -1425,7 +1500,9 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001  (a user's task file may raise anything)
         parser.error(f"data for --bench {cfg.bench}" + (f" --data {cfg.data}" if cfg.data else "")
                      + f": {type(e).__name__}: {' '.join(str(e).split())}")
-    if "resume" not in vars(args):
+    rank = init_distributed(cfg.device)
+    cfg = share(cfg)  # rank 0's: the default run directory is named by the time
+    if "resume" not in vars(args) and rank == 0:  # under torchrun rank 0 alone writes the run directory
         os.makedirs(cfg.run_dir, exist_ok=True)
         saved = dict(dataclasses.asdict(cfg), version=VERSION, argv=argv)
         write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=1))

@@ -660,7 +660,7 @@ def test_grouped_pairs_equal_one_pass_per_pair_float64(exported):
 def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
     """bf16: log-probs within a stated loose tolerance of fp32 (0.25 nat per token; bf16 keeps ~3
     digits, which is why fp32 stays the CPU default), and training runs with fp32 LoRA weights on a
-    bf16 base (autocast on by itself), starting at ln 2 and moving."""
+    bf16 base (no autocast: the base computes in bf16, the adapter in fp32), starting at ln 2 and moving."""
     model, tok = smol
     e = encode_pair(tok, TRAIN_PAIRS[0])[:3]
     with torch.no_grad():
