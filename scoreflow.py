@@ -1114,7 +1114,7 @@ def _loop(cfg, R, task, set_name, validate, test, gen, client):
             "infra_by_kind": infra_kinds(scores),
             "eligible_pairs": len(eligible), "pairs": len(pairs),
             "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
-            "trained": os.path.exists(os.path.join(final_adapter, "adapter_config.json")),
+            "trained": _has_adapter(os.path.join(d, "train", "adapter")),
             "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
             "loss_curve": [h.get("loss") for h in history], "margin_curve": [h.get("margin") for h in history]})
 
