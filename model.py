@@ -1302,15 +1302,16 @@ def token_logprobs(model, prompt_ids, completion_ids):
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha/r) B A dropout(x); A Kaiming-uniform, B zero (so it starts as a no-op).
 
-    Dtypes: A and B are kept in `dtype` (add_lora's default fp32, whatever the base's dtype, as
-    PEFT's autocast_adapter_dtype does): at the paper's lr 1e-6 a bf16 adapter would round most
-    updates away. The adapter's term is computed in A/B's dtype (x cast to it) and cast back to x's,
+    Dtypes: A and B are kept in `dtype` (add_lora's default: at least fp32, the base's dtype if it
+    is wider, as PEFT's autocast_adapter_dtype does): at the paper's lr 1e-6 a bf16 adapter would
+    round most updates away, and a float64 base (the oracle tests) keeps a float64 adapter. The adapter's term is computed in A/B's dtype (x cast to it) and cast back to x's,
     so a bf16 or fp16 base trains, generates and reloads with the same fp32 adapter, unmerged; merge()
     (SCOREFLOW.md §7's "merged into a copy of the base") is an explicit call and rounds the delta to
     the base's dtype."""
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=torch.float32):
+    def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=None):
         super().__init__()
+        dtype = dtype or torch.promote_types(base.weight.dtype, torch.float32)
         self.base_layer = base
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=dtype)
@@ -1328,6 +1329,8 @@ class LoRALinear(nn.Module):
 
     def delta(self, x):
         """The adapter's term for input x (..., in) -> (..., out), in x's dtype (computed in the adapter's)."""
+        if x.dtype == self.lora_A.weight.dtype:  # fp32 and float64 bases: no casts
+            return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return (self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(x.dtype)
 
     def forward(self, x):
@@ -1351,9 +1354,9 @@ def lora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), dtype=torch.float32):
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), dtype=None):
     """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else. The adapters'
-    weights are in `dtype` (fp32 by default on any base: see LoRALinear)."""
+    weights are in `dtype` (None: fp32 on a bf16/fp16/fp32 base, float64 on a float64 one; see LoRALinear)."""
     if model.packed_head is not None or model.model.layers[0].self_attn.packed_qkv is not None:
         raise ValueError("add_lora: the model was packed by pack_weights (inference only); load it afresh")
     model.requires_grad_(False)
