@@ -535,7 +535,8 @@ class ChatClient:
                 result = self._post(body)
                 return result
             except ExecutorError as e:
-                self._note_failure(e)
+                if self._note_failure(e):  # the call that trips the stop raises it, not its own timeout
+                    raise EndpointDown(message=str(self.stopped), endpoint=self.endpoint) from e
                 raise
             finally:
                 with self._lock:
@@ -547,16 +548,19 @@ class ChatClient:
                     self._budget_freed.notify_all()
 
     def _note_failure(self, error):
-        """Count a call that ended unanswered; ENDPOINT_DOWN_AFTER in a row stop the client."""
+        """Count a call that ended unanswered; ENDPOINT_DOWN_AFTER in a row stop the client.
+        True when this call tripped the stop."""
         with self._lock:
             if error.kind not in ("timeout", "connection") or self.stopped is not None:
-                return
+                return False
             self._dead_in_a_row += 1
-            if self._dead_in_a_row >= ENDPOINT_DOWN_AFTER:
-                self.stopped = EndpointDown(message=f"{self.endpoint}: {self._dead_in_a_row} calls in a row got no "
-                                            f"answer within {self.timeout:g} s, retries included; last: {error}",
-                                            endpoint=self.endpoint)
-                self._budget_freed.notify_all()
+            if self._dead_in_a_row < ENDPOINT_DOWN_AFTER:
+                return False
+            self.stopped = EndpointDown(message=f"{self.endpoint}: {self._dead_in_a_row} calls in a row got no "
+                                        f"answer within {self.timeout:g} s, retries included; last: {error}",
+                                        endpoint=self.endpoint)
+            self._budget_freed.notify_all()
+            return True
 
     def _post(self, body):
         """POST with openai-python's retry policy (STYLE.md §6) -> ChatResult, or ExecutorError."""

@@ -123,6 +123,7 @@ PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temp
              programmer_examples=0, run_attempts=5, programmer_call_attempts=3, max_calls=0,
              invalid_scores="skip", judge="llm")
 RUN_RETRY_DELAY = 1.0  # s between attempts of a run that raised (SCOREFLOW.md §4)
+INFRA_TRIES = 3  # a run or trial that failed through the infrastructure is asked this often, then left out
 # Exit statuses: 0 finished, 1 crashed, 2 a user error (before any run directory is made), and the
 # resumable stops: nothing the stage in flight did is recorded as a result; --resume DIR continues.
 EXIT_BUDGET, EXIT_ENDPOINT_DOWN = 3, 4
@@ -620,8 +621,14 @@ async def _check_all(cfg, recs, set_name, client):
         async with sem:
             opts = _operator_options(cfg, stage="check", tag="check")
             r["trial"] = cfg.trial_run == "always" or not operators.straight_line(r["code"], set_name, cfg.max_calls)
-            return r, await operators.runnable_check(r["code"], set_name, client, threshold=threshold,
-                                                     options=opts, max_calls=cfg.max_calls, trial=r["trial"])
+            # As in the execute stage, a trial that hit the infrastructure is asked again: a hung endpoint
+            # then trips EndpointDown here even for a single workflow, and the stage records nothing.
+            for _ in range(INFRA_TRIES):
+                verdict = await operators.runnable_check(r["code"], set_name, client, threshold=threshold,
+                                                         options=opts, max_calls=cfg.max_calls, trial=r["trial"])
+                if not verdict[1].startswith("infra"):
+                    break
+            return r, verdict
     return await asyncio.gather(*(one(r) for r in recs))
 
 
@@ -709,7 +716,7 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
             for attempt in range(cfg.run_attempts):  # a run that raised gets run_attempts, 1 s apart (§4)
                 opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute", tag=str(key),
                                          keep_prompts=False)
-                for _ in range(3):  # infrastructure failures are retried (finished calls replay), then left out
+                for _ in range(INFRA_TRIES):  # infrastructure failures are retried (finished calls replay), then left out
                     run = await operators.run_workflow(code, problem, client, set_name,
                                                        timeout=cfg.workflow_timeout, max_calls=cfg.max_calls,
                                                        options=opts)

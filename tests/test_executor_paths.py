@@ -216,7 +216,7 @@ def test_serial_endpoint_queue_time_is_not_workflow_time(canned_factory):
     assert max(r["seconds"] for r in runs) > 2.0 and all(r["seconds"] - r["executor_seconds"] < 1.0 for r in runs)
 
 
-def test_own_work_still_times_out_and_a_client_timeout_is_infra_by_kind(canned_factory):
+def test_own_work_still_times_out_and_a_client_timeout_is_infra_by_kind(canned_factory, monkeypatch):
     sleeper = canned_factory(reply=lambda body, n: "```python\nimport time\ntime.sleep(4)\nprint(1)\n```")
     code = workflow("math", 'a = await self.programmer(analysis="x")\nreturn a')
     p = Problem(id="p", question="Q", input="Q", gold="1")
@@ -225,8 +225,12 @@ def test_own_work_still_times_out_and_a_client_timeout_is_infra_by_kind(canned_f
     assert run.status == "workflow_error" and "of its own work" in run.reason and run.raised  # the sandbox's time
     slow = canned_factory(delay=3.0)
     jobs = [("k", workflow("qa", 'a = await self.custom(instruction="x")\nreturn a'), p)]
+    # tries below the client's stop threshold: two unanswered calls are an infra failure, a third would
+    # be the endpoint down (test_hung_endpoint_stops_the_check_stage_for_a_single_workflow)
+    monkeypatch.setattr(scoreflow, "INFRA_TRIES", executor.ENDPOINT_DOWN_AFTER - 1)
     with executor.ChatClient(slow.url, "canned", api_key="", retry=NO_RETRY, timeout=0.5) as c:
         out = execute(scoreflow.RunConfig(workflow_timeout=60), jobs, c)
+        assert c.stopped is None
     assert out["k"]["score"] is None and out["k"]["runs"][0]["kind"] == "timeout"
     assert scoreflow.infra_kinds(out) == {"timeout": 1}
 
@@ -245,6 +249,20 @@ def test_hung_endpoint_ends_the_stage_within_the_client_timeout(canned_factory):
     assert took < 6.0, took
     assert not [t for t in threading.enumerate() if t.name.startswith("workflow")], "a blocked thread outlived the stage"
     assert len(server.bodies) <= 4 * 2 + 4  # the queued calls were never sent
+
+
+def test_hung_endpoint_stops_the_check_stage_for_a_single_workflow(canned_factory):
+    """One workflow's trial run against a hung endpoint: the check asks again (as execute does) until
+    the client trips EndpointDown, rather than recording an 'infra' verdict as the stage's result."""
+    server = canned_factory(hang=True)
+    code = workflow("qa", 'a = await self.custom(instruction="x")\nreturn a')
+    rec = {"code": code}
+    policy = executor.RetryPolicy(max_retries=0)
+    cfg = scoreflow.RunConfig(trial_run="always", concurrency=4)
+    with executor.ChatClient(server.url, "canned", api_key="", retry=policy, timeout=0.5, max_concurrency=4) as c:
+        with pytest.raises(executor.EndpointDown):
+            scoreflow.run_async(scoreflow._check_all(cfg, [rec], "qa", c), 4)
+    assert len(server.bodies) == executor.ENDPOINT_DOWN_AFTER  # the one trial, asked until the client tripped
 
 
 # --- 14.3 / 14.5: the journal key, --executor-extra, preflight --------------------------------
@@ -354,6 +372,13 @@ def test_hung_endpoint_stops_the_run_resumably(tmp_path, canned_factory):
     took = time.monotonic() - t0
     assert r.returncode == scoreflow.EXIT_ENDPOINT_DOWN, r.stderr[-3000:]
     assert "stopped answering" in r.stderr and f"--resume {run_dir}" in r.stderr
-    assert not os.path.exists(f"{run_dir}/iter0/workflows.jsonl")  # the check stage recorded nothing
+    # nothing the unanswered calls decided was recorded: the check stage stopped unwritten, or (when no
+    # sample reached a trial run) its records name no infrastructure verdict; no stage after it wrote
+    wf = f"{run_dir}/iter0/workflows.jsonl"
+    if os.path.exists(wf):
+        recs = scoreflow.read_jsonl(wf)
+        assert not [x for x in recs if x.get("trial") or x["reason"].startswith("infra")], recs
+    assert not os.path.exists(f"{run_dir}/iter0/scores.json")
+    assert len(server.bodies) >= executor.ENDPOINT_DOWN_AFTER
     assert took < 300, took  # model load + generation (~30-90 s on 2 busy cores) + 6 x 1 s timeouts with backoff (~16 s)
 
