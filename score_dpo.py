@@ -8,17 +8,21 @@ Implements ScoreFlow (Wang et al. 2025, arXiv 2502.04306) as written down in SCO
 - §7   training: model.py's LoRA on q_proj/v_proj, AdamW with linear decay, reference = same weights
        with the adapters off, log-probs summed over completion tokens (prompt masked, EOS appended).
 
+Sections: pairs and d-sampling, the losses and the influence (the paper's part, at the top), then
+pair files, sequences and log-probs (model.token_logprobs does the pass), and the trainer, whose
+step (`train_step`: policy pass, loss against the precomputed reference, backward) stands alone.
+
 Non-goals: other preference losses (IPO, hinge, ...), full fine-tuning, a second model copy as
 reference, loss weighting by d (SCOREFLOW.md §10.2: d acts through resampling only).
 """
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -96,50 +100,6 @@ def sample_pairs(pairs, n, d=cube_d, seed=0):
     return random.Random(seed).choices(pairs, weights=weights, k=n)
 
 
-def write_pairs(path, pairs):
-    """Pairs as JSON lines, written atomically (temp file in the same directory, fsync, replace)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pairs.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for p in pairs:
-                fh.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_pairs(path):
-    """Inverse of write_pairs; a bad line is an error naming the file, line and field."""
-    fields = {"problem_id": str, "prompt": str, "chosen": str, "rejected": str,
-              "chosen_score": (int, float), "rejected_score": (int, float)}
-    pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg}): {line[:80]!r}") from None
-            for name, typ in fields.items():
-                if name not in rec:
-                    raise ValueError(f"{path}:{lineno}: missing field {name!r}")
-                if not isinstance(rec[name], typ) or isinstance(rec[name], bool):
-                    raise ValueError(f"{path}:{lineno}: field {name!r} is {type(rec[name]).__name__}, "
-                                     f"expected {'number' if typ is not str else 'str'}")
-            if not rec["chosen_score"] > rec["rejected_score"]:
-                raise ValueError(f"{path}:{lineno}: chosen_score {rec['chosen_score']} not above "
-                                 f"rejected_score {rec['rejected_score']}")
-            pairs.append(Pair(**{k: (float(rec[k]) if k.endswith("_score") else rec[k]) for k in fields}))
-    return pairs
-
-
 # --- the loss (SCOREFLOW.md §6) --------------------------------------------------------------------
 
 
@@ -185,18 +145,41 @@ def score_dpo_influence(chosen_rewards, rejected_rewards, chosen_scores, rejecte
     return weight * fw * sig, -weight * (1 - fl) * sig
 
 
+# --- pair files -----------------------------------------------------------------------------------
+
+
+def write_pairs(path, pairs):
+    """Pairs as JSON lines, written atomically (model.write_atomic)."""
+    M.write_atomic(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs))
+
+
+def read_pairs(path):
+    """Inverse of write_pairs; a bad line is an error naming the file, line and field."""
+    fields = {"problem_id": str, "prompt": str, "chosen": str, "rejected": str,
+              "chosen_score": (int, float), "rejected_score": (int, float)}
+    pairs = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg}): {line[:80]!r}") from None
+            for name, typ in fields.items():
+                if name not in rec:
+                    raise ValueError(f"{path}:{lineno}: missing field {name!r}")
+                if not isinstance(rec[name], typ) or isinstance(rec[name], bool):
+                    raise ValueError(f"{path}:{lineno}: field {name!r} is {type(rec[name]).__name__}, "
+                                     f"expected {'number' if typ is not str else 'str'}")
+            if not rec["chosen_score"] > rec["rejected_score"]:
+                raise ValueError(f"{path}:{lineno}: chosen_score {rec['chosen_score']} not above "
+                                 f"rejected_score {rec['rejected_score']}")
+            pairs.append(Pair(**{k: (float(rec[k]) if k.endswith("_score") else rec[k]) for k in fields}))
+    return pairs
+
+
 # --- sequences and log-probs (SCOREFLOW.md §6.1 "log π(y|q) is the sum", §7 "Sequences") -----------
-
-
-def prompt_token_ids(tokenizer, prompt):
-    """The prompt's ids exactly as model.generate feeds them to the sampler (BOS when the tokenizer
-    asks for one), so training scores the completion in the context it was sampled in (§7)."""
-    ids = tokenizer.encode(prompt)
-    if tokenizer.bos_id is not None and (tokenizer.add_bos or not ids) and ids[:1] != [tokenizer.bos_id]:
-        ids = [tokenizer.bos_id] + ids
-    if not ids:
-        raise ValueError("prompt is empty and the tokenizer has no bos token to start from")
-    return ids
 
 
 def completion_eos_id(tokenizer):
@@ -217,7 +200,7 @@ def encode_pair(tokenizer, pair, max_prompt_tokens=0, max_completion_tokens=0):
     from the left, the problem at its end survives); a completion longer than max_completion_tokens
     (EOS included) keeps its FIRST tokens (cut from the right). 0 means no cap (the paper's setting)."""
     eos = completion_eos_id(tokenizer)
-    prompt = prompt_token_ids(tokenizer, pair.prompt)
+    prompt = M.prompt_ids(tokenizer, pair.prompt)  # as generate read it
     chosen = tokenizer.encode(pair.chosen) + [eos]
     rejected = tokenizer.encode(pair.rejected) + [eos]
     truncated = False
@@ -231,72 +214,17 @@ def encode_pair(tokenizer, pair, max_prompt_tokens=0, max_completion_tokens=0):
     return prompt, chosen, rejected, truncated
 
 
-def gather_logprobs(logits, labels):
-    """log softmax(logits)[label] = logit[label] − logsumexp(logits): logits (N, V), labels (N,) -> (N,).
-    Half precision is lifted to fp32 first; fp32 and fp64 stay as they are (the float64 oracle checks)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-class _PrefixKV:
-    """The cache protocol of model.Transformer.hidden (writer(layer, start) -> (k, v) -> keys so far),
-    without in-place writes, so gradients flow back into the prefix's keys and values. The prefix pass
-    (start 0) keeps each layer's (1, Hkv, Tp, D); a later pass at start Tp hands them to Attention as
-    the writer's shared `.prefix` (model.KVCache's protocol), which every row attends to."""
-
-    def __init__(self):
-        self.k, self.v = {}, {}
-
-    def writer(self, layer, start):
-        def write(k, v):
-            if start == 0:
-                self.k[layer], self.v[layer] = k, v
-            return k, v
-        if start:
-            write.prefix = (self.k[layer], self.v[layer])
-        return write
-
-
 def pairs_token_logps(model, items):
     """Per-token log p of each pair's chosen (Lc,) and rejected (Lr,) completion given its prompt, for
     items = [(prompt_ids, chosen_ids, rejected_ids), ...]; returns [(chosen, rejected), ...],
-    differentiable when grad is enabled. Prompt tokens never get a log-prob.
-
-    The token prefix every prompt shares is run ONCE for the whole group (pass 1, causal); pass 2 is
-    one batch of 2 rows per pair, prompt suffix + completion, attending to that prefix and to their
-    own past. Exact: a sum of losses over the group backpropagates through the shared prefix once.
-    This is what makes training affordable when prompts share a long few-shot head (scoreflow.py's
-    default prompt: ~740 of ~770 tokens are the same for every problem)."""
+    differentiable when grad is enabled. One model.token_logprobs pass of 2 rows per pair: the prefix
+    every prompt shares runs once for the whole group."""
     for k, (p, c, r) in enumerate(items):
         if not p or not c or not r:
             raise ValueError(f"pairs_token_logps: item {k}: empty prompt/chosen/rejected "
                              f"({len(p)}/{len(c)}/{len(r)} tokens)")
-    device = model.lm_head.weight.device
-    # the shared prefix, each prompt keeping >= 1 token of its own (the list doubled: one pair's prompt
-    # is then shared with itself up to its last token)
-    Tp = M._shared_prefix([p for p, _, _ in items] * 2, min_len=1)
-    rows, spans = [], []  # each row: prompt suffix + completion without its last token
-    for p, c, r in items:
-        for comp in (c, r):
-            spans.append((len(rows), len(p) - Tp - 1, len(comp)))  # row, index predicting comp[0], length
-            rows.append(p[Tp:] + comp[:-1])
-    T = max(len(x) for x in rows)
-    tokens = torch.tensor([x + [0] * (T - len(x)) for x in rows], device=device)  # (2P, T), right-padded
-    pos = (Tp + torch.arange(T, device=device)).expand(len(rows), T)  # (2P, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # own past; padding only trails
-    if Tp:
-        cache = _PrefixKV()
-        model.hidden(torch.tensor([items[0][0][:Tp]], device=device), torch.arange(Tp, device=device)[None],
-                     None, cache, 0)
-        mask = torch.cat([torch.ones(T, Tp, dtype=torch.bool, device=device), causal], 1)  # (T, Tp + T)
-        h = model.hidden(tokens, pos, mask.expand(len(rows), 1, T, Tp + T), cache, Tp)  # (2P, T, C)
-    else:
-        h = model.hidden(tokens, pos, causal.expand(len(rows), 1, T, T))
-    picked = torch.cat([h[row, at:at + L] for row, at, L in spans])  # (sum of L, C)
-    labels = torch.tensor([t for p, c, r in items for t in c + r], device=device)
-    logp = gather_logprobs(model.lm_head(picked), labels).split([L for _, _, L in spans])
-    return [(logp[2 * k], logp[2 * k + 1]) for k in range(len(items))]
+    logp = M.token_logprobs(model, [p for p, _, _ in items for _ in (0, 1)], [x for _, c, r in items for x in (c, r)])
+    return list(zip(logp[0::2], logp[1::2]))
 
 
 def pair_token_logps(model, prompt_ids, chosen_ids, rejected_ids):
@@ -372,16 +300,34 @@ def _fingerprint(pairs, cfg, world=1):
 
 
 def _atomic_torch_save(obj, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    M.write_atomic(path, buf.getvalue())
 
 
 def _fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train_step(model, items, ref_logps, scores, loss, beta, n_step):
+    """One step's gradient for pairs `items` [(prompt_ids, chosen_ids, rejected_ids), ...]: the
+    policy pass (pairs_token_logps, LoRA on), the loss against the reference log-probs precomputed
+    with the adapters off, ref_logps (P, 2) = (chosen, rejected) sums, and backward of
+    Σ loss / n_step (the step's loss is the mean over all its n_step pairs, all ranks together).
+    scores: (s_w, s_l) per pair; loss "dpo" or "score-dpo". Returns (losses (P,), margins
+    r_w − r_l (P,)), detached. The optimizer step is the caller's."""
+    device = model.lm_head.weight.device
+    logps = pairs_token_logps(model, items)
+    pc = torch.stack([c.float().sum() for c, _ in logps])  # (P,) log π_θ(y_w|q)
+    pr = torch.stack([r.float().sum() for _, r in logps])  # (P,) log π_θ(y_l|q)
+    rc, rr = ref_logps.to(device, torch.float32).unbind(-1)  # (P,) each, log π_ref
+    if loss == "dpo":
+        losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, beta)
+    else:
+        sw, sl = torch.tensor(scores, device=device).unbind(-1)  # (P,) each
+        losses, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, beta)
+    (losses.sum() / n_step).backward()
+    return losses.detach(), r_w - r_l
 
 
 def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, log=None):
@@ -549,19 +495,11 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         t_step = time.time()
         if mine:  # this rank's pairs of the step in one pass: their shared prompt prefix runs once
             with autocast():
-                logps = pairs_token_logps(model, [encoded[i][:3] for i in mine])
-            pc = torch.stack([c.float().sum() for c, _ in logps])  # (P,)
-            pr = torch.stack([r.float().sum() for _, r in logps])
-            rc, rr = ref[mine, 0].to(device, torch.float32), ref[mine, 1].to(device, torch.float32)
-            if cfg.loss == "dpo":
-                loss, r_w, r_l = dpo_loss(pc, pr, rc, rr, cfg.beta)
-            else:
-                sw = torch.tensor([pairs[i].chosen_score for i in mine], device=device)
-                sl = torch.tensor([pairs[i].rejected_score for i in mine], device=device)
-                loss, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, cfg.beta)
-            (loss.sum() / len(batch)).backward()  # the step's loss is the mean over all its pairs
-            losses += loss.detach().tolist()
-            margins += (r_w - r_l).detach().tolist()
+                loss, margin = train_step(model, [encoded[i][:3] for i in mine], ref[mine],
+                                          [(pairs[i].chosen_score, pairs[i].rejected_score) for i in mine],
+                                          cfg.loss, cfg.beta, len(batch))
+            losses += loss.tolist()
+            margins += margin.tolist()
         if dist:  # sum the LoRA gradients and the stats over ranks, in one flat buffer
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
             flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([sum(losses), sum(margins)], device=device)])

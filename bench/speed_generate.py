@@ -85,20 +85,16 @@ def bandwidth_gbs():
 
 
 def step_bytes(model):
-    """Bytes of weights one batch-1 decode step reads: the packed copies where pack_weights made
-    them, else the dense weights (lm_head included, embedding rows not)."""
+    """Bytes of weights one batch-1 decode step reads: the packed copies where pack_weights swapped
+    them in (a PackedLinear holds its whole group), else the dense weights (lm_head included,
+    embedding rows not)."""
     total = 0
-    for module in model.modules():
-        if isinstance(module, M.Attention) or isinstance(module, M.MLP):
-            packed = [module.packed_qkv, module.packed_o] if isinstance(module, M.Attention) else \
-                [module.packed_gate_up, module.packed_down]
-            if packed[0] is not None:
-                total += sum(p.packed.nbytes + p.scales.nbytes for p in packed)
-            else:
-                total += sum(p.numel() * p.element_size() for p in module.parameters())
-    head = model.packed_head
-    total += head.packed.nbytes + head.scales.nbytes if head is not None else \
-        model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    for parent, names in M._linear_groups(model):
+        first = getattr(parent, names[0])
+        if isinstance(first, M.PackedLinear):
+            total += first.packed.nbytes + first.scales.nbytes
+        else:
+            total += sum(getattr(parent, n).weight.numel() * getattr(parent, n).weight.element_size() for n in names)
     return total
 
 

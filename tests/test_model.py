@@ -1,6 +1,7 @@
 """model.py against oracles in the same run: transformers (logits, greedy tokens, tokenizer, chat
 template, HF layout, llama3 RoPE), peft (adapters), and fast-vs-naive checks of our own paths
 (KV cache vs full forward, batched vs single, merged vs unmerged LoRA)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -116,7 +117,7 @@ def test_kv_cache_decode_matches_full_forward(smol):
     ids = ids_of(tok, PROMPTS[0])
     full = model(torch.tensor([ids]))[0]  # (T, V)
     n = 12
-    cache = M.KVCache(model.config, 1, len(ids), "cpu", torch.float32)
+    cache = M.KVCache(1, len(ids))
     x = torch.tensor([ids[:-n]])
     with torch.no_grad():
         h = model.hidden(x, torch.arange(x.shape[1])[None], None, cache, 0)
@@ -396,11 +397,11 @@ def test_pack_weights_int4_recovers_q4_1_and_keeps_greedy(exported, lora_model):
     with torch.no_grad():
         dense = model(torch.tensor([ids]))[0, -1].float()
         M.pack_weights(model)
-        cache = M.KVCache(model.config, 1, len(ids), "cpu", torch.bfloat16)
+        cache = M.KVCache(1, len(ids))
         model.hidden(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], None, cache, 0)  # dense prefill
         h = model.hidden(torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), None, cache, len(ids) - 1)
-        packed_logits = model.logits(h[0, -1]).float()  # a 1-row decode step: packed path
-    assert model.model.layers[0].self_attn.packed_qkv.packed.dtype == torch.uint8
+        packed_logits = model.lm_head(h[0, -1]).float()  # a 1-row decode step: packed path
+    assert model.model.layers[0].self_attn.q_proj.packed.dtype == torch.uint8
     assert packed_logits.argmax() == dense.argmax()
     assert (packed_logits - dense).abs().max().item() < 0.1 * dense.abs().max().item()
     with pytest.raises(ValueError, match="packed by pack_weights"):
@@ -438,7 +439,7 @@ def test_compiled_decode_matches_eager(smol, tmp_path, monkeypatch):
     ids = tok.encode(prompts[0])
 
     def last_logits(step):  # bf16 tokens may flip on near-ties (fusion rounds differently): logits
-        cache = M.KVCache(packed.config, 1, len(ids), "cpu", torch.bfloat16)
+        cache = M.KVCache(1, len(ids))
         with torch.no_grad():
             packed.hidden(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], None, cache, 0)
             return step(packed, torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), None, cache,
@@ -469,8 +470,9 @@ def test_prepacked_generate_matches_plain_and_follows_weight_changes(lora_model)
     """generate's oneDNN copies (prepack) give the plain path's greedy tokens, LoRA deltas included,
     and are rebuilt when the weights change under them (merge, an in-place edit)."""
     model, tok = lora_model
-    if not M.prepack(model):
-        pytest.skip("no oneDNN fp32 linear on this build")
+    with M.prepacked(model) as available:
+        if not available:
+            pytest.skip("no oneDNN fp32 linear on this build")
     prompts = [tok.apply_chat(m) for m in PROMPTS]
 
     def run(prepacked):
@@ -517,19 +519,18 @@ def test_prepacked_bf16_matches_plain_bf16(exported):
     """bf16 weights on the fast path (natively, or widened to fp32 where oneDNN has no bf16 kernels):
     a decode step's logits are as close to the fp32 model's as plain bf16 F.linear's are."""
     model, tok = M.load(exported, dtype=torch.bfloat16)
-    if not M.prepack(model):
-        pytest.skip("no oneDNN linear on this build")
-    assert model.model.layers[0].self_attn.fast_qkv.widen == (not M._mkldnn_bf16())
+    with M.prepacked(model) as available:
+        if not available:
+            pytest.skip("no oneDNN linear on this build")
+        assert model.model.layers[0].self_attn.q_proj.widen == (not M._mkldnn_bf16())
     ids = ids_of(tok, PROMPTS[0])
 
     def last_logits(m, fast):  # 4 rows: below that the fast path uses plain bf16 F.linear
-        with torch.no_grad():
-            cache = M.KVCache(m.config, 4, len(ids), "cpu", m.lm_head.weight.dtype)
-            m.hidden(torch.tensor([ids[:-1]] * 4), torch.arange(len(ids) - 1).expand(4, -1), None, cache, 0,
-                     fast=fast)
-            h = m.hidden(torch.tensor([ids[-1:]] * 4), torch.full((4, 1), len(ids) - 1), None, cache, len(ids) - 1,
-                         fast=fast)
-            return m.logits(h[:, -1], fast)[0]
+        with torch.no_grad(), (M.prepacked(m) if fast else contextlib.nullcontext()):
+            cache = M.KVCache(4, len(ids))
+            m.hidden(torch.tensor([ids[:-1]] * 4), torch.arange(len(ids) - 1).expand(4, -1), None, cache, 0)
+            h = m.hidden(torch.tensor([ids[-1:]] * 4), torch.full((4, 1), len(ids) - 1), None, cache, len(ids) - 1)
+            return m.lm_head(h[:, -1])[0]
     plain, fast = last_logits(model, False), last_logits(model, True)
     assert fast.dtype == plain.dtype == torch.bfloat16
     exact = last_logits(M.load(exported)[0], False)  # fp32

@@ -49,7 +49,7 @@ def test_half_precision_trains_generates_with_adapter_and_trains_again(dtype, sm
     out_ref = M.generate(ref, tok, [PROMPT], max_new_tokens=6)
     assert out_half[0].text and out_half[0].token_ids[0] == out_ref[0].token_ids[0], (out_half[0].text, out_ref[0].text)
 
-    ids = torch.tensor([score_dpo.prompt_token_ids(tok, PROMPT)])
+    ids = torch.tensor([M.prompt_ids(tok, PROMPT)])
     with torch.no_grad():
         got, want, base = half(ids).float(), ref(ids), smol[0](ids)
     diff, effect = (got - want).abs(), (want - base).abs()
@@ -109,7 +109,7 @@ def _iterations_continue_the_adapter(run_dir, smol):
     base, tok = smol
     tuned = M.load_adapter(M.load(None, dtype=torch.float32)[0], str(run_dir / "iter0/train/adapter")).eval()
     recs = [r for line in open(run_dir / "iter1/workflows.jsonl") if (r := json.loads(line))["completion"]]
-    prompts = [score_dpo.prompt_token_ids(tok, r["prompt"]) for r in recs]
+    prompts = [M.prompt_ids(tok, r["prompt"]) for r in recs]
     comps = [tok.encode(r["completion"]) for r in recs]
     with torch.no_grad():
         lp_base = sum(x.sum() for x in M.token_logprobs(base, prompts, comps)) / len(comps)
