@@ -1195,11 +1195,10 @@ def serve_main(argv=None):
 # Mechanism: a sandbox server, `python -I executor.py --sandbox-server ...`, started once per
 # parent process and never running model code itself, forks one child per run; the child builds
 # its walls (as root where we are root), then runs main.py. preexec_fn would be unsafe in our
-# threaded parent. The fork server and the module preload are kept for speed only, measured with
-# bench/speed_sandbox.py on a 2-core box: a run costs ~16 ms (~64 runs/s with every layer on 2
-# workers) where a bare `python -I -c pass` subprocess alone already costs ~34 ms (~29/s); the
-# preload's gain is given in the commit that measured it. Layers, as named in
-# SandboxResult.layers:
+# threaded parent. The fork server and the module preload are kept for speed only; measured with
+# bench/speed_sandbox.py --n 40 --workers 2 (2 shared cores, every layer on): 94 runs/s with both,
+# 70-74 runs/s without the preload (same session), and a bare `python -I -c pass` subprocess, with
+# no isolation at all, manages 33-40/s. Layers, as named in SandboxResult.layers:
 #   session         the code leads its own session and process group
 #   cgroup-pids     a pids cgroup shared by the server's runs caps their tasks together
 #   cgroup-memory   a memory cgroup shared likewise caps their memory (tmpfs too) at half the
@@ -1288,7 +1287,7 @@ def _sandbox_server_main(argv):
     CONTROLLER=PATH cgroups to join. Serves one forked run per request until the parent closes
     its end of the socket."""
     sock = socket.socket(fileno=int(argv[0]))
-    for name in argv[1].split(","):
+    for name in filter(None, argv[1].split(",")):
         with contextlib.suppress(ImportError):
             __import__(name)
     root, uid_base, hello = os.geteuid() == 0, int(argv[2]), ["hello"]
