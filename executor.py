@@ -1126,27 +1126,23 @@ def serve_main(argv=None):
     p = argparse.ArgumentParser(prog="scoreflow.py serve", description="Serve a model over an "
                                 "OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models "
                                 "(dynamic batching).")
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: "
-                   "the embedded SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--model-name", default=None,
-                   help="name clients send as 'model' (default: the file name)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000,
-                   help="TCP port, 0 = any free port (default: 8000)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: no key)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    for flag, default, kind, help_ in (
+            ("--model", None, str, "GGUF file or Hugging Face directory (default: the embedded "
+             "SmolLM2-135M-Instruct GGUF)"),
+            ("--model-name", None, str, "name clients send as 'model' (default: the file name)"),
+            ("--host", "127.0.0.1", str, "address to bind (default: 127.0.0.1, this machine only)"),
+            ("--port", 8000, int, "TCP port, 0 = any free port (default: 8000)"),
+            ("--api-key", None, str, "require 'Authorization: Bearer KEY' (default: no key)"),
+            ("--device", "cpu", str, "torch device (default: cpu)"),
+            ("--max-batch", 32, int, "rows per batched generate call (default: 32)"),
+            ("--batch-window-ms", 10.0, float,
+             "keep gathering while requests arrive this often, ms (default: 10)"),
+            ("--max-kv-gib", 2.0, float, "KV-cache cap per batch, GiB (default: 2)"),
+            ("--default-max-tokens", 1024, int,
+             "completion tokens when a request gives no max_tokens (default: 1024)")):
+        p.add_argument(flag, default=default, type=kind, help=help_)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: float32)")
-    p.add_argument("--max-batch", type=int, default=32,
-                   help="rows per batched generate call (default: 32)")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="keep gathering while requests arrive this often, ms (default: 10)")
-    p.add_argument("--max-kv-gib", type=float, default=2.0,
-                   help="KV-cache cap per batch, GiB (default: 2)")
-    p.add_argument("--default-max-tokens", type=int, default=1024,
-                   help="completion tokens when a request gives no max_tokens (default: 1024)")
     p.add_argument("--verbose", action="store_true", help="log every request on stderr")
     args = p.parse_args(argv)
     if (args.max_batch < 1 or args.batch_window_ms < 0 or args.max_kv_gib <= 0
@@ -1177,60 +1173,52 @@ def serve_main(argv=None):
 
 # --- 3. Subprocess sandbox --------------------------------------------------------------------
 # run_python(code) runs model-written Python walled in by the operating system, never by exec in
-# our process (STYLE.md §6; SCOREFLOW.md §10.10).
+# our process (STYLE.md §6; SCOREFLOW.md §10.10). A sandbox server, `python -I executor.py
+# --sandbox-server`, started once per parent process and never running model code itself, forks
+# one child per run; the child builds its walls (as root where we are root; preexec_fn would be
+# unsafe in our threaded parent), then runs main.py. The caller keeps the wall clock: at the limit
+# it SIGKILLs the run, which as init of its PID namespace takes every descendant along.
 #
-# What it covers: code that tries to read the user's files or the project (hidden, Landlock),
-# write outside its work dir, fill the disk (a size-capped tmpfs), use the network (an empty
-# network namespace, Landlock TCP rules), signal or ptrace other processes (PID namespace,
-# uid-drop, Landlock scopes), fork-bomb (RLIMIT_NPROC, a pids cgroup), exhaust memory (RLIMIT_AS,
-# a memory cgroup), spin (CPU rlimit, the wall clock), flood stdout (file-size rlimit, capped
-# reads), escape the wall-clock kill by setsid or double fork (init of a PID namespace, or a
-# per-uid sweep), or outlive our process (parent-death signal).
-# What it does not cover: kernel exploits (one shared kernel; no seccomp filter), side channels
-# and timing, reading world-readable system files (/usr, /etc: the interpreter needs them), and
-# the runs of one parent share the memory and pids cgroups (a cap on the host's exposure, not a
-# fair share). A layer this kernel or user does not allow is skipped, said once on stderr, and
-# missing from SandboxResult.layers.
-#
-# Mechanism: a sandbox server, `python -I executor.py --sandbox-server ...`, started once per
-# parent process and never running model code itself, forks one child per run; the child builds
-# its walls (as root where we are root), then runs main.py. preexec_fn would be unsafe in our
-# threaded parent. The fork server and the module preload are kept for speed only; measured with
-# bench/speed_sandbox.py --n 40 --workers 2 (2 shared cores, every layer on): 94 runs/s with both,
-# 70-74 runs/s without the preload (same session), and a bare `python -I -c pass` subprocess, with
-# no isolation at all, manages 33-40/s. Layers, as named in SandboxResult.layers:
+# Covered (tests/test_sandbox.py runs each attack): reading home or the project, writing outside
+# the work dir, filling the disk, the network, signalling or ptracing other processes, fork bombs,
+# memory exhaustion, spinning, flooding stdout, escaping the kill by setsid or double fork, and
+# outliving our process. Not covered: kernel exploits (one shared kernel, no seccomp filter), side
+# channels and timing, reading world-readable system files (/usr, /etc: the interpreter needs
+# them), and fairness between the runs of one parent (they share the memory and pids cgroups). A
+# layer this kernel or user does not allow is skipped, said once on stderr, and left out of
+# SandboxResult.layers:
 #   session         the code leads its own session and process group
 #   cgroup-pids     a pids cgroup shared by the server's runs caps their tasks together
-#   cgroup-memory   a memory cgroup shared likewise caps their memory (tmpfs too) at half the
-#                   machine's: per-run caps are rlimits, this one protects the host
-#   pid-namespace   the code is init of a new PID namespace: when it exits or is killed, the
-#                   kernel kills every descendant, setsid'ed escapees included
-#   uid-sweep       only without pid-namespace, as root: after the run, SIGKILL to every process
-#                   of the run's uid
+#   cgroup-memory   a shared memory cgroup caps their memory (tmpfs too) at half the machine's
+#   pid-namespace   the code is init of a new PID namespace: when it ends, the kernel kills every
+#                   descendant, setsid'ed escapees included
+#   uid-sweep       without pid-namespace, as root: after the run, SIGKILL to the run's uid
 #   net-namespace   a new network namespace with no interface up: no network, loopback included
 #   ipc-namespace   private System V IPC and POSIX message queues
 #   mount-namespace private mounts, for the next three layers
-#   tmpfs-workdir   the work dir is /tmp, a fresh size-capped tmpfs gone with the run (without
-#                   mount namespaces: a host temp dir, removed after)
+#   tmpfs-workdir   the work dir is /tmp, a fresh size-capped tmpfs (else a host temp dir)
 #   hidden-dirs     home and the project are covered by empty tmpfs mounts; interpreter dirs
 #                   inside them are bound back read-only
 #   proc-private    /proc shows the sandbox's own processes only
 #   rlimits         CPU seconds, address space, file size (stdout, stderr too), open files, no core
-#   uid-drop        as root: a per-run unprivileged uid/gid (_SANDBOX_UID_BASE + host pid): root
-#                   ignores RLIMIT_NPROC and file modes, and a shared `nobody` would let parallel
-#                   runs signal each other and share one process count
+#   uid-drop        as root: a per-run uid/gid (_SANDBOX_UID_BASE + host pid); root ignores
+#                   RLIMIT_NPROC, and a shared `nobody` would let parallel runs signal each other
 #   nproc           RLIMIT_NPROC, which binds only after uid-drop
 #   user-namespace  not root: the server's own user namespace, for the other namespaces
 #   no-new-privs    setuid binaries cannot raise privileges
 #   landlock        writes only in the work dir and /dev/null; reads only the interpreter, system
 #                   dirs and the work dir; TCP bind/connect denied
-#   landlock-scope  signals and abstract unix sockets to processes outside the run blocked (ABI 6)
+#   landlock-scope  signals and abstract unix sockets out of the run blocked (Landlock ABI >= 6)
+# The fork server and the module preload are kept for speed only; measured with
+# bench/speed_sandbox.py --n 40 --workers 2 (2 shared cores, every layer on): 94 runs/s with both,
+# 70-74 runs/s without the preload (same session), while a bare `python -I -c pass` subprocess,
+# with no isolation at all, manages 33-40/s.
+#
 # Protocol: the server sends "hello LAYER..." (its own layers, and "mounts" if it can make mount
 # namespaces). Each request is one message with five fds (config memfd, stdout, stderr, report,
 # the write end of a "done" pipe); it answers with a pidfd of the run. The run writes one fact a
 # line to the report: "layer NAME", "missing NAME WHY", "error WHY", "start"; after reaping it
-# the server adds "exit WAITSTATUS" and closes "done". The caller keeps the wall clock: at the
-# limit it SIGKILLs the run, which as init of its PID namespace takes every descendant along.
+# the server adds "exit WAITSTATUS" and closes "done".
 _SANDBOX_UID_BASE = 1_500_000_000
 _SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Imported by the server before any model code exists, so each run inherits them (HumanEval
