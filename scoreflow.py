@@ -1,20 +1,14 @@
 """scoreflow.py: the ScoreFlow loop behind `python scoreflow.py --bench math`.
 
-ScoreFlow (Wang et al. 2025, arXiv 2502.04306), SCOREFLOW.md §1. Each iteration, on the validate
-split, runs the stages of `_loop`, one function each:
-  generate_stage  k workflows per problem, runnable check, regeneration (SCOREFLOW.md §2)
-  execute_stage   r executor runs per workflow, scored by the benchmark to s in [0, 1] (§4)
-  pair_stage      all pairs with s_w > s_l, N drawn with P ∝ d(s_w, s_l) = (s_w - s_l)^3 (§5)
-  train_stage     Score-DPO on the pairs, continuing the generator's LoRA (§6, §7)
-and finally final_test_stage: one workflow per test problem, against the baselines CoT (the
-template), IO (direct answer) and every earlier iteration's generator.
+ScoreFlow (Wang et al. 2025, arXiv 2502.04306), SCOREFLOW.md §1; `_loop` runs it, a function per stage:
+each iteration generate_stage (k workflows per validate problem, runnable check, §2), execute_stage (r
+executor runs per workflow, scored in [0, 1], §4), pair_stage (pairs with s_w > s_l drawn with P ∝ d, §5)
+and train_stage (Score-DPO on the generator's LoRA, §6, §7); then final_test_stage: one workflow per test
+problem, against CoT (the template), IO (a direct answer) and every earlier generator.
 
-Everything goes into one run directory; each stage writes its output atomically and is read back
-instead of redone on --resume, so kill -9 loses only the stage in flight (the executor's call
-journal and the trainer's checkpoints make even that cheap to redo). Test answers are scored by the
-rule scorers (§10.6) or, with --judge llm (set by --paper), MATH, DROP and HotpotQA by the official
-code's LLM judge (§4 "At test time"); training scores always use the rules.
-
+Each stage writes its output atomically into the run directory and is read back instead of redone on
+--resume, so kill -9 loses only the stage in flight. Test answers use the rule scorers (§10.6) or, with
+--judge llm, the official LLM judge for MATH, DROP and HotpotQA (§4); training always uses the rules.
 Non-goals: no framework, no plotting dependency (the report's SVG is written by hand).
 """
 from __future__ import annotations
@@ -41,115 +35,95 @@ import score_dpo
 VERSION = "0.1.0"
 
 # --------------------------------------------------------------------------------------------------
-# Config: defaults that finish on a laptop; --paper switches to SCOREFLOW.md's values. Each field is
-# also its flag (build_parser): `opt` carries the help, the parser adds the default and the paper's.
+# Config: defaults that finish on a laptop; --paper switches to the paper's values (PAPER). Each
+# field is also a flag: build_parser adds its default and paper value to the help given here.
 
 
 def opt(default, help, **flag):
-    """A RunConfig field and its command-line flag (--name-with-dashes unless flag["flags"])."""
+    """A RunConfig field and its flag (--name-with-dashes unless flag["flags"]; group: a new one)."""
     return dataclasses.field(default=default, metadata=dict(help=help, **flag))
 
 
 @dataclass
 class RunConfig:
-    bench: str = opt("math", "math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen, or a task .py "
-                     "file (math with no --data: the embedded procedural set)", group="run")
-    data: str | None = opt(None, "the benchmark's data: a file or a directory (ScoreFlow layout "
-                           "<name>_<split>.jsonl; default: embedded or the bench's own)")
-    kinds: str | None = opt(None, "embedded math set only (--bench math or mathgen, no --data): "
-                            "comma-separated problem kinds, or all (default basic: one operation on "
-                            "two numbers, the only kind the embedded 135M executor solves at all)")
+    bench: str = opt("math", "math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen or a task .py "
+                     "file (math without --data: the embedded procedural set)", group="run")
+    data: str | None = opt(None, "the data: a file or a directory of <name>_<split>.jsonl")
+    kinds: str | None = opt(None, "embedded math set only: comma-separated kinds, or all (default "
+                            "basic, the only kind the embedded 135M executor solves at all)")
     run_dir: str | None = opt(None, "output directory (default runs/<bench>-<time>)")
     seed: int = opt(0, "seeds generation, pair draws, shuffling and training (§10.9)")
     iterations: int = opt(2, "optimisation iterations (the official README trains 2)")
-    n_validate: int = opt(12, "validate problems used for optimisation, 0 = all")
+    n_validate: int = opt(12, "validate problems used, 0 = all")
     n_test: int = opt(24, "test problems evaluated, 0 = all")
-    baselines: bool = opt(True, "skip CoT, IO and per-iteration test evaluations (only the final "
-                          "generator is tested)", flags=["--no-baselines"])
+    baselines: bool = opt(True, "test only the final generator: no CoT, IO or per-iteration tests",
+                          flags=["--no-baselines"])
     device: str = opt("cpu", "torch device for our models")
     dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     generator: str | None = opt(None, "HF directory or GGUF file (default: embedded "
                                 "SmolLM2-135M-Instruct)", group="generator")
-    prompt: str = opt("fewshot", "generator prompt style: fewshot (small models) or paper (§2.2)",
+    prompt: str = opt("fewshot", "prompt style: fewshot (small models) or paper (§2.2)",
                       choices=["fewshot", "paper"])
     k: int = opt(4, "workflows per problem", flags=["-k", "--k"])
     gen_temperature: float = opt(0.8, "validate samples (a 135M generator needs 0.8 for variety)")
-    test_temperature: float = opt(0.2, "the one workflow per test problem: the generator's choice, "
-                                  "not sampling noise")
+    test_temperature: float = opt(0.2, "the workflow per test problem: the generator's choice")
     gen_top_p: float = opt(0.95, "generator top-p")
-    gen_max_tokens: int = opt(96, "generator tokens per workflow (a valid few-shot body is ~40)")
+    gen_max_tokens: int = opt(96, "generator tokens per workflow (a few-shot body is ~40)")
     regen_rounds: int = opt(1, "runnable-check rounds for rejected samples")
-    trial_run: str = opt("auto", "the runnable check's trial run on a toy problem: always, or auto: "
-                         "skipped for straight-line workflows (operator calls on literals and "
-                         "earlier results, then a return), which cannot raise by their own fault",
+    trial_run: str = opt("auto", "the runnable check's trial run: always, or auto: skipped for "
+                         "straight-line workflows, which cannot raise by their own fault",
                          choices=["auto", "always"])
-    executor_url: str | None = opt(None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 "
-                                   "(default: start our local server over the embedded model)",
-                                   group="executor")
+    executor_url: str | None = opt(None, "OpenAI-compatible base URL (default: our local server "
+                                   "over the embedded model)", group="executor")
     executor_model: str | None = opt(None, "model name at --executor-url (required with it)")
     api_key: str | None = opt(None, "bearer key (default $OPENAI_API_KEY)")
     exec_temperature: float = opt(0.0, "executor temperature")
-    exec_max_tokens: int = opt(96, "tokens per executor reply (every sequential call round costs "
-                               "this many decode steps)")
-    runs: int = opt(1, "executor runs per workflow (our local executor at temperature 0 repeats "
-                    "itself)")
+    exec_max_tokens: int = opt(96, "tokens per executor reply")
+    runs: int = opt(1, "executor runs per workflow (our local executor at 0 repeats itself)")
     concurrency: int = opt(32, "workflow runs in flight")
-    workflow_timeout: float = opt(120.0, "seconds per workflow run")
+    workflow_timeout: float = opt(120.0, "seconds per workflow run (its own work, not queueing)")
     max_calls: int = opt(8, "operator calls per workflow run, 0 = no cap")
-    programmer_examples: int = opt(2, "worked example turns before each Programmer request (a small "
-                                   "executor learns the solve() format from them)", choices=range(
-                                       len(operators.PROGRAMMER_EXAMPLES) + 1))
-    extractor: str = opt("rule", "final-answer extraction: rule (ours) or llm (the paper's "
-                         "Extractor call, §3)", choices=["rule", "llm"])
-    budget_usd: float | None = opt(None, "hard cap on executor dollars; stops at a resumable point "
-                                   "(exit status 3) and prints the --resume command (default none)")
+    programmer_examples: int = opt(2, "worked examples before each Programmer request (a small "
+                                   "executor learns solve() from them)",
+                                   choices=range(len(operators.PROGRAMMER_EXAMPLES) + 1))
+    extractor: str = opt("rule", "final answer: rule (ours) or llm (the Extractor call, §3)",
+                         choices=["rule", "llm"])
+    budget_usd: float | None = opt(None, "hard cap on executor dollars: a resumable stop, exit 3")
     budget_tokens: int | None = opt(None, "hard cap on executor tokens, as --budget-usd")
-    executor_extra: dict | None = opt(None, "server-specific fields added to every request, e.g. "
-                                      "'{\"repeat_penalty\": 1.0, \"top_k\": 0}' for llama.cpp's "
-                                      "server; part of the call journal's key (default none)",
-                                      type="json", metavar="JSON")
-    executor_timeout: float = opt(300.0, "seconds the client waits for an answer, per attempt (5 "
-                                  "retries); 3 calls in a row unanswered stop the run resumably")
-    executor_concurrency: int | None = opt(None, "calls in flight at the endpoint (default: "
-                                           "--concurrency for our local server, which batches them; "
-                                           "16 for --executor-url; 1 for a one-slot server such as "
-                                           "llama.cpp's). Time queued at the executor never counts "
-                                           "against --workflow-timeout")
-    run_attempts: int = opt(1, "attempts of a workflow run that raises by its own fault (timeouts "
-                            "included), 1 s apart, before it scores 0")
-    programmer_call_attempts: int = opt(1, "attempts of Programmer's whole call when it raises, "
-                                        "2 s apart")
+    executor_extra: dict | None = opt(None, "server-specific request fields, e.g. '{\"top_k\": 0}' "
+                                      "(part of the journal's key)", type="json", metavar="JSON")
+    executor_timeout: float = opt(300.0, "seconds to wait per attempt (5 retries); 3 calls in a "
+                                  "row unanswered stop the run resumably, exit 4")
+    executor_concurrency: int | None = opt(None, "calls in flight at the endpoint (default "
+                                           "--concurrency for our server, else 16; 1 for a "
+                                           "one-slot llama.cpp server)")
+    run_attempts: int = opt(1, "attempts of a run that raises by its own fault, 1 s apart")
+    programmer_call_attempts: int = opt(1, "attempts of Programmer's call when it raises, 2 s apart")
     test_rounds: int = opt(3, "Test operator repair rounds", group="operators, scoring and data")
-    judge: str = opt("rule", "test answers of MATH, DROP and HotpotQA: rule scorers (§10.6) or llm: "
-                     "the official judge call, one per answer, replying 1 or 0; other benchmarks and "
-                     "all training scores use the rules", choices=["rule", "llm"])
-    invalid_scores: str = opt("zero", "a workflow that failed the runnable check: zero, a 0-scored "
-                              "loser in the pairs (ours: a small generator learns validity), or "
-                              "skip: left out of the pairs (§5)", choices=["zero", "skip"])
-    cost_weight: float = opt(0.0, "ours: pair on s - LAMBDA * (the workflow's executor tokens per "
-                             "run / 1000), clipped to [0, 1], so of equally good workflows the "
-                             "cheaper wins (0 = the paper)", metavar="LAMBDA")
-    split_single: str = opt("seeded", "when the data holds one file for both splits (a --data file, "
-                            "or a directory without the test split: the shipped HotpotQA): seeded "
-                            "splits it 1:4 by a hash of the ids, said on stderr and in the report; "
-                            "off refuses it", choices=["seeded", "off"])
+    judge: str = opt("rule", "test answers of MATH, DROP, HotpotQA: rule scorers (§10.6) or llm, "
+                     "the official judge", choices=["rule", "llm"])
+    invalid_scores: str = opt("zero", "a workflow failing the runnable check: zero, a 0-scored "
+                              "loser (ours), or skip: no pairs (§5)", choices=["zero", "skip"])
+    cost_weight: float = opt(0.0, "ours: pair on s - LAMBDA * tokens per run / 1000, clipped to "
+                             "[0, 1]: the cheaper of equal workflows wins", metavar="LAMBDA")
+    split_single: str = opt("seeded", "one data file for both splits: seeded splits it 1:4 by a "
+                            "hash of the ids; off refuses it", choices=["seeded", "off"])
     pairs: int = opt(24, "pairs drawn per iteration", group="pairs and training")
     d_power: float = opt(3.0, "d(x, y) = (x - y)^power of the pair draw; 0 = uniform")
-    loss: str = opt("score-dpo", "score-dpo, or dpo (the paper's ablation)",
-                    choices=["score-dpo", "dpo"])
+    loss: str = opt("score-dpo", "dpo is the paper's ablation", choices=["score-dpo", "dpo"])
     beta: float = opt(0.1, "Score-DPO's beta")
-    lr: float = opt(5e-4, "AdamW learning rate (the default suits a 135M model, 3 steps of 8 pairs)")
+    lr: float = opt(5e-4, "AdamW learning rate (the default suits a 135M model)")
     epochs: int = opt(1, "epochs per iteration")
-    grad_accum: int = opt(8, "pairs per optimizer step; one pass shares their few-shot prompt head")
+    grad_accum: int = opt(8, "pairs per optimizer step (one pass shares their prompt head)")
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: int = opt(16, "LoRA alpha")
-    reference: str = opt("base", "π_ref: the base model every iteration (as the official code) or "
-                         "the last iteration's policy", choices=["base", "previous"])
+    reference: str = opt("base", "π_ref: the base model (official code) or the last iteration's",
+                         choices=["base", "previous"])
 
 
-# The paper's values (SCOREFLOW.md §1, §4, §7, §8); --paper applies them before explicit flags, then
-# PAPER_BY_BENCH's: HumanEval draws N = 600 pairs (§5); code runs get 240 s (§4 "Timeouts"); Test
-# repairs 10 rounds HumanEval, 6 MBPP (§3). The help of each flag quotes them.
+# The paper's values (SCOREFLOW.md §1, §4, §7, §8), applied by --paper before explicit flags, then
+# PAPER_BY_BENCH's: HumanEval draws 600 pairs (§5), code runs get 240 s (§4), Test repairs 10 rounds
+# for HumanEval and 6 for MBPP (§3).
 PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
              test_temperature=0.2, gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501,
              exec_temperature=0.0, exec_max_tokens=4096, runs=3, workflow_timeout=120.0, pairs=2000,
@@ -164,7 +138,6 @@ INFRA_TRIES = 3  # a run or trial that failed through the infrastructure is aske
 # Exit statuses: 0 finished, 1 crashed, 2 a user error (before any run directory is made), and the
 # resumable stops: nothing the stage in flight did is recorded as a result; --resume DIR continues.
 EXIT_BUDGET, EXIT_ENDPOINT_DOWN = 3, 4
-
 
 # --------------------------------------------------------------------------------------------------
 # Data: both splits loaded, checked and named before any run directory exists.
@@ -184,27 +157,17 @@ class Data:
 
 
 def split_one(problems):
-    """The seeded 1:4 split of one file (SCOREFLOW.md §8): problems ranked by a hash of their id,
-    the first fifth (rounded) is validate. Independent of the file's order and of --seed, so every
-    run of the same file tests on the same problems."""
+    """SCOREFLOW.md §8's 1:4 split of one file: the first fifth of the problems ranked by a hash of
+    their id is validate, whatever the file's order and --seed."""
     ranked = sorted(problems, key=lambda p: _seed("split", p.id))
     val = {p.id for p in ranked[:max(1, round(len(ranked) / 5))]}
     return [p for p in problems if p.id in val], [p for p in problems if p.id not in val]
 
 
-def _source(task, split, data):
-    """The file a split is read from, when the data layout names one (else the --data path)."""
-    try:
-        return bench.resolve_data(task.NAME, split, data)
-    except (FileNotFoundError, ValueError):
-        return data
-
-
 def load_data(cfg):
-    """Both splits for cfg, checked: a data source that would make validate = test is split 1:4
-    (--split-single seeded) or refused (off), and any id in both the optimised and the tested
-    problems is an error naming the ids. Raises DataError, or the loader's own error for a missing
-    or malformed file or task."""
+    """Both splits, checked: a source that would make validate = test is split 1:4 (--split-single
+    seeded) or refused (off); an id in both splits is an error naming it. Raises DataError, or the
+    loader's own error for a missing or malformed file or task."""
     task = bench.load_task(cfg.bench)
     opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
     single, note = None, ""
@@ -231,11 +194,15 @@ def load_data(cfg):
                 f"validate / {len(test)} test problems of {single}")
         described = f"{single}, split 1:4 by id hash"
     else:
-        validate = bench.load_problems(task, "validate", cfg.data, **opts)
-        test = bench.load_problems(task, "test", cfg.data, **opts)
+        validate, test = (bench.load_problems(task, s, cfg.data, **opts) for s in ("validate", "test"))
         if cfg.data is not None:
-            described = (f"validate {_source(task, 'validate', cfg.data)}, "
-                         f"test {_source(task, 'test', cfg.data)}")
+            src = {}
+            for s in ("validate", "test"):
+                try:  # the file a split is read from, when the layout names one
+                    src[s] = bench.resolve_data(task.NAME, s, cfg.data)
+                except (FileNotFoundError, ValueError):
+                    src[s] = cfg.data
+            described = f"validate {src['validate']}, test {src['test']}"
         elif task.NAME in ("math", bench.EMBEDDED):
             described = f"embedded procedural math, kind {cfg.kinds or 'all'} (bench/mathgen_task.py)"
         elif task.NAME == "humaneval":
@@ -245,8 +212,7 @@ def load_data(cfg):
         else:
             described = f"the task file's own problems ({cfg.bench})"
     n_val, n_test = len(validate), len(test)
-    validate = validate[:cfg.n_validate] if cfg.n_validate else validate
-    test = test[:cfg.n_test] if cfg.n_test else test
+    validate, test = validate[:cfg.n_validate or None], test[:cfg.n_test or None]
     if not validate or not test:
         raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; both "
                         "splits need at least one")
@@ -255,10 +221,8 @@ def load_data(cfg):
         raise DataError(f"{described}: {len(shared)} problem ids are in both the validate and the "
                         f"test problems (leakage): {', '.join(map(repr, shared[:5]))}"
                         + (" ..." if len(shared) > 5 else ""))
-    described += (f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test "
-                  "problems used")
+    described += f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test problems used"
     return Data(task, validate, test, described, note)
-
 
 # --------------------------------------------------------------------------------------------------
 # Run directory: atomic writes, stages read back on --resume, progress on stderr.
@@ -275,17 +239,9 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def write_json(path, value):
-    write_atomic(path, json.dumps(value, indent=1))
-
-
 def read_json(path):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
-
-
-def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_jsonl(path):
@@ -303,72 +259,66 @@ class Progress:
     def __init__(self, stage, total, unit):
         self.stage, self.total, self.unit, self.done, self.t0 = stage, total, unit, 0, time.time()
 
-    def line(self):
+    def update(self, n=1, end=None):
+        """n more done; `end` (a string) closes the stage's line with it."""
+        self.done += n
         dt = max(time.time() - self.t0, 1e-9)
         eta = f"{(self.total - self.done) * dt / self.done:5.0f}s" if self.done else "    ?"
-        return (f"[{self.stage}] {self.done}/{self.total} {self.unit} {self.done / dt:6.2f}/s "
-                f"elapsed {dt:5.0f}s eta {eta}")
-
-    def update(self, n=1):
-        self.done += n
+        line = (f"[{self.stage}] {self.done}/{self.total} {self.unit} {self.done / dt:6.2f}/s "
+                f"elapsed {dt:5.0f}s eta {eta}{end or ''}")
         if sys.stderr.isatty():
-            sys.stderr.write("\r" + self.line() + "\033[K")
-            sys.stderr.flush()
+            print(f"\r{line}\033[K", end="" if end is None else "\n", file=sys.stderr, flush=True)
+        elif end is not None:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self, extra=""):
-        line = self.line() + (f"  {extra}" if extra else "")
-        sys.stderr.write(f"\r{line}\033[K\n" if sys.stderr.isatty() else line + "\n")
-        sys.stderr.flush()
+        self.update(0, f"  {extra}" if extra else "")
 
 
 class Run:
-    """The run directory: config.json, plan.json, calls.sqlite (the executor's journal),
-    iter<i>/{workflows.jsonl, scores.json, pairs.jsonl, train/} (train/adapter: PEFT layout),
-    test/<method>.json, metrics.json, report.md, solve_rate.svg. A stage whose output file exists is
-    done and is read back instead of redone (--resume)."""
+    """The run directory: config.json, plan.json, calls.sqlite (the executor's journal), iter<i>/
+    {workflows.jsonl, scores.json, pairs.jsonl, train/} (train/adapter: PEFT), test/<method>.json,
+    metrics.json, report.md, solve_rate.svg. run() adds the run's data, generator and client."""
 
     def __init__(self, cfg):
-        self.cfg, self.dir = cfg, cfg.run_dir
-        self.stage_seconds = {}
+        self.cfg, self.dir, self.stage_seconds = cfg, cfg.run_dir, {}
         self.metrics = {"iterations": [], "test": {}, "infra_failures": {}}
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
 
     def stage(self, name, path, compute, *, jsonl=False):
-        """Read `path` if it exists, else compute() and write it atomically; time the stage."""
+        """Read `path` if it exists (done earlier), else compute() and write it atomically; timed."""
         if os.path.exists(path):
             log(f"{name}: done earlier, reading {os.path.relpath(path, self.dir)}")
             return read_jsonl(path) if jsonl else read_json(path)
         t0 = time.time()
         value = compute()
-        (write_jsonl if jsonl else write_json)(path, value)
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
+                     if jsonl else json.dumps(value, indent=1))
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
         return value
 
     def record_test(self, name, value):
-        """test/<name>.json from an iteration's stages (no stage of its own), into the metrics."""
+        """test/<name>.json from an iteration's stages, once; its summary into the metrics."""
         path = self.path("test", f"{name}.json")
         if not os.path.exists(path):
-            write_json(path, value)
+            write_atomic(path, json.dumps(value, indent=1))
         self.metrics["test"][name] = _brief(read_json(path))
-
 
 # --------------------------------------------------------------------------------------------------
 # The generator's input (SCOREFLOW.md §2.2) and what we make of its output (§2.3).
 #
 # Two prompt styles. "paper" is §2.2 as written: a raw zero-shot instruction with the template, the
-# operator menu, the problem and the rules; the model writes the whole class. It suits an 8B
-# generator. "fewshot" is for small generators (the embedded 135M model wrote 0/30 usable workflows
-# from the paper's prompt): a raw few-shot prompt of short complete workflows of different operator
-# compositions, composed here from the benchmark's operator set, then the problem and the class
-# header prefilled up to `):` so the model writes only the body of run_workflow. The prefill ends
-# at `):` and not at a newline because this tokenizer encodes newline-plus-indent as one token: a
-# prompt ending in a bare newline forces a token split the model never saw (token healing).
+# operator menu, the problem and the rules; the model writes the whole class (an 8B generator).
+# "fewshot" is for small generators (the embedded 135M model wrote 0/30 usable workflows from the
+# paper's prompt): short complete workflows of different operator compositions, then the problem
+# and the class header prefilled up to `):`, so the model writes only run_workflow's body. The
+# prefill ends at `):`, not a newline, because this tokenizer encodes newline-plus-indent as one
+# token: a prompt ending in a bare newline forces a token split the model never saw (token healing).
 
-# Few-shot examples per operator set: (problem, [(variable, operator attribute, argument)]). An
-# argument is a Python expression (a string literal, a variable, a list of variables), passed as
-# the operator's keyword in ARGUMENT.
+# Few-shot examples per operator set: (problem, [(variable, operator, argument)]); an argument is a
+# Python expression passed as the operator's keyword in ARGUMENT (None: no argument).
 ARGUMENT = {"custom": "instruction", "programmer": "analysis", "review": "pre_solution",
             "sc_ensemble": "solutions", "code_generate": "instruction", "test": "solution"}
 FEWSHOT = {
@@ -376,8 +326,7 @@ FEWSHOT = {
         ("What is 15% of 80?", [("code", "programmer", '"Compute 15 percent of 80."')]),
         ("Simplify 12/18.", [("answer", "custom", '"Simplify the fraction step by step."')]),
         ("How many divisors does 36 have?", [
-            ("draft", "custom", '"List the divisors step by step."'),
-            ("checked", "review", "draft")]),
+            ("draft", "custom", '"List the divisors step by step."'), ("checked", "review", "draft")]),
         ("Solve 3x + 5 = 20.", [("a", "custom", '"Solve the equation step by step."'),
                                 ("b", "programmer", "a"), ("best", "sc_ensemble", "[a, b]")]),
         ("What is the remainder of 2^10 divided by 7?", [
@@ -391,8 +340,7 @@ FEWSHOT = {
             ("s2", "custom", '"Write the general term and evaluate it."'),
             ("s3", "programmer", "s1"), ("best", "sc_ensemble", "[s1, s2, s3]")]),
         ("What is the lcm of 8 and 12?", [("plan", "custom", '"Explain how to find the answer."'),
-                                          ("code", "programmer", "plan")]),
-    ],
+                                          ("code", "programmer", "plan")])],
     "qa": [
         ("Who was older, the author of Dracula or the author of Frankenstein?", [
             ("answer", "answer_generate", None)]),
@@ -408,8 +356,7 @@ FEWSHOT = {
             ("c", "custom", '"Think step by step, then give a short answer."'),
             ("best", "sc_ensemble", "[a, b, c]")]),
         ("In what year did the band release its first album?", [
-            ("a", "custom", '"Give the year only."')]),
-    ],
+            ("a", "custom", '"Give the year only."')])],
     "code": [
         ("Return the sum of a list of numbers.", [
             ("code", "code_generate", '"Write a simple, correct solution."')]),
@@ -425,10 +372,8 @@ FEWSHOT = {
             ("c", "code_generate", '"Write a short solution."'),
             ("best", "sc_ensemble", "[a, b, c]"), ("final", "test", "best")]),
         ("Return the largest element of a list.", [
-            ("code", "code_generate", '"Do not use max()."'), ("final", "test", "code")]),
-    ],
+            ("code", "code_generate", '"Do not use max()."'), ("final", "test", "code")])],
 }
-
 SHORT_MENU = {  # one line per operator for the fewshot prompt (operators.operator_menu: long form)
     "Custom": "custom(instruction=...) asks the executor model to follow an instruction on the problem",
     "AnswerGenerate": "answer_generate() thinks step by step and gives a short answer",
@@ -457,56 +402,45 @@ def assemble(set_name, body):
 
 
 def _fewshot_block(question, steps):
-    lines = [f"        {var} = await self.{attr}("
-             + (f"{ARGUMENT[attr]}={arg})" if arg is not None else ")") for var, attr, arg in steps]
-    return (f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE}\n" + "\n".join(lines)
-            + f"\n        return {steps[-1][0]}\n</graph>\n\n")
+    calls = "".join(f"        {var} = await self.{op}("
+                    + ("" if arg is None else f"{ARGUMENT[op]}={arg}") + ")\n" for var, op, arg in steps)
+    return (f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE}\n{calls}"
+            f"        return {steps[-1][0]}\n</graph>\n\n")
 
 
 def fewshot_prompt(set_name, question):
     """The small-generator prompt: menu, examples, then this problem with the header prefilled."""
     menu = "\n".join(f"#   self.{SHORT_MENU[op]}" for op in operators.OPERATOR_SETS[set_name])
-    head = (f"# Workflows that solve {set_name} problems. Each one calls these operators and "
-            f"returns text:\n{menu}\n\n")
-    examples = "".join(_fewshot_block(q, s) for q, s in FEWSHOT[set_name])
-    return head + examples + f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE[:-1]}:"
+    return (f"# Workflows that solve {set_name} problems. Each one calls these operators and returns "
+            f"text:\n{menu}\n\n" + "".join(_fewshot_block(q, s) for q, s in FEWSHOT[set_name])
+            + f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE[:-1]}:")
 
 
 def paper_prompt(set_name, question, bench_name=None):
-    """SCOREFLOW.md §2.2, in our words: task, template, operator menu, warning + problem, rules,
-    cue. The model writes the whole class inside <graph> tags. The problem line and the rules depend
-    on the group and, for the call bound, the benchmark: MATH shows the problem text as it is, GSM8K
-    and QA "Question:", code "TASK:"; LLM calls 3-8 math/QA, fewer than 7 HumanEval, at most 7 MBPP
-    (and other code tasks); loops of at most 3 for code; no placeholders for math and code; every
-    output feeds the result for QA; the graph differs from the template for math and QA."""
-    lead = ("TASK: " if set_name == "code" else
-            "Question: " if set_name == "qa" or bench_name == "gsm8k" else "")  # MATH: the text
+    """SCOREFLOW.md §2.2 in our words: task, template, operator menu, warning + problem, rules, cue.
+    The problem line and rules follow the group and, for the call bound, the benchmark."""
+    lead = ("TASK: " if set_name == "code" else  # MATH shows the bare problem text
+            "Question: " if set_name == "qa" or bench_name == "gsm8k" else "")
     calls = ("between 3 and 8" if set_name in ("math", "qa") else
              "fewer than 7" if bench_name == "humaneval" else "at most 7")
-    change = "" if set_name == "code" else " Your graph must differ from the template: change it."
     rules = ["the graph must run as written",
              "do not import anything (the operators are imported for you)"]
-    if set_name in ("math", "code"):
-        rules.append("no placeholders: every instruction is complete, concrete text")
-    rules.append("use several operators, and build candidates with loops for an ensemble"
-                 + (" (loops of at most 3 iterations)" if set_name == "code" else ""))
-    rules.append(f"make {calls} LLM calls (operator calls)")
-    rules.append("every instruction asks for step-by-step thinking and one answer; never ask for "
-                 "several answers in one call, or for 'another', 'first' or 'second' answers")
-    if set_name == "qa":
-        rules.append("every operator output must feed the final result")
-    if set_name != "code":
-        rules.append("the graph must differ from the template")
-    rules.append("output only the graph, between <graph> and </graph>")
-    return (
-        "Write a workflow graph for the problem below: a Python class `Workflow` whose `async def "
-        f"run_workflow(self)` calls operators and returns the final answer. Start from this "
-        f"template.{change}\n\n<template>\n{operators.TEMPLATES[set_name]}</template>\n\n"
-        f"Operators (use only these):\n{operators.operator_menu(set_name)}\n\n"
-        "Warning: the graph must not contain the problem itself. The problem:\n"
-        f"{lead}{question}\n\n"
-        "Rules:\n" + "".join(f"- {r};\n" for r in rules[:-1]) + f"- {rules[-1]}.\n\n"
-        "Now write the graph.\n<graph>\n")
+    rules += ["no placeholders: every instruction is complete, concrete text"] * (set_name != "qa")
+    rules += ["use several operators, and build candidates with loops for an ensemble"
+              + (" (loops of at most 3 iterations)" if set_name == "code" else ""),
+              f"make {calls} LLM calls (operator calls)",
+              "every instruction asks for step-by-step thinking and one answer; never ask for several "
+              "answers in one call, or for 'another', 'first' or 'second' answers"]
+    rules += ["every operator output must feed the final result"] * (set_name == "qa")
+    rules += ["the graph must differ from the template"] * (set_name != "code")
+    change = "" if set_name == "code" else " Your graph must differ from the template: change it."
+    return ("Write a workflow graph for the problem below: a Python class `Workflow` whose `async def "
+            f"run_workflow(self)` calls operators and returns the final answer. Start from this "
+            f"template.{change}\n\n<template>\n{operators.TEMPLATES[set_name]}</template>\n\n"
+            f"Operators (use only these):\n{operators.operator_menu(set_name)}\n\n"
+            f"Warning: the graph must not contain the problem itself. The problem:\n{lead}{question}"
+            "\n\nRules:\n" + "".join(f"- {r};\n" for r in rules)
+            + "- output only the graph, between <graph> and </graph>.\n\nNow write the graph.\n<graph>\n")
 
 
 def build_prompt(style, set_name, question, bench_name=None):
@@ -515,33 +449,20 @@ def build_prompt(style, set_name, question, bench_name=None):
     return paper_prompt(set_name, question, bench_name)
 
 
-def workflow_code(style, set_name, completion):
-    """The program to run from a generator completion (stop string already cut): fewshot bodies get
-    the harness's class header; paper outputs are taken from their <graph> tags (§2.3 step 1)."""
-    if style == "fewshot":
-        return assemble(set_name, completion)
-    return operators.extract_graph("<graph>\n" + completion + "</graph>")
-
-
 def repair_body(set_name, body):
-    """Keep the longest run of leading `name = await self.op(...)` lines of a fewshot body that
-    validates, and return the last variable it assigns. Returns the repaired body, or None if no
-    prefix is valid. Most invalid samples of a small generator return an expression or call an
-    operator that does not exist after a few good calls; this keeps those calls."""
+    """The longest run of leading `name = await self.op(...)` lines of a fewshot body that validates,
+    returning its last variable; None if no prefix is valid. A small generator's invalid samples
+    mostly return an expression or call a made-up operator after a few good calls."""
     lines = []
-    for line in body.split("\n"):
-        s = line.strip()
-        if not s:
-            continue
+    for line in filter(None, (s.strip() for s in body.split("\n"))):
         try:
-            parsed = ast.parse(s).body
+            node = (ast.parse(line).body or [None])[0]  # None: a comment line
         except SyntaxError:
             break
-        node = parsed[0] if parsed else None  # None: a comment line
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Await)):
             break
-        lines.append(("        " + s, node.targets[0].id))
+        lines.append(("        " + line, node.targets[0].id))
     for n in range(len(lines), 0, -1):
         fixed = "\n" + "\n".join(s for s, _ in lines[:n]) + f"\n        return {lines[n - 1][1]}\n"
         if operators.validate_workflow(assemble(set_name, fixed), set_name)[0]:
@@ -561,21 +482,18 @@ def composition(code):
              and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"] if fn else []
     return ">".join(n.func.attr for n in sorted(calls, key=lambda n: (n.lineno, n.col_offset)))
 
-
 # --------------------------------------------------------------------------------------------------
 # Stage 1: generate k workflows per problem, runnable check, regenerate (SCOREFLOW.md §2, §8).
 
 
 def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage, temperature=None):
-    """k workflows per problem (an int, or a list with one k per problem) from the generator as it
-    stands, in one batch, at `temperature` (a float, or one per problem; default
-    cfg.gen_temperature). Returns one record per sample: problem id, prompt, completion (the text
-    the pairs train on), code, raw validity (before any repair), whether it was repaired, the
-    runnable-check verdict, whether the trial run was needed, the rounds it took and the
-    temperature it was sampled at. Rejected samples are redrawn for cfg.regen_rounds rounds."""
+    """k workflows per problem (an int or one per problem) from the generator as it stands, in one
+    batch, at `temperature` (a float or one per problem; default cfg.gen_temperature); a rejected
+    sample is redrawn for cfg.regen_rounds rounds. One record per sample: its prompt, completion
+    (what the pairs train on), code, validity before repair (valid_raw), repaired, the runnable
+    check's verdict (valid, reason, rejections), trial, rounds and temperature."""
     import model as M
-    mdl, tok = gen
-    ks = [k] * len(problems) if isinstance(k, int) else list(k)
+    ks = [k] * len(problems) if isinstance(k, int) else k
     temperature = cfg.gen_temperature if temperature is None else temperature
     temps = [temperature] * len(problems) if isinstance(temperature, (int, float)) else temperature
     recs = [dict(problem_id=p.id, sample=j, prompt=build_prompt(cfg.prompt, set_name, p.question,
@@ -583,22 +501,18 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
                  completion="", code=None, valid_raw=False, repaired=False, valid=False,
                  reason="not generated", rounds=0, composition="", temperature=t)
             for p, kp, t in zip(problems, ks, temps) for j in range(kp)]  # by position: ids may repeat
-    todo = list(range(len(recs)))
-    prog = Progress(log_stage, len(recs), "workflows")
+    todo, prog = list(range(len(recs))), Progress(log_stage, len(recs), "workflows")
     for rnd in range(cfg.regen_rounds + 1):
-        if not todo:
-            break
         for b0 in range(0, len(todo), 32):  # generator batches of 32
             idx = todo[b0:b0 + 32]
-            outs = M.generate(mdl, tok, [recs[i]["prompt"] for i in idx],
-                              max_new_tokens=cfg.gen_max_tokens,
+            outs = M.generate(*gen, [recs[i]["prompt"] for i in idx], max_new_tokens=cfg.gen_max_tokens,
                               temperature=[recs[i]["temperature"] for i in idx], top_p=cfg.gen_top_p,
                               stop=["</graph>"], seed=[_seed(seed, recs[i]["problem_id"],
                                                              recs[i]["sample"], rnd) for i in idx])
-            for i, out in zip(idx, outs):
-                r = recs[i]
+            for r, out in zip((recs[i] for i in idx), outs):
                 r.update(completion=out.text, rounds=rnd + 1, repaired=False)
-                code = workflow_code(cfg.prompt, set_name, out.text)
+                code = (assemble(set_name, out.text) if cfg.prompt == "fewshot"  # §2.3 step 1
+                        else operators.extract_graph("<graph>\n" + out.text + "</graph>"))
                 ok, reason = (operators.validate_workflow(code, set_name) if code
                               else (False, "no <graph> block"))
                 r["valid_raw"] = ok  # this sample's own: a redrawn sample replaces the rejected one
@@ -619,6 +533,8 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
                 recs[i].setdefault("rejections", []).append(recs[i]["reason"][:200])
         prog.update(sum(1 for i in todo if recs[i]["valid"]))
         todo = [i for i in todo if not recs[i]["valid"]]
+        if not todo:
+            break
     prog.done = len(recs)
     for r in recs:
         r["composition"] = composition(r["code"]) if r["code"] else ""
@@ -628,11 +544,11 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
 
 
 def _operator_options(cfg, **kw):
-    """The executor settings every operator call of this run shares (the runnable check and the
-    execute stage must ask alike), plus the stage's own fields."""
+    """The executor settings every operator call of the run shares (the check and the execute stage
+    must ask alike), plus the stage's own fields."""
     return operators.OperatorOptions(
-        temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
-        programmer_examples=cfg.programmer_examples, test_rounds=cfg.test_rounds,
+        temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens, test_rounds=cfg.test_rounds,
+        programmer_examples=cfg.programmer_examples,
         programmer_call_attempts=cfg.programmer_call_attempts, **kw)
 
 
@@ -660,10 +576,8 @@ async def _check_all(cfg, recs, set_name, client):
 
 def run_async(coro, workers):
     """asyncio.run with a default thread pool of `workers` threads. Operators reach the executor and
-    the sandbox through asyncio.to_thread, whose default pool has min(32, cores + 4) threads: 6 on a
-    2-core machine, which capped the calls in flight (and so the local server's batches) at 6
-    whatever --concurrency said (measured: 0.6 calls/s, 10.9 s per call, in the default run's
-    execute stage)."""
+    the sandbox through asyncio.to_thread, whose default pool of min(32, cores + 4) threads (6 on 2
+    cores) capped the calls in flight, and so the local server's batches (measured: 0.6 calls/s)."""
     async def main():
         asyncio.get_running_loop().set_default_executor(pool)
         return await coro
@@ -678,7 +592,6 @@ def _seed(*parts):
     """A 63-bit seed from any parts, the same on every machine (no hash randomisation)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
-
 # --------------------------------------------------------------------------------------------------
 # Stage 2: execute each workflow r times and score it (SCOREFLOW.md §4, §10.7).
 
@@ -686,9 +599,8 @@ NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
 def rule_extract(output, set_name):
-    """Our rule-based stand-in for the paper's Extractor call (SCOREFLOW.md §3 "Not offered"): for
-    math, an output without \\boxed{} is reduced to its last number, boxed. QA and code outputs are
-    scored as they are. `--extractor llm` uses operators.extract_answer (one executor call)."""
+    """Our rule-based stand-in for the paper's Extractor call (§3 "Not offered", --extractor llm):
+    a math output without \\boxed{} is reduced to its last number, boxed; others are kept."""
     if set_name != "math" or "\\boxed" in output:
         return output
     nums = NUMBER.findall(output)
@@ -696,51 +608,43 @@ def rule_extract(output, set_name):
 
 
 def run_key(kind, problem_id, i=None, sample=None):
-    """The key of a workflow's runs in scores.json (and its tag in the call journal): kind
-    "validate": "<i>:<id>:<sample>", sample `sample` of iteration i; "test": "test<i>:<id>",
-    iteration i's generator on a test problem; "cot" / "io": "cot:<id>" / "io:<id>", the
-    baselines."""
+    """A workflow's key in scores.json and its tag in the call journal: "<i>:<id>:<sample>" for a
+    validate sample of iteration i, "test<i>:<id>" for generator i on a test problem, "cot:<id>" and
+    "io:<id>" for the baselines."""
     if kind == "validate":
         return f"{i}:{problem_id}:{sample}"
     return f"test{i}:{problem_id}" if kind == "test" else f"{kind}:{problem_id}"
 
 
-def is_test_key(key):
-    """Keys of test-split runs (run_key's "test", "cot" and "io")."""
-    return str(key).split(":", 1)[0] in ("cot", "io") or str(key).startswith("test")
-
-
 def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
-    """Run each (key, code, problem) job cfg.runs times. Returns {key: {"score": s or None, "runs":
-    [...]}}: s is the mean over runs, a run that failed by the workflow's own fault scores 0 and
-    still counts in the mean (a run that raised is first attempted cfg.run_attempts times, §4);
-    runs that failed through the infrastructure are left out (retried first; each keeps its
-    "kind"), and a workflow with no informative run gets None (no score, no pairs).
-    Raises executor.BudgetExceeded / EndpointDown: the stage stops and records nothing."""
+    """Run each (key, code, problem) job cfg.runs times: {key: {"score": s or None, "runs": [...]}}.
+    s is the mean over runs; a run that failed by the workflow's own fault scores 0 and counts (one
+    that raised is first attempted cfg.run_attempts times, §4); runs that failed through the
+    infrastructure are retried, then left out with their "kind", and with no informative run s is
+    None (no score, no pairs). Raises executor.BudgetExceeded / EndpointDown, recording nothing."""
     prog = Progress(log_stage, len(jobs) * cfg.runs, "runs")
     results = run_async(_execute_all(cfg, task, jobs, set_name, client, prog), 4 * cfg.concurrency)
     out = {}
     for (key, _, _), runs in zip(jobs, results):
-        informative = [r for r in runs if r["status"] != "infra_error"]
-        out[key] = {"score": _mean(r["score"] for r in informative) if informative else None,
-                    "runs": runs}
+        informative = [r["score"] for r in runs if r["status"] != "infra_error"]
+        out[key] = {"score": _mean(informative) if informative else None, "runs": runs}
     kinds = infra_kinds(out)
     prog.close(("infra failures " + ", ".join(f"{k} {n}" for k, n in kinds.items())) if kinds else "")
     return out
 
 
 def infra_kinds(scores):
-    """{kind: runs} of the infrastructure failures in a stage's scores (timeout, connection, http,
-    bad_body, sandbox, scorer, ...): left out of scores and pairs, counted here (§10.7)."""
+    """{kind: runs} of a stage's infrastructure failures (timeout, connection, http, bad_body,
+    sandbox, scorer, ...): left out of scores and pairs, counted here (§10.7)."""
     return _count(r.get("kind", "other") for v in scores.values() for r in v["runs"]
                   if r["status"] == "infra_error")
 
 
 async def score_run(cfg, task, key, answer, problem, client, opts):
-    """A run's score: the benchmark's rule scorer, or under --judge llm for a test-split run of
-    MATH, DROP or HotpotQA, the judge call (SCOREFLOW.md §4 "At test time"). Validate runs (the
-    scores pairs are made of) always use the rule scorer."""
-    if cfg.judge == "llm" and is_test_key(key) and task.NAME in operators.JUDGED:
+    """The benchmark's rule scorer, or under --judge llm for a test-split run (a "test", "cot" or
+    "io" key) of MATH, DROP or HotpotQA, the judge call (§4 "At test time")."""
+    test = str(key).split(":", 1)[0] in ("cot", "io") or str(key).startswith("test")
+    if cfg.judge == "llm" and test and task.NAME in operators.JUDGED:
         return await operators.judge(problem, answer, client, task.NAME, options=opts)
     return float(await asyncio.to_thread(task.score, answer, problem))
 
@@ -753,20 +657,19 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
             for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
                 opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute",
                                          tag=str(key), keep_prompts=False)
-                for _ in range(INFRA_TRIES):  # infrastructure failures: retried (finished calls
-                    run = await operators.run_workflow(  # replay from the journal), then left out
-                        code, problem, client, set_name, timeout=cfg.workflow_timeout,
-                        max_calls=cfg.max_calls, options=opts)
+                for _ in range(INFRA_TRIES):  # finished calls replay from the journal
+                    run = await operators.run_workflow(code, problem, client, set_name,
+                                                       timeout=cfg.workflow_timeout,
+                                                       max_calls=cfg.max_calls, options=opts)
                     if run.status != "infra_error":
                         break
                 if not run.raised or attempt + 1 == cfg.run_attempts:
                     break
                 await asyncio.sleep(RUN_RETRY_DELAY)
-            rec = {"run": r, "status": run.status, "reason": run.reason[:300],
-                   "n_calls": run.n_calls, "seconds": round(run.seconds, 2),
-                   "executor_seconds": run.executor_seconds, "attempts": attempt + 1,
-                   "answer": run.answer[-2000:], "score": 0.0, "notes": run.notes[:20],
-                   "tokens": run.tokens}
+            rec = {"run": r, "status": run.status, "reason": run.reason[:300], "n_calls": run.n_calls,
+                   "seconds": round(run.seconds, 2), "executor_seconds": run.executor_seconds,
+                   "attempts": attempt + 1, "answer": run.answer[-2000:], "score": 0.0,
+                   "notes": run.notes[:20], "tokens": run.tokens}
             if run.status == "infra_error":
                 rec["kind"] = getattr(run.error, "kind", "other")
             if run.status == "ok":
@@ -789,75 +692,58 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
         return await asyncio.gather(*(one_run(key, code, problem, r) for r in range(cfg.runs)))
     return await asyncio.gather(*(one_job(*j) for j in jobs))
 
-
 # --------------------------------------------------------------------------------------------------
 # Stages 3 and 4: pairs and Score-DPO (SCOREFLOW.md §5, §6, §7).
 
 
 def workflow_score(rec, scores, invalid="zero"):
-    """A sample's score: the mean of its runs if it passed the runnable check; if it failed the
-    check by its own fault, 0 with invalid="zero" (ours: a small generator learns validity from
-    these losers) or None with invalid="skip" (the paper: only workflows that survived §2.3 are
-    paired, §5); None when there is no evidence either way: no informative run, or the check hit
-    an infrastructure failure (§10.7)."""
+    """A sample's score: its runs' mean if it passed the runnable check; if it failed the check by
+    its own fault, 0 with invalid="zero" (ours: a small generator learns validity from these
+    losers) or None with "skip" (the paper pairs only survivors, §5); None without evidence either
+    way: no informative run, or the check hit an infrastructure failure (§10.7)."""
     if rec["valid"]:
         return scores.get(rec["key"], {}).get("score")
-    if rec["reason"].startswith("infra") or invalid == "skip":
-        return None
-    return 0.0
+    return None if rec["reason"].startswith("infra") or invalid == "skip" else 0.0
 
 
 def workflow_tokens(rec, scores):
-    """Mean executor tokens (prompt + completion) over a sample's informative runs; 0 for a sample
-    that never ran (it failed the check)."""
+    """Mean executor tokens over a sample's informative runs; 0 if it never ran."""
     runs = [r for r in scores.get(rec.get("key"), {}).get("runs", [])
             if r.get("status") != "infra_error"]
     return _mean(r.get("tokens", 0) for r in runs) if runs else 0.0
 
 
 def cost_score(s, tokens, weight):
-    """Ours, not the paper's (--cost-weight λ): the pairing score s - λ·tokens/1000, clipped to
-    [0, 1], so of two equally good workflows the cheaper one wins (the paper's Fig. 4 is about
-    cost). λ = 0 gives s unchanged."""
+    """Ours (--cost-weight λ): the pairing score s - λ·tokens/1000 clipped to [0, 1], so of two
+    equally good workflows the cheaper wins (the paper's Fig. 4 is about cost); λ = 0: s."""
     return min(1.0, max(0.0, s - weight * tokens / 1000.0)) if weight else s
 
 
 def power_d(s_w, s_l, power):
-    """d(x, y) = (x - y)^power, --d-power's other values (SCOREFLOW.md §9 Table 4 tries 2 and 100)."""
+    """d(x, y) = (x - y)^power for --d-power's other values (§9 Table 4 tries 2 and 100)."""
     return (s_w - s_l) ** power
 
 
-def d_function(power):
-    """The pair draw's d (SCOREFLOW.md §5): the paper's score_dpo.cube_d at power 3,
-    score_dpo.uniform_d at 0 (every pair alike), power_d otherwise."""
-    if power == 3:
-        return score_dpo.cube_d
-    return score_dpo.uniform_d if power == 0 else functools.partial(power_d, power=power)
-
-
 def make_pairs(cfg, recs, scores, seed):
-    """All pairs with s_w > s_l per problem, then cfg.pairs drawn with P ∝ d (§5). s is
-    workflow_score under cfg.invalid_scores, then cost_score under cfg.cost_weight. The texts are
-    the completions plus the stop string `</graph>` (§5 "Record"). Returns (eligible, drawn)."""
+    """(eligible, drawn): all pairs with s_w > s_l per problem, then cfg.pairs drawn i.i.d. with P ∝
+    d (§5): score_dpo.cube_d, the paper's, at --d-power 3; uniform_d at 0. s is workflow_score under
+    --invalid-scores, then cost_score; the texts are the completions plus `</graph>` (§5 "Record")."""
     by_problem = {}
     for r in recs:
         s = workflow_score(r, scores, cfg.invalid_scores)
         if s is not None:  # None: no evidence (§10.7), or a rejected workflow under skip (§5)
             s = cost_score(s, workflow_tokens(r, scores), cfg.cost_weight)
             by_problem.setdefault(r["problem_id"], []).append((r, s))
-    eligible = []
-    for pid, items in by_problem.items():
-        eligible += score_dpo.build_pairs(pid, items[0][0]["prompt"],
-                                          [r["completion"] + "</graph>" for r, _ in items],
-                                          [s for _, s in items])
-    if not eligible:
-        return eligible, []
-    return eligible, score_dpo.sample_pairs(eligible, cfg.pairs, d=d_function(cfg.d_power),
-                                            seed=seed)
+    eligible = [p for pid, items in by_problem.items() for p in score_dpo.build_pairs(
+        pid, items[0][0]["prompt"], [r["completion"] + "</graph>" for r, _ in items],
+        [s for _, s in items])]
+    d = {3: score_dpo.cube_d, 0: score_dpo.uniform_d}.get(
+        cfg.d_power, functools.partial(power_d, power=cfg.d_power))
+    return eligible, score_dpo.sample_pairs(eligible, cfg.pairs, d=d, seed=seed) if eligible else []
 
 
 def not_one_zero(pairs):
-    """How many pairs are not (s_w, s_l) = (1, 0). With none, Score-DPO's factors f(s_w) = 1 and
+    """Pairs that are not (s_w, s_l) = (1, 0). With none, Score-DPO's factors f(s_w) = 1 and
     1 - f(s_l) = 1 make it plain DPO, and d = 1 for every pair (SCOREFLOW.md §6.1)."""
     return sum(not (p.chosen_score == 1.0 and p.rejected_score == 0.0) for p in pairs)
 
@@ -867,32 +753,24 @@ def _has_adapter(path):
 
 
 def train_stage(cfg, R, i, gen, pairs):
-    """Iteration i's Score-DPO on `pairs` (SCOREFLOW.md §6, §7); returns the loss history (empty on
-    ranks > 0). Rank 0 decides, and under torchrun every rank calls this once per iteration and
-    receives rank 0's plan and pairs (its own `pairs` are ignored): this is where ranks meet. The
-    plan: the adapter is on file already (--resume): load it; or train, first loading the last
-    iteration's adapter when a resumed run has none in memory; or, without pairs, nothing. So every
-    rank holds rank 0's adapter after the stage, and score_dpo.train splits each step's pairs over
-    the ranks."""
+    """Iteration i's Score-DPO (§6, §7); returns the loss history. Under torchrun every rank calls
+    it once per iteration and gets rank 0's plan and pairs (its own `pairs` are ignored): the
+    adapter is on file already (--resume): load it; or train, first loading the last iteration's
+    adapter when a resumed run has none in memory; or, without pairs, nothing. So every rank holds
+    rank 0's adapter after it, and score_dpo.train splits each step's pairs over the ranks."""
     import model as M
-    mdl, tok = gen
     train_dir = R.path(f"iter{i}", "train")
     final, prev = os.path.join(train_dir, "adapter"), R.path(f"iter{i - 1}", "train", "adapter")
-    plan = None
+    plan, hist_path = None, os.path.join(train_dir, "history.json")
     if _rank() == 0:
-        if _has_adapter(final):
-            plan = ("done", final, [])
-        elif pairs:
-            resumed = i > 0 and not M.lora_layers(mdl) and _has_adapter(prev)
-            plan = ("train", prev if resumed else None, pairs)
-        else:
-            plan = ("none", None, [])
+        resumed = i > 0 and not M.lora_layers(gen[0]) and _has_adapter(prev)
+        plan = (("done", final, []) if _has_adapter(final) else
+                ("train", prev if resumed else None, pairs) if pairs else ("none", None, []))
     what, load, pairs = share(plan)
     if load:
-        M.load_adapter(mdl, load)
+        M.load_adapter(gen[0], load)
     if _rank() != 0 and what != "train":
         return []
-    hist_path = os.path.join(train_dir, "history.json")
     if what == "done":
         log(f"iter{i} train: done earlier, loaded {os.path.relpath(final, R.dir)}")
         return read_json(hist_path) if os.path.exists(hist_path) else []
@@ -901,27 +779,23 @@ def train_stage(cfg, R, i, gen, pairs):
         return []
     t0 = time.time()
     tc = score_dpo.TrainConfig(loss=cfg.loss, beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs,
-                               grad_accum=cfg.grad_accum, lora_r=cfg.lora_r,
-                               lora_alpha=cfg.lora_alpha, reference=cfg.reference,
-                               seed=_seed(cfg.seed, "train", i) % (1 << 31))
-    result = score_dpo.train(mdl, tok, pairs, tc, out_dir=train_dir)
+                               grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                               reference=cfg.reference, seed=_seed(cfg.seed, "train", i) % (1 << 31))
+    history = score_dpo.train(*gen, pairs, tc, out_dir=train_dir).history
     if _rank() == 0:
-        write_atomic(hist_path, json.dumps(result.history))
+        write_atomic(hist_path, json.dumps(history))
         R.stage_seconds[f"iter{i} train"] = time.time() - t0
-    return result.history
-
+    return history
 
 # --------------------------------------------------------------------------------------------------
 # torchrun: data-parallel training over pairs. Rank 0 runs the whole loop (generate, execute, the
 # executor and its local server, the run directory); the other ranks load the generator and train
-# with it in train_stage, nothing else.
+# with it in train_stage, nothing else. The run directory must be on a filesystem every rank sees.
 
 
 def init_distributed(device):
-    """Join torchrun's process group when there is one (WORLD_SIZE > 1 in the environment): gloo for
-    a CPU device, NCCL for CUDA, each rank on the GPU its LOCAL_RANK names. Returns this rank (0
-    without torchrun). The run directory must be on a filesystem every rank sees (one machine, or a
-    shared one): the other ranks read the adapters and training checkpoints rank 0 writes there."""
+    """Join torchrun's process group when WORLD_SIZE > 1: gloo on a CPU, NCCL on CUDA with each rank
+    on its LOCAL_RANK's GPU. Returns this rank (0 without torchrun)."""
     import torch
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -948,21 +822,8 @@ def share(obj):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def follow(cfg):
-    """A rank > 0 under torchrun: load the generator as rank 0 does, then join every iteration's
-    train stage; rank 0 alone writes, executes and tests."""
-    import torch
-    import model as M
-    gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
-    R = Run(cfg)
-    for i in range(cfg.iterations):
-        train_stage(cfg, R, i, gen, None)
-    return 0
-
-
 # --------------------------------------------------------------------------------------------------
-# The loop (SCOREFLOW.md §1): one function per stage, each reading back its output on --resume.
+# The loop (SCOREFLOW.md §1), a function per stage, each reading its output back on --resume.
 
 
 def fixed_workflow(set_name, which):
@@ -971,22 +832,19 @@ def fixed_workflow(set_name, which):
     if which == "cot":
         return operators.TEMPLATES[set_name]
     op = "code_generate" if set_name == "code" else "custom"
-    return assemble(set_name, f'\n        answer = await self.{op}(instruction="")\n'
-                              "        return answer\n")
+    return assemble(set_name, f'\n        answer = await self.{op}(instruction="")\n        return answer\n')
 
 
 def generate_stage(R, i):
-    """Iteration i's workflows (§2): k per validate problem at --gen-temperature and, with
-    baselines, one per test problem at --test-temperature from the same generator, in one batch
-    (it keeps the local server's batches full). Returns (validate records, test records)."""
-    cfg, val = R.cfg, R.data.validate
-    test = R.data.test if cfg.baselines else []
+    """Iteration i's workflows (§2): k per validate problem at --gen-temperature and, with baselines,
+    one per test problem at --test-temperature, in one batch (it keeps the local server's batches
+    full). Returns (validate records, test records)."""
+    cfg, val, test = R.cfg, R.data.validate, R.data.test if R.cfg.baselines else []
 
     def compute():
-        recs = generate_workflows(cfg, R.gen, val + test, R.set_name, R.client,
-                                  _seed(cfg.seed, "iter", i), [cfg.k] * len(val) + [1] * len(test),
-                                  f"iter{i} generate", [cfg.gen_temperature] * len(val)
-                                  + [cfg.test_temperature] * len(test))
+        recs = generate_workflows(cfg, R.gen, val + test, R.set_name, R.client, _seed(cfg.seed, "iter", i),
+                                  [cfg.k] * len(val) + [1] * len(test), f"iter{i} generate",
+                                  [cfg.gen_temperature] * len(val) + [cfg.test_temperature] * len(test))
         for j, r in enumerate(recs):  # in problem order: the validate samples come first
             r["split"] = "validate" if j < len(val) * cfg.k else "test"
             r["key"] = run_key(r["split"], r["problem_id"], i, r["sample"])
@@ -996,17 +854,15 @@ def generate_stage(R, i):
             [r for r in recs if r.get("split") == "test"])
 
 
-def execute_stage(R, i, recs, fixed=()):
-    """Every valid workflow of `recs` (validate and test) run --runs times and scored (§4), with the
-    `fixed` baselines ("cot", "io") on every test problem, all in one stage: {key: score, runs}."""
+def execute_stage(R, i, recs, fixed):
+    """Every valid workflow of `recs` (both splits) and the `fixed` baselines on every test problem,
+    run --runs times and scored in one stage (§4): {key: {"score", "runs"}}."""
     by_id = {"validate": {p.id: p for p in R.data.validate}, "test": {p.id: p for p in R.data.test}}
     jobs = [(r["key"], r["code"], by_id[r.get("split", "validate")][r["problem_id"]])
             for r in recs if r["valid"]]
-    jobs += [(run_key(w, p.id), fixed_workflow(R.set_name, w), p) for w in fixed
-             for p in R.data.test]
-    name = f"iter{i} execute"
-    return R.stage(name, R.path(f"iter{i}", "scores.json"), lambda: execute_workflows(
-        R.cfg, R.data.task, jobs, R.set_name, R.client, name))
+    jobs += [(run_key(w, p.id), fixed_workflow(R.set_name, w), p) for w in fixed for p in R.data.test]
+    return R.stage(f"iter{i} execute", R.path(f"iter{i}", "scores.json"), lambda: execute_workflows(
+        R.cfg, R.data.task, jobs, R.set_name, R.client, f"iter{i} execute"))
 
 
 def test_summary(recs, scores):
@@ -1017,15 +873,8 @@ def test_summary(recs, scores):
             "infra": sum(v is None for v in per.values())}
 
 
-def fixed_summary(R, which, scores):
-    """test/cot.json, test/io.json: a baseline on every test problem, scored."""
-    per = {p.id: scores[run_key(which, p.id)]["score"] for p in R.data.test}
-    return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per}
-
-
 def pair_stage(R, i, recs, scores):
-    """All pairs of iteration i's validate workflows with s_w > s_l, cfg.pairs drawn with P ∝ d
-    (§5), written to iter<i>/pairs.jsonl and read back from it: (eligible, drawn)."""
+    """(eligible, drawn) pairs of iteration i's validate workflows (§5); iter<i>/pairs.jsonl."""
     eligible, pairs = make_pairs(R.cfg, recs, scores, _seed(R.cfg.seed, "pairs", i) % (1 << 31))
     path = R.path(f"iter{i}", "pairs.jsonl")
     if not os.path.exists(path):
@@ -1034,26 +883,24 @@ def pair_stage(R, i, recs, scores):
 
 
 def final_test_stage(R):
-    """The generator after the last iteration, g = cfg.iterations: one workflow per test problem,
-    generated and executed in its own stage (test/gen<g>.json)."""
+    """The generator after the last iteration, g = --iterations, on the test split: one workflow
+    per problem, generated and executed in a stage of its own (test/gen<g>.json)."""
     cfg, g = R.cfg, R.cfg.iterations
 
     def compute():
         recs = generate_workflows(cfg, R.gen, R.data.test, R.set_name, R.client,
-                                  _seed(cfg.seed, "test", g), 1, f"test gen{g}",
-                                  cfg.test_temperature)
+                                  _seed(cfg.seed, "test", g), 1, f"test gen{g}", cfg.test_temperature)
         for r in recs:
             r.update(split="test", key=run_key("test", r["problem_id"], g))
         jobs = [(r["key"], r["code"], p) for r, p in zip(recs, R.data.test) if r["valid"]]
         return test_summary(recs, execute_workflows(cfg, R.data.task, jobs, R.set_name, R.client,
                                                     f"test exec gen{g}"))
-    R.metrics["test"][f"gen{g}"] = _brief(R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"),
-                                                  compute))
+    R.metrics["test"][f"gen{g}"] = _brief(R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), compute))
 
 
 def _loop(R):
-    """SCOREFLOW.md §1: per iteration generate, execute, pair, train; then the final test. With
-    baselines, each iteration's generate and execute stages also cover one workflow per test
+    """SCOREFLOW.md §1: each iteration generates, executes, pairs and trains; then the final test.
+    With baselines, each iteration's generate and execute stages also cover one workflow per test
     problem (and CoT and IO at i = 0), so every generator is tested."""
     cfg = R.cfg
     for i in range(cfg.iterations):
@@ -1062,46 +909,43 @@ def _loop(R):
         scores = execute_stage(R, i, recs + test_recs, fixed)  # r runs each, scored
         if cfg.baselines:
             R.record_test(f"gen{i}", test_summary(test_recs, scores))
-        for which in fixed:
-            R.record_test(which, fixed_summary(R, which, scores))
-        eligible, pairs = pair_stage(R, i, recs, scores)  # pairs with d-sampling
-        history = train_stage(cfg, R, i, R.gen, pairs)  # Score-DPO, on every rank under torchrun
-        R.metrics["iterations"].append(iteration_metrics(R, i, recs, scores, eligible, pairs,
-                                                         history))
+        for w in fixed:
+            per = {p.id: scores[run_key(w, p.id)]["score"] for p in R.data.test}
+            R.record_test(w, {"score": _mean(v for v in per.values() if v is not None),
+                              "per_problem": per})
+        eligible, pairs = pair_stage(R, i, recs, scores)  # all pairs, N drawn with P ∝ d
+        history = train_stage(cfg, R, i, R.gen, pairs)  # Score-DPO; every rank under torchrun
+        scored = [scores[r["key"]]["score"] for r in recs if r["valid"]]
+        R.metrics["iterations"].append({
+            "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
+            "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
+            "trial_runs": sum(bool(r.get("trial")) for r in recs),
+            "distinct_compositions_first40": len({r["composition"] for r in recs[:40] if r["valid_raw"]}),
+            "compositions": _count(r["composition"] for r in recs if r["valid"]),
+            "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
+            "validate_score_valid": _mean(s for s in scored if s is not None),
+            "infra_failures": sum(x["status"] == "infra_error" for v in scores.values() for x in v["runs"]),
+            "infra_by_kind": infra_kinds(scores), "eligible_pairs": len(eligible), "pairs": len(pairs),
+            "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
+            "trained": _has_adapter(R.path(f"iter{i}", "train", "adapter")),
+            "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
+            "loss_curve": [h.get("loss") for h in history],
+            "margin_curve": [h.get("margin") for h in history]})
     final_test_stage(R)
 
 
-def iteration_metrics(R, i, recs, scores, eligible, pairs, history):
-    scored = [scores[r["key"]]["score"] for r in recs
-              if r["valid"] and scores[r["key"]]["score"] is not None]
-    return {
-        "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
-        "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
-        "trial_runs": sum(bool(r.get("trial")) for r in recs),
-        "distinct_compositions_first40": len({r["composition"] for r in recs[:40]
-                                              if r["valid_raw"]}),
-        "compositions": _count(r["composition"] for r in recs if r["valid"]),
-        "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
-        "validate_score_valid": _mean(scored),
-        "infra_failures": sum(x["status"] == "infra_error" for v in scores.values()
-                              for x in v["runs"]),
-        "infra_by_kind": infra_kinds(scores),
-        "eligible_pairs": len(eligible), "pairs": len(pairs),
-        "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
-        "trained": _has_adapter(R.path(f"iter{i}", "train", "adapter")),
-        "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
-        "loss_curve": [h.get("loss") for h in history],
-        "margin_curve": [h.get("margin") for h in history]}
-
-
 def run(cfg, data=None):
-    """The whole run; data is load_data(cfg), loaded by main before the run directory exists."""
+    """The whole run; data is load_data(cfg), loaded by main before the run directory exists. Under
+    torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
     import torch
     import model as M
-    if _rank() != 0:  # torchrun: the other ranks only train, with rank 0
-        return follow(cfg)
-    t_start = time.time()
     R = Run(cfg)
+    if _rank() != 0:
+        gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        for i in range(cfg.iterations):
+            train_stage(cfg, R, i, gen, None)
+        return 0
+    t_start = time.time()
     R.data = data = data or load_data(cfg)
     R.set_name = data.task.OPERATOR_SET
     os.makedirs(R.dir, exist_ok=True)
@@ -1110,9 +954,9 @@ def run(cfg, data=None):
         R.stage_seconds = prior.get("stage_seconds", {})
         R.metrics["executor_sessions"] = prior.get("executor_sessions", [])
     R.metrics["data"] = {"description": data.description, "split": data.split_note}
-    log(f"data: {data.description}")
-    if data.split_note:
-        log(f"data: {data.split_note}")
+    for line in (data.description, data.split_note):
+        if line:
+            log(f"data: {line}")
     print_plan(cfg, len(data.validate), len(data.test), R.set_name)
     log(f"loading generator {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}")
     R.gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
@@ -1126,10 +970,9 @@ def run(cfg, data=None):
     budget = (executor.Budget(dollars=cfg.budget_usd, tokens=cfg.budget_tokens)
               if cfg.budget_usd is not None or cfg.budget_tokens is not None else None)
     R.client = client = executor.ChatClient(
-        url, name, api_key=key, timeout=cfg.executor_timeout,
+        url, name, api_key=key, timeout=cfg.executor_timeout, identity=identity, budget=budget,
         max_concurrency=cfg.executor_concurrency or (cfg.concurrency if server else 16),
-        cache_path=R.path("calls.sqlite"), budget=budget, extra=cfg.executor_extra,
-        identity=identity)
+        cache_path=R.path("calls.sqlite"), extra=cfg.executor_extra)
     try:
         _loop(R)
     except (executor.BudgetExceeded, executor.EndpointDown) as e:
@@ -1137,14 +980,12 @@ def run(cfg, data=None):
         return EXIT_BUDGET if isinstance(e, executor.BudgetExceeded) else EXIT_ENDPOINT_DOWN
     finally:
         st = client.stats()
-        R.metrics.setdefault("executor_sessions", []).append(  # sent: asked of the endpoint;
-            {"sent": st["n_sent"], "replayed": st["total"]["cached"],  # replayed: from the journal
-             "errors": st["total"]["errors"],
+        R.metrics.setdefault("executor_sessions", []).append(  # sent: asked of the endpoint
+            {"sent": st["n_sent"], "replayed": st["total"]["cached"], "errors": st["total"]["errors"],
              "served_by_local_server": server.n_completions if server is not None else None})
-        R.metrics["executor"] = st
-        R.metrics["stage_seconds"] = R.stage_seconds
-        R.metrics["wall_seconds"] = R.metrics.get("wall_seconds", 0.0) + time.time() - t_start
-        write_json(R.path("metrics.json"), R.metrics)
+        R.metrics.update(executor=st, stage_seconds=R.stage_seconds,
+                         wall_seconds=R.metrics.get("wall_seconds", 0.0) + time.time() - t_start)
+        write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
         client.close()
         if server is not None:
             server.stop()
@@ -1156,31 +997,30 @@ def run(cfg, data=None):
 
 def _stop_message(cfg, client, e):
     """A resumable stop: why, what was spent against which cap, and the command that goes on."""
-    st = client.stats()
-    spent = st["total"]["prompt_tokens"] + st["total"]["completion_tokens"]
-    journal = ("Nothing of the stage in flight was recorded as a result; finished calls are in the "
-               "journal.")
+    tot = client.stats()["total"]
+    caps, flags = [], []
+    if cfg.budget_tokens is not None:
+        spent = tot["prompt_tokens"] + tot["completion_tokens"]
+        caps.append(f"{spent} tokens spent of the cap {cfg.budget_tokens}")
+        flags.append(f"--budget-tokens {max(2 * cfg.budget_tokens, spent + 1)}")
+    if cfg.budget_usd is not None:
+        caps.append(f"${tot['dollars']:.4f} spent of the cap ${cfg.budget_usd:g}")
+        flags.append(f"--budget-usd {max(2 * cfg.budget_usd, 0.01):g}")
+    why, then = (f"the executor endpoint stopped answering ({e})", "When it answers again:")
     if isinstance(e, executor.BudgetExceeded):
-        caps, flags = [], []
-        if cfg.budget_tokens is not None:
-            caps.append(f"{spent} tokens spent of the cap {cfg.budget_tokens}")
-            flags.append(f"--budget-tokens {max(2 * cfg.budget_tokens, spent + 1)}")
-        if cfg.budget_usd is not None:
-            caps.append(f"${st['total']['dollars']:.4f} spent of the cap ${cfg.budget_usd:g}")
-            flags.append(f"--budget-usd {max(2 * cfg.budget_usd, 0.01):g}")
-        return (f"stopped: executor budget reached ({'; '.join(caps)}; replayed calls count at their "
-                f"recorded cost). {journal} Continue with a higher cap: python scoreflow.py "
-                f"--resume {cfg.run_dir} {' '.join(flags)}")
-    return (f"stopped: the executor endpoint stopped answering ({e}). {journal} When it answers "
-            f"again: python scoreflow.py --resume {cfg.run_dir}")
+        why = (f"executor budget reached ({'; '.join(caps)}; replayed calls count at their recorded "
+               "cost)")
+        then = "Continue with a higher cap:"
+    return (f"stopped: {why}. Nothing of the stage in flight was recorded as a result; finished calls "
+            f"are in the journal. {then} python scoreflow.py --resume {cfg.run_dir}"
+            + (f" {' '.join(flags)}" if isinstance(e, executor.BudgetExceeded) else ""))
 
 
 def rejection_kind(reason):
     """A rejection reason without its particulars (line numbers, names, numbers), for counting:
     "rejected: line 4: unknown or forbidden name 'x'" -> "rejected: unknown or forbidden name"."""
     text = re.sub(r"(?: at)? line \d+:", ":", reason).replace("::", ":")
-    text = re.split(r"[('\"`]|\d", text, maxsplit=1)[0]
-    return text.strip(" :,") or reason[:60]
+    return re.split(r"[('\"`]|\d", text, maxsplit=1)[0].strip(" :,") or reason[:60]
 
 
 def _brief(ev):
@@ -1197,7 +1037,6 @@ def _count(xs):
 def _mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
-
 
 # --------------------------------------------------------------------------------------------------
 # The plan and the report: report.md with a hand-written SVG of solve rate per iteration.
@@ -1216,8 +1055,8 @@ def print_plan(cfg, n_val, n_test, set_name):
         + (" with baselines CoT, IO and every iteration's generator" if cfg.baselines else ""))
     log(f"estimate: ~{gen_runs + test_runs} workflow runs, ~{calls} executor calls, "
         f"~{tokens / 1e6:.2f}M tokens (upper bound with half of max_tokens per reply)")
-    write_json(os.path.join(cfg.run_dir, "plan.json"),
-               {"workflow_runs": gen_runs + test_runs, "calls": calls, "tokens": tokens})
+    write_atomic(os.path.join(cfg.run_dir, "plan.json"), json.dumps(
+        {"workflow_runs": gen_runs + test_runs, "calls": calls, "tokens": tokens}, indent=1))
 
 
 def svg_plot(series, title, ylabel="solve rate"):
@@ -1262,6 +1101,7 @@ def _pct(x):
 
 
 def write_report(R, set_name):
+    """report.md and solve_rate.svg from the metrics and the run directory."""
     m, cfg = R.metrics, R.cfg
     its, test = m["iterations"], m["test"]
     gens = sorted((int(k[3:]), v) for k, v in test.items() if k.startswith("gen"))
@@ -1270,80 +1110,68 @@ def write_report(R, set_name):
         series["test (generator)"] = [(g, v["score"]) for g, v in gens]
     for b in ("cot", "io"):
         if b in test and gens:
-            series[f"test {b.upper()}"] = [(gens[0][0], test[b]["score"]),
-                                           (gens[-1][0], test[b]["score"])]
-    write_atomic(R.path("solve_rate.svg"),
-                 svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
-    data = m.get("data", {})
-    trained = [it["iteration"] for it in its if it.get("trained")]
+            series[f"test {b.upper()}"] = [(gens[0][0], test[b]["score"]), (gens[-1][0], test[b]["score"])]
+    write_atomic(R.path("solve_rate.svg"), svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
+    data, trained = m.get("data", {}), [it["iteration"] for it in its if it.get("trained")]
     L = [f"# ScoreFlow run: {cfg.bench}: {data.get('description', cfg.data or 'data unnamed')}", "",
-         f"Data: {data.get('description', '-')}."
-         + (f" Splits: {data['split']}." if data.get("split") else ""), "",
-         f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style "
-         f"`{cfg.prompt}`. Executor: {cfg.executor_url or 'local server over the embedded model'}."
-         f" Seed {cfg.seed}. Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "",
+         f"Data: {data.get('description', '-')}." + (f" Splits: {data['split']}." if data.get("split") else ""),
+         "", f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
+         f"Executor: {cfg.executor_url or 'local server over the embedded model'}. Seed {cfg.seed}. "
+         "Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "",
          "## Test split", "", "| method | solve rate | notes |", "|---|---|---|"]
     for g, v in gens:
         n = sum(1 for j in trained if j < g)  # iterations before g that trained the adapter
-        loss = "Score-DPO" if cfg.loss == "score-dpo" else "DPO"
-        name = ("iteration 0 generator (no training)" if g == 0 else f"generator after iteration "
-                f"{g - 1} " + (f"({loss} x{n})" if n else "(unchanged: no pairs)"))
-        L.append(f"| {name} | {_pct(v['score'])} | valid workflows {v.get('valid', '-')}, infra "
-                 f"failures {v.get('infra', 0)} |")
-    for b, desc in (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")):
-        if b in test:
-            L.append(f"| {desc} | {_pct(test[b]['score'])} | |")
-    L += ["", f"One workflow per test problem, sampled at temperature {cfg.test_temperature} (the "
-          f"validate samples: {cfg.gen_temperature}). What each generator chose:", ""]
+        how = f"({'Score-DPO' if cfg.loss == 'score-dpo' else 'DPO'} x{n})" if n else "(unchanged: no pairs)"
+        name = "iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} {how}"
+        L.append(f"| {name} | {_pct(v['score'])} | valid workflows {v.get('valid', '-')}, infra failures "
+                 f"{v.get('infra', 0)} |")
+    L += [f"| {desc} | {_pct(test[b]['score'])} | |" for b, desc in
+          (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")) if b in test]
+    L += ["", f"One workflow per test problem, sampled at temperature {cfg.test_temperature} (the validate "
+          f"samples: {cfg.gen_temperature}). What each generator chose:", ""]
     for g, _ in gens:
         path = R.path("test", f"gen{g}.json")
         recs = read_json(path).get("workflows", []) if os.path.exists(path) else []
-        top = list(_count(r["composition"] for r in recs).items())[:6]
-        L.append(f"- generator {g}: " + ", ".join(f"`{c or 'invalid'}` {n}" for c, n in top))
-    L += ["", "## Iterations (validate split)", "",
-          "| iteration | samples | valid before repair | repaired | valid | distinct compositions "
-          "(first 40) | solve rate | eligible pairs | pairs drawn | first / last loss |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+        L.append(f"- generator {g}: " + ", ".join(
+            f"`{c or 'invalid'}` {n}" for c, n in list(_count(r["composition"] for r in recs).items())[:6]))
+    L += ["", "## Iterations (validate split)", "", "| iteration | samples | valid before repair | repaired | "
+          "valid | distinct compositions (first 40) | solve rate | eligible pairs | pairs drawn | first / last "
+          "loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    curves = {it["iteration"]: [x for x in it["loss_curve"] if x is not None] for it in its}
     for it in its:
-        lc = [x for x in it["loss_curve"] if x is not None]
-        losses = f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-"
+        lc = curves[it["iteration"]]
         L.append(f"| {it['iteration']} | {it['samples']} | {it['valid_raw']} "
-                 f"({_pct(it['valid_raw'] / max(it['samples'], 1))}) | {it['repaired']} | "
-                 f"{it['valid']} | {it['distinct_compositions_first40']} | "
-                 f"{_pct(it['validate_score'])} | {it['eligible_pairs']} | {it['pairs']} | "
-                 f"{losses} |")
+                 f"({_pct(it['valid_raw'] / max(it['samples'], 1))}) | {it['repaired']} | {it['valid']} | "
+                 f"{it['distinct_compositions_first40']} | {_pct(it['validate_score'])} | "
+                 f"{it['eligible_pairs']} | {it['pairs']} | "
+                 + (f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-") + " |")
     for it in its:  # which loss acted (§6.1: binary scores with one run make every pair (1, 0))
         if it["pairs"] and cfg.loss == "score-dpo" and it.get("pairs_not_1_0") == 0:
-            L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so "
-                  "Score-DPO's factors f(s_w) = 1 and 1 - f(s_l) = 1: the loss that acted is plain "
-                  "DPO, and d(1, 0) = 1 is the same for every pair (the draw was uniform)."]
+            L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so Score-DPO's "
+                  "factors f(s_w) = 1 and 1 - f(s_l) = 1: the loss that acted is plain DPO, and d(1, 0) = 1 is the "
+                  "same for every pair (the draw was uniform)."]
         elif it["pairs"] and "pairs_not_1_0" in it:
-            L += ["", f"Iteration {it['iteration']}: {it['pairs_not_1_0']} of {it['pairs']} drawn "
-                  f"pairs are not (1, 0): on those {cfg.loss} weighs the rewards by the scores."]
-    invalid = ("left out of the pairs (paper)" if cfg.invalid_scores == "skip"
-               else "scored 0 in the pairs (ours, --invalid-scores zero)")
-    judged = ("the LLM judge (MATH, DROP, HotpotQA)" if cfg.judge == "llm"
-              else "the rule scorers")
-    L += ["", f"Workflows that failed the runnable check: {invalid}. Test answers scored by "
-          f"{judged}." + (f" Pairing score penalised by {cfg.cost_weight} per 1000 executor "
-                          "tokens (ours)." if cfg.cost_weight else ""),
-          "", "Runnable-check rejections by reason (every failed check, regenerated samples "
-          f"included; operator-call cap {cfg.max_calls or 'none'}):", ""]
-    L += [f"- iteration {it['iteration']}: " + (", ".join(
-        f"{k} {n}" for k, n in it.get("rejections", {}).items()) or "none") for it in its]
+            L += ["", f"Iteration {it['iteration']}: {it['pairs_not_1_0']} of {it['pairs']} drawn pairs are not "
+                  f"(1, 0): on those {cfg.loss} weighs the rewards by the scores."]
+    L += ["", "Workflows that failed the runnable check: " + ("left out of the pairs (paper)" if cfg.invalid_scores
+          == "skip" else "scored 0 in the pairs (ours, --invalid-scores zero)") + ". Test answers scored by "
+          + ("the LLM judge (MATH, DROP, HotpotQA)" if cfg.judge == "llm" else "the rule scorers") + "."
+          + (f" Pairing score penalised by {cfg.cost_weight} per 1000 executor tokens (ours)."
+             if cfg.cost_weight else ""), "", "Runnable-check rejections by reason (every failed check, "
+          f"regenerated samples included; operator-call cap {cfg.max_calls or 'none'}):", ""]
+    L += [f"- iteration {it['iteration']}: " + (", ".join(f"{k} {n}" for k, n in it.get("rejections", {}).items())
+                                                or "none") for it in its]
     L += ["", "Operator compositions of the valid workflows, per iteration:", ""]
     L += [f"- iteration {it['iteration']}: " + ", ".join(
         f"`{c or '?'}` {n}" for c, n in list(it["compositions"].items())[:8]) for it in its]
-    for it in its:
-        lc = [x for x in it["loss_curve"] if x is not None]
+    for i, lc in curves.items():
         if lc:
-            L += ["", f"Loss curve, iteration {it['iteration']} (per optimizer step): "
-                  + " ".join(f"{x:.3f}" for x in lc[:64]) + (" ..." if len(lc) > 64 else "")]
+            L += ["", f"Loss curve, iteration {i} (per optimizer step): " + " ".join(f"{x:.3f}" for x in lc[:64])
+                  + (" ..." if len(lc) > 64 else "")]
     ex = m.get("executor", {})
     tot = ex.get("total", {})
-    L += ["", "## Executor usage", "",
-          f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} replayed from the cache, "
-          f"{tot.get('errors', 0)} errors), {tot.get('prompt_tokens', 0)} prompt + "
+    L += ["", "## Executor usage", "", f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} replayed from the "
+          f"cache, {tot.get('errors', 0)} errors), {tot.get('prompt_tokens', 0)} prompt + "
           f"{tot.get('completion_tokens', 0)} completion tokens, ${tot.get('dollars', 0.0):.4f}"
           + ("" if ex.get("priced") else " (model unpriced: $0)") + ".", "",
           "| stage | calls | prompt tokens | completion tokens |", "|---|---|---|---|"]
@@ -1351,23 +1179,19 @@ def write_report(R, set_name):
           for st, u in ex.get("by_stage", {}).items()]
     L += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {st} | {s:.1f} |" for st, s in m.get("stage_seconds", {}).items()]
-    L.append(f"| **total (this and earlier sessions of the run)** | {m.get('wall_seconds', 0):.1f} |")
-    L += ["", "## Example workflows", ""]
-    last = R.path(f"iter{len(its) - 1}", "workflows.jsonl")
-    scores_path = R.path(f"iter{len(its) - 1}", "scores.json")
+    L += [f"| **total (this and earlier sessions of the run)** | {m.get('wall_seconds', 0):.1f} |", "",
+          "## Example workflows", ""]
+    last, scores_path = (R.path(f"iter{len(its) - 1}", f) for f in ("workflows.jsonl", "scores.json"))
     if its and os.path.exists(last) and os.path.exists(scores_path):
         scores = read_json(scores_path)
-        scored = sorted(((scores[r["key"]]["score"], r) for r in read_jsonl(last)
-                         if r.get("split", "validate") == "validate" and r["valid"]
-                         and scores.get(r["key"], {}).get("score") is not None),
+        scored = sorted(((scores[r["key"]]["score"], r) for r in read_jsonl(last) if r.get("split", "validate")
+                         == "validate" and r["valid"] and scores.get(r["key"], {}).get("score") is not None),
                         key=lambda x: -x[0])
         for title, picks in (("Best", scored[:2]), ("Worst", scored[-2:][::-1])):
             for s, r in picks:
-                L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition "
-                      f"`{r['composition']}`", "", "```python",
-                      r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
+                L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition `{r['composition']}`",
+                      "", "```python", r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
     write_atomic(R.path("report.md"), "\n".join(L) + "\n")
-
 
 # --------------------------------------------------------------------------------------------------
 # Command line: one flag per RunConfig field (its help, default and paper value), then checks.
@@ -1543,8 +1367,8 @@ def main(argv=None):
     cfg = share(cfg)  # rank 0's: the default run directory is named by the time
     if "resume" not in vars(args) and rank == 0:  # under torchrun rank 0 alone writes the run dir
         os.makedirs(cfg.run_dir, exist_ok=True)
-        write_json(os.path.join(cfg.run_dir, "config.json"),
-                   dict(dataclasses.asdict(cfg), version=VERSION, argv=argv))
+        saved = dict(dataclasses.asdict(cfg), version=VERSION, argv=argv)
+        write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=1))
     return run(cfg, data)
 
 
