@@ -1,33 +1,25 @@
 """scoreflow.py: the ScoreFlow loop behind `python scoreflow.py --bench math`.
 
-ScoreFlow (Wang et al. 2025, arXiv 2502.04306), SCOREFLOW.md §1: a generator LLM writes k workflows
-per problem; an executor LLM runs each one r times and a benchmark scorer gives s in [0, 1]; pairs of
-workflows with different scores are drawn with weight d(s_w, s_l) = (s_w - s_l)^3; Score-DPO trains the
-generator's LoRA on them; repeat; finally evaluate on the test split against the baselines.
+ScoreFlow (Wang et al. 2025, arXiv 2502.04306), SCOREFLOW.md §1; `_loop` runs it, a function per stage:
+each iteration generate_stage (k workflows per validate problem, runnable check, §2), execute_stage (r
+executor runs per workflow, scored in [0, 1], §4), pair_stage (pairs with s_w > s_l drawn with P ∝ d, §5)
+and train_stage (Score-DPO on the generator's LoRA, §6, §7); then final_test_stage: one workflow per test
+problem, against CoT (the template), IO (a direct answer) and every earlier generator.
 
-Stages, one function each, in the order they run:
-  generate   -> k workflows per problem, with the runnable check and regeneration (SCOREFLOW.md §2)
-  execute    -> r executor runs per workflow, scored by the benchmark (§4)
-  pair       -> all pairs with s_w > s_l, N drawn with P ∝ d (§5)
-  train      -> Score-DPO on the pairs, continuing the adapter (§6, §7)
-  evaluate   -> one workflow per test problem; baselines CoT (the template), IO (direct answer), iter-0
-Everything goes into one run directory; every stage writes its output atomically and is skipped on
---resume when its output exists, so kill -9 at any moment loses only the stage in flight (and the
-executor's call cache and the trainer's checkpoints make even that cheap to redo).
-
-Test answers are scored by the benchmark's rule scorer (SCOREFLOW.md §10.6); `--judge llm` (set by
---paper) scores MATH, DROP and HotpotQA test answers with the official code's LLM judge instead
-(operators.judge, §4 "At test time"). Training scores always use the rule scorers.
-
+Each stage writes its output atomically into the run directory and is read back instead of redone on
+--resume, so kill -9 loses only the stage in flight. Test answers use the rule scorers (§10.6) or, with
+--judge llm, the official LLM judge for MATH, DROP and HotpotQA (§4); training always uses the rules.
 Non-goals: no framework, no plotting dependency (the report's SVG is written by hand).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import dataclasses
+import functools
+import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -43,95 +35,109 @@ import score_dpo
 VERSION = "0.1.0"
 
 # --------------------------------------------------------------------------------------------------
-# Config: defaults that finish on a laptop; --paper switches to SCOREFLOW.md's values.
+# Config: defaults that finish on a laptop; --paper switches to the paper's values (PAPER). Each
+# field is also a flag: build_parser adds its default and paper value to the help given here.
+
+
+def opt(default, help, **flag):
+    """A RunConfig field and its flag (--name-with-dashes unless flag["flags"]; group: a new one)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **flag))
 
 
 @dataclass
 class RunConfig:
-    bench: str = "math"                 # benchmark name or path to a task .py file
-    data: str | None = None             # directory or file with the benchmark's data (None: embedded / default)
-    kinds: str | None = None            # embedded math set only: comma-separated kinds, "all", or None =
-    #                                     "basic" (the one kind the embedded 135M executor can solve at all)
-    run_dir: str | None = None          # where everything goes (default runs/<bench>-<time>)
-    seed: int = 0                       # seeds sampling, pair draws, shuffling and generation (§10.9)
-    iterations: int = 2                 # paper: up to 3; the official README trains 2
-    n_validate: int = 12                # validate problems used for optimisation (0 = all)
-    n_test: int = 24                    # test problems evaluated (0 = all)
-    device: str = "cpu"
-    dtype: str = "float32"
-    # generator
-    generator: str | None = None        # HF dir or GGUF file (None: embedded SmolLM2-135M-Instruct)
-    prompt: str = "fewshot"             # fewshot (small models) | paper (SCOREFLOW.md §2.2)
-    k: int = 4                          # workflows per problem (paper: 8)
-    gen_temperature: float = 0.8        # paper: 0.2 (validate samples: a 135M generator needs 0.8 for variety)
-    test_temperature: float = 0.2       # paper: 0.2 (the one workflow per test problem: the generator's choice,
-    #                                     not sampling noise; 12 problems at 0.8 hid a learned shift)
-    gen_top_p: float = 0.95             # paper: 0.95
-    gen_max_tokens: int = 96            # paper: 1000 (a valid few-shot body here is ~40 tokens, rarely 80)
-    regen_rounds: int = 1               # runnable-check rounds for rejected samples (paper: 501)
-    trial_run: str = "auto"             # §2.3 step 5: always (paper) | auto: skipped where operators.straight_line
-    #                                     proves the workflow cannot raise by its own fault
-    # executor
-    executor_url: str | None = None     # OpenAI-compatible base URL (None: start our local server)
-    executor_model: str | None = None   # model name at that endpoint
-    api_key: str | None = None          # bearer key (default: $OPENAI_API_KEY for a remote endpoint)
-    exec_temperature: float = 0.0       # paper: 0 (GPT-4o-mini)
-    exec_max_tokens: int = 96           # paper: 4096 (every sequential call round costs this many decode steps)
-    runs: int = 1                       # executor runs per workflow (paper: 3)
-    concurrency: int = 32               # workflows executed at once
-    workflow_timeout: float = 120.0     # seconds per workflow run (paper: 120 math/QA, 240 code)
-    max_calls: int = 8                  # operator calls per workflow run; 0 = no cap (paper: none)
-    test_rounds: int = 3                # Test operator repair rounds (paper: 10 HumanEval, 6 MBPP)
-    programmer_examples: int = 2        # worked example turns in Programmer's request (paper: 0); a small
-    #                                     executor learns the solve() format from them (operators.py)
-    extractor: str = "rule"             # rule (ours) | llm (the paper's Extractor call, SCOREFLOW.md §3)
-    budget_usd: float | None = None     # hard cap on executor cost (None: none)
-    budget_tokens: int | None = None    # hard cap on executor tokens (None: none)
-    executor_extra: dict | None = None  # server-specific fields added to every request (in the journal key)
-    executor_timeout: float = 300.0     # s the client waits for an answer (per attempt; 5 retries)
-    executor_concurrency: int | None = None  # calls in flight at the endpoint (None: --concurrency for our
-    #                                     local server, which batches them; 16 for a remote one)
-    run_attempts: int = 1               # attempts of a run that raises by its own fault, 1 s apart (paper: 5)
-    programmer_call_attempts: int = 1   # attempts of Programmer's whole call when it raises, 2 s apart (paper: 3)
-    # pairs and training
-    pairs: int = 24                     # pairs drawn per iteration (paper: 2000; 600 for HumanEval)
-    d_power: float = 3.0                # d(x, y) = (x - y)^power; 0 = uniform (paper: 3)
-    loss: str = "score-dpo"             # score-dpo | dpo (the paper's ablation)
-    beta: float = 0.1                   # paper: 0.1
-    lr: float = 5e-4                    # paper: 1e-6 (an 8B model, 2,000 pairs; here 3 steps of 8 pairs)
-    epochs: int = 1                     # paper: 1 per iteration
-    grad_accum: int = 8                 # pairs per optimizer step (paper: batch 1); one pass shares their
-    #                                     few-shot prompt head (score_dpo.pairs_token_logps)
-    lora_r: int = 8                     # paper: 8
-    lora_alpha: int = 16                # paper: 16
-    reference: str = "base"             # base (official code) | previous (last iteration's policy)
-    baselines: bool = True              # evaluate CoT, IO and iteration 0 on the test split
-    # what enters the pairs, how tests are scored, which data
-    invalid_scores: str = "zero"        # zero (ours: a workflow that failed the runnable check is a 0-scored
-    #                                     loser, a small generator learns validity from it) | skip (paper §5)
-    cost_weight: float = 0.0            # ours: pairing score s - λ·(executor tokens/1000), clipped to [0, 1]
-    #                                     (0 = the paper)
-    judge: str = "rule"                 # test answers: rule scorers (§10.6) | llm (the official judge, §4)
-    split_single: str = "seeded"        # one data file for both splits: seeded (1:4 by a hash of the ids,
-    #                                     stated on stderr and in the report) | off (refuse it)
+    bench: str = opt("math", "math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen or a task .py "
+                     "file (math without --data: the embedded procedural set)", group="run")
+    data: str | None = opt(None, "the data: a file or a directory of <name>_<split>.jsonl")
+    kinds: str | None = opt(None, "embedded math set only: comma-separated kinds, or all (default "
+                            "basic, the only kind the embedded 135M executor solves at all)")
+    run_dir: str | None = opt(None, "output directory (default runs/<bench>-<time>)")
+    seed: int = opt(0, "seeds generation, pair draws, shuffling and training (§10.9)")
+    iterations: int = opt(2, "optimisation iterations (the official README trains 2)")
+    n_validate: int = opt(12, "validate problems used, 0 = all")
+    n_test: int = opt(24, "test problems evaluated, 0 = all")
+    baselines: bool = opt(True, "test only the final generator: no CoT, IO or per-iteration tests",
+                          flags=["--no-baselines"])
+    device: str = opt("cpu", "torch device for our models")
+    dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
+    generator: str | None = opt(None, "HF directory or GGUF file (default: embedded "
+                                "SmolLM2-135M-Instruct)", group="generator")
+    prompt: str = opt("fewshot", "prompt style: fewshot (small models) or paper (§2.2)",
+                      choices=["fewshot", "paper"])
+    k: int = opt(4, "workflows per problem", flags=["-k", "--k"])
+    gen_temperature: float = opt(0.8, "validate samples (a 135M generator needs 0.8 for variety)")
+    test_temperature: float = opt(0.2, "the workflow per test problem: the generator's choice")
+    gen_top_p: float = opt(0.95, "generator top-p")
+    gen_max_tokens: int = opt(96, "generator tokens per workflow (a few-shot body is ~40)")
+    regen_rounds: int = opt(1, "runnable-check rounds for rejected samples")
+    trial_run: str = opt("auto", "the runnable check's trial run: always, or auto: skipped for "
+                         "straight-line workflows, which cannot raise by their own fault",
+                         choices=["auto", "always"])
+    executor_url: str | None = opt(None, "OpenAI-compatible base URL (default: our local server "
+                                   "over the embedded model)", group="executor")
+    executor_model: str | None = opt(None, "model name at --executor-url (required with it)")
+    api_key: str | None = opt(None, "bearer key (default $OPENAI_API_KEY)")
+    exec_temperature: float = opt(0.0, "executor temperature")
+    exec_max_tokens: int = opt(96, "tokens per executor reply")
+    runs: int = opt(1, "executor runs per workflow (our local executor at 0 repeats itself)")
+    concurrency: int = opt(32, "workflow runs in flight")
+    workflow_timeout: float = opt(120.0, "seconds per workflow run (its own work, not queueing)")
+    max_calls: int = opt(8, "operator calls per workflow run, 0 = no cap")
+    programmer_examples: int = opt(2, "worked examples before each Programmer request (a small "
+                                   "executor learns solve() from them)",
+                                   choices=range(len(operators.PROGRAMMER_EXAMPLES) + 1))
+    extractor: str = opt("rule", "final answer: rule (ours) or llm (the Extractor call, §3)",
+                         choices=["rule", "llm"])
+    budget_usd: float | None = opt(None, "hard cap on executor dollars: a resumable stop, exit 3")
+    budget_tokens: int | None = opt(None, "hard cap on executor tokens, as --budget-usd")
+    executor_extra: dict | None = opt(None, "server-specific request fields, e.g. '{\"top_k\": 0}' "
+                                      "(part of the journal's key)", type="json", metavar="JSON")
+    executor_timeout: float = opt(300.0, "seconds to wait per attempt (5 retries); 3 calls in a "
+                                  "row unanswered stop the run resumably, exit 4")
+    executor_concurrency: int | None = opt(None, "calls in flight at the endpoint (default "
+                                           "--concurrency for our server, else 16; 1 for a "
+                                           "one-slot llama.cpp server)")
+    run_attempts: int = opt(1, "attempts of a run that raises by its own fault, 1 s apart")
+    programmer_call_attempts: int = opt(1, "attempts of Programmer's call when it raises, 2 s apart")
+    test_rounds: int = opt(3, "Test operator repair rounds", group="operators, scoring and data")
+    judge: str = opt("rule", "test answers of MATH, DROP, HotpotQA: rule scorers (§10.6) or llm, "
+                     "the official judge", choices=["rule", "llm"])
+    invalid_scores: str = opt("zero", "a workflow failing the runnable check: zero, a 0-scored "
+                              "loser (ours), or skip: no pairs (§5)", choices=["zero", "skip"])
+    cost_weight: float = opt(0.0, "ours: pair on s - LAMBDA * tokens per run / 1000, clipped to "
+                             "[0, 1]: the cheaper of equal workflows wins", metavar="LAMBDA")
+    split_single: str = opt("seeded", "one data file for both splits: seeded splits it 1:4 by a "
+                            "hash of the ids; off refuses it", choices=["seeded", "off"])
+    pairs: int = opt(24, "pairs drawn per iteration", group="pairs and training")
+    d_power: float = opt(3.0, "d(x, y) = (x - y)^power of the pair draw; 0 = uniform")
+    loss: str = opt("score-dpo", "dpo is the paper's ablation", choices=["score-dpo", "dpo"])
+    beta: float = opt(0.1, "Score-DPO's beta")
+    lr: float = opt(5e-4, "AdamW learning rate (the default suits a 135M model)")
+    epochs: int = opt(1, "epochs per iteration")
+    grad_accum: int = opt(8, "pairs per optimizer step (one pass shares their prompt head)")
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA alpha")
+    reference: str = opt("base", "π_ref: the base model (official code) or the last iteration's",
+                         choices=["base", "previous"])
 
 
-# The paper's sizes (SCOREFLOW.md §1, §7, §8); --paper applies these before explicit flags.
+# The paper's values (SCOREFLOW.md §1, §4, §7, §8), applied by --paper before explicit flags, then
+# PAPER_BY_BENCH's: HumanEval draws 600 pairs (§5), code runs get 240 s (§4), Test repairs 10 rounds
+# for HumanEval and 6 for MBPP (§3).
 PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
-             gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501, exec_max_tokens=4096, runs=3,
-             pairs=2000, lr=1e-6, grad_accum=1, extractor="llm", dtype="bfloat16", trial_run="always",
-             programmer_examples=0, run_attempts=5, programmer_call_attempts=3, max_calls=0,
-             invalid_scores="skip", judge="llm")
+             test_temperature=0.2, gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501,
+             exec_temperature=0.0, exec_max_tokens=4096, runs=3, workflow_timeout=120.0, pairs=2000,
+             d_power=3.0, beta=0.1, lr=1e-6, epochs=1, grad_accum=1, lora_r=8, lora_alpha=16,
+             extractor="llm", dtype="bfloat16", trial_run="always", programmer_examples=0,
+             run_attempts=5, programmer_call_attempts=3, max_calls=0, invalid_scores="skip",
+             judge="llm")
+PAPER_BY_BENCH = {"humaneval": dict(pairs=600, workflow_timeout=240.0, test_rounds=10),
+                  "mbpp": dict(workflow_timeout=240.0, test_rounds=6)}
 RUN_RETRY_DELAY = 1.0  # s between attempts of a run that raised (SCOREFLOW.md §4)
 INFRA_TRIES = 3  # a run or trial that failed through the infrastructure is asked this often, then left out
 # Exit statuses: 0 finished, 1 crashed, 2 a user error (before any run directory is made), and the
 # resumable stops: nothing the stage in flight did is recorded as a result; --resume DIR continues.
 EXIT_BUDGET, EXIT_ENDPOINT_DOWN = 3, 4
-# Per-benchmark paper values, applied after PAPER (explicit flags still win): HumanEval draws N = 600
-# pairs (§5); code runs get 240 s (§4 "Timeouts"); Test repairs 10 rounds HumanEval, 6 MBPP (§3).
-PAPER_BY_BENCH = {"humaneval": dict(pairs=600, workflow_timeout=240.0, test_rounds=10),
-                  "mbpp": dict(workflow_timeout=240.0, test_rounds=6)}
-
 
 # --------------------------------------------------------------------------------------------------
 # Data: both splits loaded, checked and named before any run directory exists.
@@ -151,28 +157,17 @@ class Data:
 
 
 def split_one(problems):
-    """The seeded 1:4 split of one file (SCOREFLOW.md §8: each set is split 1:4): problems ranked by
-    a hash of their id, the first fifth (rounded) is validate. Deterministic, independent of the file's
-    order and of --seed, so every run of the same file tests on the same problems."""
+    """SCOREFLOW.md §8's 1:4 split of one file: the first fifth of the problems ranked by a hash of
+    their id is validate, whatever the file's order and --seed."""
     ranked = sorted(problems, key=lambda p: _seed("split", p.id))
-    n_val = max(1, round(len(ranked) / 5))
-    val = {p.id for p in ranked[:n_val]}
+    val = {p.id for p in ranked[:max(1, round(len(ranked) / 5))]}
     return [p for p in problems if p.id in val], [p for p in problems if p.id not in val]
 
 
-def _source(task, split, data):
-    """The file a split is read from, when the data layout names one (else the --data path)."""
-    try:
-        return bench.resolve_data(task.NAME, split, data)
-    except (FileNotFoundError, ValueError):
-        return data
-
-
 def load_data(cfg):
-    """Both splits for cfg, checked: a data source that would make validate = test is split 1:4
-    (--split-single seeded) or refused (off), and any id in both the optimised and the tested
-    problems is an error naming the ids. Raises DataError, or the loader's own error for a missing or
-    malformed file or task."""
+    """Both splits, checked: a source that would make validate = test is split 1:4 (--split-single
+    seeded) or refused (off); an id in both splits is an error naming it. Raises DataError, or the
+    loader's own error for a missing or malformed file or task."""
     task = bench.load_task(cfg.bench)
     opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
     single, note = None, ""
@@ -187,20 +182,27 @@ def load_data(cfg):
             except FileNotFoundError:
                 pass
             if single is not None and cfg.split_single == "off":
-                raise DataError(f"{e}; --split-single seeded would split {single} 1:4 into validate and test")
+                raise DataError(f"{e}; --split-single seeded would split {single} 1:4 into "
+                                "validate and test")
     if single is not None:
         if cfg.split_single == "off":
-            raise DataError(f"--data {single} is one file for both splits (validate = test); pass a directory "
-                            f"with {task.NAME}_validate.jsonl and {task.NAME}_test.jsonl, or --split-single seeded")
+            raise DataError(f"--data {single} is one file for both splits (validate = test); pass a "
+                            f"directory with {task.NAME}_validate.jsonl and {task.NAME}_test.jsonl, "
+                            "or --split-single seeded")
         validate, test = split_one(bench.load_problems(task, "validate", single, **opts))
-        note = (f"one file split 1:4 by a hash of the ids (--split-single seeded): {len(validate)} validate / "
-                f"{len(test)} test problems of {single}")
+        note = (f"one file split 1:4 by a hash of the ids (--split-single seeded): {len(validate)} "
+                f"validate / {len(test)} test problems of {single}")
         described = f"{single}, split 1:4 by id hash"
     else:
-        validate = bench.load_problems(task, "validate", cfg.data, **opts)
-        test = bench.load_problems(task, "test", cfg.data, **opts)
+        validate, test = (bench.load_problems(task, s, cfg.data, **opts) for s in ("validate", "test"))
         if cfg.data is not None:
-            described = f"validate {_source(task, 'validate', cfg.data)}, test {_source(task, 'test', cfg.data)}"
+            src = {}
+            for s in ("validate", "test"):
+                try:  # the file a split is read from, when the layout names one
+                    src[s] = bench.resolve_data(task.NAME, s, cfg.data)
+                except (FileNotFoundError, ValueError):
+                    src[s] = cfg.data
+            described = f"validate {src['validate']}, test {src['test']}"
         elif task.NAME in ("math", bench.EMBEDDED):
             described = f"embedded procedural math, kind {cfg.kinds or 'all'} (bench/mathgen_task.py)"
         elif task.NAME == "humaneval":
@@ -210,25 +212,24 @@ def load_data(cfg):
         else:
             described = f"the task file's own problems ({cfg.bench})"
     n_val, n_test = len(validate), len(test)
-    validate = validate[:cfg.n_validate] if cfg.n_validate else validate
-    test = test[:cfg.n_test] if cfg.n_test else test
+    validate, test = validate[:cfg.n_validate or None], test[:cfg.n_test or None]
     if not validate or not test:
-        raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; both splits "
-                        f"need at least one")
+        raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; both "
+                        "splits need at least one")
     shared = sorted({p.id for p in validate} & {p.id for p in test})
     if shared:
-        raise DataError(f"{described}: {len(shared)} problem ids are in both the validate and the test problems "
-                        f"(leakage): {', '.join(map(repr, shared[:5]))}" + (" ..." if len(shared) > 5 else ""))
+        raise DataError(f"{described}: {len(shared)} problem ids are in both the validate and the "
+                        f"test problems (leakage): {', '.join(map(repr, shared[:5]))}"
+                        + (" ..." if len(shared) > 5 else ""))
     described += f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test problems used"
     return Data(task, validate, test, described, note)
 
-
 # --------------------------------------------------------------------------------------------------
-# Run directory: atomic writes, stage markers, progress.
+# Run directory: atomic writes, stages read back on --resume, progress on stderr.
 
 
 def write_atomic(path, text):
-    """Temp file in the same directory, fsync, os.replace: a reader sees the old file or the new one."""
+    """Temp file in the same directory, fsync, os.replace: a reader sees the old file or the new."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -238,8 +239,9 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def read_json(path):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def read_jsonl(path):
@@ -247,163 +249,132 @@ def read_jsonl(path):
         return [json.loads(line) for line in fh if line.strip()]
 
 
-class Progress:
-    """done/total, rate and ETA on stderr: a live line on a TTY, one line per stage otherwise."""
-
-    def __init__(self, stage, total, unit="items"):
-        self.stage, self.total, self.unit = stage, total, unit
-        self.done, self.t0, self.last = 0, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n=1):
-        self.done += n
-        now = time.time()
-        if self.tty and (now - self.last > 0.2 or self.done >= self.total):
-            self.last = now
-            sys.stderr.write("\r" + self._line() + "\033[K")
-            sys.stderr.flush()
-
-    def _line(self):
-        dt = max(time.time() - self.t0, 1e-9)
-        rate = self.done / dt
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
-        return (f"[{self.stage}] {self.done}/{self.total} {self.unit} {rate:6.2f}/s "
-                f"elapsed {dt:5.0f}s eta {eta_s}")
-
-    def close(self, extra=""):
-        line = self._line() + (f"  {extra}" if extra else "")
-        sys.stderr.write(("\r" + line + "\033[K\n") if self.tty else line + "\n")
-        sys.stderr.flush()
-        return time.time() - self.t0
-
-
 def log(msg):
     print(f"[scoreflow] {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# Report: report.md with a hand-written SVG of solve rate per iteration.
+class Progress:
+    """done/total, rate and ETA on stderr: a live line on a TTY, one line per stage otherwise."""
+
+    def __init__(self, stage, total, unit):
+        self.stage, self.total, self.unit, self.done, self.t0 = stage, total, unit, 0, time.time()
+
+    def update(self, n=1, end=None):
+        """n more done; `end` (a string) closes the stage's line with it."""
+        self.done += n
+        dt = max(time.time() - self.t0, 1e-9)
+        eta = f"{(self.total - self.done) * dt / self.done:5.0f}s" if self.done else "    ?"
+        line = (f"[{self.stage}] {self.done}/{self.total} {self.unit} {self.done / dt:6.2f}/s "
+                f"elapsed {dt:5.0f}s eta {eta}{end or ''}")
+        if sys.stderr.isatty():
+            print(f"\r{line}\033[K", end="" if end is None else "\n", file=sys.stderr, flush=True)
+        elif end is not None:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self, extra=""):
+        self.update(0, f"  {extra}" if extra else "")
 
 
-def svg_plot(series, title, ylabel="solve rate"):
-    """A line chart as SVG text: series is {name: [(x, y), ...]} with y in [0, 1]."""
-    W, H, L, R, T, B = 520, 300, 56, 130, 30, 40
-    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
-    py = lambda y: H - B - y * (H - T - B)  # noqa: E731
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="11">', f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>']
-    for i in range(6):  # y grid at 0, 0.2, ..., 1
-        y = py(i / 5)
-        out.append(f'<line x1="{L}" y1="{y:.1f}" x2="{W - R}" y2="{y:.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{i / 5:.1f}</text>')
-    for x in range(int(x0), int(x1) + 1):
-        out.append(f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>')
-    out.append(f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle">iteration</text>')
-    out.append(f'<text x="14" y="{(T + H - B) / 2}" transform="rotate(-90 14 {(T + H - B) / 2})" '
-               f'text-anchor="middle">{ylabel}</text>')
-    for i, (name, pts) in enumerate(series.items()):
-        c = colors[i % len(colors)]
-        if len(pts) > 1:
-            d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-            out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="2"/>')
-        for x, y in pts:
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{c}"/>')
-        ly = T + 14 + 16 * i
-        out.append(f'<rect x="{W - R + 10}" y="{ly - 9}" width="10" height="10" fill="{c}"/>')
-        out.append(f'<text x="{W - R + 25}" y="{ly}">{name}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+class Run:
+    """The run directory: config.json, plan.json, calls.sqlite (the executor's journal), iter<i>/
+    {workflows.jsonl, scores.json, pairs.jsonl, train/} (train/adapter: PEFT), test/<method>.json,
+    metrics.json, report.md, solve_rate.svg. run() adds the run's data, generator and client."""
 
+    def __init__(self, cfg):
+        self.cfg, self.dir, self.stage_seconds = cfg, cfg.run_dir, {}
+        self.metrics = {"iterations": [], "test": {}, "infra_failures": {}}
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def stage(self, name, path, compute, *, jsonl=False):
+        """Read `path` if it exists (done earlier), else compute() and write it atomically; timed."""
+        if os.path.exists(path):
+            log(f"{name}: done earlier, reading {os.path.relpath(path, self.dir)}")
+            return read_jsonl(path) if jsonl else read_json(path)
+        t0 = time.time()
+        value = compute()
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
+                     if jsonl else json.dumps(value, indent=1))
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
+        return value
+
+    def record_test(self, name, value):
+        """test/<name>.json from an iteration's stages, once; its summary into the metrics."""
+        path = self.path("test", f"{name}.json")
+        if not os.path.exists(path):
+            write_atomic(path, json.dumps(value, indent=1))
+        self.metrics["test"][name] = _brief(read_json(path))
 
 # --------------------------------------------------------------------------------------------------
 # The generator's input (SCOREFLOW.md §2.2) and what we make of its output (§2.3).
 #
 # Two prompt styles. "paper" is §2.2 as written: a raw zero-shot instruction with the template, the
-# operator menu, the problem and the rules; the model writes the whole class. It suits an 8B
-# generator. "fewshot" is for small generators (the embedded 135M model wrote 0/30 usable workflows
-# from the paper's prompt): a raw few-shot prompt of short complete workflows of different operator
-# compositions, composed here from the benchmark's operator set, then the problem and the class
-# header prefilled up to `):` so the model writes only the body of run_workflow. The prefill ends
-# at `):` and not at a newline because this tokenizer encodes newline-plus-indent as one token: a
-# prompt ending in a bare newline forces a token split the model never saw (token healing).
+# operator menu, the problem and the rules; the model writes the whole class (an 8B generator).
+# "fewshot" is for small generators (the embedded 135M model wrote 0/30 usable workflows from the
+# paper's prompt): short complete workflows of different operator compositions, then the problem
+# and the class header prefilled up to `):`, so the model writes only run_workflow's body. The
+# prefill ends at `):`, not a newline, because this tokenizer encodes newline-plus-indent as one
+# token: a prompt ending in a bare newline forces a token split the model never saw (token healing).
 
-# Few-shot examples per operator set: (problem, [(variable, operator attribute, keyword, argument)]).
-# An argument is a Python expression: a string literal, a variable, or a list of variables.
+# Few-shot examples per operator set: (problem, [(variable, operator, argument)]); an argument is a
+# Python expression passed as the operator's keyword in ARGUMENT (None: no argument).
+ARGUMENT = {"custom": "instruction", "programmer": "analysis", "review": "pre_solution",
+            "sc_ensemble": "solutions", "code_generate": "instruction", "test": "solution"}
 FEWSHOT = {
     "math": [
-        ("What is 15% of 80?", [("code", "programmer", "analysis", '"Compute 15 percent of 80."')]),
-        ("Simplify 12/18.", [("answer", "custom", "instruction", '"Simplify the fraction step by step."')]),
+        ("What is 15% of 80?", [("code", "programmer", '"Compute 15 percent of 80."')]),
+        ("Simplify 12/18.", [("answer", "custom", '"Simplify the fraction step by step."')]),
         ("How many divisors does 36 have?", [
-            ("draft", "custom", "instruction", '"List the divisors step by step."'),
-            ("checked", "review", "pre_solution", "draft")]),
-        ("Solve 3x + 5 = 20.", [
-            ("a", "custom", "instruction", '"Solve the equation step by step."'),
-            ("b", "programmer", "analysis", "a"),
-            ("best", "sc_ensemble", "solutions", "[a, b]")]),
+            ("draft", "custom", '"List the divisors step by step."'), ("checked", "review", "draft")]),
+        ("Solve 3x + 5 = 20.", [("a", "custom", '"Solve the equation step by step."'),
+                                ("b", "programmer", "a"), ("best", "sc_ensemble", "[a, b]")]),
         ("What is the remainder of 2^10 divided by 7?", [
-            ("p1", "programmer", "analysis", '"Use modular arithmetic."'),
-            ("p2", "programmer", "analysis", '"Compute the power, then the remainder."'),
-            ("best", "sc_ensemble", "solutions", "[p1, p2]")]),
-        ("What is 7 choose 3?", [
-            ("code", "programmer", "analysis", '"Count the combinations."'),
-            ("final", "review", "pre_solution", "code")]),
+            ("p1", "programmer", '"Use modular arithmetic."'),
+            ("p2", "programmer", '"Compute the power, then the remainder."'),
+            ("best", "sc_ensemble", "[p1, p2]")]),
+        ("What is 7 choose 3?", [("code", "programmer", '"Count the combinations."'),
+                                 ("final", "review", "code")]),
         ("Find the 10th term of 2, 5, 8, ...", [
-            ("s1", "custom", "instruction", '"Find the pattern, then the term."'),
-            ("s2", "custom", "instruction", '"Write the general term and evaluate it."'),
-            ("s3", "programmer", "analysis", "s1"),
-            ("best", "sc_ensemble", "solutions", "[s1, s2, s3]")]),
-        ("What is the lcm of 8 and 12?", [
-            ("plan", "custom", "instruction", '"Explain how to find the answer."'),
-            ("code", "programmer", "analysis", "plan")]),
-    ],
+            ("s1", "custom", '"Find the pattern, then the term."'),
+            ("s2", "custom", '"Write the general term and evaluate it."'),
+            ("s3", "programmer", "s1"), ("best", "sc_ensemble", "[s1, s2, s3]")]),
+        ("What is the lcm of 8 and 12?", [("plan", "custom", '"Explain how to find the answer."'),
+                                          ("code", "programmer", "plan")])],
     "qa": [
         ("Who was older, the author of Dracula or the author of Frankenstein?", [
-            ("answer", "answer_generate", None, None)]),
+            ("answer", "answer_generate", None)]),
         ("How many yards was the longest touchdown?", [
-            ("a", "answer_generate", None, None),
-            ("checked", "review", "pre_solution", "a")]),
+            ("a", "answer_generate", None), ("checked", "review", "a")]),
         ("Which city hosted the games first?", [
-            ("a", "custom", "instruction", '"Find the relevant facts, then answer briefly."'),
-            ("b", "answer_generate", None, None),
-            ("best", "sc_ensemble", "solutions", "[a, b]")]),
+            ("a", "custom", '"Find the relevant facts, then answer briefly."'),
+            ("b", "answer_generate", None), ("best", "sc_ensemble", "[a, b]")]),
         ("How many more points did the home team score?", [
-            ("a", "custom", "instruction", '"Find both numbers, then subtract."'),
-            ("checked", "review", "pre_solution", "a")]),
+            ("a", "custom", '"Find both numbers, then subtract."'), ("checked", "review", "a")]),
         ("What nationality was the director of the film?", [
-            ("a", "answer_generate", None, None),
-            ("b", "custom", "instruction", '"Answer in a few words."'),
-            ("c", "custom", "instruction", '"Think step by step, then give a short answer."'),
-            ("best", "sc_ensemble", "solutions", "[a, b, c]")]),
+            ("a", "answer_generate", None), ("b", "custom", '"Answer in a few words."'),
+            ("c", "custom", '"Think step by step, then give a short answer."'),
+            ("best", "sc_ensemble", "[a, b, c]")]),
         ("In what year did the band release its first album?", [
-            ("a", "custom", "instruction", '"Give the year only."')]),
-    ],
+            ("a", "custom", '"Give the year only."')])],
     "code": [
         ("Return the sum of a list of numbers.", [
-            ("code", "code_generate", "instruction", '"Write a simple, correct solution."')]),
+            ("code", "code_generate", '"Write a simple, correct solution."')]),
         ("Return True if a string is a palindrome.", [
-            ("code", "code_generate", "instruction", '"Handle empty strings."'),
-            ("final", "test", "solution", "code")]),
+            ("code", "code_generate", '"Handle empty strings."'), ("final", "test", "code")]),
         ("Return the n-th Fibonacci number.", [
-            ("a", "code_generate", "instruction", '"Use a loop."'),
-            ("b", "code_generate", "instruction", '"Think about n = 0 and n = 1."'),
-            ("best", "sc_ensemble", "solutions", "[a, b]")]),
+            ("a", "code_generate", '"Use a loop."'),
+            ("b", "code_generate", '"Think about n = 0 and n = 1."'),
+            ("best", "sc_ensemble", "[a, b]")]),
         ("Count the vowels in a string.", [
-            ("a", "code_generate", "instruction", '"Write a clear solution."'),
-            ("b", "code_generate", "instruction", '"Check upper case letters too."'),
-            ("c", "code_generate", "instruction", '"Write a short solution."'),
-            ("best", "sc_ensemble", "solutions", "[a, b, c]"),
-            ("final", "test", "solution", "best")]),
+            ("a", "code_generate", '"Write a clear solution."'),
+            ("b", "code_generate", '"Check upper case letters too."'),
+            ("c", "code_generate", '"Write a short solution."'),
+            ("best", "sc_ensemble", "[a, b, c]"), ("final", "test", "best")]),
         ("Return the largest element of a list.", [
-            ("code", "code_generate", "instruction", '"Do not use max()."'),
-            ("final", "test", "solution", "code")]),
-    ],
+            ("code", "code_generate", '"Do not use max()."'), ("final", "test", "code")])],
 }
-
-SHORT_MENU = {  # one line per operator for the fewshot prompt (operators.operator_menu is the long form)
+SHORT_MENU = {  # one line per operator for the fewshot prompt (operators.operator_menu: long form)
     "Custom": "custom(instruction=...) asks the executor model to follow an instruction on the problem",
     "AnswerGenerate": "answer_generate() thinks step by step and gives a short answer",
     "Programmer": "programmer(analysis=...) writes and runs a Python program that computes the answer",
@@ -431,95 +402,67 @@ def assemble(set_name, body):
 
 
 def _fewshot_block(question, steps):
-    lines = []
-    for var, attr, kw, arg in steps:
-        call = f"self.{attr}({kw}={arg})" if kw else f"self.{attr}()"
-        lines.append(f"        {var} = await {call}")
-    lines.append(f"        return {steps[-1][0]}")
-    return f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE}\n" + "\n".join(lines) + "\n</graph>\n\n"
+    calls = "".join(f"        {var} = await self.{op}("
+                    + ("" if arg is None else f"{ARGUMENT[op]}={arg}") + ")\n" for var, op, arg in steps)
+    return (f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE}\n{calls}"
+            f"        return {steps[-1][0]}\n</graph>\n\n")
 
 
 def fewshot_prompt(set_name, question):
     """The small-generator prompt: menu, examples, then this problem with the header prefilled."""
     menu = "\n".join(f"#   self.{SHORT_MENU[op]}" for op in operators.OPERATOR_SETS[set_name])
-    head = (f"# Workflows that solve {set_name} problems. Each one calls these operators and returns text:\n"
-            f"{menu}\n\n")
-    examples = "".join(_fewshot_block(q, s) for q, s in FEWSHOT[set_name])
-    return head + examples + f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE[:-1]}:"
+    return (f"# Workflows that solve {set_name} problems. Each one calls these operators and returns "
+            f"text:\n{menu}\n\n" + "".join(_fewshot_block(q, s) for q, s in FEWSHOT[set_name])
+            + f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE[:-1]}:")
 
 
 def paper_prompt(set_name, question, bench_name=None):
-    """SCOREFLOW.md §2.2, in our words: task, template, operator menu, warning + problem, rules, cue.
-    The model writes the whole class inside <graph> tags. The problem line and the rules depend on
-    the group and, for the call bound, the benchmark: MATH shows the problem text as it is, GSM8K and
-    QA "Question:", code "TASK:"; LLM calls 3-8 math/QA, fewer than 7 HumanEval, at most 7 MBPP (and
-    other code tasks); loops of at most 3 for code; no placeholders for math and code; every output
-    feeds the result for QA; the graph differs from the template for math and QA."""
-    if set_name == "code":
-        lead = "TASK: "
-    elif set_name == "qa" or bench_name == "gsm8k":
-        lead = "Question: "
-    else:
-        lead = ""  # MATH (and other math tasks): the problem text
-    calls = {"math": "between 3 and 8", "qa": "between 3 and 8"}.get(
-        set_name, "fewer than 7" if bench_name == "humaneval" else "at most 7")
+    """SCOREFLOW.md §2.2 in our words: task, template, operator menu, warning + problem, rules, cue.
+    The problem line and rules follow the group and, for the call bound, the benchmark."""
+    lead = ("TASK: " if set_name == "code" else  # MATH shows the bare problem text
+            "Question: " if set_name == "qa" or bench_name == "gsm8k" else "")
+    calls = ("between 3 and 8" if set_name in ("math", "qa") else
+             "fewer than 7" if bench_name == "humaneval" else "at most 7")
+    rules = ["the graph must run as written",
+             "do not import anything (the operators are imported for you)"]
+    rules += ["no placeholders: every instruction is complete, concrete text"] * (set_name != "qa")
+    rules += ["use several operators, and build candidates with loops for an ensemble"
+              + (" (loops of at most 3 iterations)" if set_name == "code" else ""),
+              f"make {calls} LLM calls (operator calls)",
+              "every instruction asks for step-by-step thinking and one answer; never ask for several "
+              "answers in one call, or for 'another', 'first' or 'second' answers"]
+    rules += ["every operator output must feed the final result"] * (set_name == "qa")
+    rules += ["the graph must differ from the template"] * (set_name != "code")
     change = "" if set_name == "code" else " Your graph must differ from the template: change it."
-    rules = ["the graph must run as written", "do not import anything (the operators are imported for you)"]
-    if set_name in ("math", "code"):
-        rules.append("no placeholders: every instruction is complete, concrete text")
-    rules.append("use several operators, and build candidates with loops for an ensemble"
-                 + (" (loops of at most 3 iterations)" if set_name == "code" else ""))
-    rules.append(f"make {calls} LLM calls (operator calls)")
-    rules.append("every instruction asks for step-by-step thinking and one answer; never ask for several "
-                 "answers in one call, or for 'another', 'first' or 'second' answers")
-    if set_name == "qa":
-        rules.append("every operator output must feed the final result")
-    if set_name != "code":
-        rules.append("the graph must differ from the template")
-    rules.append("output only the graph, between <graph> and </graph>")
-    return (
-        "Write a workflow graph for the problem below: a Python class `Workflow` whose `async def "
-        f"run_workflow(self)` calls operators and returns the final answer. Start from this template.{change}\n\n"
-        f"<template>\n{operators.TEMPLATES[set_name]}</template>\n\n"
-        f"Operators (use only these):\n{operators.operator_menu(set_name)}\n\n"
-        "Warning: the graph must not contain the problem itself. The problem:\n"
-        f"{lead}{question}\n\n"
-        "Rules:\n" + "".join(f"- {r};\n" for r in rules[:-1]) + f"- {rules[-1]}.\n\n"
-        "Now write the graph.\n<graph>\n")
+    return ("Write a workflow graph for the problem below: a Python class `Workflow` whose `async def "
+            f"run_workflow(self)` calls operators and returns the final answer. Start from this "
+            f"template.{change}\n\n<template>\n{operators.TEMPLATES[set_name]}</template>\n\n"
+            f"Operators (use only these):\n{operators.operator_menu(set_name)}\n\n"
+            f"Warning: the graph must not contain the problem itself. The problem:\n{lead}{question}"
+            "\n\nRules:\n" + "".join(f"- {r};\n" for r in rules)
+            + "- output only the graph, between <graph> and </graph>.\n\nNow write the graph.\n<graph>\n")
 
 
 def build_prompt(style, set_name, question, bench_name=None):
-    return fewshot_prompt(set_name, question) if style == "fewshot" else paper_prompt(set_name, question, bench_name)
-
-
-def workflow_code(style, set_name, completion):
-    """The program to run from a generator completion (stop string already cut): fewshot bodies get
-    the harness's class header; paper outputs are taken from their <graph> tags (§2.3 step 1)."""
     if style == "fewshot":
-        return assemble(set_name, completion)
-    return operators.extract_graph("<graph>\n" + completion + "</graph>")
+        return fewshot_prompt(set_name, question)
+    return paper_prompt(set_name, question, bench_name)
 
 
 def repair_body(set_name, body):
-    """Keep the longest run of leading `name = await self.op(...)` lines of a fewshot body that
-    validates, and return the last variable it assigns. Returns the repaired body, or None if no
-    prefix is valid. Most invalid samples of a small generator return an expression or call an
-    operator that does not exist after a few good calls; this keeps those calls."""
-    import ast
+    """The longest run of leading `name = await self.op(...)` lines of a fewshot body that validates,
+    returning its last variable; None if no prefix is valid. A small generator's invalid samples
+    mostly return an expression or call a made-up operator after a few good calls."""
     lines = []
-    for line in body.split("\n"):
-        s = line.strip()
-        if not s:
-            continue
+    for line in filter(None, (s.strip() for s in body.split("\n"))):
         try:
-            parsed = ast.parse(s).body
+            node = (ast.parse(line).body or [None])[0]  # None: a comment line
         except SyntaxError:
             break
-        node = parsed[0] if parsed else None  # None: a comment line
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and isinstance(node.value, ast.Await)):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Await)):
             break
-        lines.append(("        " + s, node.targets[0].id))
+        lines.append(("        " + line, node.targets[0].id))
     for n in range(len(lines), 0, -1):
         fixed = "\n" + "\n".join(s for s, _ in lines[:n]) + f"\n        return {lines[n - 1][1]}\n"
         if operators.validate_workflow(assemble(set_name, fixed), set_name)[0]:
@@ -529,65 +472,58 @@ def repair_body(set_name, body):
 
 def composition(code):
     """The operator calls of a workflow, in source order: 'programmer>sc_ensemble'."""
-    import ast
     try:
         tree = ast.parse(code)
     except (SyntaxError, TypeError, ValueError):
         return ""
-    fn = next((n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef) and n.name == "run_workflow"), None)
-    if fn is None:
-        return ""
+    fn = next((n for n in ast.walk(tree)
+               if isinstance(n, ast.AsyncFunctionDef) and n.name == "run_workflow"), None)
     calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-             and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"]
-    calls.sort(key=lambda n: (n.lineno, n.col_offset))
-    return ">".join(n.func.attr for n in calls)
-
+             and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"] if fn else []
+    return ">".join(n.func.attr for n in sorted(calls, key=lambda n: (n.lineno, n.col_offset)))
 
 # --------------------------------------------------------------------------------------------------
 # Stage 1: generate k workflows per problem, runnable check, regenerate (SCOREFLOW.md §2, §8).
 
 
 def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage, temperature=None):
-    """k workflows per problem (an int, or a list with one k per problem) from the generator as it
-    stands, in one batch, at `temperature` (a float, or one per problem; default cfg.gen_temperature).
-    Returns one record per sample: problem id, prompt, completion (the text the pairs train on),
-    code, raw validity (before any repair), whether it was repaired, the runnable-check verdict,
-    whether the trial run was needed, the rounds it took and the temperature it was sampled at."""
+    """k workflows per problem (an int or one per problem) from the generator as it stands, in one
+    batch, at `temperature` (a float or one per problem; default cfg.gen_temperature); a rejected
+    sample is redrawn for cfg.regen_rounds rounds. One record per sample: its prompt, completion
+    (what the pairs train on), code, validity before repair (valid_raw), repaired, the runnable
+    check's verdict (valid, reason, rejections), trial, rounds and temperature."""
     import model as M
-    mdl, tok = gen
-    ks = [k] * len(problems) if isinstance(k, int) else list(k)
+    ks = [k] * len(problems) if isinstance(k, int) else k
     temperature = cfg.gen_temperature if temperature is None else temperature
-    temps = [temperature] * len(problems) if isinstance(temperature, (int, float)) else list(temperature)
-    prompts = [build_prompt(cfg.prompt, set_name, p.question, cfg.bench) for p in problems]  # by position: ids may repeat
-    recs = [dict(problem_id=p.id, sample=j, prompt=prompt, completion="", code=None, valid_raw=False,
-                 repaired=False, valid=False, reason="not generated", rounds=0, composition="", temperature=t)
-            for p, prompt, kp, t in zip(problems, prompts, ks, temps) for j in range(kp)]
-    todo = list(range(len(recs)))
-    prog = Progress(log_stage, len(recs), "workflows")
-    for rnd in range(max(1, cfg.regen_rounds + 1)):
-        if not todo:
-            break
-        batch = 32
-        for b0 in range(0, len(todo), batch):
-            idx = todo[b0:b0 + batch]
-            outs = M.generate(mdl, tok, [recs[i]["prompt"] for i in idx], max_new_tokens=cfg.gen_max_tokens,
+    temps = [temperature] * len(problems) if isinstance(temperature, (int, float)) else temperature
+    recs = [dict(problem_id=p.id, sample=j, prompt=build_prompt(cfg.prompt, set_name, p.question,
+                                                                cfg.bench),
+                 completion="", code=None, valid_raw=False, repaired=False, valid=False,
+                 reason="not generated", rounds=0, composition="", temperature=t)
+            for p, kp, t in zip(problems, ks, temps) for j in range(kp)]  # by position: ids may repeat
+    todo, prog = list(range(len(recs))), Progress(log_stage, len(recs), "workflows")
+    for rnd in range(cfg.regen_rounds + 1):
+        for b0 in range(0, len(todo), 32):  # generator batches of 32
+            idx = todo[b0:b0 + 32]
+            outs = M.generate(*gen, [recs[i]["prompt"] for i in idx], max_new_tokens=cfg.gen_max_tokens,
                               temperature=[recs[i]["temperature"] for i in idx], top_p=cfg.gen_top_p,
-                              stop=["</graph>"],
-                              seed=[_seed(seed, recs[i]["problem_id"], recs[i]["sample"], rnd) for i in idx])
-            for i, out in zip(idx, outs):
-                r = recs[i]
+                              stop=["</graph>"], seed=[_seed(seed, recs[i]["problem_id"],
+                                                             recs[i]["sample"], rnd) for i in idx])
+            for r, out in zip((recs[i] for i in idx), outs):
                 r.update(completion=out.text, rounds=rnd + 1, repaired=False)
-                code = workflow_code(cfg.prompt, set_name, out.text)
-                ok, reason = operators.validate_workflow(code, set_name) if code else (False, "no <graph> block")
-                r["valid_raw"] = ok  # this sample's own: a regenerated sample replaces the rejected one
+                code = (assemble(set_name, out.text) if cfg.prompt == "fewshot"  # §2.3 step 1
+                        else operators.extract_graph("<graph>\n" + out.text + "</graph>"))
+                ok, reason = (operators.validate_workflow(code, set_name) if code
+                              else (False, "no <graph> block"))
+                r["valid_raw"] = ok  # this sample's own: a redrawn sample replaces the rejected one
                 if not ok and cfg.prompt == "fewshot":
                     fixed = repair_body(set_name, out.text)
                     if fixed is not None:
                         r.update(completion=fixed, repaired=True)
                         code, ok = assemble(set_name, fixed), True
                 r.update(code=code if ok else None, valid=ok, reason="" if ok else reason)
-        checks = run_async(_check_all(cfg, [recs[i] for i in todo if recs[i]["valid"]], set_name, client),
-                           4 * cfg.concurrency)
+        checks = run_async(_check_all(cfg, [recs[i] for i in todo if recs[i]["valid"]], set_name,
+                                      client), 4 * cfg.concurrency)
         for r, (ok, reason) in checks:
             r.update(valid=ok, reason=reason)
             if not ok and not reason.startswith("infra"):
@@ -597,35 +533,41 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
                 recs[i].setdefault("rejections", []).append(recs[i]["reason"][:200])
         prog.update(sum(1 for i in todo if recs[i]["valid"]))
         todo = [i for i in todo if not recs[i]["valid"]]
+        if not todo:
+            break
     prog.done = len(recs)
     for r in recs:
         r["composition"] = composition(r["code"]) if r["code"] else ""
-    n_valid = sum(r["valid"] for r in recs)
-    prog.close(f"valid {n_valid}/{len(recs)}, raw-valid {sum(r['valid_raw'] for r in recs)}/{len(recs)}")
+    prog.close(f"valid {sum(r['valid'] for r in recs)}/{len(recs)}, "
+               f"raw-valid {sum(r['valid_raw'] for r in recs)}/{len(recs)}")
     return recs
 
 
 def _operator_options(cfg, **kw):
-    """The executor settings every operator call of this run shares (the runnable check and the
-    execute stage must ask alike), plus the stage's own fields."""
-    return operators.OperatorOptions(temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
-                                     programmer_examples=cfg.programmer_examples, test_rounds=cfg.test_rounds,
-                                     programmer_call_attempts=cfg.programmer_call_attempts, **kw)
+    """The executor settings every operator call of the run shares (the check and the execute stage
+    must ask alike), plus the stage's own fields."""
+    return operators.OperatorOptions(
+        temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens, test_rounds=cfg.test_rounds,
+        programmer_examples=cfg.programmer_examples,
+        programmer_call_attempts=cfg.programmer_call_attempts, **kw)
 
 
 async def _check_all(cfg, recs, set_name, client):
+    """§2.3 steps 2-5 on every record, cfg.concurrency at once: [(record, (ok, reason))]."""
     sem = asyncio.Semaphore(cfg.concurrency)
     threshold = operators.SIMILARITY_THRESHOLDS.get(cfg.bench, operators.SET_THRESHOLDS[set_name])
 
     async def one(r):
         async with sem:
             opts = _operator_options(cfg, stage="check", tag="check")
-            r["trial"] = cfg.trial_run == "always" or not operators.straight_line(r["code"], set_name, cfg.max_calls)
-            # As in the execute stage, a trial that hit the infrastructure is asked again: a hung endpoint
-            # then trips EndpointDown here even for a single workflow, and the stage records nothing.
+            r["trial"] = (cfg.trial_run == "always"
+                          or not operators.straight_line(r["code"], set_name, cfg.max_calls))
+            # As in the execute stage, a trial that hit the infrastructure is asked again: a hung
+            # endpoint then trips EndpointDown here even for one workflow; the stage records nothing.
             for _ in range(INFRA_TRIES):
-                verdict = await operators.runnable_check(r["code"], set_name, client, threshold=threshold,
-                                                         options=opts, max_calls=cfg.max_calls, trial=r["trial"])
+                verdict = await operators.runnable_check(
+                    r["code"], set_name, client, threshold=threshold, options=opts,
+                    max_calls=cfg.max_calls, trial=r["trial"])
                 if not verdict[1].startswith("infra"):
                     break
             return r, verdict
@@ -634,24 +576,21 @@ async def _check_all(cfg, recs, set_name, client):
 
 def run_async(coro, workers):
     """asyncio.run with a default thread pool of `workers` threads. Operators reach the executor and
-    the sandbox through asyncio.to_thread, whose default pool has min(32, cores + 4) threads: 6 on a
-    2-core machine, which capped the calls in flight (and so the local server's batches) at 6 whatever
-    --concurrency said (measured: 0.6 calls/s, 10.9 s per call, in the default run's execute stage)."""
+    the sandbox through asyncio.to_thread, whose default pool of min(32, cores + 4) threads (6 on 2
+    cores) capped the calls in flight, and so the local server's batches (measured: 0.6 calls/s)."""
     async def main():
         asyncio.get_running_loop().set_default_executor(pool)
         return await coro
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="workflow")
     try:
         return asyncio.run(main())
-    finally:  # a stopped stage (budget, endpoint down) drops the queued work; running calls end on their own
+    finally:  # a stopped stage (budget, endpoint down) drops the queued work; running calls end
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _seed(*parts):
     """A 63-bit seed from any parts, the same on every machine (no hash randomisation)."""
-    import hashlib
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
 
 # --------------------------------------------------------------------------------------------------
 # Stage 2: execute each workflow r times and score it (SCOREFLOW.md §4, §10.7).
@@ -660,50 +599,52 @@ NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
 def rule_extract(output, set_name):
-    """Our rule-based stand-in for the paper's Extractor call (SCOREFLOW.md §3 "Not offered"): for
-    math, an output without \\boxed{} is reduced to its last number, boxed. QA and code outputs are
-    scored as they are. `--extractor llm` uses operators.extract_answer (one executor call) instead."""
+    """Our rule-based stand-in for the paper's Extractor call (§3 "Not offered", --extractor llm):
+    a math output without \\boxed{} is reduced to its last number, boxed; others are kept."""
     if set_name != "math" or "\\boxed" in output:
         return output
     nums = NUMBER.findall(output)
     return f"\\boxed{{{nums[-1].replace(',', '')}}}" if nums else output
 
 
+def run_key(kind, problem_id, i=None, sample=None):
+    """A workflow's key in scores.json and its tag in the call journal: "<i>:<id>:<sample>" for a
+    validate sample of iteration i, "test<i>:<id>" for generator i on a test problem, "cot:<id>" and
+    "io:<id>" for the baselines."""
+    if kind == "validate":
+        return f"{i}:{problem_id}:{sample}"
+    return f"test{i}:{problem_id}" if kind == "test" else f"{kind}:{problem_id}"
+
+
 def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
-    """Run each (key, code, problem) job cfg.runs times. Returns {key: {"score": s or None, "runs":
-    [...]}}: s is the mean over runs, a run that failed by the workflow's own fault scores 0 and
-    still counts in the mean (a run that raised is first attempted cfg.run_attempts times, §4);
-    runs that failed through the infrastructure are left out (retried first; each keeps its
-    "kind"), and a workflow with no informative run gets None (no score, no pairs).
-    Raises executor.BudgetExceeded / EndpointDown: the stage stops and records nothing."""
+    """Run each (key, code, problem) job cfg.runs times: {key: {"score": s or None, "runs": [...]}}.
+    s is the mean over runs; a run that failed by the workflow's own fault scores 0 and counts (one
+    that raised is first attempted cfg.run_attempts times, §4); runs that failed through the
+    infrastructure are retried, then left out with their "kind", and with no informative run s is
+    None (no score, no pairs). Raises executor.BudgetExceeded / EndpointDown, recording nothing."""
     prog = Progress(log_stage, len(jobs) * cfg.runs, "runs")
     results = run_async(_execute_all(cfg, task, jobs, set_name, client, prog), 4 * cfg.concurrency)
     out = {}
     for (key, _, _), runs in zip(jobs, results):
-        informative = [r for r in runs if r["status"] != "infra_error"]
-        score = sum(r["score"] for r in informative) / len(informative) if informative else None
-        out[key] = {"score": score, "runs": runs}
+        informative = [r["score"] for r in runs if r["status"] != "infra_error"]
+        out[key] = {"score": _mean(informative) if informative else None, "runs": runs}
     kinds = infra_kinds(out)
     prog.close(("infra failures " + ", ".join(f"{k} {n}" for k, n in kinds.items())) if kinds else "")
     return out
 
 
 def infra_kinds(scores):
-    """{kind: runs} of the infrastructure failures in a stage's scores (timeout, connection, http,
-    bad_body, sandbox, scorer, ...): left out of scores and pairs, counted here (§10.7)."""
-    return _count(r.get("kind", "other") for v in scores.values() for r in v["runs"] if r["status"] == "infra_error")
-
-
-def is_test_key(key):
-    """Keys of test-split runs: test<i>:<id> (a generator's workflow), cot:<id> and io:<id>."""
-    return str(key).split(":", 1)[0] in ("cot", "io") or str(key).startswith("test")
+    """{kind: runs} of a stage's infrastructure failures (timeout, connection, http, bad_body,
+    sandbox, scorer, ...): left out of scores and pairs, counted here (§10.7)."""
+    return _count(r.get("kind", "other") for v in scores.values() for r in v["runs"]
+                  if r["status"] == "infra_error")
 
 
 async def score_run(cfg, task, key, answer, problem, client, opts):
-    """A run's score: the benchmark's rule scorer, or under --judge llm for a test-split run of
-    MATH, DROP or HotpotQA, the judge call (SCOREFLOW.md §4 "At test time"). Validate runs (the
-    scores pairs are made of) always use the rule scorer."""
-    if cfg.judge == "llm" and is_test_key(key) and task.NAME in operators.JUDGED:
+    """The benchmark's rule scorer, or under --judge llm for a test-split run (a "test", "cot" or
+    "io" key) of MATH, DROP or HotpotQA, the judge call (§4 "At test time")."""
+    test = str(key).split(":", 1)[0] in ("cot", "io") or str(key).startswith("test")
+    if cfg.judge == "llm" and test and task.NAME in operators.JUDGED:
         return await operators.judge(problem, answer, client, task.NAME, options=opts)
     return float(await asyncio.to_thread(task.score, answer, problem))
 
@@ -713,13 +654,13 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
 
     async def one_run(key, code, problem, r):
         async with sem:
-            for attempt in range(cfg.run_attempts):  # a run that raised gets run_attempts, 1 s apart (§4)
-                opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute", tag=str(key),
-                                         keep_prompts=False)
-                for _ in range(INFRA_TRIES):  # infrastructure failures are retried (finished calls replay), then left out
+            for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
+                opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute",
+                                         tag=str(key), keep_prompts=False)
+                for _ in range(INFRA_TRIES):  # finished calls replay from the journal
                     run = await operators.run_workflow(code, problem, client, set_name,
-                                                       timeout=cfg.workflow_timeout, max_calls=cfg.max_calls,
-                                                       options=opts)
+                                                       timeout=cfg.workflow_timeout,
+                                                       max_calls=cfg.max_calls, options=opts)
                     if run.status != "infra_error":
                         break
                 if not run.raised or attempt + 1 == cfg.run_attempts:
@@ -733,10 +674,9 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
                 rec["kind"] = getattr(run.error, "kind", "other")
             if run.status == "ok":
                 try:
-                    if cfg.extractor == "llm":
-                        answer = await operators.extract_answer(run.answer, problem, client, set_name, options=opts)
-                    else:
-                        answer = rule_extract(run.answer, set_name)
+                    answer = (await operators.extract_answer(run.answer, problem, client, set_name,
+                                                             options=opts)
+                              if cfg.extractor == "llm" else rule_extract(run.answer, set_name))
                     rec["extracted"] = answer[-500:]
                     rec["score"] = await score_run(cfg, task, key, answer, problem, client, opts)
                 except bench.ScoringError as e:
@@ -752,69 +692,60 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
         return await asyncio.gather(*(one_run(key, code, problem, r) for r in range(cfg.runs)))
     return await asyncio.gather(*(one_job(*j) for j in jobs))
 
-
 # --------------------------------------------------------------------------------------------------
 # Stages 3 and 4: pairs and Score-DPO (SCOREFLOW.md §5, §6, §7).
 
 
 def workflow_score(rec, scores, invalid="zero"):
-    """A sample's score: the mean of its runs if it passed the runnable check; if it failed the
-    check by its own fault, 0 with invalid="zero" (ours: a small generator learns validity from
-    these losers) or None with invalid="skip" (the paper: only workflows that survived §2.3 are
-    paired, §5); None when there is no evidence either way: no informative run, or the check hit
-    an infrastructure failure (§10.7)."""
+    """A sample's score: its runs' mean if it passed the runnable check; if it failed the check by
+    its own fault, 0 with invalid="zero" (ours: a small generator learns validity from these
+    losers) or None with "skip" (the paper pairs only survivors, §5); None without evidence either
+    way: no informative run, or the check hit an infrastructure failure (§10.7)."""
     if rec["valid"]:
         return scores.get(rec["key"], {}).get("score")
-    if rec["reason"].startswith("infra") or invalid == "skip":
-        return None
-    return 0.0
+    return None if rec["reason"].startswith("infra") or invalid == "skip" else 0.0
 
 
 def workflow_tokens(rec, scores):
-    """Mean executor tokens (prompt + completion) over a sample's informative runs; 0 for a sample
-    that never ran (it failed the check)."""
-    runs = [r for r in scores.get(rec.get("key"), {}).get("runs", []) if r.get("status") != "infra_error"]
+    """Mean executor tokens over a sample's informative runs; 0 if it never ran."""
+    runs = [r for r in scores.get(rec.get("key"), {}).get("runs", [])
+            if r.get("status") != "infra_error"]
     return _mean(r.get("tokens", 0) for r in runs) if runs else 0.0
 
 
 def cost_score(s, tokens, weight):
-    """Ours, not the paper's (--cost-weight λ): the pairing score s - λ·tokens/1000, clipped to
-    [0, 1], so of two equally good workflows the cheaper one wins (the paper's Fig. 4 is about
-    cost). λ = 0 gives s unchanged."""
+    """Ours (--cost-weight λ): the pairing score s - λ·tokens/1000 clipped to [0, 1], so of two
+    equally good workflows the cheaper wins (the paper's Fig. 4 is about cost); λ = 0: s."""
     return min(1.0, max(0.0, s - weight * tokens / 1000.0)) if weight else s
 
 
+def power_d(s_w, s_l, power):
+    """d(x, y) = (x - y)^power for --d-power's other values (§9 Table 4 tries 2 and 100)."""
+    return (s_w - s_l) ** power
+
+
 def make_pairs(cfg, recs, scores, seed):
-    """All pairs with s_w > s_l per problem, then cfg.pairs drawn with P ∝ d (§5). s is
-    workflow_score under cfg.invalid_scores, then cost_score under cfg.cost_weight. The texts are
-    the completions plus the stop string `</graph>` (§5 "Record")."""
+    """(eligible, drawn): all pairs with s_w > s_l per problem, then cfg.pairs drawn i.i.d. with P ∝
+    d (§5): score_dpo.cube_d, the paper's, at --d-power 3; uniform_d at 0. s is workflow_score under
+    --invalid-scores, then cost_score; the texts are the completions plus `</graph>` (§5 "Record")."""
     by_problem = {}
     for r in recs:
         s = workflow_score(r, scores, cfg.invalid_scores)
-        if s is None:
-            continue  # no evidence about this workflow (§10.7), or a rejected one under skip (§5)
-        s = cost_score(s, workflow_tokens(r, scores), cfg.cost_weight)
-        by_problem.setdefault(r["problem_id"], []).append((r, s))
-    eligible = []
-    for pid, items in by_problem.items():
-        eligible += score_dpo.build_pairs(pid, items[0][0]["prompt"], [r["completion"] + "</graph>" for r, _ in items],
-                                          [s for _, s in items])
-    if not eligible:
-        return eligible, []
-    d = score_dpo.uniform_d if cfg.d_power == 0 else (lambda w, l: (w - l) ** cfg.d_power)
-    return eligible, score_dpo.sample_pairs(eligible, cfg.pairs, d=d, seed=seed)
+        if s is not None:  # None: no evidence (§10.7), or a rejected workflow under skip (§5)
+            s = cost_score(s, workflow_tokens(r, scores), cfg.cost_weight)
+            by_problem.setdefault(r["problem_id"], []).append((r, s))
+    eligible = [p for pid, items in by_problem.items() for p in score_dpo.build_pairs(
+        pid, items[0][0]["prompt"], [r["completion"] + "</graph>" for r, _ in items],
+        [s for _, s in items])]
+    d = {3: score_dpo.cube_d, 0: score_dpo.uniform_d}.get(
+        cfg.d_power, functools.partial(power_d, power=cfg.d_power))
+    return eligible, score_dpo.sample_pairs(eligible, cfg.pairs, d=d, seed=seed) if eligible else []
 
 
 def not_one_zero(pairs):
-    """How many pairs are not (s_w, s_l) = (1, 0). With none, Score-DPO's factors f(s_w) = 1 and
+    """Pairs that are not (s_w, s_l) = (1, 0). With none, Score-DPO's factors f(s_w) = 1 and
     1 - f(s_l) = 1 make it plain DPO, and d = 1 for every pair (SCOREFLOW.md §6.1)."""
     return sum(not (p.chosen_score == 1.0 and p.rejected_score == 0.0) for p in pairs)
-
-
-def train_config(cfg, iteration):
-    return score_dpo.TrainConfig(loss=cfg.loss, beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs, grad_accum=cfg.grad_accum,
-                                 lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reference=cfg.reference,
-                                 seed=_seed(cfg.seed, "train", iteration) % (1 << 31))
 
 
 def _has_adapter(path):
@@ -822,56 +753,49 @@ def _has_adapter(path):
 
 
 def train_stage(cfg, R, i, gen, pairs):
-    """Iteration i's Score-DPO on `pairs` (SCOREFLOW.md §6, §7); returns the loss history (empty on
-    ranks > 0). Rank 0 decides, and under torchrun every rank calls this once per iteration and
-    receives rank 0's plan and pairs (its own `pairs` are ignored): this is where ranks meet. The plan:
-    the adapter is on file already (--resume): load it; or train, first loading the last iteration's
+    """Iteration i's Score-DPO (§6, §7); returns the loss history. Under torchrun every rank calls
+    it once per iteration and gets rank 0's plan and pairs (its own `pairs` are ignored): the
+    adapter is on file already (--resume): load it; or train, first loading the last iteration's
     adapter when a resumed run has none in memory; or, without pairs, nothing. So every rank holds
-    rank 0's adapter after the stage, and score_dpo.train splits each step's pairs over the ranks."""
+    rank 0's adapter after it, and score_dpo.train splits each step's pairs over the ranks."""
     import model as M
-    mdl, tok = gen
-    rank = _rank()
     train_dir = R.path(f"iter{i}", "train")
     final, prev = os.path.join(train_dir, "adapter"), R.path(f"iter{i - 1}", "train", "adapter")
-    plan = None
-    if rank == 0:
-        if _has_adapter(final):
-            plan = ("done", final, [])
-        elif pairs:
-            plan = ("train", prev if i > 0 and not M.lora_layers(mdl) and _has_adapter(prev) else None, pairs)
-        else:
-            plan = ("none", None, [])
+    plan, hist_path = None, os.path.join(train_dir, "history.json")
+    if _rank() == 0:
+        resumed = i > 0 and not M.lora_layers(gen[0]) and _has_adapter(prev)
+        plan = (("done", final, []) if _has_adapter(final) else
+                ("train", prev if resumed else None, pairs) if pairs else ("none", None, []))
     what, load, pairs = share(plan)
     if load:
-        M.load_adapter(mdl, load)
-    if rank != 0 and what != "train":
+        M.load_adapter(gen[0], load)
+    if _rank() != 0 and what != "train":
         return []
     if what == "done":
         log(f"iter{i} train: done earlier, loaded {os.path.relpath(final, R.dir)}")
-        hist_path = os.path.join(train_dir, "history.json")
-        return json.load(open(hist_path)) if os.path.exists(hist_path) else []
+        return read_json(hist_path) if os.path.exists(hist_path) else []
     if what == "none":
         log(f"iter{i} train: no pairs (every problem's workflows tied); the generator is unchanged")
         return []
     t0 = time.time()
-    result = score_dpo.train(mdl, tok, pairs, train_config(cfg, i), out_dir=train_dir)
-    if rank == 0:
-        write_atomic(os.path.join(train_dir, "history.json"), json.dumps(result.history))
+    tc = score_dpo.TrainConfig(loss=cfg.loss, beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs,
+                               grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                               reference=cfg.reference, seed=_seed(cfg.seed, "train", i) % (1 << 31))
+    history = score_dpo.train(*gen, pairs, tc, out_dir=train_dir).history
+    if _rank() == 0:
+        write_atomic(hist_path, json.dumps(history))
         R.stage_seconds[f"iter{i} train"] = time.time() - t0
-    return result.history
-
+    return history
 
 # --------------------------------------------------------------------------------------------------
 # torchrun: data-parallel training over pairs. Rank 0 runs the whole loop (generate, execute, the
 # executor and its local server, the run directory); the other ranks load the generator and train
-# with it in train_stage, nothing else.
+# with it in train_stage, nothing else. The run directory must be on a filesystem every rank sees.
 
 
 def init_distributed(device):
-    """Join torchrun's process group when there is one (WORLD_SIZE > 1 in the environment): gloo for
-    a CPU device, NCCL for CUDA, each rank on the GPU its LOCAL_RANK names. Returns this rank (0
-    without torchrun). The run directory must be on a filesystem every rank sees (one machine, or a
-    shared one): the other ranks read the adapters and training checkpoints rank 0 writes there."""
+    """Join torchrun's process group when WORLD_SIZE > 1: gloo on a CPU, NCCL on CUDA with each rank
+    on its LOCAL_RANK's GPU. Returns this rank (0 without torchrun)."""
     import torch
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -898,21 +822,8 @@ def share(obj):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def follow(cfg):
-    """A rank > 0 under torchrun: load the generator as rank 0 does, then join every iteration's train
-    stage (train_stage); rank 0 alone writes, executes and tests."""
-    import torch
-    import model as M
-    gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
-    R = Run(cfg)
-    for i in range(cfg.iterations):
-        train_stage(cfg, R, i, gen, None)
-    return 0
-
-
 # --------------------------------------------------------------------------------------------------
-# Evaluation on the test split: a generator (one workflow per problem) or a fixed workflow.
+# The loop (SCOREFLOW.md §1), a function per stage, each reading its output back on --resume.
 
 
 def fixed_workflow(set_name, which):
@@ -920,72 +831,135 @@ def fixed_workflow(set_name, which):
     the executor for the answer directly, with no instruction."""
     if which == "cot":
         return operators.TEMPLATES[set_name]
-    call = "self.code_generate(instruction=\"\")" if set_name == "code" else "self.custom(instruction=\"\")"
-    return assemble(set_name, f"\n        answer = await {call}\n        return answer\n")
+    op = "code_generate" if set_name == "code" else "custom"
+    return assemble(set_name, f'\n        answer = await self.{op}(instruction="")\n        return answer\n')
 
 
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
+def generate_stage(R, i):
+    """Iteration i's workflows (§2): k per validate problem at --gen-temperature and, with baselines,
+    one per test problem at --test-temperature, in one batch (it keeps the local server's batches
+    full). Returns (validate records, test records)."""
+    cfg, val, test = R.cfg, R.data.validate, R.data.test if R.cfg.baselines else []
+
+    def compute():
+        recs = generate_workflows(cfg, R.gen, val + test, R.set_name, R.client, _seed(cfg.seed, "iter", i),
+                                  [cfg.k] * len(val) + [1] * len(test), f"iter{i} generate",
+                                  [cfg.gen_temperature] * len(val) + [cfg.test_temperature] * len(test))
+        for j, r in enumerate(recs):  # in problem order: the validate samples come first
+            r["split"] = "validate" if j < len(val) * cfg.k else "test"
+            r["key"] = run_key(r["split"], r["problem_id"], i, r["sample"])
+        return recs
+    recs = R.stage(f"iter{i} generate", R.path(f"iter{i}", "workflows.jsonl"), compute, jsonl=True)
+    return ([r for r in recs if r.get("split", "validate") == "validate"],
+            [r for r in recs if r.get("split") == "test"])
 
 
-# --------------------------------------------------------------------------------------------------
-# The loop (SCOREFLOW.md §1) with its run directory.
+def execute_stage(R, i, recs, fixed):
+    """Every valid workflow of `recs` (both splits) and the `fixed` baselines on every test problem,
+    run --runs times and scored in one stage (§4): {key: {"score", "runs"}}."""
+    by_id = {"validate": {p.id: p for p in R.data.validate}, "test": {p.id: p for p in R.data.test}}
+    jobs = [(r["key"], r["code"], by_id[r.get("split", "validate")][r["problem_id"]])
+            for r in recs if r["valid"]]
+    jobs += [(run_key(w, p.id), fixed_workflow(R.set_name, w), p) for w in fixed for p in R.data.test]
+    return R.stage(f"iter{i} execute", R.path(f"iter{i}", "scores.json"), lambda: execute_workflows(
+        R.cfg, R.data.task, jobs, R.set_name, R.client, f"iter{i} execute"))
 
 
-class Run:
-    """The run directory: config.json, iter<i>/{workflows,scores,pairs}.jsonl, iter<i>/train/ (the
-    adapter, PEFT layout), test/<method>.json, metrics.json, report.md. A stage whose output file
-    exists is done and is read back instead of redone (--resume)."""
+def test_summary(recs, scores):
+    """test/gen<i>.json: a generator's one workflow per test problem, scored."""
+    per = {r["problem_id"]: workflow_score(r, scores) for r in recs}
+    return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per,
+            "valid": sum(r["valid"] for r in recs), "workflows": recs,
+            "infra": sum(v is None for v in per.values())}
 
-    def __init__(self, cfg):
-        self.cfg, self.dir = cfg, cfg.run_dir
-        self.stage_seconds = {}
-        self.metrics = {"iterations": [], "test": {}, "infra_failures": {}}
 
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
+def pair_stage(R, i, recs, scores):
+    """(eligible, drawn) pairs of iteration i's validate workflows (§5); iter<i>/pairs.jsonl."""
+    eligible, pairs = make_pairs(R.cfg, recs, scores, _seed(R.cfg.seed, "pairs", i) % (1 << 31))
+    path = R.path(f"iter{i}", "pairs.jsonl")
+    if not os.path.exists(path):
+        score_dpo.write_pairs(path, pairs)
+    return eligible, score_dpo.read_pairs(path)
 
-    def stage(self, name, path, compute, *, jsonl=False):
-        """Read `path` if it exists, else compute() and write it atomically; time the stage."""
-        if os.path.exists(path):
-            log(f"{name}: done earlier, reading {os.path.relpath(path, self.dir)}")
-            return read_jsonl(path) if jsonl else json.load(open(path))
-        t0 = time.time()
-        value = compute()
-        if jsonl:
-            write_jsonl(path, value)
-        else:
-            write_atomic(path, json.dumps(value, indent=1))
-        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
-        return value
+
+def final_test_stage(R):
+    """The generator after the last iteration, g = --iterations, on the test split: one workflow
+    per problem, generated and executed in a stage of its own (test/gen<g>.json)."""
+    cfg, g = R.cfg, R.cfg.iterations
+
+    def compute():
+        recs = generate_workflows(cfg, R.gen, R.data.test, R.set_name, R.client,
+                                  _seed(cfg.seed, "test", g), 1, f"test gen{g}", cfg.test_temperature)
+        for r in recs:
+            r.update(split="test", key=run_key("test", r["problem_id"], g))
+        jobs = [(r["key"], r["code"], p) for r, p in zip(recs, R.data.test) if r["valid"]]
+        return test_summary(recs, execute_workflows(cfg, R.data.task, jobs, R.set_name, R.client,
+                                                    f"test exec gen{g}"))
+    R.metrics["test"][f"gen{g}"] = _brief(R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), compute))
+
+
+def _loop(R):
+    """SCOREFLOW.md §1: each iteration generates, executes, pairs and trains; then the final test.
+    With baselines, each iteration's generate and execute stages also cover one workflow per test
+    problem (and CoT and IO at i = 0), so every generator is tested."""
+    cfg = R.cfg
+    for i in range(cfg.iterations):
+        recs, test_recs = generate_stage(R, i)  # k workflows per problem, runnable check
+        fixed = ("cot", "io") if cfg.baselines and i == 0 else ()
+        scores = execute_stage(R, i, recs + test_recs, fixed)  # r runs each, scored
+        if cfg.baselines:
+            R.record_test(f"gen{i}", test_summary(test_recs, scores))
+        for w in fixed:
+            per = {p.id: scores[run_key(w, p.id)]["score"] for p in R.data.test}
+            R.record_test(w, {"score": _mean(v for v in per.values() if v is not None),
+                              "per_problem": per})
+        eligible, pairs = pair_stage(R, i, recs, scores)  # all pairs, N drawn with P ∝ d
+        history = train_stage(cfg, R, i, R.gen, pairs)  # Score-DPO; every rank under torchrun
+        scored = [scores[r["key"]]["score"] for r in recs if r["valid"]]
+        R.metrics["iterations"].append({
+            "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
+            "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
+            "trial_runs": sum(bool(r.get("trial")) for r in recs),
+            "distinct_compositions_first40": len({r["composition"] for r in recs[:40] if r["valid_raw"]}),
+            "compositions": _count(r["composition"] for r in recs if r["valid"]),
+            "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
+            "validate_score_valid": _mean(s for s in scored if s is not None),
+            "infra_failures": sum(x["status"] == "infra_error" for v in scores.values() for x in v["runs"]),
+            "infra_by_kind": infra_kinds(scores), "eligible_pairs": len(eligible), "pairs": len(pairs),
+            "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
+            "trained": _has_adapter(R.path(f"iter{i}", "train", "adapter")),
+            "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
+            "loss_curve": [h.get("loss") for h in history],
+            "margin_curve": [h.get("margin") for h in history]})
+    final_test_stage(R)
 
 
 def run(cfg, data=None):
-    """The whole run; data is load_data(cfg), loaded by main before the run directory exists."""
+    """The whole run; data is load_data(cfg), loaded by main before the run directory exists. Under
+    torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
     import torch
     import model as M
-    if _rank() != 0:  # torchrun: the other ranks only train, with rank 0
-        return follow(cfg)
-    t_start = time.time()
-    data = data or load_data(cfg)
-    task, validate, test = data.task, data.validate, data.test
-    set_name = task.OPERATOR_SET
     R = Run(cfg)
+    if _rank() != 0:
+        gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        for i in range(cfg.iterations):
+            train_stage(cfg, R, i, gen, None)
+        return 0
+    t_start = time.time()
+    R.data = data = data or load_data(cfg)
+    R.set_name = data.task.OPERATOR_SET
     os.makedirs(R.dir, exist_ok=True)
-    prior = R.path("metrics.json")
-    if os.path.exists(prior):
-        R.stage_seconds = json.load(open(prior)).get("stage_seconds", {})
-        R.metrics["executor_sessions"] = json.load(open(prior)).get("executor_sessions", [])
+    if os.path.exists(R.path("metrics.json")):
+        prior = read_json(R.path("metrics.json"))
+        R.stage_seconds = prior.get("stage_seconds", {})
+        R.metrics["executor_sessions"] = prior.get("executor_sessions", [])
     R.metrics["data"] = {"description": data.description, "split": data.split_note}
-    log(f"data: {data.description}")
-    if data.split_note:
-        log(f"data: {data.split_note}")
-    print_plan(cfg, len(validate), len(test), set_name)
-
+    for line in (data.description, data.split_note):
+        if line:
+            log(f"data: {line}")
+    print_plan(cfg, len(data.validate), len(data.test), R.set_name)
     log(f"loading generator {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}")
-    dtype = getattr(torch, cfg.dtype)
-    gen = M.load(cfg.generator, device=cfg.device, dtype=dtype)
+    R.gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     server = None
     if cfg.executor_url is None:
         server = executor.start_local_server(None, device=cfg.device, dtype=cfg.dtype)
@@ -993,160 +967,64 @@ def run(cfg, data=None):
         log(f"executor: local server at {url} ({name}, journal identity {identity})")
     else:
         url, name, key, identity = cfg.executor_url, cfg.executor_model, cfg.api_key, None
-    budget = executor.Budget(dollars=cfg.budget_usd, tokens=cfg.budget_tokens) \
-        if (cfg.budget_usd is not None or cfg.budget_tokens is not None) else None
-    client = executor.ChatClient(url, name, api_key=key, timeout=cfg.executor_timeout,
-                                 max_concurrency=cfg.executor_concurrency or (cfg.concurrency if server else 16),
-                                 cache_path=R.path("calls.sqlite"), budget=budget, extra=cfg.executor_extra,
-                                 identity=identity)
+    budget = (executor.Budget(dollars=cfg.budget_usd, tokens=cfg.budget_tokens)
+              if cfg.budget_usd is not None or cfg.budget_tokens is not None else None)
+    R.client = client = executor.ChatClient(
+        url, name, api_key=key, timeout=cfg.executor_timeout, identity=identity, budget=budget,
+        max_concurrency=cfg.executor_concurrency or (cfg.concurrency if server else 16),
+        cache_path=R.path("calls.sqlite"), extra=cfg.executor_extra)
     try:
-        _loop(cfg, R, task, set_name, validate, test, gen, client)
+        _loop(R)
     except (executor.BudgetExceeded, executor.EndpointDown) as e:
         log(_stop_message(cfg, client, e))
         return EXIT_BUDGET if isinstance(e, executor.BudgetExceeded) else EXIT_ENDPOINT_DOWN
     finally:
         st = client.stats()
-        R.metrics.setdefault("executor_sessions", []).append(  # sent = asked of the endpoint; replayed = journal
+        R.metrics.setdefault("executor_sessions", []).append(  # sent: asked of the endpoint
             {"sent": st["n_sent"], "replayed": st["total"]["cached"], "errors": st["total"]["errors"],
              "served_by_local_server": server.n_completions if server is not None else None})
-        R.metrics["executor"] = st
-        R.metrics["stage_seconds"] = R.stage_seconds
-        R.metrics["wall_seconds"] = R.metrics.get("wall_seconds", 0.0) + time.time() - t_start
+        R.metrics.update(executor=st, stage_seconds=R.stage_seconds,
+                         wall_seconds=R.metrics.get("wall_seconds", 0.0) + time.time() - t_start)
         write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
         client.close()
         if server is not None:
             server.stop()
-    write_report(R, set_name)
+    write_report(R, R.set_name)
     log(f"done in {time.time() - t_start:.0f} s: {R.path('report.md')}")
     print(R.path("report.md"))
     return 0
 
 
 def _stop_message(cfg, client, e):
-    """What a resumable stop says: why, what was spent against which cap, and the command that goes on."""
-    st = client.stats()
-    spent = st["total"]["prompt_tokens"] + st["total"]["completion_tokens"]
+    """A resumable stop: why, what was spent against which cap, and the command that goes on."""
+    tot = client.stats()["total"]
+    caps, flags = [], []
+    if cfg.budget_tokens is not None:
+        spent = tot["prompt_tokens"] + tot["completion_tokens"]
+        caps.append(f"{spent} tokens spent of the cap {cfg.budget_tokens}")
+        flags.append(f"--budget-tokens {max(2 * cfg.budget_tokens, spent + 1)}")
+    if cfg.budget_usd is not None:
+        caps.append(f"${tot['dollars']:.4f} spent of the cap ${cfg.budget_usd:g}")
+        flags.append(f"--budget-usd {max(2 * cfg.budget_usd, 0.01):g}")
+    why, then = (f"the executor endpoint stopped answering ({e})", "When it answers again:")
     if isinstance(e, executor.BudgetExceeded):
-        caps, flags = [], []
-        if cfg.budget_tokens is not None:
-            caps.append(f"{spent} tokens spent of the cap {cfg.budget_tokens}")
-            flags.append(f"--budget-tokens {max(2 * cfg.budget_tokens, spent + 1)}")
-        if cfg.budget_usd is not None:
-            caps.append(f"${st['total']['dollars']:.4f} spent of the cap ${cfg.budget_usd:g}")
-            flags.append(f"--budget-usd {max(2 * cfg.budget_usd, 0.01):g}")
-        return (f"stopped: executor budget reached ({'; '.join(caps)}; replayed calls count at their recorded "
-                f"cost). Nothing of the stage in flight was recorded as a result; finished calls are in the "
-                f"journal. Continue with a higher cap: python scoreflow.py --resume {cfg.run_dir} {' '.join(flags)}")
-    return (f"stopped: the executor endpoint stopped answering ({e}). Nothing of the stage in flight was "
-            f"recorded as a result; finished calls are in the journal. When it answers again: "
-            f"python scoreflow.py --resume {cfg.run_dir}")
-
-
-def _loop(cfg, R, task, set_name, validate, test, gen, client):
-    """Iteration i generates the validate split's k workflows per problem and, with baselines, the
-    test split's one per problem from the same generator in one batch (test gen{i}), and executes
-    them together (with CoT and IO at i = 0): one generate and one execute stage per iteration keep
-    the local server's batches full. Then pairs and Score-DPO on the validate workflows only. The
-    generator after the last iteration gets its own test stage."""
-    by_id = {"validate": {p.id: p for p in validate}, "test": {p.id: p for p in test}}
-
-    def test_summary(recs, scores):
-        per = {r["problem_id"]: workflow_score(r, scores) for r in recs}
-        return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per,
-                "valid": sum(r["valid"] for r in recs), "workflows": recs,
-                "infra": sum(v is None for v in per.values())}
-
-    def fixed_jobs(which):
-        code = fixed_workflow(set_name, which)
-        return [(f"{which}:{p.id}", code, p) for p in test]
-
-    def fixed_summary(which, scores):
-        per = {p.id: scores[f"{which}:{p.id}"]["score"] for p in test}
-        return {"score": _mean(v for v in per.values() if v is not None), "per_problem": per}
-
-    def record_test(name, value):  # test/<name>.json from an iteration's stages (no stage of its own)
-        path = R.path("test", f"{name}.json")
-        if not os.path.exists(path):
-            write_atomic(path, json.dumps(value, indent=1))
-        R.metrics["test"][name] = _brief(json.load(open(path)))
-
-    for i in range(cfg.iterations):
-        d = R.path(f"iter{i}")
-        seed = _seed(cfg.seed, "iter", i)
-        with_test = cfg.baselines  # test gen{i}: this iteration's generator on the test split
-        with_fixed = cfg.baselines and i == 0
-
-        def gen_stage():
-            problems = validate + (test if with_test else [])
-            n_test = len(problems) - len(validate)
-            recs = generate_workflows(cfg, gen, problems, set_name, client, seed,
-                                      [cfg.k] * len(validate) + [1] * n_test, f"iter{i} generate",
-                                      [cfg.gen_temperature] * len(validate) + [cfg.test_temperature] * n_test)
-            for j, r in enumerate(recs):  # in problem order: the validate samples come first
-                r["split"] = "validate" if j < len(validate) * cfg.k else "test"
-                r["key"] = f"{i}:{r['problem_id']}:{r['sample']}" if r["split"] == "validate" else \
-                    f"test{i}:{r['problem_id']}"
-            return recs
-        all_recs = R.stage(f"iter{i} generate", os.path.join(d, "workflows.jsonl"), gen_stage, jsonl=True)
-        recs = [r for r in all_recs if r.get("split", "validate") == "validate"]
-        test_recs = [r for r in all_recs if r.get("split") == "test"]
-        jobs = [(r["key"], r["code"], by_id[r.get("split", "validate")][r["problem_id"]]) for r in all_recs
-                if r["valid"]]
-        if with_fixed:
-            jobs += fixed_jobs("cot") + fixed_jobs("io")
-        scores = R.stage(f"iter{i} execute", os.path.join(d, "scores.json"),
-                         lambda: execute_workflows(cfg, task, jobs, set_name, client, f"iter{i} execute"))
-        if with_test:
-            record_test(f"gen{i}", test_summary(test_recs, scores))
-        if with_fixed:
-            for which in ("cot", "io"):
-                record_test(which, fixed_summary(which, scores))
-        eligible, pairs = make_pairs(cfg, recs, scores, _seed(cfg.seed, "pairs", i) % (1 << 31))
-        pairs_path = os.path.join(d, "pairs.jsonl")
-        if not os.path.exists(pairs_path):
-            score_dpo.write_pairs(pairs_path, pairs)
-        pairs = score_dpo.read_pairs(pairs_path)
-        history = train_stage(cfg, R, i, gen, pairs)  # every rank, under torchrun
-        scored = [scores[r["key"]]["score"] for r in recs if r["valid"] and scores[r["key"]]["score"] is not None]
-        first40 = recs[:40]
-        R.metrics["iterations"].append({
-            "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
-            "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
-            "trial_runs": sum(bool(r.get("trial")) for r in recs),
-            "distinct_compositions_first40": len({r["composition"] for r in first40 if r["valid_raw"]}),
-            "compositions": _count(r["composition"] for r in recs if r["valid"]),
-            "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
-            "validate_score_valid": _mean(scored),
-            "infra_failures": sum(rr["status"] == "infra_error" for v in scores.values() for rr in v["runs"]),
-            "infra_by_kind": infra_kinds(scores),
-            "eligible_pairs": len(eligible), "pairs": len(pairs),
-            "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
-            "trained": _has_adapter(os.path.join(d, "train", "adapter")),
-            "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
-            "loss_curve": [h.get("loss") for h in history], "margin_curve": [h.get("margin") for h in history]})
-
-    g = cfg.iterations  # the final generator: its own generate + execute stage on the test split
-
-    def final_test():
-        recs = generate_workflows(cfg, gen, test, set_name, client, _seed(cfg.seed, "test", g), 1, f"test gen{g}",
-                                  cfg.test_temperature)
-        for r in recs:
-            r.update(split="test", key=f"test{g}:{r['problem_id']}")
-        jobs = [(r["key"], r["code"], by_id["test"][r["problem_id"]]) for r in recs if r["valid"]]
-        return test_summary(recs, execute_workflows(cfg, task, jobs, set_name, client, f"test exec gen{g}"))
-    R.metrics["test"][f"gen{g}"] = _brief(R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), final_test))
+        why = (f"executor budget reached ({'; '.join(caps)}; replayed calls count at their recorded "
+               "cost)")
+        then = "Continue with a higher cap:"
+    return (f"stopped: {why}. Nothing of the stage in flight was recorded as a result; finished calls "
+            f"are in the journal. {then} python scoreflow.py --resume {cfg.run_dir}"
+            + (f" {' '.join(flags)}" if isinstance(e, executor.BudgetExceeded) else ""))
 
 
 def rejection_kind(reason):
     """A rejection reason without its particulars (line numbers, names, numbers), for counting:
     "rejected: line 4: unknown or forbidden name 'x'" -> "rejected: unknown or forbidden name"."""
     text = re.sub(r"(?: at)? line \d+:", ":", reason).replace("::", ":")
-    text = re.split(r"[('\"`]|\d", text, maxsplit=1)[0]
-    return text.strip(" :,") or reason[:60]
+    return re.split(r"[('\"`]|\d", text, maxsplit=1)[0].strip(" :,") or reason[:60]
 
 
 def _brief(ev):
-    return {k: v for k, v in ev.items() if k not in ("workflows",)}
+    return {k: v for k, v in ev.items() if k != "workflows"}
 
 
 def _count(xs):
@@ -1156,30 +1034,76 @@ def _count(xs):
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
 # --------------------------------------------------------------------------------------------------
-# Planning and the report.
+# The plan and the report: report.md with a hand-written SVG of solve rate per iteration.
 
 
 def print_plan(cfg, n_val, n_test, set_name):
-    """Sizes and a rough token estimate before any work (the executor calls dominate)."""
-    calls_per_run = 3  # a typical workflow of the small sets makes 1 to 4 calls
+    """Sizes and a rough token estimate before any work (the executor calls dominate): a typical
+    workflow of the small sets makes 1 to 4 calls, each reply at most half of max_tokens."""
     gen_runs = cfg.iterations * n_val * cfg.k * cfg.runs
     test_runs = n_test * cfg.runs * ((cfg.iterations + 3) if cfg.baselines else 1)
-    calls = (gen_runs + test_runs) * calls_per_run
+    calls = (gen_runs + test_runs) * 3
     tokens = calls * (cfg.exec_max_tokens // 2 + 300)
-    log(f"plan: bench {cfg.bench} ({set_name} operators), {cfg.iterations} iterations x {n_val} validate problems "
-        f"x k={cfg.k} workflows x {cfg.runs} runs; {cfg.pairs} pairs/iteration; test {n_test} problems"
+    log(f"plan: bench {cfg.bench} ({set_name} operators), {cfg.iterations} iterations x {n_val} "
+        f"validate problems x k={cfg.k} workflows x {cfg.runs} runs; {cfg.pairs} pairs/iteration; "
+        f"test {n_test} problems"
         + (" with baselines CoT, IO and every iteration's generator" if cfg.baselines else ""))
-    log(f"estimate: ~{gen_runs + test_runs} workflow runs, ~{calls} executor calls, ~{tokens / 1e6:.2f}M tokens "
-        f"(upper bound with half of max_tokens per reply)")
+    log(f"estimate: ~{gen_runs + test_runs} workflow runs, ~{calls} executor calls, "
+        f"~{tokens / 1e6:.2f}M tokens (upper bound with half of max_tokens per reply)")
     write_atomic(os.path.join(cfg.run_dir, "plan.json"), json.dumps(
         {"workflow_runs": gen_runs + test_runs, "calls": calls, "tokens": tokens}, indent=1))
 
 
+def svg_plot(series, title, ylabel="solve rate"):
+    """A line chart as SVG text: series is {name: [(x, y), ...]} with y in [0, 1]."""
+    W, H, L, R, T, B = 520, 300, 56, 130, 30, 40  # size and margins, px
+    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+
+    def px(x):
+        return L + (x - x0) / (x1 - x0) * (W - L - R)
+
+    def py(y):
+        return H - B - y * (H - T - B)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>']
+    for i in range(6):  # y grid at 0, 0.2, ..., 1
+        y = py(i / 5)
+        out += [f'<line x1="{L}" y1="{y:.1f}" x2="{W - R}" y2="{y:.1f}" stroke="#ddd"/>',
+                f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{i / 5:.1f}</text>']
+    out += [f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>'
+            for x in range(int(x0), int(x1) + 1)]
+    ym = (T + H - B) / 2
+    out += [f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle">iteration</text>',
+            f'<text x="14" y="{ym}" transform="rotate(-90 14 {ym})" text-anchor="middle">'
+            f'{ylabel}</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        if len(pts) > 1:
+            d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="2"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{c}"/>' for x, y in pts]
+        ly = T + 14 + 16 * i
+        out += [f'<rect x="{W - R + 10}" y="{ly - 9}" width="10" height="10" fill="{c}"/>',
+                f'<text x="{W - R + 25}" y="{ly}">{name}</text>']
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def _pct(x):
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
+
+
 def write_report(R, set_name):
+    """report.md and solve_rate.svg from the metrics and the run directory."""
     m, cfg = R.metrics, R.cfg
     its, test = m["iterations"], m["test"]
-    pct = lambda x: "-" if x is None or x != x else f"{100 * x:.1f}%"  # noqa: E731
     gens = sorted((int(k[3:]), v) for k, v in test.items() if k.startswith("gen"))
     series = {"validate (all samples)": [(it["iteration"], it["validate_score"]) for it in its]}
     if gens:
@@ -1188,195 +1112,123 @@ def write_report(R, set_name):
         if b in test and gens:
             series[f"test {b.upper()}"] = [(gens[0][0], test[b]["score"]), (gens[-1][0], test[b]["score"])]
     write_atomic(R.path("solve_rate.svg"), svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
-    data = m.get("data", {})
-    trained = [it["iteration"] for it in its if it.get("trained")]
+    data, trained = m.get("data", {}), [it["iteration"] for it in its if it.get("trained")]
     L = [f"# ScoreFlow run: {cfg.bench}: {data.get('description', cfg.data or 'data unnamed')}", "",
-         f"Data: {data.get('description', '-')}." + (f" Splits: {data['split']}." if data.get("split") else ""), "",
-         f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
+         f"Data: {data.get('description', '-')}." + (f" Splits: {data['split']}." if data.get("split") else ""),
+         "", f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
          f"Executor: {cfg.executor_url or 'local server over the embedded model'}. Seed {cfg.seed}. "
-         f"Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "",
+         "Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "",
          "## Test split", "", "| method | solve rate | notes |", "|---|---|---|"]
     for g, v in gens:
         n = sum(1 for j in trained if j < g)  # iterations before g that trained the adapter
-        name = ("iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} "
-                + (f"({'Score-DPO' if cfg.loss == 'score-dpo' else 'DPO'} x{n})" if n else "(unchanged: no pairs)"))
-        L.append(f"| {name} | {pct(v['score'])} | valid workflows {v.get('valid', '-')}, infra failures "
+        how = f"({'Score-DPO' if cfg.loss == 'score-dpo' else 'DPO'} x{n})" if n else "(unchanged: no pairs)"
+        name = "iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} {how}"
+        L.append(f"| {name} | {_pct(v['score'])} | valid workflows {v.get('valid', '-')}, infra failures "
                  f"{v.get('infra', 0)} |")
-    for b, desc in (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")):
-        if b in test:
-            L.append(f"| {desc} | {pct(test[b]['score'])} | |")
+    L += [f"| {desc} | {_pct(test[b]['score'])} | |" for b, desc in
+          (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")) if b in test]
     L += ["", f"One workflow per test problem, sampled at temperature {cfg.test_temperature} (the validate "
           f"samples: {cfg.gen_temperature}). What each generator chose:", ""]
     for g, _ in gens:
         path = R.path("test", f"gen{g}.json")
-        recs = json.load(open(path)).get("workflows", []) if os.path.exists(path) else []
-        top = ", ".join(f"`{c or 'invalid'}` {n}" for c, n in list(_count(r["composition"] for r in recs).items())[:6])
-        L.append(f"- generator {g}: {top}")
-    L += ["", "## Iterations (validate split)", "",
-          "| iteration | samples | valid before repair | repaired | valid | distinct compositions (first 40) | "
-          "solve rate | eligible pairs | pairs drawn | first / last loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+        recs = read_json(path).get("workflows", []) if os.path.exists(path) else []
+        L.append(f"- generator {g}: " + ", ".join(
+            f"`{c or 'invalid'}` {n}" for c, n in list(_count(r["composition"] for r in recs).items())[:6]))
+    L += ["", "## Iterations (validate split)", "", "| iteration | samples | valid before repair | repaired | "
+          "valid | distinct compositions (first 40) | solve rate | eligible pairs | pairs drawn | first / last "
+          "loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    curves = {it["iteration"]: [x for x in it["loss_curve"] if x is not None] for it in its}
     for it in its:
-        lc = [x for x in it["loss_curve"] if x is not None]
-        losses = f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-"
-        L.append(f"| {it['iteration']} | {it['samples']} | {it['valid_raw']} ({pct(it['valid_raw'] / max(it['samples'], 1))})"
-                 f" | {it['repaired']} | {it['valid']} | {it['distinct_compositions_first40']} | "
-                 f"{pct(it['validate_score'])} | {it['eligible_pairs']} | {it['pairs']} | {losses} |")
-    for it in its:  # which loss acted (SCOREFLOW.md §6.1: binary scores with one run make every pair (1, 0))
+        lc = curves[it["iteration"]]
+        L.append(f"| {it['iteration']} | {it['samples']} | {it['valid_raw']} "
+                 f"({_pct(it['valid_raw'] / max(it['samples'], 1))}) | {it['repaired']} | {it['valid']} | "
+                 f"{it['distinct_compositions_first40']} | {_pct(it['validate_score'])} | "
+                 f"{it['eligible_pairs']} | {it['pairs']} | "
+                 + (f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-") + " |")
+    for it in its:  # which loss acted (§6.1: binary scores with one run make every pair (1, 0))
         if it["pairs"] and cfg.loss == "score-dpo" and it.get("pairs_not_1_0") == 0:
-            L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so Score-DPO's factors "
-                  "f(s_w) = 1 and 1 - f(s_l) = 1: the loss that acted is plain DPO, and d(1, 0) = 1 is the same for "
-                  "every pair (the draw was uniform)."]
+            L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so Score-DPO's "
+                  "factors f(s_w) = 1 and 1 - f(s_l) = 1: the loss that acted is plain DPO, and d(1, 0) = 1 is the "
+                  "same for every pair (the draw was uniform)."]
         elif it["pairs"] and "pairs_not_1_0" in it:
             L += ["", f"Iteration {it['iteration']}: {it['pairs_not_1_0']} of {it['pairs']} drawn pairs are not "
                   f"(1, 0): on those {cfg.loss} weighs the rewards by the scores."]
-    L += ["", f"Workflows that failed the runnable check: {'left out of the pairs (paper)' if cfg.invalid_scores == 'skip' else 'scored 0 in the pairs (ours, --invalid-scores zero)'}."
-          f" Test answers scored by {'the LLM judge (MATH, DROP, HotpotQA)' if cfg.judge == 'llm' else 'the rule scorers'}."
-          + (f" Pairing score penalised by {cfg.cost_weight} per 1000 executor tokens (ours)." if cfg.cost_weight else ""),
-          "", "Runnable-check rejections by reason (every failed check, regenerated samples included; "
-          f"operator-call cap {cfg.max_calls or 'none'}):", ""]
-    for it in its:
-        rej = it.get("rejections", {})
-        L.append(f"- iteration {it['iteration']}: " + (", ".join(f"{k} {n}" for k, n in rej.items()) or "none"))
+    L += ["", "Workflows that failed the runnable check: " + ("left out of the pairs (paper)" if cfg.invalid_scores
+          == "skip" else "scored 0 in the pairs (ours, --invalid-scores zero)") + ". Test answers scored by "
+          + ("the LLM judge (MATH, DROP, HotpotQA)" if cfg.judge == "llm" else "the rule scorers") + "."
+          + (f" Pairing score penalised by {cfg.cost_weight} per 1000 executor tokens (ours)."
+             if cfg.cost_weight else ""), "", "Runnable-check rejections by reason (every failed check, "
+          f"regenerated samples included; operator-call cap {cfg.max_calls or 'none'}):", ""]
+    L += [f"- iteration {it['iteration']}: " + (", ".join(f"{k} {n}" for k, n in it.get("rejections", {}).items())
+                                                or "none") for it in its]
     L += ["", "Operator compositions of the valid workflows, per iteration:", ""]
-    for it in its:
-        top = ", ".join(f"`{c or '?'}` {n}" for c, n in list(it["compositions"].items())[:8])
-        L.append(f"- iteration {it['iteration']}: {top}")
-    for it in its:
-        lc = [x for x in it["loss_curve"] if x is not None]
+    L += [f"- iteration {it['iteration']}: " + ", ".join(
+        f"`{c or '?'}` {n}" for c, n in list(it["compositions"].items())[:8]) for it in its]
+    for i, lc in curves.items():
         if lc:
-            L += ["", f"Loss curve, iteration {it['iteration']} (per optimizer step): " +
-                  " ".join(f"{x:.3f}" for x in lc[:64]) + (" ..." if len(lc) > 64 else "")]
+            L += ["", f"Loss curve, iteration {i} (per optimizer step): " + " ".join(f"{x:.3f}" for x in lc[:64])
+                  + (" ..." if len(lc) > 64 else "")]
     ex = m.get("executor", {})
     tot = ex.get("total", {})
-    L += ["", "## Executor usage", "",
-          f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} replayed from the cache, {tot.get('errors', 0)} "
-          f"errors), {tot.get('prompt_tokens', 0)} prompt + {tot.get('completion_tokens', 0)} completion tokens, "
-          f"${tot.get('dollars', 0.0):.4f}" + ("" if ex.get("priced") else " (model unpriced: $0)") + ".", "",
+    L += ["", "## Executor usage", "", f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} replayed from the "
+          f"cache, {tot.get('errors', 0)} errors), {tot.get('prompt_tokens', 0)} prompt + "
+          f"{tot.get('completion_tokens', 0)} completion tokens, ${tot.get('dollars', 0.0):.4f}"
+          + ("" if ex.get("priced") else " (model unpriced: $0)") + ".", "",
           "| stage | calls | prompt tokens | completion tokens |", "|---|---|---|---|"]
-    for st, u in ex.get("by_stage", {}).items():
-        L.append(f"| {st or '-'} | {u['calls']} | {u['prompt_tokens']} | {u['completion_tokens']} |")
+    L += [f"| {st or '-'} | {u['calls']} | {u['prompt_tokens']} | {u['completion_tokens']} |"
+          for st, u in ex.get("by_stage", {}).items()]
     L += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-    for st, s in m.get("stage_seconds", {}).items():
-        L.append(f"| {st} | {s:.1f} |")
-    L.append(f"| **total (this and earlier sessions of the run)** | {m.get('wall_seconds', 0):.1f} |")
-    L += ["", "## Example workflows", ""]
-    last = R.path(f"iter{len(its) - 1}", "workflows.jsonl") if its else None
-    scores_path = R.path(f"iter{len(its) - 1}", "scores.json") if its else None
-    if last and os.path.exists(last) and os.path.exists(scores_path):
-        recs, scores = [r for r in read_jsonl(last) if r.get("split", "validate") == "validate"], json.load(open(scores_path))
-        scored = sorted(((scores[r["key"]]["score"], r) for r in recs if r["valid"] and scores.get(r["key"], {}).get("score")
-                         is not None), key=lambda x: -x[0])
+    L += [f"| {st} | {s:.1f} |" for st, s in m.get("stage_seconds", {}).items()]
+    L += [f"| **total (this and earlier sessions of the run)** | {m.get('wall_seconds', 0):.1f} |", "",
+          "## Example workflows", ""]
+    last, scores_path = (R.path(f"iter{len(its) - 1}", f) for f in ("workflows.jsonl", "scores.json"))
+    if its and os.path.exists(last) and os.path.exists(scores_path):
+        scores = read_json(scores_path)
+        scored = sorted(((scores[r["key"]]["score"], r) for r in read_jsonl(last) if r.get("split", "validate")
+                         == "validate" and r["valid"] and scores.get(r["key"], {}).get("score") is not None),
+                        key=lambda x: -x[0])
         for title, picks in (("Best", scored[:2]), ("Worst", scored[-2:][::-1])):
             for s, r in picks:
-                L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition `{r['composition']}`", "",
-                      "```python", r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
+                L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition `{r['composition']}`",
+                      "", "```python", r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
     write_atomic(R.path("report.md"), "\n".join(L) + "\n")
 
-
 # --------------------------------------------------------------------------------------------------
-# Command line.
+# Command line: one flag per RunConfig field (its help, default and paper value), then checks.
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="scoreflow.py", description="ScoreFlow: optimise LLM agent workflows with Score-DPO "
-        "(Wang et al. 2025). `python scoreflow.py serve --help` for the local OpenAI-compatible server.",
-        epilog=f"Exit status: 0 finished, 1 crashed, 2 bad flags or an endpoint that fails its check (nothing "
-        f"written), {EXIT_BUDGET} stopped at the budget, {EXIT_ENDPOINT_DOWN} stopped because the endpoint stopped "
-        "answering. After 3 or 4 nothing of the stage in flight is recorded as a result and `--resume RUN_DIR` "
-        "(with a higher cap) continues, replaying every finished executor call from the run's journal.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+        prog="scoreflow.py", argument_default=argparse.SUPPRESS,  # absent flags stay out of args
+        description="ScoreFlow: optimise LLM agent workflows with Score-DPO (Wang et al. 2025). "
+        "`python scoreflow.py serve --help` for the local OpenAI-compatible server.",
+        epilog=f"Exit status: 0 finished, 1 crashed, 2 bad flags or an endpoint that fails its "
+        f"check (nothing written), {EXIT_BUDGET} stopped at the budget, {EXIT_ENDPOINT_DOWN} "
+        "stopped because the endpoint stopped answering. After 3 or 4 nothing of the stage in "
+        "flight is recorded as a result and `--resume RUN_DIR` (with a higher cap) continues, "
+        "replaying every finished executor call from the run's journal.")
     g = p.add_argument_group("run")
-    g.add_argument("--bench", help="math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen, or a task .py file "
-                   "(default math: with no --data, the embedded procedural set)")
-    g.add_argument("--data", help="the benchmark's data: a file or a directory (ScoreFlow layout <name>_<split>.jsonl)")
-    g.add_argument("--kinds", help="embedded math set only (--bench math or mathgen, no --data): comma-separated "
-                   "problem kinds, or all (default basic: one operation on two numbers, the only kind the embedded "
-                   "135M executor solves at all; with the other kinds every workflow scores 0 and nothing is learned)")
-    g.add_argument("--run-dir", help="output directory (default runs/<bench>-<time>)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished stage")
-    g.add_argument("--seed", type=int, help="seeds generation, pair draws and training (default 0)")
-    g.add_argument("--iterations", type=int, help="optimisation iterations (default 2; paper: up to 3)")
-    g.add_argument("--n-validate", type=int, help="validate problems used, 0 = all (default 12; paper: all)")
-    g.add_argument("--n-test", type=int, help="test problems evaluated, 0 = all (default 24; paper: all)")
-    g.add_argument("--no-baselines", dest="baselines", action="store_false",
-                   help="skip CoT, IO and per-iteration test evaluations (only the final generator is tested)")
-    g.add_argument("--device", help="torch device for our models (default cpu)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
-    g.add_argument("--paper", action="store_true", help="the paper's sizes and prompt (for a GPU and a real endpoint), "
-                   "with its per-benchmark values (HumanEval: 600 pairs; HumanEval and MBPP: 240 s per run, Test "
-                   "repairs 10 and 6 rounds); explicit flags win")
-    g = p.add_argument_group("generator")
-    g.add_argument("--generator", help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--prompt", choices=["fewshot", "paper"], help="generator prompt style (default fewshot; paper: paper)")
-    g.add_argument("-k", "--k", type=int, help="workflows per problem (default 4; paper: 8)")
-    g.add_argument("--gen-temperature", type=float, help="validate samples (default 0.8; paper: 0.2)")
-    g.add_argument("--test-temperature", type=float, help="the workflow per test problem (default 0.2; paper: 0.2)")
-    g.add_argument("--gen-top-p", type=float, help="(default 0.95; paper: 0.95)")
-    g.add_argument("--gen-max-tokens", type=int, help="(default 96; paper: 1000)")
-    g.add_argument("--regen-rounds", type=int, help="regeneration rounds for rejected samples (default 1; paper: 501)")
-    g.add_argument("--trial-run", choices=["auto", "always"], help="the runnable check's trial run on a toy problem: "
-                   "always (paper), or auto: skipped for straight-line workflows (operator calls on literals and "
-                   "earlier results, then a return), which cannot raise by their own fault (default auto)")
-    g = p.add_argument_group("executor")
-    g.add_argument("--executor-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 "
-                   "(default: start our local server over the embedded model)")
-    g.add_argument("--executor-model", help="model name at --executor-url (required with it)")
-    g.add_argument("--api-key", help="bearer key (default $OPENAI_API_KEY)")
-    g.add_argument("--exec-temperature", type=float, help="(default 0; paper: 0)")
-    g.add_argument("--exec-max-tokens", type=int, help="tokens per executor reply (default 96; paper: 4096)")
-    g.add_argument("--runs", type=int, help="executor runs per workflow (default 1: our local executor at "
-                   "temperature 0 repeats itself; paper: 3)")
-    g.add_argument("--concurrency", type=int, help="workflow runs in flight (default 32)")
-    g.add_argument("--workflow-timeout", type=float, help="seconds per workflow run (default 120; paper: 120, code 240)")
-    g.add_argument("--max-calls", type=int, help="operator calls per workflow run, 0 = no cap (default 8: ours; "
-                   "paper: no cap, --paper sets 0)")
-    g.add_argument("--programmer-examples", type=int, choices=range(len(operators.PROGRAMMER_EXAMPLES) + 1),
-                   help="worked example turns before each Programmer request (default 2; paper: 0)")
-    g.add_argument("--extractor", choices=["rule", "llm"], help="final-answer extraction (default rule; paper: llm)")
-    g.add_argument("--budget-usd", type=float, help="hard cap on executor dollars; stops at a resumable point "
-                   f"(exit status {EXIT_BUDGET}) and prints the --resume command")
-    g.add_argument("--budget-tokens", type=int, help="hard cap on executor tokens (as --budget-usd)")
-    g.add_argument("--executor-extra", type=_json_object, metavar="JSON",
-                   help="server-specific fields added to every request, e.g. '{\"repeat_penalty\": 1.0, \"top_k\": 0}' "
-                   "for llama.cpp's server; part of the call journal's key (default none)")
-    g.add_argument("--executor-timeout", type=float, help="seconds the client waits for an answer, per attempt "
-                   "(5 retries); 3 calls in a row unanswered stop the run resumably (default 300)")
-    g.add_argument("--executor-concurrency", type=int, help="calls in flight at the endpoint (default: "
-                   "--concurrency for our local server, which batches them; 16 for --executor-url; 1 for a server "
-                   "that answers one at a time, such as llama.cpp's with one slot). Time queued or in flight at the "
-                   "executor never counts against --workflow-timeout")
-    g.add_argument("--run-attempts", type=int, help="attempts of a workflow run that raises by its own fault "
-                   "(timeouts included), 1 s apart, before it scores 0 (default 1; paper: 5)")
-    g.add_argument("--programmer-call-attempts", type=int, help="attempts of Programmer's whole call when it "
-                   "raises, 2 s apart (default 1; paper: 3)")
-    g = p.add_argument_group("operators, scoring and data")
-    g.add_argument("--test-rounds", type=int, help="Test operator repair rounds (default 3; paper: 10 HumanEval, "
-                   "6 MBPP, which --paper sets for those benchmarks)")
-    g.add_argument("--judge", choices=["rule", "llm"], help="test answers of MATH, DROP and HotpotQA: rule scorers "
-                   "(default, SCOREFLOW.md §10.6) or llm: the official code's judge call, one per answer, replying 1 "
-                   "or 0 (--paper sets llm); other benchmarks and all training scores use the rules")
-    g.add_argument("--invalid-scores", choices=["zero", "skip"], help="a workflow that failed the runnable check: "
-                   "zero, a 0-scored loser in the pairs (default; departs from the paper, lets a small generator "
-                   "learn validity), or skip: left out of the pairs, as in the paper (--paper sets skip)")
-    g.add_argument("--cost-weight", type=float, metavar="LAMBDA", help="ours, not the paper's: pair on s - "
-                   "LAMBDA * (the workflow's executor tokens per run / 1000), clipped to [0, 1], so of equally good "
-                   "workflows the cheaper wins (default 0 = the paper)")
-    g.add_argument("--split-single", choices=["seeded", "off"], help="when the data holds one file for both "
-                   "splits (a --data file, or a directory without the test split: the shipped HotpotQA): seeded "
-                   "splits it 1:4 by a hash of the ids, said on stderr and in the report (default); off refuses it")
-    g = p.add_argument_group("pairs and training")
-    g.add_argument("--pairs", type=int, help="pairs drawn per iteration (default 24; paper: 2000, HumanEval 600)")
-    g.add_argument("--d-power", type=float, help="d(x, y) = (x - y)^power; 0 = uniform (default 3; paper: 3)")
-    g.add_argument("--loss", choices=["score-dpo", "dpo"], help="(default score-dpo; dpo is the paper's ablation)")
-    g.add_argument("--beta", type=float, help="(default 0.1; paper: 0.1)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-4 for a 135M model; paper: 1e-6)")
-    g.add_argument("--epochs", type=int, help="epochs per iteration (default 1; paper: 1)")
-    g.add_argument("--grad-accum", type=int, help="pairs per optimizer step (default 8; paper: 1)")
-    g.add_argument("--lora-r", type=int, help="(default 8; paper: 8)")
-    g.add_argument("--lora-alpha", type=int, help="(default 16; paper: 16)")
-    g.add_argument("--reference", choices=["base", "previous"],
-                   help="π_ref: base model every iteration (default, as the official code) or the last iteration's policy")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last finished stage")
+    g.add_argument("--paper", action="store_true", help="the paper's values (for a GPU and a real "
+                   "endpoint), with its per-benchmark ones, quoted as 'paper:' in each flag's help; "
+                   "explicit flags win")
+    for f in dataclasses.fields(RunConfig):
+        m = dict(f.metadata)
+        if "group" in m:
+            g = p.add_argument_group(m.pop("group"))
+        paper = [str(PAPER[f.name])] if f.name in PAPER else []
+        paper += [f"{b} {v[f.name]}" for b, v in PAPER_BY_BENCH.items() if f.name in v]
+        notes = ([f"default {f.default}"] if f.default is not None and f.type != "bool" else [])
+        notes += [f"paper: {', '.join(paper)}"] if paper else []
+        help_ = m.pop("help") + (f" ({'; '.join(notes)})" if notes else "")
+        flags = m.pop("flags", [f"--{f.name.replace('_', '-')}"])
+        if f.type == "bool":
+            g.add_argument(*flags, dest=f.name, action="store_false", help=help_)
+            continue
+        kind = m.pop("type", f.type.split(" |")[0])
+        m["type"] = _json_object if kind == "json" else {"str": str, "int": int, "float": float}[kind]
+        g.add_argument(*flags, dest=f.name, help=help_, **m)
     return p
 
 
@@ -1387,28 +1239,32 @@ def _json_object(text):
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__} {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__} "
+                                         f"{text!r}")
     return value
+
+
+def _check(parser, checks):
+    for ok, msg in checks:
+        if not ok:
+            parser.error(msg)
 
 
 def _check_executor(cfg, parser):
     """The executor settings, then the endpoint itself: it answers and serves --executor-model (an
     external one), or our local server accepts the --executor-extra fields. Before any work."""
-    checks = [
-        (cfg.executor_timeout > 0, f"--executor-timeout must be > 0 seconds, got {cfg.executor_timeout}"),
+    _check(parser, [
+        (cfg.executor_timeout > 0, f"--executor-timeout must be > 0 seconds, got "
+                                   f"{cfg.executor_timeout}"),
         (cfg.executor_concurrency is None or cfg.executor_concurrency >= 1,
          f"--executor-concurrency must be >= 1, got {cfg.executor_concurrency}"),
         (cfg.run_attempts >= 1 and cfg.programmer_call_attempts >= 1,
-         "--run-attempts and --programmer-call-attempts must be >= 1"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            parser.error(msg)
+         "--run-attempts and --programmer-call-attempts must be >= 1")])
     extra = cfg.executor_extra or {}
     clash = sorted(set(extra) & set(executor.CLIENT_FIELDS))
     if clash:
-        parser.error(f"--executor-extra: {clash} are set by their own flags (--exec-temperature, --exec-max-tokens, "
-                     "--executor-model, ...), not here")
+        parser.error(f"--executor-extra: {clash} are set by their own flags (--exec-temperature, "
+                     "--exec-max-tokens, --executor-model, ...), not here")
     if cfg.executor_url is None:
         for k, v in extra.items():
             why = executor.neutral_field_error(k, v)
@@ -1429,13 +1285,14 @@ def resolve_config(args, parser):
         path = os.path.join(given["resume"], "config.json")
         if not os.path.exists(path):
             parser.error(f"--resume {given['resume']}: no config.json there (not a run directory?)")
-        saved = json.load(open(path))
-        allowed = {"resume", "budget_usd", "budget_tokens"}
+        saved = read_json(path)
+        budgets = ("budget_usd", "budget_tokens")
         for k, v in given.items():
-            if k not in allowed and saved.get(k) != v:
-                parser.error(f"--resume: --{k.replace('_', '-')} {v!r} conflicts with the run's saved value "
-                             f"{saved.get(k)!r}; only --budget-usd and --budget-tokens may change")
-        saved.update({k: v for k, v in given.items() if k in ("budget_usd", "budget_tokens")})
+            if k not in ("resume",) + budgets and saved.get(k) != v:
+                parser.error(f"--resume: --{k.replace('_', '-')} {v!r} conflicts with the run's "
+                             f"saved value {saved.get(k)!r}; only --budget-usd and --budget-tokens "
+                             "may change")
+        saved.update({k: v for k, v in given.items() if k in budgets})
         saved.pop("version", None)
         saved.pop("argv", None)
         cfg = RunConfig(**saved)
@@ -1445,15 +1302,15 @@ def resolve_config(args, parser):
     if given.pop("paper", False):
         base.update(PAPER)
         base.update(PAPER_BY_BENCH.get(given.get("bench", base["bench"]), {}))
-    base.update(given)
-    cfg = RunConfig(**base)
+    cfg = RunConfig(**dict(base, **given))
     if cfg.run_dir is None:
         name = os.path.splitext(os.path.basename(cfg.bench))[0]
         cfg.run_dir = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     embedded = cfg.bench in ("math", bench.EMBEDDED) and cfg.data is None
     if cfg.kinds is not None and not embedded:
-        parser.error(f"--kinds picks problems of the embedded math set (--bench math or {bench.EMBEDDED} without "
-                     f"--data); got --bench {cfg.bench}" + (f" --data {cfg.data}" if cfg.data else ""))
+        parser.error(f"--kinds picks problems of the embedded math set (--bench math or "
+                     f"{bench.EMBEDDED} without --data); got --bench {cfg.bench}"
+                     + (f" --data {cfg.data}" if cfg.data else ""))
     if embedded:
         from bench import mathgen_task
         cfg.kinds = "basic" if cfg.kinds is None else cfg.kinds
@@ -1462,7 +1319,7 @@ def resolve_config(args, parser):
                 mathgen_task.check_kinds(cfg.kinds.split(","))
             except ValueError as e:
                 parser.error(f"--kinds {cfg.kinds!r} (or all): {e}")
-    checks = [
+    _check(parser, [
         (cfg.iterations >= 1, "--iterations must be >= 1"),
         (cfg.k >= 2, "-k must be >= 2 (pairs need two workflows per problem)"),
         (cfg.runs >= 1, "--runs must be >= 1"),
@@ -1470,22 +1327,21 @@ def resolve_config(args, parser):
         (cfg.n_validate >= 0 and cfg.n_test >= 0, "--n-validate and --n-test must be >= 0"),
         (0 <= cfg.gen_temperature and 0 <= cfg.test_temperature and 0 < cfg.gen_top_p <= 1,
          "--gen-temperature >= 0, --test-temperature >= 0 and 0 < --gen-top-p <= 1"),
-        (cfg.gen_max_tokens >= 8 and cfg.exec_max_tokens >= 1, "--gen-max-tokens >= 8 and --exec-max-tokens >= 1"),
+        (cfg.gen_max_tokens >= 8 and cfg.exec_max_tokens >= 1,
+         "--gen-max-tokens >= 8 and --exec-max-tokens >= 1"),
         (cfg.lr > 0 and cfg.beta > 0, "--lr and --beta must be > 0"),
         (cfg.d_power >= 0, "--d-power must be >= 0"),
         (cfg.regen_rounds >= 0 and cfg.concurrency >= 1 and cfg.max_calls >= 0,
          "--regen-rounds >= 0, --concurrency >= 1, --max-calls >= 0 (0 = no cap)"),
         (cfg.test_rounds >= 0, f"--test-rounds must be >= 0, got {cfg.test_rounds}"),
         (cfg.cost_weight >= 0, f"--cost-weight must be >= 0, got {cfg.cost_weight}"),
-        (cfg.workflow_timeout > 0, f"--workflow-timeout must be > 0 seconds, got {cfg.workflow_timeout}"),
+        (cfg.workflow_timeout > 0, f"--workflow-timeout must be > 0 seconds, got "
+                                   f"{cfg.workflow_timeout}"),
         ((cfg.executor_url is None) == (cfg.executor_model is None),
          "--executor-url and --executor-model go together"),
         (cfg.budget_usd is None or cfg.executor_url is not None,
-         "--budget-usd needs a priced --executor-url (the local server costs nothing; use --budget-tokens)"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            parser.error(msg)
+         "--budget-usd needs a priced --executor-url (the local server costs nothing; use "
+         "--budget-tokens)")])
     if os.path.exists(os.path.join(cfg.run_dir, "config.json")):
         parser.error(f"--run-dir {cfg.run_dir} holds a run already; use --resume {cfg.run_dir}")
     _check_executor(cfg, parser)
@@ -1499,8 +1355,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = resolve_config(args, parser)  # every rank checks the flags, before any rank writes
-    if "resume" not in vars(args) and cfg.bench not in bench.NAMES + (bench.EMBEDDED,) \
-            and not os.path.isfile(cfg.bench):
+    if ("resume" not in vars(args) and cfg.bench not in bench.NAMES + (bench.EMBEDDED,)
+            and not os.path.isfile(cfg.bench)):
         parser.error(f"--bench {cfg.bench}: not a benchmark name or a task file")
     try:  # every data error is the user's: one line, exit 2, and no run directory left behind
         data = load_data(cfg)
@@ -1509,7 +1365,7 @@ def main(argv=None):
                      + f": {type(e).__name__}: {' '.join(str(e).split())}")
     rank = init_distributed(cfg.device)
     cfg = share(cfg)  # rank 0's: the default run directory is named by the time
-    if "resume" not in vars(args) and rank == 0:  # under torchrun rank 0 alone writes the run directory
+    if "resume" not in vars(args) and rank == 0:  # under torchrun rank 0 alone writes the run dir
         os.makedirs(cfg.run_dir, exist_ok=True)
         saved = dict(dataclasses.asdict(cfg), version=VERSION, argv=argv)
         write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=1))
