@@ -1,21 +1,19 @@
 """operators.py: the operator library, workflow extraction, validation and safe execution.
 
-SCOREFLOW.md §3 (operators, the per-benchmark sets, the extractor), §2.1 (the Workflow class
-contract), §2.3 (the runnable check) and §4 "At test time" (the judge). A workflow is Python written
-by the generator model; operators run Python written by the executor model. Neither runs unchecked:
-a workflow passes an AST whitelist, then runs in this process under a wall-clock limit, an
-operator-call cap and a statement/size guard inserted into its code; model-written programs
-(Programmer, Test) run in executor.run_python's OS sandbox.
+SCOREFLOW.md §3 (operators, per-benchmark sets, extractor), §2.1 (the Workflow class contract), §2.3
+(the runnable check), §4 "At test time" (the judge). A workflow is Python written by the generator
+model; operators run Python written by the executor model. Neither runs unchecked: a workflow
+passes an AST whitelist, then runs in this process under a wall-clock limit, an operator-call cap
+and a statement/size guard inserted into its code; model-written programs (Programmer, Test) run in
+executor.run_python's OS sandbox.
 
 `problem` is any object with `.input` (text, or for code a dict with "prompt" and "entry_point")
-and `.extra` (a dict; "public_tests" feeds Test). Operators see only problem.input and the public
-extras (entry_point, public_tests), never gold or a "hidden_*" extra (bench/__init__.py's rule).
-Every executor call is `client.chat` (executor.ChatClient) in a thread. An operator never catches an
-ExecutorError: run_workflow reports it as "infra_error" (SCOREFLOW.md §10.7: an endpoint failure is
-no evidence about the workflow), except BudgetExceeded and EndpointDown, which propagate: the stage
-in flight records nothing and the run stops resumably. Each call is keyed in the client's journal
-by the run's sample and attempt and by its occurrence in the run (_Context.occurrence).
-
+and `.extra`. Operators see problem.input and the public extras (entry_point, public_tests), never
+gold or a "hidden_*" extra (bench/__init__.py's rule). Executor calls are `client.chat`
+(executor.ChatClient) in a thread, keyed in its journal by the run's sample, attempt and the call's
+occurrence in the run. No operator catches an ExecutorError: run_workflow reports it as
+"infra_error" (SCOREFLOW.md §10.7: no evidence about the workflow), and lets BudgetExceeded and
+EndpointDown through: the stage in flight records nothing and the run stops resumably.
 Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES, class_header and
 operator_menu) and running workflows that use Python beyond the whitelist.
 """
@@ -199,12 +197,8 @@ _REFUSED = {  # reasons clearer than "<Node> statements/expressions are not allo
     ast.Attribute: "attribute access .{n.attr} is allowed only to call operators and str/list methods"}
 
 
-class WorkflowRejected(ValueError):
-    """The workflow failed validation; str() is the reason."""
-
-
 class WorkflowError(RuntimeError):
-    """The workflow failed while running through its own fault (cap, guard, bad return)."""
+    """The workflow's own fault: rejected by the whitelist, or stopped by a cap or the guard."""
 
 
 class SandboxFailure(RuntimeError):
@@ -216,69 +210,69 @@ def validate_workflow(code: str, set_name: str) -> tuple[bool, str]:
     try:
         _check_workflow(code, set_name)
         return True, ""
-    except WorkflowRejected as e:
+    except WorkflowError as e:
         return False, str(e)
 
 
+def _reject(what, node=None):
+    raise WorkflowError(f"line {node.lineno}: {what}" if node else what)
+
+
 def _check_workflow(code, set_name):
-    """The whitelist; raises WorkflowRejected naming the line and what is wrong. Returns the tree,
+    """The whitelist; raises WorkflowError naming the line and what is wrong. Returns the tree,
     run_workflow's node and the operators __init__ creates ({attribute: operator name})."""
     ops = _operator_names(set_name)
     if not isinstance(code, str) or not code.strip():
-        raise WorkflowRejected("empty workflow")
+        _reject("empty workflow")
     if len(code) > MAX_CODE_CHARS:
-        raise WorkflowRejected(f"the workflow has {len(code)} characters, more than {MAX_CODE_CHARS}")
+        _reject(f"the workflow has {len(code)} characters, more than {MAX_CODE_CHARS}")
     try:
         tree = ast.parse(code)
     except SyntaxError as e:
-        raise WorkflowRejected(f"syntax error at line {e.lineno}: {e.msg}") from None
+        raise WorkflowError(f"syntax error at line {e.lineno}: {e.msg}") from None
     body = _statements(tree)
     if len(body) != 1 or not isinstance(body[0], ast.ClassDef) or body[0].name != "Workflow":
-        raise WorkflowRejected("the program must be exactly one `class Workflow:` (no imports or "
-                               "other code)")
+        _reject("the program must be exactly one `class Workflow:` (no imports or other code)")
     cls, methods, attrs = body[0], {}, {}
     if cls.bases or cls.keywords or cls.decorator_list:
-        raise WorkflowRejected(f"line {cls.lineno}: class Workflow takes no bases or decorators")
+        _reject("class Workflow takes no bases or decorators", cls)
     for fn in _statements(cls):
-        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or fn.name not in (
-                "__init__", "run_workflow"):
-            raise WorkflowRejected(f"line {fn.lineno}: class Workflow may hold only __init__ and "
-                                   "run_workflow")
+        if not (isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and fn.name in ("__init__", "run_workflow")):
+            _reject("class Workflow may hold only __init__ and run_workflow", fn)
         if fn.name in methods:
-            raise WorkflowRejected(f"line {fn.lineno}: {fn.name} defined twice")
+            _reject(f"{fn.name} defined twice", fn)
         if fn.decorator_list or fn.returns:
-            raise WorkflowRejected(f"line {fn.lineno}: {fn.name} takes no decorators or annotations")
+            _reject(f"{fn.name} takes no decorators or annotations", fn)
         methods[fn.name] = fn
     init, run = methods.get("__init__"), methods.get("run_workflow")
     if not isinstance(init, ast.FunctionDef) or _arg_names(init) != ["self", "config", "problem"]:
-        raise WorkflowRejected("Workflow needs `def __init__(self, config, problem):`")
+        _reject("Workflow needs `def __init__(self, config, problem):`")
     if not isinstance(run, ast.AsyncFunctionDef) or _arg_names(run) != ["self"]:
-        raise WorkflowRejected("Workflow needs `async def run_workflow(self):`")
+        _reject("Workflow needs `async def run_workflow(self):`")
     for stmt in _statements(init):
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
                 and _is_self_attr(stmt.targets[0])):
-            raise WorkflowRejected(f"line {stmt.lineno}: __init__ may only bind operators: "
-                                   f"self.name = Operator(config)")
+            _reject("__init__ may only bind operators: self.name = Operator(config)", stmt)
         name, value = stmt.targets[0].attr, stmt.value
         if name == "problem" and isinstance(value, ast.Name) and value.id == "problem":
             continue
         if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)  # just Op(config)
                 and ast.dump(value) == ast.dump(ast.parse(f"{value.func.id}(config)").body[0].value)):
-            raise WorkflowRejected(f"line {stmt.lineno}: expected self.{name} = Operator(config)")
+            _reject(f"expected self.{name} = Operator(config)", stmt)
         if value.func.id not in ops:
-            raise WorkflowRejected(f"line {stmt.lineno}: {value.func.id} is not an operator of the "
-                                   f"{set_name} set (offered: {', '.join(ops)})")
+            _reject(f"{value.func.id} is not an operator of the {set_name} set (offered: "
+                    f"{', '.join(ops)})", stmt)
         if name.startswith("_") or name == "problem":
-            raise WorkflowRejected(f"line {stmt.lineno}: bad operator attribute name {name!r}")
+            _reject(f"bad operator attribute name {name!r}", stmt)
         attrs[name] = value.func.id
     if not attrs:
-        raise WorkflowRejected("__init__ creates no operators")
+        _reject("__init__ creates no operators")
     _RunChecker(attrs, run)
     return tree, run, attrs
 
 
-def _statements(node):
-    """node.body without docstrings."""
+def _statements(node):  # node.body without docstrings
     return [s for s in node.body if not _is_docstring(s)]
 
 
@@ -310,9 +304,10 @@ def _small_int(node):  # an int literal from -MAX_RANGE to MAX_RANGE: range() ov
 
 
 class _RunChecker:
-    """Checks run_workflow top-down. `loops` counts the enclosing for loops; `awaited` marks a
-    node whose value is awaited (the await's call, asyncio.gather's arguments, and through
-    *[... for ...] the comprehension's element): the only places an operator call may stand."""
+    """Checks run_workflow top-down: each node's type must be in _ALLOWED, then rule() applies.
+    `loops` counts the enclosing for loops; `awaited` marks a node whose value is awaited (the
+    await's call, asyncio.gather's arguments, and through *[... for ...] the comprehension's
+    element): the only places an operator call may stand."""
 
     def __init__(self, attrs, fn):
         self.attrs, self.fn = attrs, fn
@@ -320,20 +315,20 @@ class _RunChecker:
                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         for name in self.locals:
             if (name.startswith("_") and name != "_") or name in ("self", "asyncio", *SAFE_BUILTINS):
-                raise WorkflowRejected(f"run_workflow: cannot assign to {name!r}")
+                _reject(f"run_workflow: cannot assign to {name!r}")
         if not _statements(fn):
-            self.fail(fn, "run_workflow is empty")
+            _reject("run_workflow is empty", fn)
         for s in fn.body:
             self.visit(s)
         if not any(isinstance(n, ast.Return) and n.value is not None for n in ast.walk(fn)):
-            self.fail(fn, "run_workflow never returns an answer")
+            _reject("run_workflow never returns an answer", fn)
 
-    def fail(self, node, what):
-        raise WorkflowRejected(f"line {getattr(node, 'lineno', self.fn.lineno)}: {what}")
+    def fail(self, node, what):  # operator and context nodes have no line: run_workflow's then
+        _reject(what, node if hasattr(node, "lineno") else self.fn)
 
     def visit(self, node, loops=0, awaited=False):
         kind = type(node)
-        if isinstance(node, (ast.operator, ast.unaryop)) and kind not in _ALLOWED:
+        if kind not in _ALLOWED and isinstance(node, (ast.operator, ast.unaryop)):
             self.fail(node, f"operator {kind.__name__} is not allowed")
         if kind not in _ALLOWED:
             what = "statements" if isinstance(node, ast.stmt) else "expressions"
@@ -377,8 +372,8 @@ class _RunChecker:
                 self.visit(s, loops + 1)
             return ()
         elif isinstance(n, ast.Await):
-            if not (isinstance(n.value, ast.Call) and (self.is_operator(n.value.func)
-                                                       or _is_gather(n.value.func))):
+            f = getattr(n.value, "func", None)
+            if not (isinstance(n.value, ast.Call) and (self.is_operator(f) or self.is_gather(f))):
                 self.fail(n, "await only operator calls (await self.op(...)) or asyncio.gather(...)")
             self.visit(n.value, loops, awaited=True)
             return ()
@@ -429,17 +424,22 @@ class _RunChecker:
     def is_operator(self, f):
         return _is_self_attr(f) and f.attr in self.attrs
 
+    @staticmethod
+    def is_gather(f):
+        return (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+                and f.value.id == "asyncio" and f.attr == "gather")
+
     def call(self, c, loops, awaited):
         """Operator calls (awaited), asyncio.gather of operator calls (awaited), the safe builtins
         (range bounded) and str/list methods. Returns the parts to check next."""
         f, args = c.func, c.args + [kw.value for kw in c.keywords]
         if any(kw.arg is None for kw in c.keywords):
             self.fail(c, "**kwargs are not allowed")
-        if self.is_operator(f):
-            if not awaited:
-                self.fail(c, f"operator call self.{f.attr}(...) must be awaited")
+        if self.is_operator(f) and not awaited:
+            self.fail(c, f"operator call self.{f.attr}(...) must be awaited")
+        elif self.is_operator(f):
             return args
-        if _is_gather(f):
+        elif self.is_gather(f):
             if not awaited or c.keywords:
                 self.fail(c, "use `await asyncio.gather(self.op(...), ...)` with no keywords")
             for a in c.args:
@@ -449,27 +449,21 @@ class _RunChecker:
                                  "range(n)]")
                 self.visit(a, loops, awaited=True)
             return ()
-        if isinstance(f, ast.Name):
-            if f.id not in SAFE_BUILTINS:
-                self.fail(c, f"calling {f.id!r} is not allowed (allowed: operators, "
-                             f"{', '.join(SAFE_BUILTINS)})")
+        elif isinstance(f, ast.Name) and f.id not in SAFE_BUILTINS:
+            self.fail(c, f"calling {f.id!r} is not allowed (allowed: operators, "
+                         f"{', '.join(SAFE_BUILTINS)})")
+        elif isinstance(f, ast.Name):
             if f.id == "range" and not all(map(_small_int, c.args)):
                 self.fail(c, f"range() arguments must be integers from 0 to {MAX_RANGE}")
             return args
-        if isinstance(f, ast.Attribute) and f.attr not in STR_METHODS + LIST_METHODS:
+        elif not isinstance(f, ast.Attribute):
+            self.fail(c, "only operators, safe builtins and str/list methods may be called")
+        elif f.attr not in STR_METHODS + LIST_METHODS:
             self.fail(c, f"method .{f.attr}() is not allowed (allowed: operators and "
                          f"{', '.join(STR_METHODS + LIST_METHODS)})")
-        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in (
-                "self", "asyncio"):
+        elif isinstance(f.value, ast.Name) and f.value.id in ("self", "asyncio"):
             self.fail(c, f"{f.value.id}.{f.attr} is not an operator")
-        if not isinstance(f, ast.Attribute):
-            self.fail(c, "only operators, safe builtins and str/list methods may be called")
         return [f.value, *args]
-
-
-def _is_gather(f):
-    return (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
-            and f.value.id == "asyncio" and f.attr == "gather")
 
 
 # --- running a workflow (SCOREFLOW.md §2.1, §4 "Timeouts") -------------------------------------
@@ -533,28 +527,6 @@ class _Context:
     def own_seconds(self):
         return time.monotonic() - self.t0 - self.waited_seconds()
 
-    @contextlib.contextmanager
-    def executor_time(self):
-        """The clock stops while at least one executor call is outstanding (gathered calls
-        overlap)."""
-        if self.waiting == 0:
-            self.wait_since = time.monotonic()
-        self.waiting += 1
-        try:
-            yield
-        finally:
-            self.waiting -= 1
-            if self.waiting == 0:
-                self.executor_seconds += time.monotonic() - self.wait_since
-
-    def occurrence(self, *request):
-        """0 for the first time this run makes `request`, 1 for the second, ...: repeated identical
-        calls are distinct calls (a loop of three Custom calls asks three times), and a resumed run
-        replays each one (the n-th occurrence has the same key every time the run is made)."""
-        key = json.dumps(request, sort_keys=True, ensure_ascii=False)
-        self.seen[key] = self.seen.get(key, 0) + 1
-        return self.seen[key] - 1
-
     async def chat(self, operator, prompt, examples=()):
         """One executor call: the user message `prompt`, after (user, assistant) example turns.
         ExecutorError propagates untouched."""
@@ -563,11 +535,22 @@ class _Context:
                     for role, text in zip(("user", "assistant"), pair)]
         messages.append({"role": "user", "content": prompt})
         sampling = dict(temperature=o.temperature, max_tokens=o.max_tokens, seed=o.seed)
-        occurrence = self.occurrence(messages, sampling)  # before the await: gather order is fixed
-        with self.executor_time():
+        # The occurrence: 0 the first time this run makes this request, 1 the second, ...: repeated
+        # identical calls are distinct (a loop of three Custom calls asks three times), and a
+        # resumed run replays each one. Counted before the await: gather's order is fixed.
+        key = json.dumps([messages, sampling], sort_keys=True, ensure_ascii=False)
+        self.seen[key] = occurrence = self.seen.get(key, -1) + 1
+        if self.waiting == 0:  # the clock stops while any call is outstanding (gathered ones overlap)
+            self.wait_since = time.monotonic()
+        self.waiting += 1
+        try:
             result = await asyncio.to_thread(
                 self.client.chat, messages, **sampling, sample=o.sample, attempt=o.attempt,
                 occurrence=occurrence, stage=o.stage, tag=o.tag or operator)
+        finally:
+            self.waiting -= 1
+            if self.waiting == 0:
+                self.executor_seconds += time.monotonic() - self.wait_since
         self.tokens += result.prompt_tokens + result.completion_tokens
         self.calls.append({"operator": operator, "prompt": prompt if o.keep_prompts else len(prompt),
                            "reply": result.text if o.keep_prompts else len(result.text),
@@ -634,7 +617,7 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
 
     try:
         tree, run, _ = _check_workflow(code, set_name)
-    except WorkflowRejected as e:
+    except WorkflowError as e:
         return result("", "workflow_error", f"rejected: {e}")
     run.body = _guarded(run.body)
     names = {"__builtins__": _BUILTINS, "__name__": "workflow", "_sf_tick": ctx.tick,
@@ -993,34 +976,34 @@ def forbidden_usage(code: str) -> str:
 def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
     """True when a whitelisted workflow provably cannot raise by its own fault, so §2.3's trial run
     could only fail through the infrastructure or the executor's text: run_workflow is a sequence
-    of `name = await self.op(...)` with each operator's own parameter names, every argument a string
-    literal or a name bound above (a non-empty list of such for sc_ensemble, whose one parameter
-    needs a list), at most max_calls calls, then `return name` of a bound name or `return await
-    self.op(...)` of such a call. Every operator returns a str, so each name holds one. Anything
-    else (loops, branches, expressions) gets the trial run."""
+    of `name = await self.op(...)`, the arguments binding to the operator's parameters, each a str
+    literal or a name bound above (sc_ensemble: a non-empty list of such), then `return name` of a
+    bound name or `return await self.op(...)` of such a call; at most max_calls calls. Every
+    operator returns a str, so each name holds one. Anything else gets the trial run."""
     try:
         _, run, attrs = _check_workflow(code, set_name)
-    except WorkflowRejected:
+    except WorkflowError:
         return False
-    body, bound = [n for n in run.body if not _is_docstring(n)], set()
+    body, bound = _statements(run), set()
 
     def text(a):
         return ((isinstance(a, ast.Constant) and isinstance(a.value, str))
                 or (isinstance(a, ast.Name) and a.id in bound))
 
-    def awaited_call(e):  # await self.op(...) with the operator's own parameters, each given text
-        c = e.value if isinstance(e, ast.Await) else None
-        if not (isinstance(c, ast.Call) and _is_self_attr(c.func) and c.func.attr in attrs):
+    def awaited_call(e):
+        if not (isinstance(e, ast.Await) and _is_self_attr(e.value.func)
+                and e.value.func.attr in attrs):
             return False
-        op = attrs[c.func.attr]
-        params = list(inspect.signature(_OPERATORS[op].run).parameters)[1:]  # without self
-        given = dict(zip(params, c.args)) | {k.arg: k.value for k in c.keywords}
-        if len(c.args) > len(params) or len(given) != len(c.args) + len(c.keywords) or any(
-                k.arg not in params for k in c.keywords):
+        op, c = attrs[e.value.func.attr], e.value
+        try:
+            given = inspect.signature(_OPERATORS[op].run).bind(
+                None, *c.args, **{k.arg: k.value for k in c.keywords}).arguments
+        except TypeError:
             return False  # too many, unknown or twice-given arguments
+        del given["self"]
         if op == "ScEnsemble" and not (isinstance(given.get("solutions"), ast.List)
                                        and given["solutions"].elts):
-            return False
+            return False  # sc_ensemble needs a non-empty list
         return all(all(map(text, a.elts)) if name == "solutions" else text(a)
                    for name, a in given.items())
 
@@ -1029,12 +1012,10 @@ def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
                 and isinstance(stmt.targets[0], ast.Name) and awaited_call(stmt.value)):
             return False
         bound.add(stmt.targets[0].id)
-    last, cap = body[-1], max_calls or len(body)  # max_calls 0: no cap
-    if not isinstance(last, ast.Return) or last.value is None:
-        return False
-    if awaited_call(last.value):  # `return await self.op(...)`: one more call
-        return len(body) <= cap
-    return len(body) - 1 <= cap and isinstance(last.value, ast.Name) and last.value.id in bound
+    last = body[-1].value if isinstance(body[-1], ast.Return) else None
+    calls = len(body) - 1 + awaited_call(last)  # `return await self.op(...)` is one call more
+    return (awaited_call(last) or (isinstance(last, ast.Name) and last.id in bound)) and (
+        calls <= (max_calls or calls))
 
 
 async def runnable_check(code: str, set_name: str, client, *, threshold: float | None = -1.0,
@@ -1046,16 +1027,14 @@ async def runnable_check(code: str, set_name: str, client, *, threshold: float |
     within timeout (default 60 s math/QA, 120 s code). An infra_error in the trial is reported as
     such in the reason ("infra: ..."): the caller should retry rather than regenerate."""
     ok, reason = validate_workflow(code, set_name)
+    threshold = SET_THRESHOLDS[set_name] if threshold == -1.0 else threshold
+    ratio = template_similarity(code, set_name) if ok and threshold is not None else 0.0
     if not ok:
         return False, f"rejected: {reason}"
-    threshold = SET_THRESHOLDS[set_name] if threshold == -1.0 else threshold
-    if threshold is not None:
-        ratio = template_similarity(code, set_name)
-        if ratio >= threshold:
-            return False, f"too close to the template (similarity {ratio:.2f} >= {threshold})"
-    bad = forbidden_usage(code)
-    if bad:
-        return False, f"forbidden: {bad}"
+    if threshold is not None and ratio >= threshold:
+        return False, f"too close to the template (similarity {ratio:.2f} >= {threshold})"
+    if forbidden_usage(code):
+        return False, f"forbidden: {forbidden_usage(code)}"
     if not trial:
         return True, ""
     run = await run_workflow(code, TOY_PROBLEMS[set_name], client, set_name, max_calls=max_calls,
