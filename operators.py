@@ -70,8 +70,8 @@ def class_header(set_name: str) -> str:
 # The paper's templates (§2.2 item 2): every operator of the set is created, one call is made.
 TEMPLATES = {name: f"{class_header(name)}\n    async def run_workflow(self):\n        {call}\n"
                    f"        return {call.split()[0]}\n" for name, call in {
-    "math": 'solution = await self.custom(instruction="Solve the problem step by step. Put the final '
-            'answer in \\\\boxed{}.")',
+    "math": 'solution = await self.custom(instruction="Solve the problem step by step. Put the '
+            'final answer in \\\\boxed{}.")',
     "qa": "answer = await self.answer_generate()",
     "code": 'solution = await self.code_generate(instruction="Write a correct Python function for '
             'the task, thinking about edge cases.")'}.items()}
@@ -93,14 +93,15 @@ _MENU = {  # purpose, exact signature, one-line example (§2.2 item 3)
                    "third])"),
     "Review": ("Checks a solution for wrong logic, arithmetic slips, misread questions and missing "
                "details; returns it unchanged if it is right, otherwise a corrected solution.",
-               "review(pre_solution: str) -> str", "checked = await self.review(pre_solution=best)"),
+               "review(pre_solution: str) -> str",
+               "checked = await self.review(pre_solution=best)"),
     "CustomCodeGenerate": ("Sends your instruction with the coding task and its function name to "
                            "the executor model and returns the Python code it writes.",
                            "code_generate(instruction: str) -> str", 'code = await self.code_'
                            'generate(instruction="Write a simple, correct solution.")'),
-    "Test": ("Runs a code solution against the task's example tests in a sandbox; if it fails, asks "
-             "for a fix (several rounds) and returns the best code.", "test(solution: str) -> str",
-             "final = await self.test(solution=code)"),
+    "Test": ("Runs a code solution against the task's example tests in a sandbox; if it fails, "
+             "asks for a fix (several rounds) and returns the best code.",
+             "test(solution: str) -> str", "final = await self.test(solution=code)"),
 }
 
 
@@ -155,20 +156,19 @@ def template_similarity(code: str, set_name: str) -> float:
         with contextlib.suppress(SyntaxError):
             for node in ast.walk(ast.parse(code)):
                 if isinstance(node, ast.AsyncFunctionDef) and node.name == "run_workflow":
-                    return "\n".join(code.splitlines()[node.body[0].lineno - 1:node.end_lineno]).strip()
-    mine = body(code)
-    return 0.0 if mine is None else difflib.SequenceMatcher(None, mine, body(TEMPLATES[set_name])).ratio()
+                    lines = code.splitlines()[node.body[0].lineno - 1:node.end_lineno]
+                    return "\n".join(lines).strip()
+    mine, template = body(code), body(TEMPLATES[set_name])
+    return 0.0 if mine is None else difflib.SequenceMatcher(None, mine, template).ratio()
 
 
 # --- the AST whitelist (§2.3 step 2) ------------------------------------------------------------
-# A workflow is one class Workflow with __init__(self, config, problem), whose statements only bind
-# operators (self.name = Op(config)) or self.problem, and `async def run_workflow(self)`, made of
-# the node types in _ALLOWED under the special rules of _RunChecker.rule: assignments, if/else,
-# `for` over bounded iterables, return; expressions over local names, literals, + and -,
-# comparisons, f-strings, awaited operator calls, asyncio.gather of operator calls, a few safe
-# builtins and str/list methods. So no imports, no names starting with "_" (`_` itself aside), no
-# other attribute access, no while, try, with, lambda, def, class, global, del, raise. An inserted
-# guard bounds steps, sizes and time at run time (_Context.tick).
+# A workflow is one class Workflow: __init__(self, config, problem) only binds operators
+# (self.name = Op(config)) or self.problem; `async def run_workflow(self)` is made of the node types
+# in _ALLOWED under the special rules of _RunChecker.rule (local names not starting with "_", calls
+# of operators, safe builtins and str/list methods only, bounded loops). So no imports, attributes,
+# while, try, with, lambda, def, class, global, del or raise. An inserted guard bounds steps, sizes
+# and time at run time (_Context.tick).
 
 SAFE_BUILTINS = ("len", "range", "enumerate", "zip", "min", "max", "sorted", "reversed", "str",
                  "int", "float", "bool", "list", "abs", "round", "sum", "any", "all")
@@ -191,10 +191,11 @@ _ALLOWED = {  # every node of run_workflow has one of these types; nothing else 
     ast.Add, ast.Sub, ast.UAdd, ast.USub, ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt,
     ast.LtE, ast.Gt, ast.GtE, ast.Is, ast.IsNot, ast.In, ast.NotIn}  # no *, **, /, %: sizes explode
 _REFUSED = {  # reasons clearer than "<Node> statements/expressions are not allowed"
-    ast.While: f"while loops are not allowed (unbounded); use `for i in range(n)` with n <= {MAX_RANGE}",
+    ast.While: f"while loops are not allowed (unbounded): use `for i in range(n <= {MAX_RANGE})`",
     ast.Import: "imports are not allowed", ast.ImportFrom: "imports are not allowed",
     ast.AnnAssign: "annotations are not allowed", ast.AsyncFor: "async for is not allowed",
-    ast.Attribute: "attribute access .{n.attr} is allowed only to call operators and str/list methods"}
+    ast.Attribute: "attribute access .{n.attr}: only operators and str/list methods may be called",
+}
 
 
 class WorkflowError(RuntimeError):
@@ -202,7 +203,7 @@ class WorkflowError(RuntimeError):
 
 
 class SandboxFailure(RuntimeError):
-    """executor.run_python reported "internal": the sandbox failed, not the code (infrastructure)."""
+    """run_python reported "internal": the sandbox failed, not the code (infrastructure)."""
 
 
 def validate_workflow(code: str, set_name: str) -> tuple[bool, str]:
@@ -257,8 +258,9 @@ def _check_workflow(code, set_name):
         name, value = stmt.targets[0].attr, stmt.value
         if name == "problem" and isinstance(value, ast.Name) and value.id == "problem":
             continue
-        if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)  # just Op(config)
-                and ast.dump(value) == ast.dump(ast.parse(f"{value.func.id}(config)").body[0].value)):
+        if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+                and not value.keywords and len(value.args) == 1
+                and getattr(value.args[0], "id", None) == "config"):
             _reject(f"expected self.{name} = Operator(config)", stmt)
         if value.func.id not in ops:
             _reject(f"{value.func.id} is not an operator of the {set_name} set (offered: "
@@ -300,7 +302,8 @@ def _builtin_call(node, *names):  # name(...) without keywords, for one of `name
 def _small_int(node):  # an int literal from -MAX_RANGE to MAX_RANGE: range() over it is bounded
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         node = node.operand
-    return isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value <= MAX_RANGE
+    return (isinstance(node, ast.Constant) and type(node.value) is int
+            and 0 <= node.value <= MAX_RANGE)
 
 
 class _RunChecker:
@@ -314,7 +317,7 @@ class _RunChecker:
         self.locals = {n.id for n in ast.walk(fn)
                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         for name in self.locals:
-            if (name.startswith("_") and name != "_") or name in ("self", "asyncio", *SAFE_BUILTINS):
+            if name.startswith("_") and name != "_" or name in ("self", "asyncio", *SAFE_BUILTINS):
                 _reject(f"run_workflow: cannot assign to {name!r}")
         if not _statements(fn):
             _reject("run_workflow is empty", fn)
@@ -332,7 +335,8 @@ class _RunChecker:
             self.fail(node, f"operator {kind.__name__} is not allowed")
         if kind not in _ALLOWED:
             what = "statements" if isinstance(node, ast.stmt) else "expressions"
-            self.fail(node, _REFUSED.get(kind, f"{kind.__name__} {what} are not allowed").format(n=node))
+            reason = _REFUSED.get(kind, f"{kind.__name__} {what} are not allowed")
+            self.fail(node, reason.format(n=node))
         children = self.rule(node, loops, awaited)
         for child in ast.iter_child_nodes(node) if children is None else children:
             self.visit(child, loops)
@@ -374,7 +378,7 @@ class _RunChecker:
         elif isinstance(n, ast.Await):
             f = getattr(n.value, "func", None)
             if not (isinstance(n.value, ast.Call) and (self.is_operator(f) or self.is_gather(f))):
-                self.fail(n, "await only operator calls (await self.op(...)) or asyncio.gather(...)")
+                self.fail(n, "await only operator calls (self.op(...)) or asyncio.gather(...)")
             self.visit(n.value, loops, awaited=True)
             return ()
         elif isinstance(n, ast.Starred):
@@ -386,9 +390,9 @@ class _RunChecker:
             g = n.generators[0]
             if len(n.generators) != 1 or g.is_async:
                 self.fail(n, "a list comprehension may have one `for` (not async)")
-            if not isinstance(g.iter, ast.Name) and not (_builtin_call(g.iter, "range") and 1 <= len(
-                    g.iter.args) <= 3 and all(map(_small_int, g.iter.args))):
-                self.fail(n, f"a list comprehension may go over range(n <= {MAX_RANGE}) or a local list")
+            if not (isinstance(g.iter, ast.Name) or _builtin_call(g.iter, "range")
+                    and 1 <= len(g.iter.args) <= 3 and all(map(_small_int, g.iter.args))):
+                self.fail(n, f"comprehensions go over range(n <= {MAX_RANGE}) or a local list")
             self.target(g.target)
             for child in (g.target, g.iter, *g.ifs):
                 self.visit(child, loops)
@@ -413,7 +417,7 @@ class _RunChecker:
         if _builtin_call(it, "range") and 1 <= len(it.args) <= 3:
             if not all(_small_int(a) or (_builtin_call(a, "len") and len(a.args) == 1
                                          and isinstance(a.args[0], ast.Name)) for a in it.args):
-                self.fail(it, f"range() arguments must be integers from 0 to {MAX_RANGE} or len(name)")
+                self.fail(it, f"range() arguments must be ints from 0 to {MAX_RANGE} or len(name)")
             return it.args
         if _builtin_call(it, "enumerate", "zip", "reversed", "sorted") and it.args:
             return [part for a in it.args for part in self.bounded(a)]
@@ -540,7 +544,7 @@ class _Context:
         # resumed run replays each one. Counted before the await: gather's order is fixed.
         key = json.dumps([messages, sampling], sort_keys=True, ensure_ascii=False)
         self.seen[key] = occurrence = self.seen.get(key, -1) + 1
-        if self.waiting == 0:  # the clock stops while any call is outstanding (gathered ones overlap)
+        if self.waiting == 0:  # the clock stops while calls are outstanding (gathered ones overlap)
             self.wait_since = time.monotonic()
         self.waiting += 1
         try:
@@ -552,7 +556,8 @@ class _Context:
             if self.waiting == 0:
                 self.executor_seconds += time.monotonic() - self.wait_since
         self.tokens += result.prompt_tokens + result.completion_tokens
-        self.calls.append({"operator": operator, "prompt": prompt if o.keep_prompts else len(prompt),
+        self.calls.append({"operator": operator,
+                           "prompt": prompt if o.keep_prompts else len(prompt),
                            "reply": result.text if o.keep_prompts else len(result.text),
                            "finish_reason": result.finish_reason})
         return result.text
@@ -563,7 +568,7 @@ class _Context:
         if self.steps > MAX_STEPS:
             raise WorkflowError(f"more than {MAX_STEPS} statements executed")
         if self.own_seconds() > self.timeout:
-            raise WorkflowError(f"time limit reached: {self.timeout:g} s of the workflow's own work")
+            raise WorkflowError(f"time limit reached: {self.timeout:g} s of the workflow's work")
         if sum(_chars(v) for k, v in frame_locals.items() if k != "self") > MAX_CHARS:
             raise WorkflowError(f"run_workflow's variables hold more than {MAX_CHARS} characters")
 
@@ -591,7 +596,8 @@ def _guarded(stmts):
 
 # The generated code's builtins: the safe ones, `locals` for the guard and __build_class__ for
 # `class Workflow` (model code cannot name either: not whitelisted); its asyncio holds gather alone.
-_BUILTINS = {name: getattr(builtins, name) for name in (*SAFE_BUILTINS, "locals", "__build_class__")}
+_BUILTINS = {name: getattr(builtins, name)
+             for name in (*SAFE_BUILTINS, "locals", "__build_class__")}
 _ASYNCIO = types.SimpleNamespace(gather=asyncio.gather)
 
 
@@ -744,7 +750,8 @@ class AnswerGenerate(_Operator):
         reply = await self.chat(
             f"{_problem_text(self.ctx.problem)}\n\n"
             "Think it through step by step, then give the final answer as briefly as possible.\n"
-            "Reply in this form:\n<thought>your reasoning</thought>\n<answer>the short answer</answer>")
+            "Reply in this form:\n<thought>your reasoning</thought>\n"
+            "<answer>the short answer</answer>")
         thought, answer = _field(reply, "thought"), _field(reply, "answer")
         if not answer:
             self.ctx.notes.append("AnswerGenerate: no <answer> field; kept the whole reply")
@@ -850,7 +857,8 @@ def runnable_program(reply: str) -> str:
             fn.args.args or fn.args.posonlyargs or fn.args.kwonlyargs)
     code = sanitize_code(reply, "solve")
     with contextlib.suppress(SyntaxError):
-        solves = [n for n in ast.parse(code).body if isinstance(n, ast.FunctionDef) and n.name == "solve"]
+        tree = ast.parse(code)
+        solves = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solve"]
         if solves and free(solves[-1]):
             return code + "\n\nprint(solve())\n"
     program, tree = parsing_prefix(code_block(reply))
@@ -881,7 +889,8 @@ class Test(_Operator):
 
     async def run(self, solution: str = ""):
         ep, rounds = _entry_point(self.ctx.problem), self.ctx.options.test_rounds
-        tests = [t for t in (self.ctx.problem.extra or {}).get("public_tests", []) if str(t).strip()]
+        tests = [t for t in (self.ctx.problem.extra or {}).get("public_tests", [])
+                 if str(t).strip()]
         code = sanitize_code(str(solution), ep)
         if not tests:
             self.ctx.notes.append("Test: the task has no public tests; solution returned as is")
@@ -893,9 +902,9 @@ class Test(_Operator):
             if round_ < rounds:
                 code = sanitize_code(await self.chat(
                     f"{_problem_text(self.ctx.problem)}\n\nThis solution fails a test:\n```python\n"
-                    f"{code}\n```\nFailure:\n{failure}\n\nExplain the mistake briefly in <reflection>"
-                    f"...</reflection>, then give the complete fixed function `{ep}` in one "
-                    "```python code block."), ep)
+                    f"{code}\n```\nFailure:\n{failure}\n\nExplain the mistake briefly in "
+                    f"<reflection>...</reflection>, then give the complete fixed function `{ep}` "
+                    "in one ```python code block."), ep)
         self.ctx.notes.append(f"Test: still failing after {rounds} repairs; wrote a fresh solution")
         return await CustomCodeGenerate(self.ctx).run("Write a correct solution from scratch.")
 
@@ -904,8 +913,8 @@ class Test(_Operator):
         done = "all-public-tests-ran-" + secrets.token_hex(8)  # an early exit(0) cannot fake a pass
         checks = "".join(
             f"try:\n{textwrap.indent(t.strip(), '    ')}\nexcept Exception as e:\n"
-            f"    print('FAILED: ' + {t.strip()!r} + ' -> ' + type(e).__name__ + ': ' + str(e)[:200])"
-            "\n    raise SystemExit(1)\n" for t in tests)
+            f"    print('FAILED: ' + {t.strip()!r} + ' -> ' + type(e).__name__ + ': ' + "
+            "str(e)[:200])\n    raise SystemExit(1)\n" for t in tests)
         program = f"{code}\n\ncandidate = {ep}\n{checks}print({done!r})\n"
         run = await asyncio.to_thread(_run_python, program, self.ctx.options.program_timeout)
         if run.status == "ok" and done in run.stdout:
@@ -947,7 +956,8 @@ def sanitize_code(text: str, entry_point: str | None = None) -> str:
 # --- the runnable check (SCOREFLOW.md §2.3) ------------------------------------------------------
 
 TOY_PROBLEMS = {  # §2.3 step 5: a tiny problem per set; the output is not checked
-    name: types.SimpleNamespace(input=input, extra=extra, gold="", id="toy") for name, input, extra in (
+    name: types.SimpleNamespace(input=input, extra=extra, gold="", id="toy")
+    for name, input, extra in (
         ("math", "A is 1 and B is 2. What is A + B?", {}),
         ("qa", "Question: How many legs do two cats have in total?", {}),
         ("code", {"task_id": "toy/add", "entry_point": "add_two",
@@ -965,7 +975,8 @@ def forbidden_usage(code: str) -> str:
         return f"syntax error: {e.msg}"
     for n in ast.walk(tree):
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "int":
-            return f"line {n.lineno}: int(...) is not allowed (model outputs rarely parse as integers)"
+            return (f"line {n.lineno}: int(...) is not allowed (model outputs rarely parse as "
+                    "integers)")
         if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "split"
                 and len(n.args) == 1 and isinstance(n.args[0], ast.Constant)
                 and n.args[0].value == " "):
