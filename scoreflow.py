@@ -388,12 +388,7 @@ HEADER_LINE = "class Workflow:"
 RUN_LINE = "    async def run_workflow(self):"
 
 
-def class_header(set_name):
-    """The part of every workflow the harness writes: the class line and an __init__ that creates
-    each operator of the set (SCOREFLOW.md §2.1)."""
-    inits = "".join(f"        self.{operators.ATTRIBUTE[op]} = {op}(config)\n"
-                    for op in operators.OPERATOR_SETS[set_name])
-    return f"{HEADER_LINE}\n    def __init__(self, config, problem):\n{inits}"
+class_header = operators.class_header  # the harness's part of every workflow (SCOREFLOW.md §2.1)
 
 
 def assemble(set_name, body):
