@@ -92,8 +92,10 @@ class RunConfig:
     budget_tokens: int | None = opt(None, "hard cap on executor tokens, as --budget-usd")
     executor_extra: dict | None = opt(None, "server-specific request fields, e.g. '{\"top_k\": 0}' "
                                       "(part of the journal's key)", type="json", metavar="JSON")
-    executor_timeout: float = opt(300.0, "seconds to wait per attempt (5 retries); 3 calls in a "
-                                  "row unanswered stop the run resumably, exit 4")
+    executor_timeout: float | None = opt(None, "seconds to wait per attempt (5 retries); 3 calls "
+                                         "in a row unanswered stop the run resumably, exit 4 "
+                                         "(default 300; 3600 for our own local server, which is "
+                                         "busy, not hung, when it is slow)")
     executor_concurrency: int | None = opt(None, "calls in flight at the endpoint (default "
                                            "--concurrency for our server, else 16; 1 for a "
                                            "one-slot llama.cpp server)")
@@ -929,6 +931,16 @@ def _loop(R):
     final_test_stage(R)
 
 
+def executor_timeout(cfg, local):
+    """Seconds per attempt of an executor call: --executor-timeout, else 300 for an endpoint and
+    3600 for our own local server. Ours answers every request it holds, in batches; a request
+    queued behind long prompts (HotpotQA contexts on 2 busy cores) waited past 300 s, and 3 such
+    in a row stopped a default run as "endpoint down" while the server was working."""
+    if cfg.executor_timeout is not None:
+        return cfg.executor_timeout
+    return 3600.0 if local else 300.0
+
+
 def run(cfg, data=None):
     """The whole run; data is load_data(cfg), loaded by main before the run directory exists. Under
     torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
@@ -965,7 +977,8 @@ def run(cfg, data=None):
     budget = (executor.Budget(dollars=cfg.budget_usd, tokens=cfg.budget_tokens)
               if cfg.budget_usd is not None or cfg.budget_tokens is not None else None)
     R.client = client = executor.ChatClient(
-        url, name, api_key=key, timeout=cfg.executor_timeout, identity=identity, budget=budget,
+        url, name, api_key=key, timeout=executor_timeout(cfg, local=server is not None),
+        identity=identity, budget=budget,
         max_concurrency=cfg.executor_concurrency or (cfg.concurrency if server else 16),
         cache_path=R.path("calls.sqlite"), extra=cfg.executor_extra)
     try:
@@ -1249,8 +1262,8 @@ def _check_executor(cfg, parser):
     """The executor settings, then the endpoint itself: it answers and serves --executor-model (an
     external one), or our local server accepts the --executor-extra fields. Before any work."""
     _check(parser, [
-        (cfg.executor_timeout > 0, f"--executor-timeout must be > 0 seconds, got "
-                                   f"{cfg.executor_timeout}"),
+        (cfg.executor_timeout is None or cfg.executor_timeout > 0,
+         f"--executor-timeout must be > 0 seconds, got {cfg.executor_timeout}"),
         (cfg.executor_concurrency is None or cfg.executor_concurrency >= 1,
          f"--executor-concurrency must be >= 1, got {cfg.executor_concurrency}"),
         (cfg.run_attempts >= 1 and cfg.programmer_call_attempts >= 1,
@@ -1267,26 +1280,27 @@ def _check_executor(cfg, parser):
                 parser.error(f"--executor-extra: our local server refuses it: {why}")
         return
     why = executor.preflight(cfg.executor_url, cfg.executor_model, api_key=cfg.api_key,
-                             timeout=min(cfg.executor_timeout, 30.0))
+                             timeout=min(executor_timeout(cfg, local=False), 30.0))
     if why:
         parser.error(why)
 
 
 def resolve_config(args, parser):
     """Defaults, then --paper's values, then explicit flags; with --resume, the saved config, where
-    an explicit flag may only raise a budget."""
+    an explicit flag may only change what does not change what is asked: the budgets and how long
+    and how many calls wait at the executor."""
     given = vars(args)
     if "resume" in given:
         path = os.path.join(given["resume"], "config.json")
         if not os.path.exists(path):
             parser.error(f"--resume {given['resume']}: no config.json there (not a run directory?)")
         saved = read_json(path)
-        budgets = ("budget_usd", "budget_tokens")
+        budgets = ("budget_usd", "budget_tokens", "executor_timeout", "executor_concurrency")
         for k, v in given.items():
             if k not in ("resume",) + budgets and saved.get(k) != v:
                 parser.error(f"--resume: --{k.replace('_', '-')} {v!r} conflicts with the run's "
-                             f"saved value {saved.get(k)!r}; only --budget-usd and --budget-tokens "
-                             "may change")
+                             f"saved value {saved.get(k)!r}; only --budget-usd, --budget-tokens, "
+                             "--executor-timeout and --executor-concurrency may change")
         saved.update({k: v for k, v in given.items() if k in budgets})
         saved.pop("version", None)
         saved.pop("argv", None)

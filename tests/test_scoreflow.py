@@ -1,5 +1,6 @@
 """The loop (scoreflow.py): prompt building, repair, CLI errors, and real runs of the whole program on
 the embedded model with our local server (tiny sizes), including kill -9 and --resume."""
+import dataclasses
 import json
 import os
 import signal
@@ -123,6 +124,29 @@ def test_bad_flags_fail_before_any_work(tmp_path, args, message):
     r = run_cli(args + ["--run-dir", str(tmp_path / "run")] if "--resume" not in args else args, timeout=60)
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_executor_timeout_default_per_endpoint_and_changeable_on_resume(tmp_path):
+    """Our own local server gets 3600 s per attempt by default (it is busy, not hung, when slow: a
+    default HotpotQA run stopped as "endpoint down" at 300 s), an endpoint 300 s; a flag wins. On
+    resume the timeout and concurrency may change (they do not change what is asked); sizes may not."""
+    parser = scoreflow.build_parser()
+
+    def cfg(argv):
+        return scoreflow.resolve_config(parser.parse_args(argv), parser)
+    default = cfg(["--run-dir", str(tmp_path / "a")])
+    assert (scoreflow.executor_timeout(default, local=True), scoreflow.executor_timeout(default, local=False)) \
+        == (3600.0, 300.0)
+    given = cfg(["--run-dir", str(tmp_path / "b"), "--executor-timeout", "7"])
+    assert (scoreflow.executor_timeout(given, local=True), scoreflow.executor_timeout(given, local=False)) == (7.0, 7.0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = dict(dataclasses.asdict(default), run_dir=str(run_dir), executor_timeout=300.0)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    resumed = cfg(["--resume", str(run_dir), "--executor-timeout", "3600", "--executor-concurrency", "2"])
+    assert (resumed.executor_timeout, resumed.executor_concurrency, resumed.k) == (3600.0, 2, default.k)
+    r = run_cli(["--resume", str(run_dir), "-k", "3"], timeout=60)
+    assert r.returncode == 2 and "conflicts with the run's saved value" in r.stderr
 
 
 # --- the whole program -----------------------------------------------------------------------------
