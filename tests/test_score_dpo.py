@@ -659,9 +659,11 @@ def test_grouped_pairs_equal_one_pass_per_pair_float64(exported):
 
 
 def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
-    """bf16: log-probs within a stated loose tolerance of fp32 (0.25 nat per token; bf16 keeps ~3
-    digits, which is why fp32 stays the CPU default), and training runs with fp32 LoRA weights on a
-    bf16 base (no autocast: the base computes in bf16, the adapter in fp32), starting at ln 2 and moving."""
+    """bf16: log-probs within a stated loose tolerance of fp32 (mean 0.1, max 0.5 nat per token;
+    bf16 keeps ~3 digits, which is why fp32 stays the CPU default), and training runs with fp32 LoRA
+    weights on a bf16 base (no autocast: the base computes in bf16, the adapter in fp32), starting
+    at ln 2 and moving. Measured on three pairs: max 0.29, mean 0.03-0.07 nat on a Xeon with native
+    bf16 (AVX-512-bf16/AMX kernels); under 0.25 max on an AVX2 EPYC, where bf16 is widened."""
     model, tok = smol
     e = encode_pair(tok, TRAIN_PAIRS[0])[:3]
     with torch.no_grad():
@@ -669,7 +671,8 @@ def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             c16, r16 = pair_token_logps(model, *e)
     assert c16.dtype == torch.float32  # the gather lifts bf16 logits to fp32
-    assert (c16 - c32).abs().max() < 0.25 and (r16 - r32).abs().max() < 0.25
+    err = torch.cat([(c16 - c32).abs().flatten(), (r16 - r32).abs().flatten()])
+    assert err.mean() < 0.1 and err.max() < 0.5, (err.mean(), err.max())
     assert (c16 - c32).abs().max() > 0  # really computed in bf16
     mb, _ = M.load(None, dtype=torch.bfloat16)
     res = train(mb, tok, TRAIN_PAIRS[:1], TrainConfig(lr=1e-2, epochs=2, log_every=0), str(tmp_path), log=io.StringIO())
