@@ -537,7 +537,7 @@ class ChatClient:
                 return result
             except ExecutorError as e:
                 if self._note_failure(e):  # the call that trips the stop raises it
-                    raise EndpointDown("down", str(self.stopped), endpoint=self.endpoint) from e
+                    raise self._stopped_error() from e
                 raise
             finally:
                 with self._lock:
