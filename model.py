@@ -7,14 +7,13 @@ Hugging Face Llama checkpoints (Llama-3.1 "llama3" rope scaling included) load t
 
 Sections, in reading order: config -> layers -> model (the transformer, ~300 lines) -> GGUF
 loading -> HF loading -> tokenizer and chat formats -> loading entry point -> generation (KV cache,
-sampler, prefill / decode_step / the loop) -> performance wrappers -> log-probs -> LoRA -> export.
+sampler, prefill / decode_step / the loop) -> prepacked weights -> log-probs -> LoRA -> export.
 
 Numerics: fp32 matches transformers on the same weights to ~1e-4 in logits (1e-9 in float64);
-bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). The performance wrappers swap
-modules in by explicit calls and never change the core: `prepacked` (oneDNN copies of the weights,
-generate's default on CPU, exact up to summation order), `pack_weights` (4-bit weights, bf16
-compute: trades exactness for batch-1 speed) and generate(compile=True) (torch.compile of the
-decode step).
+bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). Speed-ups are explicit and leave the
+core alone: generate swaps in `prepacked` oneDNN copies of the weights on CPU (exact up to
+summation order), generate(compile=True) compiles the decode step, and bench/speed_generate.py's
+`pack_weights` (int4 weights) plugs into `project`.
 
 Non-goals: training from scratch, architectures other than Llama (no q/k/v biases, no sliding
 windows, no MoE), SentencePiece tokenizers, chat templates other than ChatML and Llama-3.
@@ -117,7 +116,8 @@ class RMSNorm(nn.Module):
 
 def project(x, *linears):
     """x (..., C) through Linears that share it -> one output each. Where a performance wrapper
-    grouped them (Prepacked, PackedLinear), the first holds all their weights: one matmul."""
+    grouped them (prepacked's oneDNN copies, bench's int4 pack_weights), the first holds all their
+    weights in its `group`: one matmul."""
     group = getattr(linears[0], "group", None)
     return group(x) if group is not None else [m(x) for m in linears]
 
@@ -1127,7 +1127,7 @@ def _find_stop(tokenizer, gen, stops, max_bytes):
     return min(hits) if hits else None
 
 
-# --------------------------------------------------------------------------- performance wrappers
+# --------------------------------------------------------------------------- prepacked weights
 
 
 class Prepacked(nn.Module):
@@ -1156,10 +1156,9 @@ class Prepacked(nn.Module):
         self.sizes = [w.shape[0] for w in weights]
         w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
         self.widen = w.dtype == torch.bfloat16 and not _mkldnn_bf16()  # compute in fp32, see above
-        # fewer rows go to the sources: int4 ones (pack_weights) up to their max_rows; widened
-        # bf16 below 4, where bf16 F.linear reads half the bytes (batch 1: ~18 vs ~13 tok/s)
-        first = modules[0]
-        self.min_rows = first.max_rows + 1 if isinstance(first, PackedLinear) else 4 if self.widen else 0
+        # widened bf16: fewer than 4 rows go to the sources, where bf16 F.linear reads half the
+        # bytes (batch 1: ~18 vs ~13 tok/s)
+        self.min_rows = 4 if self.widen else 0
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)  # opaque
         self.weight = weights[0]  # for code that reads lm_head.weight's device and dtype
 
@@ -1193,12 +1192,18 @@ def _weights_key(modules):
 
 
 def _linear_groups(model):
-    """(parent module, names of Linears sharing an input) for every projection, in model order."""
+    """(parent module, names of Linears sharing an input) for every projection, in model order:
+    where a performance wrapper puts its grouped copy (see `project`)."""
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         yield from ((a, ("q_proj", "k_proj", "v_proj")), (a, ("o_proj",)), (m, ("gate_proj", "up_proj")),
                     (m, ("down_proj",)))
     yield model, ("lm_head",)
+
+
+def _grouped(model):
+    """Whether a performance wrapper holding a group's weights (a `group` method) is installed."""
+    return any(hasattr(m, "group") for m in model.modules())
 
 
 @contextmanager
@@ -1207,11 +1212,12 @@ def prepacked(model):
     Prepacked copy of the group; yields whether it did (CPU, oneDNN, fp32 or bf16 weights,
     model.use_prepacked). The copies stay in model.prepacked_cache and are reused while their
     weights are unchanged, so repeated generate calls pay the packing (~0.5 s for 135M fp32) once;
-    they cost a second copy of the weights in memory (set model.use_prepacked = False to avoid it)."""
+    they cost a second copy of the weights in memory (set model.use_prepacked = False to avoid it).
+    A model already holding grouped copies (bench's pack_weights) is left as it is."""
     w = model.lm_head.weight
     mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     if not (model.use_prepacked and mkldnn and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-            and not any(isinstance(m, PackedLinear) for m in model.modules())):
+            and not _grouped(model)):
         yield False
         return
     swaps = []
@@ -1228,72 +1234,6 @@ def prepacked(model):
     finally:
         for parent, name, module in swaps:
             setattr(parent, name, module)
-
-
-class PackedLinear(nn.Module):
-    """Inference-only packed copy of one or more weights (N_i, K), concatenated along N, so small-batch
-    decoding reads fewer bytes: 4-bit integers in groups of 32 with a bf16 scale and offset each
-    (w = (q - 8) s + z, torch's CPU int4 kernel), or 8-bit with one scale per row. Computes in bf16.
-    A Q4_1 GGUF tensor (x = d q + m per 32) is recovered exactly up to the bf16 rounding of s and z.
-    Used only for matmuls of at most `max_rows` rows; the dense weights serve everything else."""
-
-    def __init__(self, weights, bits=4, group=32, max_rows=4):
-        super().__init__()
-        self.bits, self.group_size, self.max_rows = bits, group, max_rows
-        self.dense, self.sizes = list(weights), [x.shape[0] for x in weights]
-        self.weight = weights[0]  # registered when a Parameter: state_dict names stay the model's
-        w = torch.cat([x.detach().float() for x in weights])  # (N, K)
-        N, K = w.shape
-        if K % group or N % 16:
-            raise ValueError(f"pack_weights: a ({N}, {K}) weight does not fit int{bits} packing "
-                             f"(in features must divide by {group}, out features by 16)")
-        if bits == 4:
-            wg = w.view(N, K // group, group)
-            lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/group)
-            scale = ((hi - lo) / 15).clamp(min=1e-12)
-            q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            scales = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/group, N, 2)
-        elif bits == 8:
-            scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
-            packed = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        else:
-            raise ValueError(f"pack_weights: bits must be 4 or 8, got {bits}")
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
-
-    def group(self, x):
-        """x (..., K) -> one tensor (..., N_i) per packed weight."""
-        if x.numel() // x.shape[-1] > self.max_rows:
-            return [F.linear(x, w) for w in self.dense]
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, K)
-        if self.bits == 4:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
-        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
-
-    def forward(self, x):
-        return self.group(x)[0]
-
-
-def pack_weights(model, bits=4, head_bits=0, max_rows=4):
-    """Swap the first Linear of every group (q|k|v, o, gate|up, down) for a PackedLinear of the
-    group with `bits`, and lm_head for one with `head_bits` (0, the default, keeps it dense:
-    per-row int8 re-quantises a Q8_0 head more coarsely than the file, and measured no faster);
-    matmuls of at most `max_rows` rows then read the packed weights. Inference only and CPU only:
-    an explicit call, refused on a model with LoRA layers (the packed copies would bypass the
-    adapters). Returns the model."""
-    if lora_layers(model):
-        raise ValueError("pack_weights: the model has LoRA layers; merge and save_hf, then load and pack that")
-    if model.lm_head.weight.device.type != "cpu":
-        raise ValueError(f"pack_weights: the packed kernels are CPU-only, model is on {model.lm_head.weight.device}")
-    for parent, names in _linear_groups(model):
-        b = head_bits if names == ("lm_head",) else bits
-        if b:
-            setattr(parent, names[0], PackedLinear([getattr(parent, n).weight for n in names], b, max_rows=max_rows))
-    return model
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -1406,7 +1346,7 @@ def lora_layers(model):
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), dtype=None):
     """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else. The adapters'
     weights are in `dtype` (None: fp32 on a bf16/fp16/fp32 base, float64 on a float64 one; see LoRALinear)."""
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
+    if _grouped(model):  # its grouped matmuls would bypass the adapters
         raise ValueError("add_lora: the model was packed by pack_weights (inference only); load it afresh")
     model.requires_grad_(False)
     found = []

@@ -23,9 +23,84 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+
+# --------------------------------------------------------------------------- int4 weights (--packed)
+# Only this script uses them, so they live here: model.project runs a module's `group` (all of a
+# group's weights in one matmul), and prepacked / add_lora leave a model holding one alone.
+
+
+class PackedLinear(nn.Module):
+    """Inference-only packed copy of one or more weights (N_i, K), concatenated along N, so small-batch
+    decoding reads fewer bytes: 4-bit integers in groups of 32 with a bf16 scale and offset each
+    (w = (q - 8) s + z, torch's CPU int4 kernel), or 8-bit with one scale per row. Computes in bf16.
+    A Q4_1 GGUF tensor (x = d q + m per 32) is recovered exactly up to the bf16 rounding of s and z.
+    Used only for matmuls of at most `max_rows` rows; the dense weights serve everything else."""
+
+    def __init__(self, weights, bits=4, group=32, max_rows=4):
+        super().__init__()
+        self.bits, self.group_size, self.max_rows = bits, group, max_rows
+        self.dense, self.sizes = list(weights), [x.shape[0] for x in weights]
+        self.weight = weights[0]  # registered when a Parameter: state_dict names stay the model's
+        w = torch.cat([x.detach().float() for x in weights])  # (N, K)
+        N, K = w.shape
+        if K % group or N % 16:
+            raise ValueError(f"pack_weights: a ({N}, {K}) weight does not fit int{bits} packing "
+                             f"(in features must divide by {group}, out features by 16)")
+        if bits == 4:
+            wg = w.view(N, K // group, group)
+            lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/group)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(N, K)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            scales = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/group, N, 2)
+        elif bits == 8:
+            scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
+            packed = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        else:
+            raise ValueError(f"pack_weights: bits must be 4 or 8, got {bits}")
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
+
+    def group(self, x):
+        """x (..., K) -> one tensor (..., N_i) per packed weight."""
+        if x.numel() // x.shape[-1] > self.max_rows:
+            return [F.linear(x, w) for w in self.dense]
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, K)
+        if self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+
+    def forward(self, x):
+        return self.group(x)[0]
+
+
+def pack_weights(model, bits=4, head_bits=0, max_rows=4):
+    """Swap the first Linear of every group (q|k|v, o, gate|up, down) for a PackedLinear of the
+    group with `bits`, and lm_head for one with `head_bits` (0, the default, keeps it dense:
+    per-row int8 re-quantises a Q8_0 head more coarsely than the file, and measured no faster);
+    matmuls of at most `max_rows` rows then read the packed weights. Inference only and CPU only:
+    an explicit call, refused on a model with LoRA layers (the packed copies would bypass the
+    adapters). Returns the model."""
+    if M.lora_layers(model):
+        raise ValueError("pack_weights: the model has LoRA layers; merge and save_hf, then load and pack that")
+    if model.lm_head.weight.device.type != "cpu":
+        raise ValueError(f"pack_weights: the packed kernels are CPU-only, model is on {model.lm_head.weight.device}")
+    for parent, names in M._linear_groups(model):
+        b = head_bits if names == ("lm_head",) else bits
+        if b:
+            setattr(parent, names[0], PackedLinear([getattr(parent, n).weight for n in names], b, max_rows=max_rows))
+    return model
+
+
+# --------------------------------------------------------------------------- timing
 
 TOPICS = ["a dragon who is afraid of fire", "how rainbows form", "the history of the printing press",
           "why the sky is blue", "a robot learning to paint", "the water cycle", "how to bake bread",
@@ -91,7 +166,7 @@ def step_bytes(model):
     total = 0
     for parent, names in M._linear_groups(model):
         first = getattr(parent, names[0])
-        if isinstance(first, M.PackedLinear):
+        if isinstance(first, PackedLinear):
             total += first.packed.nbytes + first.scales.nbytes
         else:
             total += sum(getattr(parent, n).weight.numel() * getattr(parent, n).weight.element_size() for n in names)
@@ -135,7 +210,7 @@ def main(argv=None):
         variants = [("dense", M.load(path, dtype=dtype), False)]
         if args.packed and dtype == torch.bfloat16:
             pm, ptok = M.load(path, dtype=dtype)
-            variants.append(("int4", (M.pack_weights(pm, head_bits=args.head_bits), ptok), False))
+            variants.append(("int4", (pack_weights(pm, head_bits=args.head_bits), ptok), False))
         if args.compile:
             variants += [(name + "+c", pair, True) for name, pair, _ in variants]
         for batch in [int(b) for b in args.batches.split(",")]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model as M
+from bench.speed_generate import PackedLinear, pack_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -389,14 +390,14 @@ def test_pack_weights_int4_recovers_q4_1_and_keeps_greedy(exported, lora_model):
     g = M.GGUFFile(M.embedded_model_path())
     w = g.tensor("blk.3.ffn_up.weight")  # Q4_1 in the file
     x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
-    packed = M.PackedLinear([w], bits=4)
+    packed = PackedLinear([w], bits=4)
     ref = x @ w.T
     assert ((packed(x) - ref).abs().max() / ref.abs().max()).item() < 0.02  # bf16 compute
     model, tok = M.load(exported, dtype=torch.bfloat16)
     ids = ids_of(tok, PROMPTS[0])
     with torch.no_grad():
         dense = model(torch.tensor([ids]))[0, -1].float()
-        M.pack_weights(model)
+        pack_weights(model)
         cache = M.KVCache(1, len(ids))
         model.hidden(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], None, cache, 0)  # dense prefill
         h = model.hidden(torch.tensor([ids[-1:]]), torch.tensor([[len(ids) - 1]]), None, cache, len(ids) - 1)
@@ -407,7 +408,7 @@ def test_pack_weights_int4_recovers_q4_1_and_keeps_greedy(exported, lora_model):
     with pytest.raises(ValueError, match="packed by pack_weights"):
         M.add_lora(model)
     with pytest.raises(ValueError, match="has LoRA layers"):
-        M.pack_weights(lora_model[0])
+        pack_weights(lora_model[0])
 
 
 def test_compiled_decode_matches_eager(smol, tmp_path, monkeypatch):
@@ -425,7 +426,7 @@ def test_compiled_decode_matches_eager(smol, tmp_path, monkeypatch):
     small.config = dataclasses.replace(model.config, n_layers=2)
     packed = copy.deepcopy(small).to(torch.bfloat16)  # and the batch-1 fast path: int4 weights, bf16
     packed.init_rope("cpu")
-    M.pack_weights(packed)
+    pack_weights(packed)
     prompts = [tok.apply_chat(m) for m in PROMPTS]
     graphs = counters["stats"]["unique_graphs"]
     for batch, new in (([prompts[0]], [9]), (prompts, [4, 11, 7])):
