@@ -186,10 +186,6 @@ class RetryPolicy:
     max_delay: float = 8.0           # s, backoff cap
     max_retry_after: float = 120.0   # s; a longer Retry-After ends the call (openai-python: 120)
 
-    def __post_init__(self):
-        if min(self.max_retries, self.initial_delay, self.max_delay, self.max_retry_after) < 0:
-            raise ValueError(f"RetryPolicy: all fields must be >= 0, got {self}")
-
 
 @dataclass
 class Budget:
@@ -197,12 +193,6 @@ class Budget:
     recorded cost, so a resumed run spends up to the cap in total; raise the cap to go on."""
     dollars: float | None = None     # $ cap; None = no dollar cap
     tokens: int | None = None        # prompt + completion tokens cap; None = no token cap
-
-    def __post_init__(self):
-        for name in ("dollars", "tokens"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"Budget.{name}: expected a number >= 0 or None, got {v!r}")
 
 
 @dataclass
@@ -344,8 +334,8 @@ class ChatClient:
     base_url ends before /chat/completions ("https://api.openai.com/v1"). api_key None reads
     OPENAI_API_KEY; "" sends no key. timeout: seconds to connect and between bytes (requests').
     max_concurrency bounds calls in flight (None: 32 on loopback, where our server batches them,
-    else 16). cache_path: the sqlite call journal (None: none). budget: a Budget, or a number of
-    dollars. prices extends DEFAULT_PRICES. extra: server-specific body fields for every call
+    else 16). cache_path: the sqlite call journal (None: none). budget: a Budget (None: no cap).
+    prices extends DEFAULT_PRICES. extra: server-specific body fields for every call
     (llama.cpp's {"repeat_penalty": 1.0}), never one the client sets itself. identity: what
     determines the endpoint's replies, for the journal key (default base_url; our local server
     passes its model file's fingerprint, so a resumed run replays whatever port it gets).
@@ -358,10 +348,6 @@ class ChatClient:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"ChatClient: base_url must be http(s)://host[:port]/path, "
                              f"got {base_url!r}")
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"ChatClient: model must be a non-empty string, got {model!r}")
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"ChatClient: timeout must be > 0 seconds, got {timeout!r}")
         self.endpoint = self.base_url + "/chat/completions"
         self.model, self.timeout, self.extra = model, float(timeout), dict(extra or {})
         clash = sorted(set(self.extra) & set(CLIENT_FIELDS))
@@ -372,24 +358,13 @@ class ChatClient:
         self.api_key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
         local = parts.hostname in ("127.0.0.1", "localhost", "::1")
         self.max_concurrency = int(max_concurrency or (32 if local else 16))
-        if self.max_concurrency < 1:
-            raise ValueError(f"ChatClient: max_concurrency must be >= 1, got {max_concurrency!r}")
         self.retry = retry if retry is not None else RetryPolicy()
-        self.prices = dict(DEFAULT_PRICES)
-        for name, pair in (prices or {}).items():
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
-                    isinstance(p, (int, float)) and p >= 0 for p in pair)):
-                raise ValueError(f"ChatClient: prices[{name!r}] must be ($/1M prompt, $/1M "
-                                 f"completion) >= 0, got {pair!r}")
-            self.prices[name] = (float(pair[0]), float(pair[1]))
+        self.prices = DEFAULT_PRICES | {k: (float(p), float(c))
+                                        for k, (p, c) in (prices or {}).items()}
         # exact name, else the longest listed prefix ending at a '-'; None: unpriced, costs $0
         prefix = max((k for k in self.prices if model.startswith(k + "-")), key=len, default=None)
         self.price = self.prices.get(model, self.prices.get(prefix))
-        self.budget = Budget(dollars=budget) if isinstance(budget, (int, float)) else budget
-        self.budget = Budget() if self.budget is None else self.budget
-        if not isinstance(self.budget, Budget):
-            raise TypeError(f"ChatClient: budget must be a Budget, a number of dollars or None, "
-                            f"got {budget!r}")
+        self.budget = budget or Budget()
         if self.budget.dollars is not None and self.price is None:
             raise ValueError(f"ChatClient: a dollar budget needs a price for model {model!r}; "
                              f"pass prices={{{model!r}: (prompt $/1M, completion $/1M)}}")
@@ -649,29 +624,6 @@ class ChatClient:
                     "by_stage": {k: asdict(v) for k, v in self.by_stage.items()},
                     "by_tag": {k: asdict(v) for k, v in self.by_tag.items()},
                     "budget": asdict(self.budget)}
-
-    def estimate(self, requests, *, completion_fraction=1.0):
-        """The cost of planned calls (chat() keyword dicts) before a run, asking nobody: prompts
-        at 4 characters per token plus the template, completions at completion_fraction x
-        max_tokens; journalled calls are free and counted apart. The run itself does not call it
-        (scoreflow's plan counts from sizes); it stays as the way to price a plan for a Budget."""
-        calls = cached = prompt = completion = 0
-        for req in requests:
-            kw = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "stop": None, "seed": None}
-            kw.update((k, v) for k, v in req.items() if k in kw or k == "messages")
-            body = self._body(**kw)
-            calls += 1
-            which = [req.get(k, 0) for k in ("sample", "attempt", "occurrence")]
-            if self.cache is not None and self.cache.get(self._journal_key(body, *which)[1]):
-                cached += 1
-                continue
-            prompt += TEMPLATE_TOKENS_PER_CALL + sum(
-                TEMPLATE_TOKENS_PER_MESSAGE + math.ceil(len(m["content"]) / 4)
-                for m in body["messages"])
-            completion += math.ceil(completion_fraction * body["max_tokens"])
-        return {"calls": calls, "cached": cached, "prompt_tokens": prompt,
-                "completion_tokens": completion, "dollars": self._cost(prompt, completion),
-                "priced": self.price is not None}
 
     # -- many calls ------------------------------------------------------------------------------
     def chat_many(self, requests, *, progress=None):
@@ -1090,21 +1042,18 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
 def start_local_server(model_path=None, *, host="127.0.0.1", port=0, api_key=None, device="cpu",
                        dtype=None, model=None, tokenizer=None, model_name=None, **options):
-    """Load model_path with model.load (None: the embedded SmolLM2-135M-Instruct GGUF), or serve
-    a loaded (model, tokenizer), and start a LocalServer on host:port (0: a free port). options go
-    to LocalServer (max_batch, batch_window, max_wait, max_kv_bytes, default_max_tokens, verbose).
-    The name clients send as `model` defaults to the file or directory name."""
+    """Load model_path with model.load (None: the embedded SmolLM2-135M-Instruct GGUF) in dtype
+    (a torch.dtype or its name; None: float32), or serve a loaded (model, tokenizer), and start a
+    LocalServer on host:port (0: a free port). options go to LocalServer (max_batch, batch_window,
+    max_wait, max_kv_bytes, default_max_tokens, verbose). The name clients send as `model`
+    defaults to the file or directory name."""
     import model as modellib  # see LocalServer.__init__
     if (model is None) != (tokenizer is None):
         raise ValueError("start_local_server: pass both model and tokenizer, or neither")
     loaded = model is None
     if loaded:
         import torch
-        dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-        if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in dtypes:
-            raise ValueError(f"dtype: expected one of {sorted(dtypes)}, got {dtype!r}")
-        dtype = dtypes.get(dtype, dtype) or torch.float32
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")
         model, tokenizer = modellib.load(model_path, device=device, dtype=dtype)
     path = model_path if model_path is not None else modellib.embedded_model_path()
     if model_name is None:
