@@ -399,18 +399,6 @@ class ChatClient:
             body["seed"] = seed
         return body | self.extra
 
-
-    def _journal_key(self, body, sample, attempt, occurrence):
-        """(blob, key): the blob is what the key hashes and the journal keeps. It holds the
-        endpoint's identity (not its port), the whole body (model, messages, sampling, extra
-        fields), and which call this is: the sample (k samples of one prompt stay k calls), the
-        attempt (a retried run asks anew) and the occurrence (the n-th identical request of a run:
-        repeated calls are n calls)."""
-        blob = json.dumps({"endpoint": self.identity, "body": body, "sample": sample,
-                           "attempt": attempt, "occurrence": occurrence},
-                          sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return blob, hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
     def _cost(self, prompt_tokens, completion_tokens):
         if self.price is None:
             return 0.0
@@ -424,7 +412,7 @@ class ChatClient:
         Raises ExecutorError when it ends without a completion: BudgetExceeded for the budget and
         EndpointDown for an endpoint that stopped answering; after either, every call raises it.
         sample, attempt and occurrence say which call of an identical request this is (see
-        _journal_key); stage and tag only label the accounting (by_stage, by_tag)."""
+        _journalled); stage and tag only label the accounting (by_stage, by_tag)."""
         for name, v in (("sample", sample), ("attempt", attempt), ("occurrence", occurrence)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"chat: {name} must be an int >= 0, got {v!r}")
@@ -432,7 +420,8 @@ class ChatClient:
         try:
             if self.cache is None:
                 return self._send(body, stage, tag)
-            return self._journalled(body, (sample, attempt, occurrence), stage, tag)
+            return self._journalled(body, dict(sample=sample, attempt=attempt,
+                                               occurrence=occurrence), stage, tag)
         except ExecutorError as e:
             with self._lock:
                 self.errors[e.kind] = self.errors.get(e.kind, 0) + 1
@@ -442,8 +431,14 @@ class ChatClient:
 
     def _journalled(self, body, which, stage, tag):
         """Replay the call from the journal, or become its only sender: identical concurrent
-        calls wait for the one in flight instead of asking the endpoint twice."""
-        blob, key = self._journal_key(body, *which)
+        calls wait for the one in flight instead of asking the endpoint twice. The key hashes the
+        blob the journal keeps: the endpoint's identity (not its port), the whole body (model,
+        messages, sampling, extra fields), and `which` call this is: the sample (k samples of one
+        prompt stay k calls), the attempt (a retried run asks anew) and the occurrence (the n-th
+        identical request of a run: repeated calls are n calls)."""
+        blob = json.dumps({"endpoint": self.identity, "body": body} | which, sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False)
+        key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
         while (hit := self.cache.get(key)) is None:
             with self._lock:
                 event = self._inflight.setdefault(key, mine := threading.Event())
@@ -1002,10 +997,10 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             self.close_connection = True
-            if length is None or not length.isdigit():
+            if not length.isdigit():
                 return self._error(411, f"a Content-Length header is required, got {length!r}")
             return self._error(413, f"request body is {length} bytes, above the limit of "
                                f"{MAX_BODY_BYTES}")
@@ -1158,10 +1153,9 @@ def serve_main(argv=None):
 #   landlock        writes only in the work dir and /dev/null; reads only the interpreter, system
 #                   dirs and the work dir; TCP bind/connect denied
 #   landlock-scope  signals and abstract unix sockets out of the run blocked (Landlock ABI >= 6)
-# The fork server and the module preload are kept for speed only; measured with
-# bench/speed_sandbox.py --n 40 --workers 2 (2 shared cores, every layer on): 94 runs/s with both,
-# 70-74 runs/s without the preload (same session), while a bare `python -I -c pass` subprocess,
-# with no isolation at all, manages 33-40/s.
+# The fork server and the module preload are there for speed only (bench/speed_sandbox.py --n 40
+# --workers 2, 2 shared cores, every layer on): 94 runs/s, 70-74 without the preload; a bare
+# `python -I -c pass` subprocess with no isolation at all manages 33-40/s.
 #
 # Protocol: the server sends "hello LAYER..." (its own layers, and "mounts" if it can make mount
 # namespaces). Each request is one message with five fds (config memfd, stdout, stderr, report,
@@ -1205,14 +1199,12 @@ class SandboxResult:
 
 
 # -- the server and the run, in the server's process -------------------------------------------
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _sys(name, *args):
     """libc `name`(*args), ints passed as C longs; OSError when it fails."""
-    rc = getattr(_libc(), name)(*[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    rc = getattr(_LIBC, name)(*[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
     if rc < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{name}: {os.strerror(e)}")
@@ -1585,9 +1577,8 @@ class _SandboxServer:
             _remove_cgroup(path)
 
 
-_sandbox_lock = threading.RLock()
-_sandbox_state = {"server": None, "cgroups": None, "warned": set(), "servers": itertools.count(),
-                  "atexit": None}
+_sandbox_lock = threading.Lock()
+_sandbox_state = {"server": None, "warned": set(), "servers": itertools.count(), "atexit": None}
 
 
 def _sandbox_server(restart=False):
@@ -1612,27 +1603,24 @@ def _close_sandbox_server():
         server.close()
 
 
+@functools.cache
 def _cgroup_parents():
     """[(controller, directory we may mkdir in)] for pids and memory, cgroup v1 or v2; probed
     once. v2 needs the controller enabled in our cgroup's subtree_control, which v2 allows only
     at the root of a hierarchy that holds no processes of its own."""
-    with _sandbox_lock:
-        if _sandbox_state["cgroups"] is not None:
-            return _sandbox_state["cgroups"]
-        bases, own = [], {}
-        with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
-            own = {ctl: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
-                   for ctl in ctls.split(",")}
-        for ctl in ("pids", "memory") if os.geteuid() == 0 else ():
-            if ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}"):
-                bases.append((ctl, f"/sys/fs/cgroup/{ctl}{own[ctl].rstrip('/')}"))
-            elif "" in own:
-                base = "/sys/fs/cgroup" + own[""].rstrip("/")
-                with contextlib.suppress(OSError), open(base + "/cgroup.subtree_control") as f:
-                    if ctl in f.read().split():
-                        bases.append((ctl, base))
-        _sandbox_state["cgroups"] = bases
-        return bases
+    bases, own = [], {}
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
+        own = {ctl: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
+               for ctl in ctls.split(",")}
+    for ctl in ("pids", "memory") if os.geteuid() == 0 else ():
+        if ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}"):
+            bases.append((ctl, f"/sys/fs/cgroup/{ctl}{own[ctl].rstrip('/')}"))
+        elif "" in own:
+            base = "/sys/fs/cgroup" + own[""].rstrip("/")
+            with contextlib.suppress(OSError), open(base + "/cgroup.subtree_control") as f:
+                if ctl in f.read().split():
+                    bases.append((ctl, base))
+    return bases
 
 
 def _make_cgroups(tag):
@@ -1696,7 +1684,7 @@ def _read_capped(fd, cap):
     return data.decode("utf-8", "replace")
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _interpreter_dirs():
     """The directories the code's interpreter reads: prefixes, stdlib, site-packages, binary's."""
     dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
