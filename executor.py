@@ -229,6 +229,13 @@ def backoff_delay(n_retry, policy, rand=random.random):
     return delay * (1.0 - 0.25 * rand())
 
 
+def _headers(api_key):
+    """A request's headers: api_key None reads OPENAI_API_KEY, "" sends no key."""
+    key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+    return ({"Content-Type": "application/json", "Accept": "application/json"}
+            | ({"Authorization": f"Bearer {key}"} if key else {}))
+
+
 def _excerpt(raw, limit=300):
     """The start of a response body, for an error message."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
@@ -355,7 +362,7 @@ class ChatClient:
             raise ValueError(f"ChatClient: extra fields {clash} are set by the client itself (its "
                              f"own arguments: temperature, top_p, max_tokens, stop, seed)")
         self.identity = self.base_url if identity is None else str(identity)
-        self.api_key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+        self._headers = _headers(api_key)
         local = parts.hostname in ("127.0.0.1", "localhost", "::1")
         self.max_concurrency = int(max_concurrency or (32 if local else 16))
         self.retry = retry if retry is not None else RetryPolicy()
@@ -536,9 +543,6 @@ class ChatClient:
         Retried: 408, 409, 429, 5xx (or what x-should-retry says), timeouts, dropped connections
         and bad bodies; Retry-After is obeyed up to max_retry_after, above it the call ends."""
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         policy, attempt, ep = self.retry, 0, self.endpoint
         while True:
             attempt += 1
@@ -548,7 +552,7 @@ class ChatClient:
                 self.n_requests += 1
             wait = None
             try:
-                resp = self._session.post(ep, data=payload, headers=headers,
+                resp = self._session.post(ep, data=payload, headers=self._headers,
                                           timeout=(self.timeout, self.timeout))
                 raw = resp.content
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
@@ -684,11 +688,9 @@ def preflight(base_url, model, *, api_key=None, timeout=30.0):
     route (404/405) counts as answering. A listing without `model` is an error even with a single
     id: llama.cpp's server answers any name with its one model and echoes the name back."""
     url = str(base_url).rstrip("/") + "/models"
-    key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
-    headers = {"Accept": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     where = f"--executor-url {base_url}: GET {url}"
     try:
-        resp = requests.get(url, headers=headers, timeout=(timeout, timeout))
+        resp = requests.get(url, headers=_headers(api_key), timeout=(timeout, timeout))
     except requests.exceptions.RequestException as e:
         return f"--executor-url {base_url}: no answer from GET {url} ({type(e).__name__}: {e})"
     if resp.status_code in (404, 405):
