@@ -1214,15 +1214,14 @@ def _sys(name, *args):
 
 
 def _sandbox_server_main(argv):
-    """The sandbox server's program; argv: socket fd, modules to preload, uid base,
-    CONTROLLER=PATH cgroups to join. Serves one forked run per request until the parent closes
-    its end of the socket."""
+    """The sandbox server's program; argv: socket fd, then CONTROLLER=PATH cgroups to join. Serves
+    one forked run per request until the parent closes its end of the socket."""
     sock = socket.socket(fileno=int(argv[0]))
-    for name in filter(None, argv[1].split(",")):
+    for name in _SANDBOX_PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
-    root, uid_base, hello = os.geteuid() == 0, int(argv[2]), ["hello"]
-    for arg in argv[3:]:  # the shared cgroups: every run inherits them from us
+    root, hello = os.geteuid() == 0, ["hello"]
+    for arg in argv[1:]:  # the shared cgroups: every run inherits them from us
         ctl, _, path = arg.partition("=")
         try:
             with open(path + "/cgroup.procs", "w") as f:
@@ -1267,7 +1266,7 @@ def _sandbox_server_main(argv):
             report, done = runs.pop(pid, (-1, -1))
             if report >= 0:
                 if pid_ns_missing and root:
-                    _kill_uid(uid_base + pid)
+                    _kill_uid(_SANDBOX_UID_BASE + pid)
                 os.write(report, b"exit %d\n" % status)
                 os.close(report)
                 os.close(done)  # the caller wakes now
@@ -1357,7 +1356,7 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns_missing):
         os.close(cfg_fd)
         with open("/proc/self/status") as f:  # NSpid: our pid in each namespace, the host's first
             host_pid = int(next(line for line in f if line.startswith("NSpid:")).split()[1])
-        uid = gid = cfg["uid_base"] + host_pid
+        uid = gid = _SANDBOX_UID_BASE + host_pid
         work = cfg["workdir"]
         if pid_ns_missing:
             say("missing pid-namespace", pid_ns_missing)
@@ -1540,8 +1539,7 @@ class _SandboxServer:
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", os.path.abspath(__file__), "--sandbox-server",
-                 str(theirs.fileno()), ",".join(_SANDBOX_PRELOAD), str(_SANDBOX_UID_BASE)]
-                + [f"{ctl}={path}" for ctl, path in self.cgroups],
+                 str(theirs.fileno())] + [f"{ctl}={path}" for ctl, path in self.cgroups],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True, cwd="/", env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
         self.sock = ours
@@ -1730,8 +1728,7 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
     hide = [d for d in (home, project) if d != "/" and not workdir.startswith(d + "/")]
     hide = [d for d in hide if not any(d.startswith(o + "/") for o in hide)]  # outermost only
     keep = list(_interpreter_dirs())
-    cfg = {"workdir": workdir, "private_tmp": private_tmp, "uid_base": _SANDBOX_UID_BASE,
-           "hide": hide, "keep": keep,
+    cfg = {"workdir": workdir, "private_tmp": private_tmp, "hide": hide, "keep": keep,
            "read": keep + ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc", "/dev/zero",
                            "/dev/urandom", "/dev/random", "/sys/devices/system/cpu"],
            "disk_mb": disk_mb, "max_files": 4096, "cpu_s": int(timeout) + 1,
