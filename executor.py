@@ -186,10 +186,6 @@ class RetryPolicy:
     max_delay: float = 8.0           # s, backoff cap
     max_retry_after: float = 120.0   # s; a longer Retry-After ends the call (openai-python: 120)
 
-    def __post_init__(self):
-        if min(self.max_retries, self.initial_delay, self.max_delay, self.max_retry_after) < 0:
-            raise ValueError(f"RetryPolicy: all fields must be >= 0, got {self}")
-
 
 @dataclass
 class Budget:
@@ -197,12 +193,6 @@ class Budget:
     recorded cost, so a resumed run spends up to the cap in total; raise the cap to go on."""
     dollars: float | None = None     # $ cap; None = no dollar cap
     tokens: int | None = None        # prompt + completion tokens cap; None = no token cap
-
-    def __post_init__(self):
-        for name in ("dollars", "tokens"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"Budget.{name}: expected a number >= 0 or None, got {v!r}")
 
 
 @dataclass
@@ -237,6 +227,13 @@ def backoff_delay(n_retry, policy, rand=random.random):
     jitter in (0.75, 1] so that many clients do not retry in lockstep."""
     delay = min(policy.initial_delay * 2.0 ** min(n_retry, 64), policy.max_delay)
     return delay * (1.0 - 0.25 * rand())
+
+
+def _headers(api_key):
+    """A request's headers: api_key None reads OPENAI_API_KEY, "" sends no key."""
+    key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+    return ({"Content-Type": "application/json", "Accept": "application/json"}
+            | ({"Authorization": f"Bearer {key}"} if key else {}))
 
 
 def _excerpt(raw, limit=300):
@@ -344,8 +341,8 @@ class ChatClient:
     base_url ends before /chat/completions ("https://api.openai.com/v1"). api_key None reads
     OPENAI_API_KEY; "" sends no key. timeout: seconds to connect and between bytes (requests').
     max_concurrency bounds calls in flight (None: 32 on loopback, where our server batches them,
-    else 16). cache_path: the sqlite call journal (None: none). budget: a Budget, or a number of
-    dollars. prices extends DEFAULT_PRICES. extra: server-specific body fields for every call
+    else 16). cache_path: the sqlite call journal (None: none). budget: a Budget (None: no cap).
+    prices extends DEFAULT_PRICES. extra: server-specific body fields for every call
     (llama.cpp's {"repeat_penalty": 1.0}), never one the client sets itself. identity: what
     determines the endpoint's replies, for the journal key (default base_url; our local server
     passes its model file's fingerprint, so a resumed run replays whatever port it gets).
@@ -358,10 +355,6 @@ class ChatClient:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"ChatClient: base_url must be http(s)://host[:port]/path, "
                              f"got {base_url!r}")
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"ChatClient: model must be a non-empty string, got {model!r}")
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"ChatClient: timeout must be > 0 seconds, got {timeout!r}")
         self.endpoint = self.base_url + "/chat/completions"
         self.model, self.timeout, self.extra = model, float(timeout), dict(extra or {})
         clash = sorted(set(self.extra) & set(CLIENT_FIELDS))
@@ -369,27 +362,16 @@ class ChatClient:
             raise ValueError(f"ChatClient: extra fields {clash} are set by the client itself (its "
                              f"own arguments: temperature, top_p, max_tokens, stop, seed)")
         self.identity = self.base_url if identity is None else str(identity)
-        self.api_key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
+        self._headers = _headers(api_key)
         local = parts.hostname in ("127.0.0.1", "localhost", "::1")
         self.max_concurrency = int(max_concurrency or (32 if local else 16))
-        if self.max_concurrency < 1:
-            raise ValueError(f"ChatClient: max_concurrency must be >= 1, got {max_concurrency!r}")
         self.retry = retry if retry is not None else RetryPolicy()
-        self.prices = dict(DEFAULT_PRICES)
-        for name, pair in (prices or {}).items():
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
-                    isinstance(p, (int, float)) and p >= 0 for p in pair)):
-                raise ValueError(f"ChatClient: prices[{name!r}] must be ($/1M prompt, $/1M "
-                                 f"completion) >= 0, got {pair!r}")
-            self.prices[name] = (float(pair[0]), float(pair[1]))
+        self.prices = DEFAULT_PRICES | {k: (float(p), float(c))
+                                        for k, (p, c) in (prices or {}).items()}
         # exact name, else the longest listed prefix ending at a '-'; None: unpriced, costs $0
         prefix = max((k for k in self.prices if model.startswith(k + "-")), key=len, default=None)
         self.price = self.prices.get(model, self.prices.get(prefix))
-        self.budget = Budget(dollars=budget) if isinstance(budget, (int, float)) else budget
-        self.budget = Budget() if self.budget is None else self.budget
-        if not isinstance(self.budget, Budget):
-            raise TypeError(f"ChatClient: budget must be a Budget, a number of dollars or None, "
-                            f"got {budget!r}")
+        self.budget = budget or Budget()
         if self.budget.dollars is not None and self.price is None:
             raise ValueError(f"ChatClient: a dollar budget needs a price for model {model!r}; "
                              f"pass prices={{{model!r}: (prompt $/1M, completion $/1M)}}")
@@ -424,18 +406,6 @@ class ChatClient:
             body["seed"] = seed
         return body | self.extra
 
-
-    def _journal_key(self, body, sample, attempt, occurrence):
-        """(blob, key): the blob is what the key hashes and the journal keeps. It holds the
-        endpoint's identity (not its port), the whole body (model, messages, sampling, extra
-        fields), and which call this is: the sample (k samples of one prompt stay k calls), the
-        attempt (a retried run asks anew) and the occurrence (the n-th identical request of a run:
-        repeated calls are n calls)."""
-        blob = json.dumps({"endpoint": self.identity, "body": body, "sample": sample,
-                           "attempt": attempt, "occurrence": occurrence},
-                          sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return blob, hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
     def _cost(self, prompt_tokens, completion_tokens):
         if self.price is None:
             return 0.0
@@ -449,7 +419,7 @@ class ChatClient:
         Raises ExecutorError when it ends without a completion: BudgetExceeded for the budget and
         EndpointDown for an endpoint that stopped answering; after either, every call raises it.
         sample, attempt and occurrence say which call of an identical request this is (see
-        _journal_key); stage and tag only label the accounting (by_stage, by_tag)."""
+        _journalled); stage and tag only label the accounting (by_stage, by_tag)."""
         for name, v in (("sample", sample), ("attempt", attempt), ("occurrence", occurrence)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"chat: {name} must be an int >= 0, got {v!r}")
@@ -457,7 +427,8 @@ class ChatClient:
         try:
             if self.cache is None:
                 return self._send(body, stage, tag)
-            return self._journalled(body, (sample, attempt, occurrence), stage, tag)
+            return self._journalled(body, dict(sample=sample, attempt=attempt,
+                                               occurrence=occurrence), stage, tag)
         except ExecutorError as e:
             with self._lock:
                 self.errors[e.kind] = self.errors.get(e.kind, 0) + 1
@@ -467,8 +438,14 @@ class ChatClient:
 
     def _journalled(self, body, which, stage, tag):
         """Replay the call from the journal, or become its only sender: identical concurrent
-        calls wait for the one in flight instead of asking the endpoint twice."""
-        blob, key = self._journal_key(body, *which)
+        calls wait for the one in flight instead of asking the endpoint twice. The key hashes the
+        blob the journal keeps: the endpoint's identity (not its port), the whole body (model,
+        messages, sampling, extra fields), and `which` call this is: the sample (k samples of one
+        prompt stay k calls), the attempt (a retried run asks anew) and the occurrence (the n-th
+        identical request of a run: repeated calls are n calls)."""
+        blob = json.dumps({"endpoint": self.identity, "body": body} | which, sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False)
+        key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
         while (hit := self.cache.get(key)) is None:
             with self._lock:
                 event = self._inflight.setdefault(key, mine := threading.Event())
@@ -566,9 +543,6 @@ class ChatClient:
         Retried: 408, 409, 429, 5xx (or what x-should-retry says), timeouts, dropped connections
         and bad bodies; Retry-After is obeyed up to max_retry_after, above it the call ends."""
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         policy, attempt, ep = self.retry, 0, self.endpoint
         while True:
             attempt += 1
@@ -578,7 +552,7 @@ class ChatClient:
                 self.n_requests += 1
             wait = None
             try:
-                resp = self._session.post(ep, data=payload, headers=headers,
+                resp = self._session.post(ep, data=payload, headers=self._headers,
                                           timeout=(self.timeout, self.timeout))
                 raw = resp.content
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
@@ -650,29 +624,6 @@ class ChatClient:
                     "by_tag": {k: asdict(v) for k, v in self.by_tag.items()},
                     "budget": asdict(self.budget)}
 
-    def estimate(self, requests, *, completion_fraction=1.0):
-        """The cost of planned calls (chat() keyword dicts) before a run, asking nobody: prompts
-        at 4 characters per token plus the template, completions at completion_fraction x
-        max_tokens; journalled calls are free and counted apart. The run itself does not call it
-        (scoreflow's plan counts from sizes); it stays as the way to price a plan for a Budget."""
-        calls = cached = prompt = completion = 0
-        for req in requests:
-            kw = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "stop": None, "seed": None}
-            kw.update((k, v) for k, v in req.items() if k in kw or k == "messages")
-            body = self._body(**kw)
-            calls += 1
-            which = [req.get(k, 0) for k in ("sample", "attempt", "occurrence")]
-            if self.cache is not None and self.cache.get(self._journal_key(body, *which)[1]):
-                cached += 1
-                continue
-            prompt += TEMPLATE_TOKENS_PER_CALL + sum(
-                TEMPLATE_TOKENS_PER_MESSAGE + math.ceil(len(m["content"]) / 4)
-                for m in body["messages"])
-            completion += math.ceil(completion_fraction * body["max_tokens"])
-        return {"calls": calls, "cached": cached, "prompt_tokens": prompt,
-                "completion_tokens": completion, "dollars": self._cost(prompt, completion),
-                "priced": self.price is not None}
-
     # -- many calls ------------------------------------------------------------------------------
     def chat_many(self, requests, *, progress=None):
         """chat(**r) for every dict r, up to max_concurrency at once -> results in order, each a
@@ -737,11 +688,9 @@ def preflight(base_url, model, *, api_key=None, timeout=30.0):
     route (404/405) counts as answering. A listing without `model` is an error even with a single
     id: llama.cpp's server answers any name with its one model and echoes the name back."""
     url = str(base_url).rstrip("/") + "/models"
-    key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
-    headers = {"Accept": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     where = f"--executor-url {base_url}: GET {url}"
     try:
-        resp = requests.get(url, headers=headers, timeout=(timeout, timeout))
+        resp = requests.get(url, headers=_headers(api_key), timeout=(timeout, timeout))
     except requests.exceptions.RequestException as e:
         return f"--executor-url {base_url}: no answer from GET {url} ({type(e).__name__}: {e})"
     if resp.status_code in (404, 405):
@@ -1050,10 +999,10 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             self.close_connection = True
-            if length is None or not length.isdigit():
+            if not length.isdigit():
                 return self._error(411, f"a Content-Length header is required, got {length!r}")
             return self._error(413, f"request body is {length} bytes, above the limit of "
                                f"{MAX_BODY_BYTES}")
@@ -1090,21 +1039,18 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
 def start_local_server(model_path=None, *, host="127.0.0.1", port=0, api_key=None, device="cpu",
                        dtype=None, model=None, tokenizer=None, model_name=None, **options):
-    """Load model_path with model.load (None: the embedded SmolLM2-135M-Instruct GGUF), or serve
-    a loaded (model, tokenizer), and start a LocalServer on host:port (0: a free port). options go
-    to LocalServer (max_batch, batch_window, max_wait, max_kv_bytes, default_max_tokens, verbose).
-    The name clients send as `model` defaults to the file or directory name."""
+    """Load model_path with model.load (None: the embedded SmolLM2-135M-Instruct GGUF) in dtype
+    (a torch.dtype or its name; None: float32), or serve a loaded (model, tokenizer), and start a
+    LocalServer on host:port (0: a free port). options go to LocalServer (max_batch, batch_window,
+    max_wait, max_kv_bytes, default_max_tokens, verbose). The name clients send as `model`
+    defaults to the file or directory name."""
     import model as modellib  # see LocalServer.__init__
     if (model is None) != (tokenizer is None):
         raise ValueError("start_local_server: pass both model and tokenizer, or neither")
     loaded = model is None
     if loaded:
         import torch
-        dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-        if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in dtypes:
-            raise ValueError(f"dtype: expected one of {sorted(dtypes)}, got {dtype!r}")
-        dtype = dtypes.get(dtype, dtype) or torch.float32
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")
         model, tokenizer = modellib.load(model_path, device=device, dtype=dtype)
     path = model_path if model_path is not None else modellib.embedded_model_path()
     if model_name is None:
@@ -1209,10 +1155,9 @@ def serve_main(argv=None):
 #   landlock        writes only in the work dir and /dev/null; reads only the interpreter, system
 #                   dirs and the work dir; TCP bind/connect denied
 #   landlock-scope  signals and abstract unix sockets out of the run blocked (Landlock ABI >= 6)
-# The fork server and the module preload are kept for speed only; measured with
-# bench/speed_sandbox.py --n 40 --workers 2 (2 shared cores, every layer on): 94 runs/s with both,
-# 70-74 runs/s without the preload (same session), while a bare `python -I -c pass` subprocess,
-# with no isolation at all, manages 33-40/s.
+# The fork server and the module preload are there for speed only (bench/speed_sandbox.py --n 40
+# --workers 2, 2 shared cores, every layer on): 94 runs/s, 70-74 without the preload; a bare
+# `python -I -c pass` subprocess with no isolation at all manages 33-40/s.
 #
 # Protocol: the server sends "hello LAYER..." (its own layers, and "mounts" if it can make mount
 # namespaces). Each request is one message with five fds (config memfd, stdout, stderr, report,
@@ -1256,14 +1201,12 @@ class SandboxResult:
 
 
 # -- the server and the run, in the server's process -------------------------------------------
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _sys(name, *args):
     """libc `name`(*args), ints passed as C longs; OSError when it fails."""
-    rc = getattr(_libc(), name)(*[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    rc = getattr(_LIBC, name)(*[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
     if rc < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{name}: {os.strerror(e)}")
@@ -1271,15 +1214,14 @@ def _sys(name, *args):
 
 
 def _sandbox_server_main(argv):
-    """The sandbox server's program; argv: socket fd, modules to preload, uid base,
-    CONTROLLER=PATH cgroups to join. Serves one forked run per request until the parent closes
-    its end of the socket."""
+    """The sandbox server's program; argv: socket fd, then CONTROLLER=PATH cgroups to join. Serves
+    one forked run per request until the parent closes its end of the socket."""
     sock = socket.socket(fileno=int(argv[0]))
-    for name in filter(None, argv[1].split(",")):
+    for name in _SANDBOX_PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
-    root, uid_base, hello = os.geteuid() == 0, int(argv[2]), ["hello"]
-    for arg in argv[3:]:  # the shared cgroups: every run inherits them from us
+    root, hello = os.geteuid() == 0, ["hello"]
+    for arg in argv[1:]:  # the shared cgroups: every run inherits them from us
         ctl, _, path = arg.partition("=")
         try:
             with open(path + "/cgroup.procs", "w") as f:
@@ -1324,7 +1266,7 @@ def _sandbox_server_main(argv):
             report, done = runs.pop(pid, (-1, -1))
             if report >= 0:
                 if pid_ns_missing and root:
-                    _kill_uid(uid_base + pid)
+                    _kill_uid(_SANDBOX_UID_BASE + pid)
                 os.write(report, b"exit %d\n" % status)
                 os.close(report)
                 os.close(done)  # the caller wakes now
@@ -1414,7 +1356,7 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns_missing):
         os.close(cfg_fd)
         with open("/proc/self/status") as f:  # NSpid: our pid in each namespace, the host's first
             host_pid = int(next(line for line in f if line.startswith("NSpid:")).split()[1])
-        uid = gid = cfg["uid_base"] + host_pid
+        uid = gid = _SANDBOX_UID_BASE + host_pid
         work = cfg["workdir"]
         if pid_ns_missing:
             say("missing pid-namespace", pid_ns_missing)
@@ -1597,8 +1539,7 @@ class _SandboxServer:
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", os.path.abspath(__file__), "--sandbox-server",
-                 str(theirs.fileno()), ",".join(_SANDBOX_PRELOAD), str(_SANDBOX_UID_BASE)]
-                + [f"{ctl}={path}" for ctl, path in self.cgroups],
+                 str(theirs.fileno())] + [f"{ctl}={path}" for ctl, path in self.cgroups],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True, cwd="/", env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
         self.sock = ours
@@ -1636,9 +1577,8 @@ class _SandboxServer:
             _remove_cgroup(path)
 
 
-_sandbox_lock = threading.RLock()
-_sandbox_state = {"server": None, "cgroups": None, "warned": set(), "servers": itertools.count(),
-                  "atexit": None}
+_sandbox_lock = threading.Lock()
+_sandbox_state = {"server": None, "warned": set(), "servers": itertools.count(), "atexit": None}
 
 
 def _sandbox_server(restart=False):
@@ -1663,27 +1603,24 @@ def _close_sandbox_server():
         server.close()
 
 
+@functools.cache
 def _cgroup_parents():
     """[(controller, directory we may mkdir in)] for pids and memory, cgroup v1 or v2; probed
     once. v2 needs the controller enabled in our cgroup's subtree_control, which v2 allows only
     at the root of a hierarchy that holds no processes of its own."""
-    with _sandbox_lock:
-        if _sandbox_state["cgroups"] is not None:
-            return _sandbox_state["cgroups"]
-        bases, own = [], {}
-        with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
-            own = {ctl: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
-                   for ctl in ctls.split(",")}
-        for ctl in ("pids", "memory") if os.geteuid() == 0 else ():
-            if ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}"):
-                bases.append((ctl, f"/sys/fs/cgroup/{ctl}{own[ctl].rstrip('/')}"))
-            elif "" in own:
-                base = "/sys/fs/cgroup" + own[""].rstrip("/")
-                with contextlib.suppress(OSError), open(base + "/cgroup.subtree_control") as f:
-                    if ctl in f.read().split():
-                        bases.append((ctl, base))
-        _sandbox_state["cgroups"] = bases
-        return bases
+    bases, own = [], {}
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
+        own = {ctl: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
+               for ctl in ctls.split(",")}
+    for ctl in ("pids", "memory") if os.geteuid() == 0 else ():
+        if ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}"):
+            bases.append((ctl, f"/sys/fs/cgroup/{ctl}{own[ctl].rstrip('/')}"))
+        elif "" in own:
+            base = "/sys/fs/cgroup" + own[""].rstrip("/")
+            with contextlib.suppress(OSError), open(base + "/cgroup.subtree_control") as f:
+                if ctl in f.read().split():
+                    bases.append((ctl, base))
+    return bases
 
 
 def _make_cgroups(tag):
@@ -1747,7 +1684,7 @@ def _read_capped(fd, cap):
     return data.decode("utf-8", "replace")
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _interpreter_dirs():
     """The directories the code's interpreter reads: prefixes, stdlib, site-packages, binary's."""
     dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
@@ -1791,8 +1728,7 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
     hide = [d for d in (home, project) if d != "/" and not workdir.startswith(d + "/")]
     hide = [d for d in hide if not any(d.startswith(o + "/") for o in hide)]  # outermost only
     keep = list(_interpreter_dirs())
-    cfg = {"workdir": workdir, "private_tmp": private_tmp, "uid_base": _SANDBOX_UID_BASE,
-           "hide": hide, "keep": keep,
+    cfg = {"workdir": workdir, "private_tmp": private_tmp, "hide": hide, "keep": keep,
            "read": keep + ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc", "/dev/zero",
                            "/dev/urandom", "/dev/random", "/sys/devices/system/cpu"],
            "disk_mb": disk_mb, "max_files": 4096, "cpu_s": int(timeout) + 1,

@@ -430,20 +430,6 @@ def test_dollar_budget_is_never_passed_under_concurrency(server):
     assert sum(isinstance(r, BudgetExceeded) for r in out) == 40 - 13
 
 
-def test_estimate_is_cheap_and_counts_cached_calls_as_free(server, tmp_path):
-    db = tmp_path / "calls.sqlite"
-    with client_for(server, cache_path=db, prices={"echo": (2.0, 4.0)}) as c:
-        c.chat(msgs("x" * 40), max_tokens=100)
-        plan = [dict(messages=msgs("x" * 40), max_tokens=100), dict(messages=msgs("y" * 400), max_tokens=100)]
-        est = c.estimate(plan)
-        half = c.estimate(plan, completion_fraction=0.5)
-    assert len(server.log) == 1  # estimating asks nobody
-    prompt = executor.TEMPLATE_TOKENS_PER_CALL + executor.TEMPLATE_TOKENS_PER_MESSAGE + 100
-    assert est == {"calls": 2, "cached": 1, "prompt_tokens": prompt, "completion_tokens": 100,
-                   "dollars": pytest.approx((prompt * 2.0 + 100 * 4.0) / 1e6), "priced": True}
-    assert half["completion_tokens"] == 50
-
-
 def test_bad_arguments_raise_before_any_request(server):
     with client_for(server) as c:
         for kw, field in [(dict(temperature=3), "temperature"), (dict(top_p=0), "top_p"),
