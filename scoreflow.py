@@ -380,12 +380,10 @@ HEADER_LINE = "class Workflow:"
 RUN_LINE = "    async def run_workflow(self):"
 
 
-class_header = operators.class_header  # the harness's part of every workflow (SCOREFLOW.md §2.1)
-
-
 def assemble(set_name, body):
-    """Full workflow source from a generated run_workflow body (fewshot style)."""
-    return class_header(set_name) + RUN_LINE + body
+    """Full workflow source from a generated run_workflow body (fewshot style): the harness writes
+    the class line and __init__ (operators.class_header, SCOREFLOW.md §2.1)."""
+    return operators.class_header(set_name) + RUN_LINE + body
 
 
 def _fewshot_block(question, steps):
@@ -629,7 +627,8 @@ def infra_kinds(scores):
 async def score_run(cfg, task, key, answer, problem, client, opts):
     """The benchmark's rule scorer, or under --judge llm for a test-split run (a "test", "cot" or
     "io" key) of MATH, DROP or HotpotQA, the judge call (§4 "At test time")."""
-    if cfg.judge == "llm" and str(key).startswith(("test", "cot:", "io:")) and task.NAME in operators.JUDGED:
+    test = str(key).startswith(("test", "cot:", "io:"))
+    if cfg.judge == "llm" and test and task.NAME in operators.JUDGED:
         return await operators.judge(problem, answer, client, task.NAME, options=opts)
     return float(await asyncio.to_thread(task.score, answer, problem))
 
