@@ -546,16 +546,21 @@ async def _check_all(cfg, recs, set_name, client):
             opts = _operator_options(cfg, stage="check", tag="check")
             r["trial"] = (cfg.trial_run == "always"
                           or not operators.straight_line(r["code"], set_name, cfg.max_calls))
-            # As in the execute stage, a trial that hit the infrastructure is asked again: a hung
-            # endpoint then trips EndpointDown here even for one workflow; the stage records nothing.
-            for _ in range(INFRA_TRIES):
-                verdict = await operators.runnable_check(
-                    r["code"], set_name, client, threshold=threshold, options=opts,
-                    max_calls=cfg.max_calls, trial=r["trial"])
-                if not verdict[1].startswith("infra"):
-                    break
-            return r, verdict
+            return r, await _asked_again(lambda: operators.runnable_check(
+                r["code"], set_name, client, threshold=threshold, options=opts,
+                max_calls=cfg.max_calls, trial=r["trial"]), lambda v: v[1].startswith("infra"))
     return await asyncio.gather(*(one(r) for r in recs))
+
+
+async def _asked_again(ask, infra):
+    """await ask() again while infra(result): a trial or run that failed through the infrastructure
+    is asked INFRA_TRIES times, then left out; finished calls replay from the journal, and a hung
+    endpoint trips EndpointDown even for one workflow (the stage records nothing)."""
+    for _ in range(INFRA_TRIES):
+        result = await ask()
+        if not infra(result):
+            break
+    return result
 
 
 def run_async(coro, workers):
@@ -641,12 +646,9 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
             for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
                 opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute",
                                          tag=str(key), keep_prompts=False)
-                for _ in range(INFRA_TRIES):  # finished calls replay from the journal
-                    run = await operators.run_workflow(code, problem, client, set_name,
-                                                       timeout=cfg.workflow_timeout,
-                                                       max_calls=cfg.max_calls, options=opts)
-                    if run.status != "infra_error":
-                        break
+                run = await _asked_again(lambda: operators.run_workflow(
+                    code, problem, client, set_name, timeout=cfg.workflow_timeout,
+                    max_calls=cfg.max_calls, options=opts), lambda run: run.status == "infra_error")
                 if not run.raised or attempt + 1 == cfg.run_attempts:
                     break
                 await asyncio.sleep(RUN_RETRY_DELAY)
