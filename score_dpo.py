@@ -9,8 +9,9 @@ Implements ScoreFlow (Wang et al. 2025, arXiv 2502.04306) as written down in SCO
        with the adapters off, log-probs summed over completion tokens (prompt masked, EOS appended).
 
 Sections: pairs and d-sampling, the losses and the influence (the paper's part, at the top), then
-pair files, sequences and log-probs (model.token_logprobs does the pass), and the trainer, whose
-step (`train_step`: policy pass, loss against the precomputed reference, backward) stands alone.
+pair files, sequences and log-probs (model.token_logprobs does the pass), and the trainer: its step
+(`train_step`: policy pass, loss against the precomputed reference, backward) and the reference
+(`reference_logps`) stand alone; `train` holds the loop, checkpoints and DDP.
 
 Non-goals: other preference losses (IPO, hinge, ...), full fine-tuning, a second model copy as
 reference, loss weighting by d (SCOREFLOW.md §10.2: d acts through resampling only).
@@ -233,25 +234,25 @@ def pair_token_logps(model, prompt_ids, chosen_ids, rejected_ids):
 
 
 # --- the trainer (SCOREFLOW.md §7) ---------------------------------------------------------------------
+# The official code's optimiser and LoRA settings; no flag changes them, so they are constants.
+ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0  # AdamW, lr decayed linearly to 0, no warmup
+MAX_GRAD_NORM = 1.0                  # gradient-norm clip
+LORA_TARGETS = ("q_proj", "v_proj")
+LORA_DROPOUT = 0.01                  # written into the adapter; training runs with dropout off (§7), so it is 0
 
 
 @dataclass
 class TrainConfig:
-    """Score-DPO training for one iteration. Defaults are the paper's (official code, SCOREFLOW.md §7)."""
+    """Score-DPO training for one iteration. Defaults are the paper's (official code, SCOREFLOW.md §7).
+    Besides scoreflow.py's flags: the length caps (encode_pair's truncation, counted in the result), amp
+    (bench/speed_train.py), save_every (resumable checkpoints mid-epoch) and log_every."""
     loss: str = "score-dpo"          # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
     beta: float = 0.1                # β; paper 0.1
-    lr: float = 1e-6                 # AdamW peak learning rate, decayed linearly to 0, no warmup; paper 1e-6
-    adam_betas: tuple = (0.9, 0.999)  # paper (0.9, 0.999)
-    adam_eps: float = 1e-8           # paper 1e-8
-    weight_decay: float = 0.0        # paper 0
+    lr: float = 1e-6                 # AdamW peak learning rate; paper 1e-6
     epochs: int = 1                  # passes over the pairs per iteration; paper 1
     grad_accum: int = 1              # pairs per optimizer step (the batch, summed over DDP ranks); paper 1
-    max_grad_norm: float = 1.0       # gradient-norm clip, 0 = none; paper 1.0
     lora_r: int = 8                  # paper 8
     lora_alpha: int = 16             # paper 16
-    lora_dropout: float = 0.01       # written into the adapter; paper 0.01
-    disable_dropout: bool = True     # the official trainer turns dropout off, so the paper's is effectively 0
-    lora_targets: tuple = ("q_proj", "v_proj")  # paper q_proj, v_proj
     reference: str = "base"          # π_ref: "base" = adapters off, every iteration (official); "previous" =
     #                                  the policy as it stands when this call starts (the last iteration's)
     max_prompt_tokens: int = 0       # 0 = no cap (paper); else keep the prompt's last N tokens
@@ -273,7 +274,6 @@ class TrainConfig:
         for name in ("beta", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)}, expected > 0")
-        self.adam_betas, self.lora_targets = tuple(self.adam_betas), tuple(self.lora_targets)
 
 
 @dataclass
@@ -285,28 +285,6 @@ class TrainResult:
     ref_seconds: float      # time computing the reference log-probs
     train_seconds: float    # time in the training loop (this call)
     adapter_dir: str        # the final adapter, PEFT layout
-
-
-def _fingerprint(pairs, cfg, world=1):
-    """Identifies a training job: resuming with other pairs or settings is an error, not a silent mix.
-    grad_accum counts as the pairs per step of all `world` ranks, which is what the steps depend on."""
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(json.dumps(asdict(p), sort_keys=True).encode())
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("log_every", "save_every")}
-    keep["grad_accum"] = cfg.grad_accum * world
-    h.update(json.dumps(keep, sort_keys=True, default=list).encode())
-    return h.hexdigest()
-
-
-def _atomic_torch_save(obj, path):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    M.write_atomic(path, buf.getvalue())
-
-
-def _fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def train_step(model, items, ref_logps, scores, loss, beta, n_step):
@@ -334,22 +312,15 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     """Train the generator's LoRA with Score-DPO (or DPO) on `pairs` (already d-sampled, §5); returns
     a TrainResult. The model stays where it is (its device and dtype are the caller's choice).
 
-    - LoRA: model.py's own; added with cfg's r/alpha/dropout/targets if the model has none, else the
-      existing adapter keeps training (iteration 0 creates it, later iterations continue it, §7).
-    - Reference: log-probs are computed ONCE per pair before any step, from the same weights: with
-      cfg.reference "base" under model.lora_disabled (the original base in every iteration, as the
-      official code does); with "previous" with the adapters on, i.e. the policy as this call finds it
-      (the last iteration's policy, frozen by being precomputed; no second copy, no merge).
-    - Steps: AdamW, linear decay to 0 without warmup, gradient-norm clipping, cfg.grad_accum pairs per
-      step; the loss is the mean over the step's pairs. Pairs are shuffled per epoch with cfg.seed.
-    - Sequences: see encode_pair (EOS appended, truncation rule) and pairs_token_logps (a step's pairs in
-      one pass, their shared prompt prefix run once).
+    - LoRA: model.py's own, created on first use (iteration 0), else the adapter keeps training (§7).
+    - Reference: log-probs once per pair before any step (reference_logps), from the same weights.
+    - Steps: train_step on cfg.grad_accum pairs, clipping, AdamW, linear decay to 0 without warmup;
+      the pairs are shuffled per epoch with cfg.seed.
     - DDP: if torch.distributed is initialised, each step's pairs are split over ranks and the LoRA
-      gradients all-reduced (summed; each rank's loss is already divided by the global pair count).
-      Rank 0 writes the files; every rank reads ref_logps.pt and ckpt/ on a resume (out_dir on a filesystem
-      all ranks see). The fingerprint counts pairs per step over all ranks, so a checkpoint of one
-      process with grad_accum 2G resumes under two ranks with G.
-    - Files in out_dir: ref_logps.pt (kept so a resume never recomputes the reference from a changed
+      gradients summed (each rank's loss is already divided by the global pair count). Rank 0 writes the
+      files; every rank reads them on a resume (out_dir on a filesystem all ranks see). The fingerprint
+      counts pairs per step over all ranks, so one process with grad_accum 2G resumes under two with G.
+    - Files in out_dir: ref_logps.pt (so a resume never recomputes the reference from a changed
       adapter), ckpt/ (adapter in PEFT layout + optimizer/scheduler state, written at every epoch end
       and every cfg.save_every steps), adapter/ (the final adapter, PEFT layout). With resume=True a
       run continues from ckpt/ if its fingerprint (pairs + settings) matches, else it is an error.
@@ -360,26 +331,10 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         raise ValueError("train: no pairs to train on")
     dist = torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    device = model.lm_head.weight.device
-    caller_mode = model.training
+    device, caller_mode = model.lm_head.weight.device, model.training
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-
-    # the adapter: create it on first use, keep training it afterwards; LoRA weights in fp32 on any base
-    # (model.LoRALinear computes its term in fp32 and casts it back to the base's dtype)
-    if any(m.merged for _, m in M.lora_layers(model)):
-        raise ValueError("train: the model's LoRA is merged into its weights; call model.unmerge_lora first")
-    if not M.lora_layers(model):
-        M.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
-        g = torch.Generator().manual_seed(cfg.seed)  # add_lora draws A from the global RNG; make it a function of seed
-        for _, layer in M.lora_layers(model):
-            w = torch.empty(layer.lora_A.weight.shape)
-            torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
-            layer.lora_A.weight.data.copy_(w)
-    params = list(M.lora_state_dict(model).values())
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
+    params = _lora_params(model, cfg)
     base_dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_" not in n)
     # no autocast on bf16/fp16 weights: training then runs the very forward pass generate runs
     auto = base_dtype == torch.float32 and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -388,10 +343,8 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
-    # sequences
     encoded = [encode_pair(tokenizer, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
-    truncated = sum(e[3] for e in encoded)
-    n = len(pairs)
+    truncated, n = sum(e[3] for e in encoded), len(pairs)
     fingerprint = _fingerprint(pairs, cfg, world)
     if rank == 0:
         print(f"train: {n} pairs, {sum(len(e[0]) for e in encoded) / n:.0f} prompt + "
@@ -399,8 +352,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
               f"{truncated} truncated (max_prompt_tokens={cfg.max_prompt_tokens}, "
               f"max_completion_tokens={cfg.max_completion_tokens}), loss {cfg.loss}, reference {cfg.reference}, "
               f"world {world}, autocast {amp_dtype}", file=log, flush=True)
-
-    per_step = cfg.grad_accum * world                       # pairs per optimizer step, all ranks together
+    per_step = cfg.grad_accum * world  # pairs per optimizer step, all ranks together
     steps_per_epoch = math.ceil(n / per_step)
 
     def step_pairs(epoch, k):
@@ -410,20 +362,16 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         batch = order[k * per_step:(k + 1) * per_step]
         return batch, batch[rank::world]
 
-    # reference log-probs, once per pair, before any step (or from the file a previous run left)
-    ref_path = os.path.join(out_dir, "ref_logps.pt")
     ckpt_dir = os.path.join(out_dir, "ckpt")
+    state_path = os.path.join(ckpt_dir, "trainer_state.pt")
     if rank == 0 and not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):  # a crash mid-swap
         os.replace(ckpt_dir + ".old", ckpt_dir)
     if dist:  # the other ranks read out_dir after rank 0 has set it up
         dist.barrier()
-    state_path = os.path.join(ckpt_dir, "trainer_state.pt")
-    t_ref = time.time()
-    ref = None
-    if resume and os.path.exists(ref_path):
+    t_ref, ref_path, ref = time.time(), os.path.join(out_dir, "ref_logps.pt"), None
+    if resume and os.path.exists(ref_path):  # a previous run's, for these pairs and settings
         saved = torch.load(ref_path, map_location="cpu")
-        if saved.get("fingerprint") == fingerprint:
-            ref = saved["ref_logps"]
+        ref = saved["ref_logps"] if saved.get("fingerprint") == fingerprint else None
     if dist:  # every rank looked before any can write: all load, or all compute (a collective below)
         have = torch.tensor([float(ref is not None)], device=device)
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
@@ -432,15 +380,10 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         if resume and os.path.exists(state_path):
             raise ValueError(f"{out_dir}: a checkpoint exists but ref_logps.pt is missing or for other pairs/settings;"
                              f" refusing to recompute the reference from a trained adapter (use a new out_dir)")
-        ref = torch.zeros(n, 2, dtype=torch.float64)  # (P, 2): chosen, rejected
-        model.eval()  # no dropout in the reference
-        ctx = M.lora_disabled(model) if cfg.reference == "base" else torch.no_grad()
-        with ctx, autocast():  # in epoch 0's step groups: the first step then sees π_θ = π_ref exactly
-            for k in range(steps_per_epoch):
-                mine = step_pairs(0, k)[1]  # empty on a rank past a short last step
-                for i, (c, r) in zip(mine, pairs_token_logps(model, [encoded[i][:3] for i in mine]) if mine else []):
-                    ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
-        if dist:
+        # in epoch 0's step groups: the first step then sees π_θ = π_ref exactly
+        ref = reference_logps(model, encoded, [step_pairs(0, k)[1] for k in range(steps_per_epoch)],
+                              cfg.reference, autocast)
+        if dist:  # each rank filled its own pairs' rows
             ref_dev = ref.to(device)
             dist.all_reduce(ref_dev)
             ref = ref_dev.cpu()
@@ -448,10 +391,8 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
             _atomic_torch_save({"fingerprint": fingerprint, "ref_logps": ref}, ref_path)
     ref_seconds = time.time() - t_ref
 
-    # optimizer and schedule
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
     step, history = 0, []
     if resume and os.path.exists(state_path):
@@ -468,48 +409,24 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         if rank == 0:
             print(f"train: resumed from {ckpt_dir} at step {step}/{total_steps}", file=log, flush=True)
 
-    def checkpoint():
-        # write ckpt.tmp completely, then swap it in; a crash mid-swap leaves ckpt.old, which resume reads
-        if rank != 0:
-            return
-        tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
-        _rmtree(tmp)
-        M.save_adapter(model, tmp)
-        _atomic_torch_save({"fingerprint": fingerprint, "step": step, "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "history": history},
-                           os.path.join(tmp, "trainer_state.pt"))
-        if os.path.exists(ckpt_dir):
-            _rmtree(old)
-            os.replace(ckpt_dir, old)
-        os.replace(tmp, ckpt_dir)
-        _rmtree(old)
-
     def pairs_done(s):  # pairs trained on after s optimizer steps (an epoch's last step may be short)
         return (s // steps_per_epoch) * n + min((s % steps_per_epoch) * per_step, n)
 
-    model.train(not cfg.disable_dropout)
+    model.eval()  # the official trainer turns dropout off (§7)
     t0, last_log, start_step = time.time(), 0.0, step
     while step < total_steps:
         batch, mine = step_pairs(*divmod(step, steps_per_epoch))
-        losses, margins = [], []
-        t_step = time.time()
+        t_step, stats = time.time(), torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ margin
         if mine:  # this rank's pairs of the step in one pass: their shared prompt prefix runs once
             with autocast():
                 loss, margin = train_step(model, [encoded[i][:3] for i in mine], ref[mine],
                                           [(pairs[i].chosen_score, pairs[i].rejected_score) for i in mine],
                                           cfg.loss, cfg.beta, len(batch))
-            losses += loss.tolist()
-            margins += margin.tolist()
-        if dist:  # sum the LoRA gradients and the stats over ranks, in one flat buffer
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([sum(losses), sum(margins)], device=device)])
-            dist.all_reduce(flat)
-            for p, g in zip(params, flat[:-2].split([g.numel() for g in grads])):
-                p.grad = g.view_as(p).clone()
-            mean_loss, mean_margin = (float(x) / len(batch) for x in flat[-2:])
-        else:
-            mean_loss, mean_margin = sum(losses) / len(batch), sum(margins) / len(batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            stats = torch.stack([loss.double().sum(), margin.double().sum()]).cpu()
+        if dist:
+            stats = _sum_over_ranks(dist, params, stats, device)
+        mean_loss, mean_margin = (float(x) / len(batch) for x in stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -517,9 +434,9 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         step += 1
         history.append({"step": step, "loss": mean_loss, "margin": mean_margin, "lr": lr,
                         "grad_norm": float(grad_norm), "seconds": time.time() - t_step})
-        end_of_epoch = step % steps_per_epoch == 0
-        if end_of_epoch or (cfg.save_every and step % cfg.save_every == 0):
-            checkpoint()
+        if rank == 0 and (step % steps_per_epoch == 0 or (cfg.save_every and step % cfg.save_every == 0)):
+            _replace_dir(ckpt_dir, model, {"fingerprint": fingerprint, "step": step, "history": history,
+                                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
         now = time.time() - t0
         if rank == 0 and (now - last_log >= cfg.log_every or step == total_steps):
             last_log = now
@@ -533,15 +450,87 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     model.train(caller_mode)
     adapter_dir = os.path.join(out_dir, "adapter")
     if rank == 0:
-        tmp = adapter_dir + ".tmp"
-        M.save_adapter(model, tmp)
-        if os.path.exists(adapter_dir):
-            _rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
+        _replace_dir(adapter_dir, model)
     if dist:
         dist.barrier()
     return TrainResult(step, cfg.epochs * n, truncated, history, ref_seconds, time.time() - t0, adapter_dir)
 
 
-def _rmtree(path):
-    shutil.rmtree(path, ignore_errors=True)
+def reference_logps(model, encoded, groups, reference, autocast):
+    """(P, 2) float64 sums of log π_ref (chosen, rejected) of the encoded pairs, once before any step,
+    one pass per group of pair indices (rows of pairs in no group stay 0). "base": the same weights
+    under model.lora_disabled (the original base in every iteration, as the official code);
+    "previous": with the adapters on, the policy as train finds it (no second copy, no merge)."""
+    ref = torch.zeros(len(encoded), 2, dtype=torch.float64)
+    model.eval()  # no dropout in the reference
+    with M.lora_disabled(model) if reference == "base" else torch.no_grad(), autocast():
+        for group in filter(None, groups):  # a rank past a short last step has an empty group
+            for i, (c, r) in zip(group, pairs_token_logps(model, [encoded[i][:3] for i in group])):
+                ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
+    return ref
+
+
+def _lora_params(model, cfg):
+    """The LoRA weights to train, in fp32 on any base (model.LoRALinear computes its term in fp32 and
+    casts it back): the adapter is created on first use with A a function of cfg.seed, else kept."""
+    if any(m.merged for _, m in M.lora_layers(model)):
+        raise ValueError("train: the model's LoRA is merged into its weights; call model.unmerge_lora first")
+    if not M.lora_layers(model):
+        M.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=LORA_DROPOUT, targets=LORA_TARGETS)
+        g = torch.Generator().manual_seed(cfg.seed)  # add_lora draws A from the global RNG
+        for _, layer in M.lora_layers(model):
+            w = torch.empty(layer.lora_A.weight.shape)
+            torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+            layer.lora_A.weight.data.copy_(w)
+    params = list(M.lora_state_dict(model).values())
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def _sum_over_ranks(dist, params, stats, device):
+    """Sums the LoRA gradients (in place) and `stats` over the ranks, in one flat buffer."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads] + [stats.to(device, grads[0].dtype)])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat[:-len(stats)].split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+    return flat[-len(stats):].cpu()
+
+
+def _replace_dir(path, model, state=None):
+    """The adapter (and the trainer `state`, as trainer_state.pt) written completely to path.tmp, then
+    swapped in for `path`; a crash mid-swap leaves path.old (which train's resume reads for ckpt/)."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    M.save_adapter(model, tmp)
+    if state is not None:
+        _atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fingerprint(pairs, cfg, world=1):
+    """Identifies a training job: resuming with other pairs or settings is an error, not a silent mix.
+    grad_accum counts as the pairs per step of all `world` ranks, which is what the steps depend on."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps(asdict(p), sort_keys=True).encode())
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("log_every", "save_every")}
+    keep["grad_accum"] = cfg.grad_accum * world
+    h.update(json.dumps(keep, sort_keys=True, default=list).encode())
+    return h.hexdigest()
+
+
+def _atomic_torch_save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    M.write_atomic(path, buf.getvalue())
+
+
+def _fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"

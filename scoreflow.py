@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,11 +25,15 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 import bench
 import executor
+import model as M
 import operators
 import score_dpo
 
@@ -172,25 +177,22 @@ def load_data(cfg):
     loader's own error for a missing or malformed file or task."""
     task = bench.load_task(cfg.bench)
     opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
-    single, note = None, ""
+    single = no_test = None  # the one file both splits would be read from; why there is no test file
     if cfg.data is not None and os.path.isfile(cfg.data):
-        single = cfg.data  # one file for both splits: read as-is it would make validate = test
+        single = cfg.data  # read as-is it would make validate = test
     elif cfg.data is not None and os.path.isdir(cfg.data):
         try:
             bench.resolve_data(task.NAME, "test", cfg.data)
         except FileNotFoundError as e:
-            try:
-                single = bench.resolve_data(task.NAME, "validate", cfg.data)
-            except FileNotFoundError:
-                pass
-            if single is not None and cfg.split_single == "off":
-                raise DataError(f"{e}; --split-single seeded would split {single} 1:4 into "
-                                "validate and test")
+            with contextlib.suppress(FileNotFoundError):
+                single, no_test = bench.resolve_data(task.NAME, "validate", cfg.data), e
+    if single is not None and cfg.split_single == "off":
+        raise DataError(f"{no_test}; --split-single seeded would split {single} 1:4 into validate and "
+                        "test" if no_test else f"--data {single} is one file for both splits (validate = "
+                        f"test); pass a directory with {task.NAME}_validate.jsonl and {task.NAME}_test.jsonl, "
+                        "or --split-single seeded")
+    note = ""
     if single is not None:
-        if cfg.split_single == "off":
-            raise DataError(f"--data {single} is one file for both splits (validate = test); pass a "
-                            f"directory with {task.NAME}_validate.jsonl and {task.NAME}_test.jsonl, "
-                            "or --split-single seeded")
         validate, test = split_one(bench.load_problems(task, "validate", single, **opts))
         note = (f"one file split 1:4 by a hash of the ids (--split-single seeded): {len(validate)} "
                 f"validate / {len(test)} test problems of {single}")
@@ -198,13 +200,12 @@ def load_data(cfg):
     else:
         validate, test = (bench.load_problems(task, s, cfg.data, **opts) for s in ("validate", "test"))
         if cfg.data is not None:
-            src = {}
-            for s in ("validate", "test"):
-                try:  # the file a split is read from, when the layout names one
-                    src[s] = bench.resolve_data(task.NAME, s, cfg.data)
+            def source(split):  # the file a split is read from, when the layout names one
+                try:
+                    return bench.resolve_data(task.NAME, split, cfg.data)
                 except (FileNotFoundError, ValueError):
-                    src[s] = cfg.data
-            described = f"validate {src['validate']}, test {src['test']}"
+                    return cfg.data
+            described = f"validate {source('validate')}, test {source('test')}"
         elif task.NAME in ("math", bench.EMBEDDED):
             described = f"embedded procedural math, kind {cfg.kinds or 'all'} (bench/mathgen_task.py)"
         elif task.NAME == "humaneval":
@@ -227,18 +228,7 @@ def load_data(cfg):
     return Data(task, validate, test, described, note)
 
 # --------------------------------------------------------------------------------------------------
-# Run directory: atomic writes, stages read back on --resume, progress on stderr.
-
-
-def write_atomic(path, text):
-    """Temp file in the same directory, fsync, os.replace: a reader sees the old file or the new."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+# Run directory: atomic writes (model.write_atomic), stages read back on --resume, progress on stderr.
 
 
 def read_json(path):
@@ -296,7 +286,7 @@ class Run:
             return read_jsonl(path) if jsonl else read_json(path)
         t0 = time.time()
         value = compute()
-        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
+        M.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
                      if jsonl else json.dumps(value, indent=1))
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
         return value
@@ -305,7 +295,7 @@ class Run:
         """test/<name>.json from an iteration's stages, once; its summary into the metrics."""
         path = self.path("test", f"{name}.json")
         if not os.path.exists(path):
-            write_atomic(path, json.dumps(value, indent=1))
+            M.write_atomic(path, json.dumps(value, indent=1))
         self.metrics["test"][name] = _brief(read_json(path))
 
 # --------------------------------------------------------------------------------------------------
@@ -390,12 +380,10 @@ HEADER_LINE = "class Workflow:"
 RUN_LINE = "    async def run_workflow(self):"
 
 
-class_header = operators.class_header  # the harness's part of every workflow (SCOREFLOW.md §2.1)
-
-
 def assemble(set_name, body):
-    """Full workflow source from a generated run_workflow body (fewshot style)."""
-    return class_header(set_name) + RUN_LINE + body
+    """Full workflow source from a generated run_workflow body (fewshot style): the harness writes
+    the class line and __init__ (operators.class_header, SCOREFLOW.md §2.1)."""
+    return operators.class_header(set_name) + RUN_LINE + body
 
 
 def _fewshot_block(question, steps):
@@ -489,7 +477,6 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
     sample is redrawn for cfg.regen_rounds rounds. One record per sample: its prompt, completion
     (what the pairs train on), code, validity before repair (valid_raw), repaired, the runnable
     check's verdict (valid, reason, rejections), trial, rounds and temperature."""
-    import model as M
     ks = [k] * len(problems) if isinstance(k, int) else k
     temperature = cfg.gen_temperature if temperature is None else temperature
     temps = [temperature] * len(problems) if isinstance(temperature, (int, float)) else temperature
@@ -559,16 +546,21 @@ async def _check_all(cfg, recs, set_name, client):
             opts = _operator_options(cfg, stage="check", tag="check")
             r["trial"] = (cfg.trial_run == "always"
                           or not operators.straight_line(r["code"], set_name, cfg.max_calls))
-            # As in the execute stage, a trial that hit the infrastructure is asked again: a hung
-            # endpoint then trips EndpointDown here even for one workflow; the stage records nothing.
-            for _ in range(INFRA_TRIES):
-                verdict = await operators.runnable_check(
-                    r["code"], set_name, client, threshold=threshold, options=opts,
-                    max_calls=cfg.max_calls, trial=r["trial"])
-                if not verdict[1].startswith("infra"):
-                    break
-            return r, verdict
+            return r, await _asked_again(lambda: operators.runnable_check(
+                r["code"], set_name, client, threshold=threshold, options=opts,
+                max_calls=cfg.max_calls, trial=r["trial"]), lambda v: v[1].startswith("infra"))
     return await asyncio.gather(*(one(r) for r in recs))
+
+
+async def _asked_again(ask, infra):
+    """await ask() again while infra(result): a trial or run that failed through the infrastructure
+    is asked INFRA_TRIES times, then left out; finished calls replay from the journal, and a hung
+    endpoint trips EndpointDown even for one workflow (the stage records nothing)."""
+    for _ in range(INFRA_TRIES):
+        result = await ask()
+        if not infra(result):
+            break
+    return result
 
 
 def run_async(coro, workers):
@@ -640,7 +632,7 @@ def infra_kinds(scores):
 async def score_run(cfg, task, key, answer, problem, client, opts):
     """The benchmark's rule scorer, or under --judge llm for a test-split run (a "test", "cot" or
     "io" key) of MATH, DROP or HotpotQA, the judge call (§4 "At test time")."""
-    test = str(key).split(":", 1)[0] in ("cot", "io") or str(key).startswith("test")
+    test = str(key).startswith(("test", "cot:", "io:"))
     if cfg.judge == "llm" and test and task.NAME in operators.JUDGED:
         return await operators.judge(problem, answer, client, task.NAME, options=opts)
     return float(await asyncio.to_thread(task.score, answer, problem))
@@ -654,12 +646,9 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
             for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
                 opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute",
                                          tag=str(key), keep_prompts=False)
-                for _ in range(INFRA_TRIES):  # finished calls replay from the journal
-                    run = await operators.run_workflow(code, problem, client, set_name,
-                                                       timeout=cfg.workflow_timeout,
-                                                       max_calls=cfg.max_calls, options=opts)
-                    if run.status != "infra_error":
-                        break
+                run = await _asked_again(lambda: operators.run_workflow(
+                    code, problem, client, set_name, timeout=cfg.workflow_timeout,
+                    max_calls=cfg.max_calls, options=opts), lambda run: run.status == "infra_error")
                 if not run.raised or attempt + 1 == cfg.run_attempts:
                     break
                 await asyncio.sleep(RUN_RETRY_DELAY)
@@ -755,7 +744,6 @@ def train_stage(cfg, R, i, gen, pairs):
     adapter is on file already (--resume): load it; or train, first loading the last iteration's
     adapter when a resumed run has none in memory; or, without pairs, nothing. So every rank holds
     rank 0's adapter after it, and score_dpo.train splits each step's pairs over the ranks."""
-    import model as M
     train_dir = R.path(f"iter{i}", "train")
     final, prev = os.path.join(train_dir, "adapter"), R.path(f"iter{i - 1}", "train", "adapter")
     plan, hist_path = None, os.path.join(train_dir, "history.json")
@@ -780,7 +768,7 @@ def train_stage(cfg, R, i, gen, pairs):
                                reference=cfg.reference, seed=_seed(cfg.seed, "train", i) % (1 << 31))
     history = score_dpo.train(*gen, pairs, tc, out_dir=train_dir).history
     if _rank() == 0:
-        write_atomic(hist_path, json.dumps(history))
+        M.write_atomic(hist_path, json.dumps(history))
         R.stage_seconds[f"iter{i} train"] = time.time() - t0
     return history
 
@@ -793,30 +781,29 @@ def train_stage(cfg, R, i, gen, pairs):
 def init_distributed(device):
     """Join torchrun's process group when WORLD_SIZE > 1: gloo on a CPU, NCCL on CUDA with each rank
     on its LOCAL_RANK's GPU. Returns this rank (0 without torchrun)."""
-    import torch
-    import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0
-    if not dist.is_initialized():
+    if not _distributed():
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return _rank()
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _rank():
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.distributed.get_rank() if _distributed() else 0
 
 
 def share(obj):
     """Rank 0's `obj` on every rank (pickled; `obj` itself without torchrun)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if _distributed():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 # --------------------------------------------------------------------------------------------------
@@ -944,8 +931,6 @@ def executor_timeout(cfg, local):
 def run(cfg, data=None):
     """The whole run; data is load_data(cfg), loaded by main before the run directory exists. Under
     torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
-    import torch
-    import model as M
     R = Run(cfg)
     if _rank() != 0:
         gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
@@ -993,7 +978,7 @@ def run(cfg, data=None):
              "served_by_local_server": server.n_completions if server is not None else None})
         R.metrics.update(executor=st, stage_seconds=R.stage_seconds,
                          wall_seconds=R.metrics.get("wall_seconds", 0.0) + time.time() - t_start)
-        write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
+        M.write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
         client.close()
         if server is not None:
             server.stop()
@@ -1035,11 +1020,8 @@ def _brief(ev):
     return {k: v for k, v in ev.items() if k != "workflows"}
 
 
-def _count(xs):
-    out = {}
-    for x in xs:
-        out[x] = out.get(x, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+def _count(xs):  # {x: n}, most frequent first (ties in first-seen order)
+    return dict(Counter(xs).most_common())
 
 
 def _mean(xs):
@@ -1063,7 +1045,7 @@ def print_plan(cfg, n_val, n_test, set_name):
         + (" with baselines CoT, IO and every iteration's generator" if cfg.baselines else ""))
     log(f"estimate: ~{gen_runs + test_runs} workflow runs, ~{calls} executor calls, "
         f"~{tokens / 1e6:.2f}M tokens (upper bound with half of max_tokens per reply)")
-    write_atomic(os.path.join(cfg.run_dir, "plan.json"), json.dumps(
+    M.write_atomic(os.path.join(cfg.run_dir, "plan.json"), json.dumps(
         {"workflow_runs": gen_runs + test_runs, "calls": calls, "tokens": tokens}, indent=1))
 
 
@@ -1108,6 +1090,13 @@ def _pct(x):
     return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+def _table(header, rows):
+    """A markdown table's lines: the header, then a line per row of cells (an empty cell is "| |")."""
+    def line(cells):
+        return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
+
+
 def write_report(R, set_name):
     """report.md and solve_rate.svg from the metrics and the run directory."""
     m, cfg = R.metrics, R.cfg
@@ -1116,43 +1105,46 @@ def write_report(R, set_name):
     series = {"validate (all samples)": [(it["iteration"], it["validate_score"]) for it in its]}
     if gens:
         series["test (generator)"] = [(g, v["score"]) for g, v in gens]
-    for b in ("cot", "io"):
-        if b in test and gens:
-            series[f"test {b.upper()}"] = [(gens[0][0], test[b]["score"]), (gens[-1][0], test[b]["score"])]
-    write_atomic(R.path("solve_rate.svg"), svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
+        series.update({f"test {b.upper()}": [(gens[0][0], test[b]["score"]), (gens[-1][0], test[b]["score"])]
+                       for b in ("cot", "io") if b in test})
+    M.write_atomic(R.path("solve_rate.svg"), svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
     data, trained = m.get("data", {}), [it["iteration"] for it in its if it.get("trained")]
+    loss_name = "Score-DPO" if cfg.loss == "score-dpo" else "DPO"
+
+    def generator(g):  # the test row's name: what trained the generator tested after iteration g - 1
+        n = sum(1 for j in trained if j < g)
+        how = f"({loss_name} x{n})" if n else "(unchanged: no pairs)"
+        return "iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} {how}"
+
+    def workflows(g):  # the operator compositions generator g chose on the test problems
+        path = R.path("test", f"gen{g}.json")
+        return _count(r["composition"] for r in (read_json(path).get("workflows", []) if os.path.exists(path) else []))
+
+    def listing(counts, n=None, empty="?"):
+        return ", ".join(f"`{c or empty}` {k}" for c, k in list(counts.items())[:n])
     L = [f"# ScoreFlow run: {cfg.bench}: {data.get('description', cfg.data or 'data unnamed')}", "",
          f"Data: {data.get('description', '-')}." + (f" Splits: {data['split']}." if data.get("split") else ""),
          "", f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
          f"Executor: {cfg.executor_url or 'local server over the embedded model'}. Seed {cfg.seed}. "
-         "Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "",
-         "## Test split", "", "| method | solve rate | notes |", "|---|---|---|"]
-    for g, v in gens:
-        n = sum(1 for j in trained if j < g)  # iterations before g that trained the adapter
-        how = f"({'Score-DPO' if cfg.loss == 'score-dpo' else 'DPO'} x{n})" if n else "(unchanged: no pairs)"
-        name = "iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} {how}"
-        L.append(f"| {name} | {_pct(v['score'])} | valid workflows {v.get('valid', '-')}, infra failures "
-                 f"{v.get('infra', 0)} |")
-    L += [f"| {desc} | {_pct(test[b]['score'])} | |" for b, desc in
-          (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")) if b in test]
+         "Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "", "## Test split", ""]
+    L += _table(["method", "solve rate", "notes"], [
+        *((generator(g), _pct(v["score"]), f"valid workflows {v.get('valid', '-')}, infra failures "
+           f"{v.get('infra', 0)}") for g, v in gens),
+        *((desc, _pct(test[b]["score"]), "") for b, desc in
+          (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")) if b in test)])
     L += ["", f"One workflow per test problem, sampled at temperature {cfg.test_temperature} (the validate "
           f"samples: {cfg.gen_temperature}). What each generator chose:", ""]
-    for g, _ in gens:
-        path = R.path("test", f"gen{g}.json")
-        recs = read_json(path).get("workflows", []) if os.path.exists(path) else []
-        L.append(f"- generator {g}: " + ", ".join(
-            f"`{c or 'invalid'}` {n}" for c, n in list(_count(r["composition"] for r in recs).items())[:6]))
-    L += ["", "## Iterations (validate split)", "", "| iteration | samples | valid before repair | repaired | "
-          "valid | distinct compositions (first 40) | solve rate | eligible pairs | pairs drawn | first / last "
-          "loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    L += [f"- generator {g}: " + listing(workflows(g), 6, "invalid") for g, _ in gens]
     curves = {it["iteration"]: [x for x in it["loss_curve"] if x is not None] for it in its}
-    for it in its:
-        lc = curves[it["iteration"]]
-        L.append(f"| {it['iteration']} | {it['samples']} | {it['valid_raw']} "
-                 f"({_pct(it['valid_raw'] / max(it['samples'], 1))}) | {it['repaired']} | {it['valid']} | "
-                 f"{it['distinct_compositions_first40']} | {_pct(it['validate_score'])} | "
-                 f"{it['eligible_pairs']} | {it['pairs']} | "
-                 + (f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-") + " |")
+
+    def first_last(lc):
+        return f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-"
+    L += ["", "## Iterations (validate split)", ""] + _table(
+        ["iteration", "samples", "valid before repair", "repaired", "valid", "distinct compositions (first 40)",
+         "solve rate", "eligible pairs", "pairs drawn", "first / last loss"],
+        [(it["iteration"], it["samples"], f"{it['valid_raw']} ({_pct(it['valid_raw'] / max(it['samples'], 1))})",
+          it["repaired"], it["valid"], it["distinct_compositions_first40"], _pct(it["validate_score"]),
+          it["eligible_pairs"], it["pairs"], first_last(curves[it["iteration"]])) for it in its])
     for it in its:  # which loss acted (§6.1: binary scores with one run make every pair (1, 0))
         if it["pairs"] and cfg.loss == "score-dpo" and it.get("pairs_not_1_0") == 0:
             L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so Score-DPO's "
@@ -1170,25 +1162,22 @@ def write_report(R, set_name):
     L += [f"- iteration {it['iteration']}: " + (", ".join(f"{k} {n}" for k, n in it.get("rejections", {}).items())
                                                 or "none") for it in its]
     L += ["", "Operator compositions of the valid workflows, per iteration:", ""]
-    L += [f"- iteration {it['iteration']}: " + ", ".join(
-        f"`{c or '?'}` {n}" for c, n in list(it["compositions"].items())[:8]) for it in its]
-    for i, lc in curves.items():
-        if lc:
-            L += ["", f"Loss curve, iteration {i} (per optimizer step): " + " ".join(f"{x:.3f}" for x in lc[:64])
-                  + (" ..." if len(lc) > 64 else "")]
+    L += [f"- iteration {it['iteration']}: " + listing(it["compositions"], 8) for it in its]
+    L += sum((["", f"Loss curve, iteration {i} (per optimizer step): " + " ".join(f"{x:.3f}" for x in lc[:64])
+               + (" ..." if len(lc) > 64 else "")] for i, lc in curves.items() if lc), [])
     ex = m.get("executor", {})
     tot = ex.get("total", {})
     L += ["", "## Executor usage", "", f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} replayed from the "
           f"cache, {tot.get('errors', 0)} errors), {tot.get('prompt_tokens', 0)} prompt + "
           f"{tot.get('completion_tokens', 0)} completion tokens, ${tot.get('dollars', 0.0):.4f}"
-          + ("" if ex.get("priced") else " (model unpriced: $0)") + ".", "",
-          "| stage | calls | prompt tokens | completion tokens |", "|---|---|---|---|"]
-    L += [f"| {st or '-'} | {u['calls']} | {u['prompt_tokens']} | {u['completion_tokens']} |"
-          for st, u in ex.get("by_stage", {}).items()]
-    L += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-    L += [f"| {st} | {s:.1f} |" for st, s in m.get("stage_seconds", {}).items()]
-    L += [f"| **total (this and earlier sessions of the run)** | {m.get('wall_seconds', 0):.1f} |", "",
-          "## Example workflows", ""]
+          + ("" if ex.get("priced") else " (model unpriced: $0)") + ".", ""]
+    L += _table(["stage", "calls", "prompt tokens", "completion tokens"], [
+        (st or "-", u["calls"], u["prompt_tokens"], u["completion_tokens"])
+        for st, u in ex.get("by_stage", {}).items()])
+    L += ["", "## Wall time per stage", ""] + _table(["stage", "seconds"], [
+        *((st, f"{s:.1f}") for st, s in m.get("stage_seconds", {}).items()),
+        ("**total (this and earlier sessions of the run)**", f"{m.get('wall_seconds', 0):.1f}")])
+    L += ["", "## Example workflows", ""]
     last, scores_path = (R.path(f"iter{len(its) - 1}", f) for f in ("workflows.jsonl", "scores.json"))
     if its and os.path.exists(last) and os.path.exists(scores_path):
         scores = read_json(scores_path)
@@ -1199,7 +1188,7 @@ def write_report(R, set_name):
             for s, r in picks:
                 L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition `{r['composition']}`",
                       "", "```python", r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
-    write_atomic(R.path("report.md"), "\n".join(L) + "\n")
+    M.write_atomic(R.path("report.md"), "\n".join(L) + "\n")
 
 # --------------------------------------------------------------------------------------------------
 # Command line: one flag per RunConfig field (its help, default and paper value), then checks.
@@ -1302,9 +1291,7 @@ def resolve_config(args, parser):
                              f"saved value {saved.get(k)!r}; only --budget-usd, --budget-tokens, "
                              "--executor-timeout and --executor-concurrency may change")
         saved.update({k: v for k, v in given.items() if k in budgets})
-        saved.pop("version", None)
-        saved.pop("argv", None)
-        cfg = RunConfig(**saved)
+        cfg = RunConfig(**{k: v for k, v in saved.items() if k not in ("version", "argv")})
         _check_executor(cfg, parser)
         return cfg
     base = dataclasses.asdict(RunConfig())
@@ -1377,7 +1364,7 @@ def main(argv=None):
     if "resume" not in vars(args) and rank == 0:  # under torchrun rank 0 alone writes the run dir
         os.makedirs(cfg.run_dir, exist_ok=True)
         saved = dict(dataclasses.asdict(cfg), version=VERSION, argv=argv)
-        write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=1))
+        M.write_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(saved, indent=1))
     return run(cfg, data)
 
 
