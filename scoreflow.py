@@ -104,6 +104,8 @@ class RunConfig:
     executor_concurrency: int | None = opt(None, "calls in flight at the endpoint (default "
                                            "--concurrency for our server, else 16; 1 for a "
                                            "one-slot llama.cpp server)")
+    progress_every: float = opt(60.0, "seconds between progress lines when stderr is not a "
+                                "terminal (a log file); on a terminal the line is live")
     run_attempts: int = opt(1, "attempts of a run that raises by its own fault, 1 s apart")
     programmer_call_attempts: int = opt(1, "attempts of Programmer's call when it raises, 2 s apart")
     test_rounds: int = opt(3, "Test operator repair rounds", group="operators, scoring and data")
@@ -246,22 +248,28 @@ def log(msg):
 
 
 class Progress:
-    """done/total, rate and ETA on stderr: a live line on a TTY, one line per stage otherwise."""
+    """done/total, rate and ETA on stderr: a live line on a TTY; otherwise (a log file, CI) a line
+    when something got done and `every` seconds passed since the last, and one at the stage's end.
+    A HotpotQA execute stage on 2 cores runs ~45 min: one line at its end read as a hang."""
+    every = 60.0  # s; set from --progress-every by run()
 
     def __init__(self, stage, total, unit):
         self.stage, self.total, self.unit, self.done, self.t0 = stage, total, unit, 0, time.time()
+        self.printed = self.t0
 
     def update(self, n=1, end=None):
         """n more done; `end` (a string) closes the stage's line with it."""
         self.done += n
-        dt = max(time.time() - self.t0, 1e-9)
+        now = time.time()
+        dt = max(now - self.t0, 1e-9)
         eta = f"{(self.total - self.done) * dt / self.done:5.0f}s" if self.done else "    ?"
         line = (f"[{self.stage}] {self.done}/{self.total} {self.unit} {self.done / dt:6.2f}/s "
                 f"elapsed {dt:5.0f}s eta {eta}{end or ''}")
         if sys.stderr.isatty():
             print(f"\r{line}\033[K", end="" if end is None else "\n", file=sys.stderr, flush=True)
-        elif end is not None:
+        elif end is not None or (n and now - self.printed >= self.every):
             print(line, file=sys.stderr, flush=True)
+            self.printed = now
 
     def close(self, extra=""):
         self.update(0, f"  {extra}" if extra else "")
@@ -932,6 +940,7 @@ def run(cfg, data=None):
     """The whole run; data is load_data(cfg), loaded by main before the run directory exists. Under
     torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
     R = Run(cfg)
+    Progress.every = cfg.progress_every
     if _rank() != 0:
         gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
         for i in range(cfg.iterations):
@@ -1276,20 +1285,21 @@ def _check_executor(cfg, parser):
 
 def resolve_config(args, parser):
     """Defaults, then --paper's values, then explicit flags; with --resume, the saved config, where
-    an explicit flag may only change what does not change what is asked: the budgets and how long
-    and how many calls wait at the executor."""
+    an explicit flag may only change what does not change what is asked: the budgets, how long
+    and how many calls wait at the executor, and how often progress is printed."""
     given = vars(args)
     if "resume" in given:
         path = os.path.join(given["resume"], "config.json")
         if not os.path.exists(path):
             parser.error(f"--resume {given['resume']}: no config.json there (not a run directory?)")
         saved = read_json(path)
-        budgets = ("budget_usd", "budget_tokens", "executor_timeout", "executor_concurrency")
+        budgets = ("budget_usd", "budget_tokens", "executor_timeout", "executor_concurrency",
+                   "progress_every")
         for k, v in given.items():
             if k not in ("resume",) + budgets and saved.get(k) != v:
                 parser.error(f"--resume: --{k.replace('_', '-')} {v!r} conflicts with the run's "
                              f"saved value {saved.get(k)!r}; only --budget-usd, --budget-tokens, "
-                             "--executor-timeout and --executor-concurrency may change")
+                             "--executor-timeout, --executor-concurrency and --progress-every may change")
         saved.update({k: v for k, v in given.items() if k in budgets})
         cfg = RunConfig(**{k: v for k, v in saved.items() if k not in ("version", "argv")})
         _check_executor(cfg, parser)

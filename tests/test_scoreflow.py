@@ -3,6 +3,7 @@ the embedded model with our local server (tiny sizes), including kill -9 and --r
 import dataclasses
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -143,8 +144,10 @@ def test_executor_timeout_default_per_endpoint_and_changeable_on_resume(tmp_path
     run_dir.mkdir()
     saved = dict(dataclasses.asdict(default), run_dir=str(run_dir), executor_timeout=300.0)
     (run_dir / "config.json").write_text(json.dumps(saved))
-    resumed = cfg(["--resume", str(run_dir), "--executor-timeout", "3600", "--executor-concurrency", "2"])
-    assert (resumed.executor_timeout, resumed.executor_concurrency, resumed.k) == (3600.0, 2, default.k)
+    resumed = cfg(["--resume", str(run_dir), "--executor-timeout", "3600", "--executor-concurrency", "2",
+                   "--progress-every", "5"])
+    assert (resumed.executor_timeout, resumed.executor_concurrency, resumed.progress_every, resumed.k) \
+        == (3600.0, 2, 5.0, default.k)
     r = run_cli(["--resume", str(run_dir), "-k", "3"], timeout=60)
     assert r.returncode == 2 and "conflicts with the run's saved value" in r.stderr
 
@@ -155,8 +158,13 @@ def test_tiny_run_end_to_end(tmp_path):
     """Real embedded generator, real local server, real sandbox, real Score-DPO: every artifact is
     written and the trained adapter changes the generator."""
     run_dir = tmp_path / "run"
-    r = run_cli(TINY + ["--run-dir", str(run_dir)])
+    r = run_cli(TINY + ["--run-dir", str(run_dir), "--progress-every", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
+    # stderr is a pipe, not a terminal: with --progress-every 0 every finished run prints a line, so
+    # the execute stage shows lines before its last (1/N ... N/N), not only the closing one
+    done = [re.match(r"\[iter0 execute\] (\d+)/(\d+) runs", line) for line in r.stderr.splitlines()]
+    done = [(int(m[1]), int(m[2])) for m in done if m]
+    assert len(done) >= 3 and done[0][0] < done[0][1] and done[-1][0] == done[-1][1], r.stderr[-3000:]
     for f in ("config.json", "plan.json", "metrics.json", "report.md", "solve_rate.svg", "calls.sqlite",
               "iter0/workflows.jsonl", "iter0/scores.json", "iter0/pairs.jsonl",
               "iter0/train/adapter/adapter_model.safetensors", "iter0/train/adapter/adapter_config.json",
