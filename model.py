@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -235,6 +236,7 @@ class Transformer(nn.Module):
         self.use_prepacked = True  # generate may keep oneDNN copies of the weights (see prepacked)
         self.prepacked_cache = {}  # those copies, by module name, reused while the weights are unchanged
         self.compiled_step = None  # generate(compile=True)'s torch.compile of decode_step
+        self.checkpoint_blocks = False  # training: recompute each block in backward (see hidden)
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
 
     def init_rope(self, device):
@@ -256,8 +258,16 @@ class Transformer(nn.Module):
         cos, sin = self.rope(pos, x.dtype)
         if mask is not None and tokens.shape[1] == 1:  # decode: additive 0/-inf, built once, not per layer
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        # checkpoint_blocks keeps only each block's input for backward and runs the block again there
+        # (Score-DPO training on 16 default-run pairs, 8 per step, 135M fp32: peak RSS 4.8 -> 3.0 GB).
+        # Only cache-free passes: the shared prefix's KVCache would be written again in backward.
+        redo = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, start, None if prefix is None else (prefix.k[i], prefix.v[i]))
+            kv = None if prefix is None else (prefix.k[i], prefix.v[i])
+            if redo:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, start, kv, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, start, kv)
         return self.model.norm(x)
 
     def forward(self, tokens, attn_mask=None):

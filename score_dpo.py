@@ -245,7 +245,8 @@ LORA_DROPOUT = 0.01                  # written into the adapter; training runs w
 class TrainConfig:
     """Score-DPO training for one iteration. Defaults are the paper's (official code, SCOREFLOW.md §7).
     Besides scoreflow.py's flags: the length caps (encode_pair's truncation, counted in the result), amp
-    (bench/speed_train.py), save_every (resumable checkpoints mid-epoch) and log_every."""
+    (bench/speed_train.py), save_every (resumable checkpoints mid-epoch), log_every and checkpoint
+    (activation checkpointing, on: bench/speed_train.py --checkpoint both times it on and off)."""
     loss: str = "score-dpo"          # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
     beta: float = 0.1                # β; paper 0.1
     lr: float = 1e-6                 # AdamW peak learning rate; paper 1e-6
@@ -262,6 +263,8 @@ class TrainConfig:
     seed: int = 0                    # pair shuffling per epoch and the initial LoRA A
     save_every: int = 0              # optimizer steps between resumable checkpoints; 0 = at epoch ends only
     log_every: float = 30.0          # seconds between progress lines on stderr
+    checkpoint: bool = True          # recompute each block of the policy pass in backward (model.hidden):
+    #                                  same gradients, far less memory (bench/speed_train.py --checkpoint both)
 
     def __post_init__(self):
         choices = {"loss": ("score-dpo", "dpo"), "reference": ("base", "previous"), "amp": ("auto", "bf16", "off")}
@@ -413,6 +416,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         return (s // steps_per_epoch) * n + min((s % steps_per_epoch) * per_step, n)
 
     model.eval()  # the official trainer turns dropout off (§7)
+    model.checkpoint_blocks = cfg.checkpoint
     t0, last_log, start_step = time.time(), 0.0, step
     while step < total_steps:
         batch, mine = step_pairs(*divmod(step, steps_per_epoch))
@@ -448,6 +452,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
                   f"margin {sum(h['margin'] for h in recent) / len(recent):+.4f}, "
                   f"{rate:.2f} pairs/s, ETA {_fmt_time(eta)}", file=log, flush=True)
     model.train(caller_mode)
+    model.checkpoint_blocks = False
     adapter_dir = os.path.join(out_dir, "adapter")
     if rank == 0:
         _replace_dir(adapter_dir, model)
@@ -520,7 +525,7 @@ def _fingerprint(pairs, cfg, world=1):
     h = hashlib.sha256()
     for p in pairs:
         h.update(json.dumps(asdict(p), sort_keys=True).encode())
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("log_every", "save_every")}
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("log_every", "save_every", "checkpoint")}
     keep["grad_accum"] = cfg.grad_accum * world
     h.update(json.dumps(keep, sort_keys=True, default=list).encode())
     return h.hexdigest()

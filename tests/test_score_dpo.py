@@ -543,6 +543,28 @@ def test_resume_after_interruption_gives_the_same_adapter(trained, smol, tmp_pat
         train(fresh(smol), tok, TRAIN_PAIRS[1:], cfg, str(tmp_path), log=io.StringIO())
 
 
+def test_activation_checkpointing_gives_the_same_training_and_keeps_far_less_for_backward(smol, tmp_path):
+    """TrainConfig.checkpoint (the default) recomputes each block of the policy pass in backward: the
+    same losses and adapter as without it, while the tensors autograd keeps for backward shrink."""
+    tok, runs = smol[1], {}
+    for on in (False, True):
+        model, kept = fresh(smol), [0]
+
+        def pack(x):  # every tensor saved for backward outside a checkpointed block (its input only)
+            kept[0] += x.numel() * x.element_size()
+            return x
+        cfg = TrainConfig(lr=3e-3, epochs=1, grad_accum=2, log_every=0, seed=1, checkpoint=on)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            res = train(model, tok, TRAIN_PAIRS[:4], cfg, str(tmp_path / str(on)), log=io.StringIO())
+        assert model.checkpoint_blocks is False  # training leaves generation as it was
+        runs[on] = res, M.lora_state_dict(model), kept[0]
+    (off, lora_off, kept_off), (on, lora_on, kept_on) = runs[False], runs[True]
+    assert [h["loss"] for h in on.history] == pytest.approx([h["loss"] for h in off.history], abs=1e-6)
+    for k, v in lora_off.items():
+        torch.testing.assert_close(lora_on[k], v, rtol=0, atol=1e-6)
+    assert kept_on < 0.6 * kept_off, (kept_off, kept_on)
+
+
 def test_reference_flag_base_vs_previous(trained, tmp_path):
     """'previous': the policy as the call finds it is π_ref, so the first step is at ln 2; 'base' keeps
     the original model as π_ref, so a trained adapter starts with a nonzero margin."""
