@@ -246,7 +246,7 @@ class TrainConfig:
     """Score-DPO training for one iteration. Defaults are the paper's (official code, SCOREFLOW.md §7).
     Besides scoreflow.py's flags: the length caps (encode_pair's truncation, counted in the result), amp
     (bench/speed_train.py), save_every (resumable checkpoints mid-epoch), log_every and checkpoint
-    (activation checkpointing, on: bench/speed_train.py --checkpoint both times it on and off)."""
+    (activation checkpointing, on: bench/speed_train.py --checkpoint-ab times it on and off)."""
     loss: str = "score-dpo"          # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
     beta: float = 0.1                # β; paper 0.1
     lr: float = 1e-6                 # AdamW peak learning rate; paper 1e-6
@@ -264,7 +264,7 @@ class TrainConfig:
     save_every: int = 0              # optimizer steps between resumable checkpoints; 0 = at epoch ends only
     log_every: float = 30.0          # seconds between progress lines on stderr
     checkpoint: bool = True          # recompute each block of the policy pass in backward (model.hidden):
-    #                                  same gradients, far less memory (bench/speed_train.py --checkpoint both)
+    #                                  same gradients, far less memory (bench/speed_train.py --checkpoint-ab)
 
     def __post_init__(self):
         choices = {"loss": ("score-dpo", "dpo"), "reference": ("base", "previous"), "amp": ("auto", "bf16", "off")}
@@ -334,7 +334,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         raise ValueError("train: no pairs to train on")
     dist = torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    device, caller_mode = model.lm_head.weight.device, model.training
+    device, caller_mode, caller_redo = model.lm_head.weight.device, model.training, model.checkpoint_blocks
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
     params = _lora_params(model, cfg)
@@ -452,7 +452,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
                   f"margin {sum(h['margin'] for h in recent) / len(recent):+.4f}, "
                   f"{rate:.2f} pairs/s, ETA {_fmt_time(eta)}", file=log, flush=True)
     model.train(caller_mode)
-    model.checkpoint_blocks = False
+    model.checkpoint_blocks = caller_redo
     adapter_dir = os.path.join(out_dir, "adapter")
     if rank == 0:
         _replace_dir(adapter_dir, model)
