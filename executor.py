@@ -1176,6 +1176,9 @@ _SANDBOX_PRELOAD = ("typing", "math", "re", "collections", "itertools", "functoo
 # laptop has). Per-run cgroups would cost a migration (an RCU grace period, ~10 ms) per run.
 _SANDBOX_CGROUP_PIDS = 4096
 _SANDBOX_CGROUP_MEMORY_FRACTION = 0.5  # of physical memory
+# Seconds the caller waits for the server: its hello or its answer to a launch, and its report of a
+# killed run's end (it reaps within ms). Past them the server counts as wedged and is replaced.
+_SANDBOX_REPLY_TIMEOUT, _SANDBOX_REAP_GRACE = 30.0, 10.0
 # Linux constants: clone flags, prctl options, mount flags, landlock syscall numbers (444-446 on
 # every architecture).
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x08000000, 0x10000000
@@ -1543,6 +1546,7 @@ class _SandboxServer:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True, cwd="/", env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
         self.sock = ours
+        self.sock.settimeout(_SANDBOX_REPLY_TIMEOUT)  # a wedged server is an OSError, not a hang
         hello = self.sock.recv(1024).decode().split()
         if hello[:1] != ["hello"]:
             self.close()
@@ -1571,8 +1575,12 @@ class _SandboxServer:
         return 0
 
     def close(self):
-        self.sock.close()
-        self.proc.wait()
+        self.sock.close()  # a serving server exits on EOF; a wedged one is killed
+        try:
+            self.proc.wait(_SANDBOX_REPLY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         for _, path in self.cgroups:
             _remove_cgroup(path)
 
@@ -1581,11 +1589,13 @@ _sandbox_lock = threading.Lock()
 _sandbox_state = {"server": None, "warned": set(), "servers": itertools.count(), "atexit": None}
 
 
-def _sandbox_server(restart=False):
+def _sandbox_server(restart=False, stale=None):
+    """This process's sandbox server, started on first use; restart=True replaces it, unless
+    `stale` is given and another thread has replaced that one already."""
     with _sandbox_lock:
         server = _sandbox_state["server"]
-        if (restart or server is None or server.owner != os.getpid()
-                or server.proc.poll() is not None):
+        if ((restart and (stale is None or server is stale)) or server is None
+                or server.owner != os.getpid() or server.proc.poll() is not None):
             if server is not None and server.owner == os.getpid():
                 with contextlib.suppress(OSError):
                     server.close()
@@ -1739,14 +1749,15 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
                    "LC_ALL": "C.UTF-8"}}
     try:
         os.write(fds[0], marshal.dumps(cfg))
-        for attempt in (0, 1):  # a dead server (killed from outside?) gets one fresh replacement
+        for attempt in (0, 1):  # a dead or wedged server gets one fresh replacement
             try:
-                server = server if attempt == 0 and server else _sandbox_server(restart=True)
+                if attempt or server is None:
+                    server = _sandbox_server(True, server)
                 oom_before = server.oom_kills()
                 pidfd = server.launch(fds)
                 break
             except OSError as e:
-                launch_error, server = str(e), None
+                launch_error = str(e)
         os.close(fds.pop())  # done_w: from now on only the server holds it
         if pidfd >= 0:
             poll = select.poll()  # not select(): our fds may be numbered past 1024
@@ -1755,7 +1766,13 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
                 timed_out = True  # SIGKILL to the init of its PID namespace: the whole run dies
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                poll.poll()
+                # the server reaps a killed run within ms; never wait on it without end (a wedged
+                # server would hang the caller's stage): past the grace the run is "internal"
+                if not poll.poll(_SANDBOX_REAP_GRACE * 1000):
+                    launch_error = (f"the sandbox server did not report the run's end within "
+                                    f"{_SANDBOX_REAP_GRACE:g} s of its kill")
+                    timed_out = False
+                    _sandbox_server(restart=True, stale=server)
         oom = server is not None and pidfd >= 0 and server.oom_kills() > oom_before
         seconds = time.monotonic() - t0
         facts = [line.split(" ", 2) for line in _read_capped(fds[3], 1 << 20).splitlines()]

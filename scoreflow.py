@@ -18,11 +18,13 @@ import ast
 import asyncio
 import contextlib
 import dataclasses
+import faulthandler
 import functools
 import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -1356,6 +1358,8 @@ def resolve_config(args, parser):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: where a long stage is, or hangs
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if argv[:1] == ["serve"]:
         return executor.serve_main(argv[1:])
     parser = build_parser()

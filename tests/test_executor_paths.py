@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ import executor  # noqa: E402
 import operators as O  # noqa: E402
 import scoreflow  # noqa: E402
 from bench import Problem  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 TASK = os.path.join(ROOT, "tests", "data", "parity_task.py")
 TINY = ["--bench", TASK, "--n-validate", "2", "--n-test", "1", "-k", "3", "--iterations", "1", "--pairs", "4",
@@ -110,10 +110,6 @@ def execute(cfg, jobs, client, task=None):
     return scoreflow.execute_workflows(cfg, task, jobs, "math" if "programmer" in jobs[0][1] else "qa", client,
                                        "test execute")
 
-
-def run_cli(args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scoreflow.py")] + args, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def journal(run_dir):

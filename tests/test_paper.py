@@ -5,8 +5,6 @@ the OpenAI format: every operator's parser finds its fields in its one reply).""
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -14,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import DATASETS, ROOT, SHARED
+from conftest import DATASETS, SHARED, run_cli
 
 import bench
 import executor
@@ -30,10 +28,6 @@ def config(argv):
     parser = scoreflow.build_parser()
     return scoreflow.resolve_config(parser.parse_args(argv + ["--run-dir", "/nonexistent/run"]), parser)
 
-
-def run_cli(args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scoreflow.py")] + args, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 class Endpoint:

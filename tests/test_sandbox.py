@@ -357,3 +357,31 @@ def test_a_dead_server_is_replaced():
     r = run_python("print('again')")
     assert r.status == "ok" and r.stdout == "again\n"
     assert executor._sandbox_state["server"] is not server
+
+
+def test_a_wedged_server_is_replaced_not_waited_on():
+    """A server that stops answering (here SIGSTOPped) costs a run its launch timeout or its reap
+    grace, never a hang: the launch is retried on a fresh server; a run already started is reported
+    "internal" (not evidence about the code) and the next run gets a fresh server."""
+    saved = executor._SANDBOX_REPLY_TIMEOUT, executor._SANDBOX_REAP_GRACE
+    executor._SANDBOX_REPLY_TIMEOUT, executor._SANDBOX_REAP_GRACE = 2.0, 1.0
+    try:
+        server = executor._sandbox_server(restart=True)  # its socket timeout is the 2 s above
+        os.kill(server.proc.pid, signal.SIGSTOP)  # wedged before the launch
+        t0 = time.monotonic()
+        r = run_python("print('relaunched')")
+        assert r.status == "ok" and r.stdout == "relaunched\n"
+        assert time.monotonic() - t0 < 2.0 + 2.0 + 5.0 + MARGIN  # reply timeout, kill wait, start
+        assert executor._sandbox_state["server"] is not server
+
+        server = executor._sandbox_state["server"]  # wedged mid-run: it cannot reap the killed run
+        threading.Timer(0.5, os.kill, (server.proc.pid, signal.SIGSTOP)).start()
+        t0 = time.monotonic()
+        r = run_python("import time\ntime.sleep(30)", timeout=1.5)
+        assert r.status == "internal" and "did not report the run's end" in r.reason, r
+        assert time.monotonic() - t0 < 1.5 + 1.0 + 2.0 + 5.0 + MARGIN
+        assert executor._sandbox_state["server"] is not server
+    finally:
+        executor._SANDBOX_REPLY_TIMEOUT, executor._SANDBOX_REAP_GRACE = saved
+        executor._sandbox_server(restart=True)  # later tests get the usual timeouts
+    assert run_python("print('fine')").stdout == "fine\n"

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import operators  # noqa: E402
 import scoreflow  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 TASK = os.path.join(ROOT, "tests", "data", "parity_task.py")
 TINY = ["--bench", TASK, "--n-validate", "2", "--n-test", "1", "-k", "3", "--iterations", "1", "--pairs", "4",
@@ -102,10 +103,6 @@ def test_svg_plot_is_wellformed_xml():
     root = ET.fromstring(svg)
     assert root.tag.endswith("svg") and len(root.findall(".//{http://www.w3.org/2000/svg}polyline")) == 1
 
-
-def run_cli(args, timeout=600, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scoreflow.py")] + args, cwd=kw.pop("cwd", ROOT),
-                          capture_output=True, text=True, timeout=timeout, **kw)
 
 
 @pytest.mark.parametrize("args, message", [
