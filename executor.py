@@ -766,6 +766,7 @@ class _Job:
     stop: list
     seed: int
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
     completion: object = None   # model.Completion once done
     error: str = ""             # set instead when the batch failed or the server stopped
 
@@ -774,18 +775,23 @@ class LocalServer:
     """An OpenAI-compatible chat server over a loaded (model, tokenizer), started on
     construction; `base_url` ends in "/v1". Use it as a context manager or call stop().
 
-    max_batch caps rows per generate call; batch_window (s) is how long the batcher keeps
-    gathering after the last new request (longer while a received request is still being
-    parsed), at most max_wait (s) after the first; max_kv_bytes caps one batch's KV cache (rows x
-    (longest prompt + largest max_tokens)); default_max_tokens is used when a request gives none
-    (OpenAI's default, "up to the context", is too slow on a CPU).
+    Continuous batching (model.Decoder): requests join the running batch between decode steps
+    and leave it when they finish, so a workflow's next call never waits for the slowest row of
+    a batch it was not in (bench/speed_server.py --scenario executor measures it against static
+    batches). max_batch caps the rows decoding at once; when idle, batch_window (s) is how long
+    the batcher keeps gathering after the last new request (longer while a received request is
+    still being parsed), at most max_wait (s) after the first; while rows decode, waiting requests
+    join once a quarter of the batch's size has gathered or the oldest has waited max_wait.
+    max_kv_bytes caps the batch's KV cache (rows x (aligned prompt width + longest remaining
+    completion)); default_max_tokens is used when a request gives none (OpenAI's default, "up
+    to the context", is too slow on a CPU).
     """
 
     def __init__(self, model, tokenizer, *, model_name="local", host="127.0.0.1", port=0,
                  api_key=None, max_batch=32, batch_window=0.01, max_wait=0.2,
                  max_kv_bytes=2 << 30, default_max_tokens=1024, verbose=False):
         import model as modellib  # here, not at the top: clients and the sandbox need no torch
-        self._generate = modellib.generate
+        self._modellib = modellib
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key, self.verbose = api_key or None, verbose
         self.max_batch, self.batch_window = int(max_batch), float(batch_window)
@@ -796,7 +802,7 @@ class LocalServer:
                               * model.lm_head.weight.element_size())
         self.max_kv_tokens = max(int(max_kv_bytes) // kv_bytes_per_token, self.context)
         self.created = int(time.time())
-        self.batch_sizes = {}        # rows per generate call -> how many calls (batching at work)
+        self.batch_sizes = {}        # rows joining the batch together -> how many joins
         self.n_completions = 0
         self._pending, self._closing = [], False
         self._arriving = 0           # POSTs received but not yet queued (parsing, rendering)
@@ -878,58 +884,82 @@ class LocalServer:
                 "owned_by": "scoreflow"}
 
     # -- the batching thread ---------------------------------------------------------------------
-    def _take_batch(self):
-        """FIFO rows while the batch fits: <= max_batch rows, longest prompt + largest max_tokens
-        within the context, rows x that length within max_kv_tokens. Called with self._cv held."""
-        batch, longest, most = [], 0, 0
+    def _take_batch(self, dec):
+        """FIFO requests that may join `dec` now: rows <= max_batch, rows x (aligned prompt width
+        + longest remaining completion) <= max_kv_tokens; at least one when nothing decodes.
+        Called with self._cv held."""
+        batch, live = [], len(dec)
+        width = dec.t
+        most = max((r["max_new"] - len(r["out"]) for r in dec.rows if r["done"] is None), default=0)
         for job in self._pending:
-            lo, mo = max(longest, job.prompt_tokens), max(most, job.max_tokens)
-            if batch and (len(batch) >= self.max_batch or lo + mo > self.context
-                          or (len(batch) + 1) * (lo + mo) > self.max_kv_tokens):
+            w, m = max(width, job.prompt_tokens), max(most, job.max_tokens)
+            if (batch or live) and (live + len(batch) >= self.max_batch
+                                    or (live + len(batch) + 1) * (w + m) > self.max_kv_tokens):
                 break
             batch.append(job)
-            longest, most = lo, mo
+            width, most = w, m
         del self._pending[:len(batch)]
         return batch
 
+    def _gather(self):
+        """Idle: wait for a first request, then keep gathering while they keep coming (at most
+        max_wait). Called with self._cv held; False once the server is closing."""
+        while not self._pending and not self._closing:
+            self._cv.wait()
+        first = time.monotonic()
+        while not self._closing and len(self._pending) < self.max_batch:
+            seen, left = len(self._pending), first + self.max_wait - time.monotonic()
+            if left <= 0:
+                break
+            self._cv.wait(min(self.batch_window, left))
+            # stop once a window passed with nothing new and no request still being parsed
+            if len(self._pending) == seen and not self._arriving:
+                break
+        return not self._closing
+
     def _work(self):
+        M = self._modellib
+        dec = M.Decoder(self.model, self.tokenizer)
         while True:
             with self._cv:
-                while not self._pending and not self._closing:
-                    self._cv.wait()
+                if not len(dec) and not self._gather():
+                    break
                 if self._closing:
-                    return
-                first = time.monotonic()
-                while len(self._pending) < self.max_batch:  # gather while requests keep coming
-                    seen, left = len(self._pending), first + self.max_wait - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(min(self.batch_window, left))
-                    # stop once a window passed with nothing new and no request still being parsed
-                    if self._closing or (len(self._pending) == seen and not self._arriving):
-                        break
-                batch = self._take_batch()
+                    break
+                due = self._pending and (not len(dec) or len(self._pending) * 4 >= len(dec)
+                                         or time.monotonic() - self._pending[0].arrived >= self.max_wait)
+                batch = self._take_batch(dec) if due else []
             try:
-                outs = self._generate(self.model, self.tokenizer, [j.prompt for j in batch],
-                                      max_new_tokens=[j.max_tokens for j in batch],
-                                      temperature=[j.temperature for j in batch],
-                                      top_p=[j.top_p for j in batch], stop=[j.stop for j in batch],
-                                      seed=[j.seed for j in batch])
-                for job, c in zip(batch, outs):
-                    job.completion = c
+                with M.prepacked(self.model):
+                    if batch:
+                        dec.add(batch, [M.prompt_ids(self.tokenizer, j.prompt) for j in batch],
+                                [j.max_tokens for j in batch], [j.temperature for j in batch],
+                                [j.top_p for j in batch], [0] * len(batch), [j.seed for j in batch],
+                                [j.stop for j in batch])
+                        with self._cv:
+                            self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+                    finished = dec.step()
             except Exception as e:  # tell every waiting client; the server keeps serving
-                for job in batch:
-                    job.error = (f"generation failed for a batch of {len(batch)}: "
-                                 f"{type(e).__name__}: {e}")
-                print(f"executor server: {batch[0].error}", file=sys.stderr)
+                joined = {id(j) for j in batch}
+                jobs = batch + [r["tag"] for r in dec.rows if r["done"] is None and id(r["tag"]) not in joined]
+                why = f"generation failed for a batch of {len(jobs)}: {type(e).__name__}: {e}"
+                print(f"executor server: {why}", file=sys.stderr)
+                finished = [(job, None) for job in jobs]
+                for job in jobs:
+                    job.error = why
+                dec = M.Decoder(self.model, self.tokenizer)
             with self._cv:
-                self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
-                self.n_completions += len(batch)
-            for job in batch:
+                self.n_completions += sum(c is not None for _, c in finished)
+            for job, c in finished:
+                job.completion = c
                 job.done.set()
+        for r in dec.rows:  # closing: rows still decoding get a 503, as queued requests do
+            if r["done"] is None:
+                r["tag"].error = "server stopped"
+                r["tag"].done.set()
 
     def stop(self):
-        """Stop accepting, finish the batch in progress, fail what is still queued (503)."""
+        """Stop accepting; fail what is queued or still decoding (503), after the current step."""
         with self._cv:
             if self._closing:
                 return

@@ -932,14 +932,24 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
     # inductor cannot trace prepacked's opaque oneDNN weights: compile uses the plain (or int4) ones
     with nullcontext() if compile else prepacked(model):
         out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile)
-    results = []
-    for row, (gen, reason, cut) in zip(ids, out_ids):
-        body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
-        text = tokenizer.decode(body)
-        if cut is not None:
-            text = text[:cut]
-        results.append(Completion(text, gen, len(row), len(gen), reason))
-    return results
+    return [completion(tokenizer, row, *res) for row, res in zip(ids, out_ids)]
+
+
+def completion(tokenizer, prompt, gen, reason, cut):
+    """A Completion from a row's generated ids, finish reason and stop-string cut (see _row_end)."""
+    body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
+    text = tokenizer.decode(body)
+    return Completion(text if cut is None else text[:cut], gen, len(prompt), len(gen), reason)
+
+
+def _row_end(tokenizer, gen, stops, max_stop, max_new):
+    """After a row's newest token: (gen, "stop" | "length", stop-string cut or None), or None to go
+    on. eos and stop strings end it as "stop", max_new tokens as "length"."""
+    if gen[-1] in tokenizer.eos_ids:
+        return gen, "stop", None
+    if stops and (cut := _find_stop(tokenizer, gen, stops, max_stop)) is not None:
+        return gen, "stop", cut
+    return (gen, "length", None) if len(gen) >= max_new else None
 
 
 def prefill(model, rows, S):
@@ -1039,15 +1049,9 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
         for j, r in enumerate(live):
             if result[r] is not None:  # finished, waiting for the next compaction
                 continue
-            tok = nxt[j]
-            out[r].append(tok)
-            if tok in tokenizer.eos_ids:
-                result[r] = (out[r], "stop", None)
-            elif stops[r] and (cut := _find_stop(tokenizer, out[r], stops[r], max_stop[r])) is not None:
-                result[r] = (out[r], "stop", cut)
-            elif len(out[r]) >= max_new[r]:
-                result[r] = (out[r], "length", None)
-            else:
+            out[r].append(nxt[j])
+            result[r] = _row_end(tokenizer, out[r], stops[r], max_stop[r], max_new[r])
+            if result[r] is None:
                 keep.append(j)
         if not keep:
             return result
@@ -1067,6 +1071,115 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
         pos += 1
         t += 1
 
+
+
+class Decoder:
+    """Continuous batching: a running batch that rows join between decode steps (`add`) and leave
+    as soon as they finish (`step`), so a new request never waits for a batch's slowest row.
+    LocalServer drives one; generate() is the one-shot case of the same loop.
+
+    Layout: one KVCache whose rows are right-aligned at column t (the next column written; every
+    row writes there, so one decode step serves all), `keys` (B, C) marking the columns each row
+    may attend to. A join re-packs the cache: kept rows and the new rows' prefilled prompts right-
+    aligned at max(t, widest new prompt); finished rows are dropped then, or once a quarter of the
+    rows are done. Rope positions are per row, so shifting columns changes nothing a row sees."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.lm_head.weight.device
+        self.rows = []  # per cache row: dict(tag, prompt, out, max_new, stops, max_stop, gen, temp, done)
+        self.cache, self.t, self.logits = None, 0, None  # logits (B, V): each row's next-token scores
+
+    def __len__(self):
+        """Rows still generating."""
+        return sum(r["done"] is None for r in self.rows)
+
+    def add(self, tags, ids, max_new, temps, top_ps, top_ks, seeds, stops):
+        """Prefill new rows (ids: their prompt ids) and re-pack them into the running batch. `tags`
+        name the rows in what step() returns; the rest is per row, as generate() takes it."""
+        Tn = max(len(r) for r in ids)
+        if max(len(r) + m for r, m in zip(ids, max_new)) > self.model.config.max_seq_len:
+            raise ValueError(f"a prompt plus its max_new_tokens exceeds the model's context length "
+                             f"{self.model.config.max_seq_len}")
+        uniq = {}
+        inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=self.device)
+        logits, part, prefix, valid = prefill(self.model, list(uniq), Tn)  # each distinct prompt once
+        new_k, new_v = [], []  # (n, Hkv, Tn, D): the shared head written into every row, for decode
+        for i in range(len(part.k)):
+            k, v = part.k[i], part.v[i]
+            if prefix is not None:
+                k = torch.cat([prefix.k[i].expand(k.shape[0], -1, -1, -1), k], 2)
+                v = torch.cat([prefix.v[i].expand(v.shape[0], -1, -1, -1), v], 2)
+            new_k.append(k[:, :, :Tn].index_select(0, inverse))
+            new_v.append(v[:, :, :Tn].index_select(0, inverse))
+        keep = [j for j, r in enumerate(self.rows) if r["done"] is None]
+        W = max(self.t, Tn)
+        left = [self.rows[j]["max_new"] - len(self.rows[j]["out"]) for j in keep] + list(max_new)
+        C = W + max(left)  # columns: the widest aligned prompt and the longest remaining completion
+        B, old = len(keep) + len(ids), self.cache
+        self.cache = KVCache(B, C)
+        sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for i in range(len(new_k)):
+            ref = new_k[i]
+            kc = ref.new_zeros((B, ref.shape[1], C, ref.shape[3]))
+            vc = new_v[i].new_zeros((B, ref.shape[1], C, ref.shape[3]))
+            if keep:  # kept rows' used columns :t move to W - t .. W
+                kc[:len(keep), :, W - self.t:W] = old.k[i].index_select(0, sel)[:, :, :self.t]
+                vc[:len(keep), :, W - self.t:W] = old.v[i].index_select(0, sel)[:, :, :self.t]
+            kc[len(keep):, :, W - Tn:W] = new_k[i]
+            vc[len(keep):, :, W - Tn:W] = new_v[i]
+            self.cache.k.append(kc)
+            self.cache.v.append(vc)
+        keys = torch.ones(B, C, dtype=torch.bool, device=self.device)  # (B, C); columns >= W: decode
+        keys[:, :W] = False
+        if keep:
+            keys[:len(keep), W - self.t:W] = self.keys.index_select(0, sel)[:, :self.t]
+        keys[len(keep):, W - Tn:W] = valid.index_select(0, inverse)
+        self.keys, self.t = keys, W
+        logits = logits.index_select(0, inverse)
+        self.logits = logits if not keep else torch.cat([self.logits.index_select(0, sel), logits])
+        self.rows = [self.rows[j] for j in keep] + [
+            dict(tag=tag, prompt=r, out=[], max_new=m, stops=st, gen=torch.Generator().manual_seed(sd),
+                 max_stop=max((len(x.encode()) for x in st), default=0), temp=tp, done=None)
+            for tag, r, m, tp, sd, st in zip(tags, ids, max_new, temps, seeds, stops)]
+        self.pos = torch.tensor([len(r["prompt"]) + len(r["out"]) for r in self.rows], device=self.device)
+        self.temp_t = torch.tensor([r["temp"] for r in self.rows], device=self.device)
+        self.top_p_t = torch.cat([self.top_p_t.index_select(0, sel), torch.tensor(top_ps, device=self.device)]) \
+            if keep else torch.tensor(top_ps, device=self.device)
+        self.top_k_t = torch.cat([self.top_k_t.index_select(0, sel), torch.tensor(top_ks, device=self.device)]) \
+            if keep else torch.tensor(top_ks, device=self.device)
+
+    def step(self):
+        """Sample each live row's next token, then one decode step for the rows still going.
+        Returns [(tag, Completion)] of the rows that finished with this token."""
+        live = [r["done"] is None for r in self.rows]
+        u = torch.tensor([torch.rand(1, generator=r["gen"]).item() if r["temp"] > 0 and ok else 0.0
+                          for r, ok in zip(self.rows, live)], device=self.device)  # (B,) one draw per row
+        nxt = sample_tokens(self.logits, self.temp_t, self.top_k_t, self.top_p_t, u).tolist()
+        finished = []
+        for r, ok, tok in zip(self.rows, live, nxt):
+            if ok:
+                r["out"].append(tok)
+                r["done"] = _row_end(self.tokenizer, r["out"], r["stops"], r["max_stop"], r["max_new"])
+                if r["done"] is not None:
+                    finished.append((r["tag"], completion(self.tokenizer, r["prompt"], *r["done"])))
+        going = [j for j, r in enumerate(self.rows) if r["done"] is None]
+        if not going:
+            self.rows, self.cache, self.t, self.logits = [], None, 0, None
+            return finished
+        if (len(self.rows) - len(going)) * 4 >= len(self.rows):  # compact: drop finished rows
+            sel = torch.tensor(going, device=self.device)
+            self.cache.select(sel, self.t)
+            self.rows = [self.rows[j] for j in going]
+            self.keys, self.pos, self.temp_t, self.top_p_t, self.top_k_t = (
+                x.index_select(0, sel) for x in (self.keys, self.pos, self.temp_t, self.top_p_t, self.top_k_t))
+            nxt = [nxt[j] for j in going]
+        step = torch.tensor(nxt, device=self.device)[:, None]  # (B, 1); finished rows ride along
+        self.logits = decode_step(self.model, step, self.pos[:, None], self.keys[:, None, None, :self.t + 1],
+                                  self.cache, self.t)
+        self.pos += 1
+        self.t += 1
+        return finished
 
 def _length_groups(lengths, waste=0.25):
     """Rows (by suffix length) in groups, longest first, each as (row indices, its longest length):
