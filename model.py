@@ -1076,18 +1076,19 @@ def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, toke
 class Decoder:
     """Continuous batching: a running batch that rows join between decode steps (`add`) and leave
     as soon as they finish (`step`), so a new request never waits for a batch's slowest row.
-    LocalServer drives one; generate() is the one-shot case of the same loop.
+    LocalServer drives one.
 
-    Layout: one KVCache whose rows are right-aligned at column t (the next column written; every
-    row writes there, so one decode step serves all), `keys` (B, C) marking the columns each row
-    may attend to. A join re-packs the cache: kept rows and the new rows' prefilled prompts right-
-    aligned at max(t, widest new prompt); finished rows are dropped then, or once a quarter of the
-    rows are done. Rope positions are per row, so shifting columns changes nothing a row sees."""
+    Layout: one KVCache; each row's tokens are contiguous and end at column t, the next column
+    written (every row writes there, so one decode step serves them all); a row attends to its own
+    `width` columns before t. A join or a compaction (a quarter of the rows done) re-packs the
+    cache: the rows still going and the new rows' prefilled prompts right-aligned at the widest
+    row, so the columns of rows gone are dropped. Rope positions are per row: moving a row's
+    columns changes nothing it computes."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.device = model.lm_head.weight.device
-        self.rows = []  # per cache row: dict(tag, prompt, out, max_new, stops, max_stop, gen, temp, done)
+        self.rows = []  # per cache row: dict(tag, prompt, out, max_new, sampling, stops, gen, done)
         self.cache, self.t, self.logits = None, 0, None  # logits (B, V): each row's next-token scores
 
     def __len__(self):
@@ -1097,63 +1098,73 @@ class Decoder:
     def add(self, tags, ids, max_new, temps, top_ps, top_ks, seeds, stops):
         """Prefill new rows (ids: their prompt ids) and re-pack them into the running batch. `tags`
         name the rows in what step() returns; the rest is per row, as generate() takes it."""
-        Tn = max(len(r) for r in ids)
         if max(len(r) + m for r, m in zip(ids, max_new)) > self.model.config.max_seq_len:
             raise ValueError(f"a prompt plus its max_new_tokens exceeds the model's context length "
                              f"{self.model.config.max_seq_len}")
-        uniq = {}
+        Tn, uniq = max(len(r) for r in ids), {}
         inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=self.device)
         logits, part, prefix, valid = prefill(self.model, list(uniq), Tn)  # each distinct prompt once
-        new_k, new_v = [], []  # (n, Hkv, Tn, D): the shared head written into every row, for decode
+        # each row's real columns (a shared head, pads, its own suffix) gathered to the right end
+        order = torch.argsort(valid.int(), dim=1, stable=True)[:, None, :, None]  # (u, 1, Tn, 1)
+        new = []  # per layer (k, v), each (n, Hkv, Tn, D)
         for i in range(len(part.k)):
-            k, v = part.k[i], part.v[i]
-            if prefix is not None:
-                k = torch.cat([prefix.k[i].expand(k.shape[0], -1, -1, -1), k], 2)
-                v = torch.cat([prefix.v[i].expand(v.shape[0], -1, -1, -1), v], 2)
-            new_k.append(k[:, :, :Tn].index_select(0, inverse))
-            new_v.append(v[:, :, :Tn].index_select(0, inverse))
-        keep = [j for j, r in enumerate(self.rows) if r["done"] is None]
-        W = max(self.t, Tn)
-        left = [self.rows[j]["max_new"] - len(self.rows[j]["out"]) for j in keep] + list(max_new)
-        C = W + max(left)  # columns: the widest aligned prompt and the longest remaining completion
-        B, old = len(keep) + len(ids), self.cache
-        self.cache = KVCache(B, C)
+            kv = []
+            for x, px in ((part.k[i], None if prefix is None else prefix.k[i]),
+                          (part.v[i], None if prefix is None else prefix.v[i])):
+                if px is not None:
+                    x = torch.cat([px.expand(x.shape[0], -1, -1, -1), x], 2)
+                x = x[:, :, :Tn].gather(2, order.expand(-1, x.shape[1], -1, x.shape[3]))
+                kv.append(x.index_select(0, inverse))
+            new.append(kv)
+        rows = [dict(tag=tag, prompt=r, out=[], max_new=m, sampling=(tp, pp, kk), stops=st, done=None,
+                     gen=torch.Generator().manual_seed(sd), max_stop=max((len(x.encode()) for x in st), default=0))
+                for tag, r, m, tp, pp, kk, sd, st in zip(tags, ids, max_new, temps, top_ps, top_ks, seeds, stops)]
+        self._repack([j for j, r in enumerate(self.rows) if r["done"] is None], rows, new, Tn,
+                     logits.index_select(0, inverse))
+
+    def _repack(self, keep, rows, new=(), Tn=0, new_logits=None):
+        """A fresh cache: rows `keep` (indices) of the old one, then `rows` whose prefilled columns
+        `new` (per layer (k, v), right-aligned in Tn columns) come with `new_logits`."""
+        width = lambda r: len(r["prompt"]) + len(r["out"])  # noqa: E731  (tokens in the cache)
+        old, t, kept = self.cache, self.t, [self.rows[j] for j in keep]
+        Wk = max(map(width, kept), default=0)  # the kept rows' columns t - Wk .. t hold all of theirs
+        W = max(Wk, Tn)
+        self.rows = kept + rows
+        C = W + max(r["max_new"] - len(r["out"]) for r in self.rows)  # the longest remaining completion
+        B = len(self.rows)
         sel = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for i in range(len(new_k)):
-            ref = new_k[i]
-            kc = ref.new_zeros((B, ref.shape[1], C, ref.shape[3]))
-            vc = new_v[i].new_zeros((B, ref.shape[1], C, ref.shape[3]))
-            if keep:  # kept rows' used columns :t move to W - t .. W
-                kc[:len(keep), :, W - self.t:W] = old.k[i].index_select(0, sel)[:, :, :self.t]
-                vc[:len(keep), :, W - self.t:W] = old.v[i].index_select(0, sel)[:, :, :self.t]
-            kc[len(keep):, :, W - Tn:W] = new_k[i]
-            vc[len(keep):, :, W - Tn:W] = new_v[i]
-            self.cache.k.append(kc)
-            self.cache.v.append(vc)
-        keys = torch.ones(B, C, dtype=torch.bool, device=self.device)  # (B, C); columns >= W: decode
-        keys[:, :W] = False
-        if keep:
-            keys[:len(keep), W - self.t:W] = self.keys.index_select(0, sel)[:, :self.t]
-        keys[len(keep):, W - Tn:W] = valid.index_select(0, inverse)
-        self.keys, self.t = keys, W
-        logits = logits.index_select(0, inverse)
-        self.logits = logits if not keep else torch.cat([self.logits.index_select(0, sel), logits])
-        self.rows = [self.rows[j] for j in keep] + [
-            dict(tag=tag, prompt=r, out=[], max_new=m, stops=st, gen=torch.Generator().manual_seed(sd),
-                 max_stop=max((len(x.encode()) for x in st), default=0), temp=tp, done=None)
-            for tag, r, m, tp, sd, st in zip(tags, ids, max_new, temps, seeds, stops)]
-        self.pos = torch.tensor([len(r["prompt"]) + len(r["out"]) for r in self.rows], device=self.device)
-        self.temp_t = torch.tensor([r["temp"] for r in self.rows], device=self.device)
-        self.top_p_t = torch.cat([self.top_p_t.index_select(0, sel), torch.tensor(top_ps, device=self.device)]) \
-            if keep else torch.tensor(top_ps, device=self.device)
-        self.top_k_t = torch.cat([self.top_k_t.index_select(0, sel), torch.tensor(top_ks, device=self.device)]) \
-            if keep else torch.tensor(top_ks, device=self.device)
+        self.cache = KVCache(B, C)
+        for i in range(len(old.k) if old is not None and keep else len(new)):
+            for buf, j in ((self.cache.k, 0), (self.cache.v, 1)):
+                ref = (old.k, old.v)[j][i] if keep else new[i][j]
+                # columns past W are written by decode before any row reads them: left unset; those
+                # left of a row's own are masked, and zeroed (unset memory may hold NaN: NaN - inf)
+                x = ref.new_empty((B, ref.shape[1], C, ref.shape[3]))
+                if keep:
+                    x[:len(keep), :, :W - Wk] = 0
+                    x[:len(keep), :, W - Wk:W] = ref[:, :, t - Wk:t].index_select(0, sel)
+                if rows:
+                    x[len(keep):, :, :W - Tn] = 0
+                    x[len(keep):, :, W - Tn:W] = new[i][j]
+                buf.append(x)
+            if keep:  # the old layer is copied: free it now, so two whole caches never coexist
+                old.k[i] = old.v[i] = None
+            if rows:
+                new[i] = None
+        self.t = W
+        starts = torch.tensor([W - width(r) for r in self.rows], device=self.device)
+        self.keys = torch.arange(C, device=self.device)[None, :] >= starts[:, None]  # (B, C)
+        parts = ([self.logits.index_select(0, sel)] if keep else []) + ([new_logits] if rows else [])
+        self.logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.pos = torch.tensor([width(r) for r in self.rows], device=self.device)  # next rope position
+        self.temp_t, self.top_p_t, self.top_k_t = (
+            torch.tensor([r["sampling"][k] for r in self.rows], device=self.device) for k in range(3))
 
     def step(self):
         """Sample each live row's next token, then one decode step for the rows still going.
         Returns [(tag, Completion)] of the rows that finished with this token."""
         live = [r["done"] is None for r in self.rows]
-        u = torch.tensor([torch.rand(1, generator=r["gen"]).item() if r["temp"] > 0 and ok else 0.0
+        u = torch.tensor([torch.rand(1, generator=r["gen"]).item() if r["sampling"][0] > 0 and ok else 0.0
                           for r, ok in zip(self.rows, live)], device=self.device)  # (B,) one draw per row
         nxt = sample_tokens(self.logits, self.temp_t, self.top_k_t, self.top_p_t, u).tolist()
         finished = []
@@ -1168,18 +1179,19 @@ class Decoder:
             self.rows, self.cache, self.t, self.logits = [], None, 0, None
             return finished
         if (len(self.rows) - len(going)) * 4 >= len(self.rows):  # compact: drop finished rows
-            sel = torch.tensor(going, device=self.device)
-            self.cache.select(sel, self.t)
-            self.rows = [self.rows[j] for j in going]
-            self.keys, self.pos, self.temp_t, self.top_p_t, self.top_k_t = (
-                x.index_select(0, sel) for x in (self.keys, self.pos, self.temp_t, self.top_p_t, self.top_k_t))
             nxt = [nxt[j] for j in going]
+            for r in (self.rows[j] for j in going):  # their newest token is not in the cache yet
+                r["out"].pop()
+            self._repack(going, [])
+            for r, tok in zip(self.rows, nxt):
+                r["out"].append(tok)
         step = torch.tensor(nxt, device=self.device)[:, None]  # (B, 1); finished rows ride along
         self.logits = decode_step(self.model, step, self.pos[:, None], self.keys[:, None, None, :self.t + 1],
                                   self.cache, self.t)
         self.pos += 1
         self.t += 1
         return finished
+
 
 def _length_groups(lengths, waste=0.25):
     """Rows (by suffix length) in groups, longest first, each as (row indices, its longest length):

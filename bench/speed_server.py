@@ -14,7 +14,7 @@ so they produce the same tokens; we print aggregate completion tokens/s (median 
 warm-up), the ratio, how many texts agree, and the batch sizes the server formed.
 
     python bench/speed_server.py [--n 32] [--max-tokens 64] [--repeats 3] [--device cpu] [--threads 2]
-    python bench/speed_server.py --scenario executor [--workflows 24] [--gap-ms 100] [--seed 0]
+    python bench/speed_server.py --scenario executor [--workflows 48] [--gap-ms 50] [--seed 0]
 """
 import argparse
 import os
@@ -151,8 +151,8 @@ def main(argv=None):
                    "(default: LocalServer's)")
     p.add_argument("--scenario", choices=["burst", "executor"], default="burst",
                    help="burst: N requests at once (default); executor: sequential calls of staggered workflows")
-    p.add_argument("--workflows", type=int, default=24, help="executor scenario: workflows (default: 24)")
-    p.add_argument("--gap-ms", type=float, default=100, help="executor scenario: ms between workflow starts")
+    p.add_argument("--workflows", type=int, default=48, help="executor scenario: workflows (default: 48)")
+    p.add_argument("--gap-ms", type=float, default=50, help="executor scenario: ms between workflow starts (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="executor scenario: seed of the calls' shapes")
     args = p.parse_args(argv)
     if args.threads:

@@ -538,3 +538,31 @@ def test_prepacked_bf16_matches_plain_bf16(exported):
     err_plain, err_fast = ((x.float() - exact).abs().max().item() for x in (plain, fast))
     assert err_fast <= 1.5 * err_plain + 1e-3, (err_fast, err_plain)
     assert fast.argmax() == exact.argmax() and err_fast < 0.05 * exact.abs().max().item()
+
+
+def test_decoder_rows_joining_mid_batch_give_generates_texts(smol):
+    """Continuous batching (model.Decoder): rows that join while others decode, leave at their own
+    end (eos, stop string, max tokens) and are re-packed (joins, compactions) produce what one
+    generate() call gives each prompt: greedy and seeded sampling alike."""
+    model, tok = smol
+    questions = ["What is 2+2?", "Write a poem about the sea.", "Name three colours.", "hi",
+                 "Explain gravity in one sentence.", "Count to five.", "What is 2+2?"]
+    prompts = [tok.apply_chat([{"role": "user", "content": q}]) for q in questions]
+    ids = [M.prompt_ids(tok, p) for p in prompts]
+    max_new, stops = [20, 40, 12, 30, 25, 16, 8], [[], ["\n\n"], [], [], ["."], [], []]
+    for temp, seeds in ((0.0, [0] * 7), (1.0, [11, 12, 13, 14, 15, 16, 17])):
+        want = M.generate(model, tok, prompts, max_new_tokens=max_new, temperature=temp, stop=stops,
+                                 seed=seeds)
+        dec, got, step = M.Decoder(model, tok), {}, 0
+        joins = {0: [0, 1], 3: [2, 3], 9: [4, 5, 6]}  # step -> rows joining then
+        while step <= max(joins) or len(dec):
+            if step in joins:
+                j = joins[step]
+                dec.add(j, [ids[i] for i in j], [max_new[i] for i in j], [temp] * len(j), [1.0] * len(j),
+                        [0] * len(j), [seeds[i] for i in j], [stops[i] for i in j])
+            if len(dec):
+                got.update(dec.step())
+            step += 1
+        assert [got[i].text for i in range(7)] == [c.text for c in want], temp
+        assert [got[i].finish_reason for i in range(7)] == [c.finish_reason for c in want]
+        assert [got[i].n_completion_tokens for i in range(7)] == [c.n_completion_tokens for c in want]

@@ -188,3 +188,38 @@ def test_serve_main_runs_until_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(local_server):
+    """Continuous batching: a request sent while a long one decodes joins the running batch and is
+    answered long before the long one ends (a static batcher answered it after)."""
+    import threading
+    import time
+    done = {}
+
+    def ask(name, max_tokens, delay):
+        time.sleep(delay)
+        with client(local_server) as c:
+            c.chat(msgs("Write a very long story about a dragon and a knight."), max_tokens=max_tokens,
+                   temperature=0.0)
+        done[name] = time.monotonic()
+    threads = [threading.Thread(target=ask, args=("long", 160, 0.0)),
+               threading.Thread(target=ask, args=("short", 4, 1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done["short"] < done["long"], "the short request waited for the long one's batch"
+
+
+@pytest.mark.slow
+def test_speed_server_executor_scenario_runs_and_sides_agree():
+    """bench/speed_server.py --scenario executor at a tiny size: static, continuous and direct all
+    answer every call, and static and continuous give the same texts at temperature 0."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "speed_server.py"), "--scenario", "executor",
+                        "--workflows", "3", "--gap-ms", "10", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    n = int(r.stdout.split(" calls,")[0].rsplit(" ", 1)[1])
+    assert f"texts identical         : {n}/{n}" in r.stdout, r.stdout
+    assert "ratio continuous/static" in r.stdout
