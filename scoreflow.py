@@ -1356,10 +1356,26 @@ def resolve_config(args, parser):
     return cfg
 
 
+MMAP_THRESHOLD = 2 << 20  # bytes
+
+
+def _fixed_mmap_threshold():
+    """glibc serves an allocation above its mmap threshold from fresh pages and gives them back on
+    free; the threshold rises to the largest block freed so far (up to 32 MiB), after which the KV
+    caches, prefill activations and gradients of every stage come from the heap, whose freed
+    memory stays with the process. Fixing it at MMAP_THRESHOLD returns them. Default run, this
+    2-core machine: peak RSS 7.09 -> 4.75 GB at 2 MiB, 394 -> 412 s (at 1 MiB: 4.50 GB but 467 s:
+    more of the small per-step buffers come as fresh zeroed pages). Where libc is not glibc nothing is done."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # `kill -USR1 <pid>` prints every thread's stack to stderr: where a long stage is, or hangs
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _fixed_mmap_threshold()
     if argv[:1] == ["serve"]:
         return executor.serve_main(argv[1:])
     parser = build_parser()
