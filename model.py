@@ -22,6 +22,7 @@ Shape alphabet used in comments: B batch, T positions, S cache length, P shared-
 C width (hidden size), H/Hkv query/KV heads, G = H/Hkv, D head dim, F feed-forward width,
 V vocab, N flattened tokens, R LoRA rank.
 """
+import copy
 import json
 import math
 import mmap
@@ -235,6 +236,7 @@ class Transformer(nn.Module):
         self.freq_factors = freq_factors
         self.use_prepacked = True  # generate may keep oneDNN copies of the weights (see prepacked)
         self.prepacked_cache = {}  # those copies, by module name, reused while the weights are unchanged
+        self.packs = {}  # their oneDNN tensors by the weights' key, shared with a twin (see twin)
         self.compiled_step = None  # generate(compile=True)'s torch.compile of decode_step
         self.checkpoint_blocks = False  # training: recompute each block in backward (see hidden)
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
@@ -1250,18 +1252,24 @@ class Prepacked(nn.Module):
     source weight's (data pointer, in-place version), so stale copies are rebuilt (after
     merge_lora, an optimizer step, load_state_dict, .to())."""
 
-    def __init__(self, modules):
+    def __init__(self, modules, packs=None):
         super().__init__()
         weights = [_base_weight(m) for m in modules]
         self.sources = tuple(modules)  # a tuple: not registered, they stay the model's own
         self.key = _weights_key(modules)
         self.sizes = [w.shape[0] for w in weights]
-        w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
-        self.widen = w.dtype == torch.bfloat16 and not _mkldnn_bf16()  # compute in fp32, see above
+        self.widen = weights[0].dtype == torch.bfloat16 and not _mkldnn_bf16()  # compute in fp32, see above
         # widened bf16: fewer than 4 rows go to the sources, where bf16 F.linear reads half the
         # bytes (batch 1: ~18 vs ~13 tok/s)
         self.min_rows = 4 if self.widen else 0
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)  # opaque
+        # packs: {weights' key: oneDNN tensor}, shared by models over the same weights (see twin)
+        self.pack_key = (tuple(self.key), self.widen)
+        self.packed = packs.get(self.pack_key) if packs is not None else None
+        if self.packed is None:
+            w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)  # opaque
+            if packs is not None:
+                packs[self.pack_key] = self.packed
         self.weight = weights[0]  # for code that reads lm_head.weight's device and dtype
 
     def __deepcopy__(self, memo):
@@ -1278,6 +1286,19 @@ class Prepacked(nn.Module):
 
     def forward(self, x):
         return self.group(x)[0]
+
+
+def twin(model):
+    """A second model over the same weight tensors and the same prepacked copies, with modules of
+    its own: our executor server beside the generator costs no second copy of either (default run:
+    1.1 GB). LoRA added to one is not seen by the other (it wraps that model's modules only); the
+    base weights are frozen everywhere they are used together, which sharing relies on."""
+    if lora_layers(model):
+        raise ValueError("twin: the model has LoRA layers; make the twin before add_lora")
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers(), model.packs)}
+    other = copy.deepcopy(model, memo=shared)
+    other.prepacked_cache, other.compiled_step = {}, None
+    return other
 
 
 def _mkldnn_bf16():
@@ -1328,7 +1349,9 @@ def prepacked(model):
             modules = [getattr(parent, n) for n in names]
             old = model.prepacked_cache.get(i)
             if old is None or old.key != _weights_key(modules) or old.sources != tuple(modules):
-                model.prepacked_cache[i] = old = Prepacked(modules)
+                if old is not None and old.key != _weights_key(modules):
+                    model.packs.pop(old.pack_key, None)  # weights changed: the old copy is stale
+                model.prepacked_cache[i] = old = Prepacked(modules, model.packs)
             swaps.append((parent, names[0], modules[0]))
             setattr(parent, names[0], old)
     try:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -283,7 +284,7 @@ class Run:
     metrics.json, report.md, solve_rate.svg. run() adds the run's data, generator and client."""
 
     def __init__(self, cfg):
-        self.cfg, self.dir, self.stage_seconds = cfg, cfg.run_dir, {}
+        self.cfg, self.dir, self.stage_seconds, self.stage_peak_gb = cfg, cfg.run_dir, {}, {}
         self.metrics = {"iterations": [], "test": {}, "infra_failures": {}}
 
     def path(self, *parts):
@@ -298,8 +299,15 @@ class Run:
         value = compute()
         M.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
                      if jsonl else json.dumps(value, indent=1))
-        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
+        self.timed(name, t0)
         return value
+
+    def timed(self, name, t0):
+        """Add the stage's seconds since t0, and the process's peak RSS so far (GB): a stage that
+        raises it is the one that set the run's peak. ru_maxrss is in KiB (bytes on macOS)."""
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
+        kib = 1 / 1024 if sys.platform == "darwin" else 1
+        self.stage_peak_gb[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib * 1024 / 1e9
 
     def record_test(self, name, value):
         """test/<name>.json from an iteration's stages, once; its summary into the metrics."""
@@ -779,7 +787,7 @@ def train_stage(cfg, R, i, gen, pairs):
     history = score_dpo.train(*gen, pairs, tc, out_dir=train_dir).history
     if _rank() == 0:
         M.write_atomic(hist_path, json.dumps(history))
-        R.stage_seconds[f"iter{i} train"] = time.time() - t0
+        R.timed(f"iter{i} train", t0)
     return history
 
 # --------------------------------------------------------------------------------------------------
@@ -954,7 +962,7 @@ def run(cfg, data=None):
     os.makedirs(R.dir, exist_ok=True)
     if os.path.exists(R.path("metrics.json")):
         prior = read_json(R.path("metrics.json"))
-        R.stage_seconds = prior.get("stage_seconds", {})
+        R.stage_seconds, R.stage_peak_gb = prior.get("stage_seconds", {}), prior.get("stage_peak_gb", {})
         R.metrics["executor_sessions"] = prior.get("executor_sessions", [])
     R.metrics["data"] = {"description": data.description, "split": data.split_note}
     for line in (data.description, data.split_note):
@@ -965,7 +973,11 @@ def run(cfg, data=None):
     R.gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     server = None
     if cfg.executor_url is None:
-        server = executor.start_local_server(None, device=cfg.device, dtype=cfg.dtype)
+        # the generator is the embedded model too (--generator unset): the server serves a twin
+        # over the generator's weights, not a second copy (LoRA stays the generator's own)
+        model, tok = (M.twin(R.gen[0]), R.gen[1]) if cfg.generator is None else (None, None)
+        server = executor.start_local_server(M.embedded_model_path(), device=cfg.device, dtype=cfg.dtype,
+                                             model=model, tokenizer=tok)
         url, name, key, identity = server.base_url, server.model_name, "", server.identity
         log(f"executor: local server at {url} ({name}, journal identity {identity})")
     else:
@@ -987,7 +999,7 @@ def run(cfg, data=None):
         R.metrics.setdefault("executor_sessions", []).append(  # sent: asked of the endpoint
             {"sent": st["n_sent"], "replayed": st["total"]["cached"], "errors": st["total"]["errors"],
              "served_by_local_server": server.n_completions if server is not None else None})
-        R.metrics.update(executor=st, stage_seconds=R.stage_seconds,
+        R.metrics.update(executor=st, stage_seconds=R.stage_seconds, stage_peak_gb=R.stage_peak_gb,
                          wall_seconds=R.metrics.get("wall_seconds", 0.0) + time.time() - t_start)
         M.write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
         client.close()
@@ -1185,9 +1197,13 @@ def write_report(R, set_name):
     L += _table(["stage", "calls", "prompt tokens", "completion tokens"], [
         (st or "-", u["calls"], u["prompt_tokens"], u["completion_tokens"])
         for st, u in ex.get("by_stage", {}).items()])
-    L += ["", "## Wall time per stage", ""] + _table(["stage", "seconds"], [
-        *((st, f"{s:.1f}") for st, s in m.get("stage_seconds", {}).items()),
-        ("**total (this and earlier sessions of the run)**", f"{m.get('wall_seconds', 0):.1f}")])
+    peaks = m.get("stage_peak_gb", {})
+    L += ["", "## Wall time per stage", "", "Peak RSS: the process's (generator, trainer and our executor "
+          "server, sandboxes not counted) at the stage's end, since its session began: a stage that "
+          "raises it set the peak.", ""] + _table(["stage", "seconds", "peak RSS GB"], [
+        *((st, f"{s:.1f}", f"{peaks[st]:.2f}" if st in peaks else "-") for st, s in m.get("stage_seconds", {}).items()),
+        ("**total (this and earlier sessions of the run)**", f"{m.get('wall_seconds', 0):.1f}",
+         f"{max(peaks.values()):.2f}" if peaks else "-")])
     L += ["", "## Example workflows", ""]
     last, scores_path = (R.path(f"iter{len(its) - 1}", f) for f in ("workflows.jsonl", "scores.json"))
     if its and os.path.exists(last) and os.path.exists(scores_path):

@@ -500,6 +500,32 @@ def test_prepacked_generate_matches_plain_and_follows_weight_changes(lora_model)
         M.unmerge_lora(model)
 
 
+def test_twin_shares_weights_and_prepacked_copies_and_keeps_lora_its_own():
+    """The executor server's twin of the generator: the same weight tensors and the same oneDNN
+    copies (nothing loaded twice), the same greedy texts, and LoRA added to the generator is not
+    seen by the twin."""
+    model, tok = M.load(None)
+    twin = M.twin(model)
+    assert [p.data_ptr() for p in twin.parameters()] == [p.data_ptr() for p in model.parameters()]
+    prompts = [tok.apply_chat(m) for m in PROMPTS]
+
+    def greedy(m):
+        return [c.token_ids for c in M.generate(m, tok, prompts, max_new_tokens=16)]
+
+    base = greedy(model)
+    assert greedy(twin) == base
+    packed = [{id(p.packed) for p in m.prepacked_cache.values()} for m in (model, twin)]
+    assert packed[0] == packed[1] and len(model.packs) == len(packed[0])  # both empty without oneDNN
+    torch.manual_seed(0)  # add_lora draws A from the global RNG
+    M.add_lora(model)
+    with torch.no_grad():
+        for _, layer in M.lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.5)
+    assert greedy(model) != base and greedy(twin) == base
+    with pytest.raises(ValueError, match="LoRA"):
+        M.twin(model)
+
+
 def test_length_grouped_prefill_matches_single_rows(smol):
     """A batch of very different prompt lengths (a server batch: short questions beside a long retry)
     is prefilled in length groups, not padded to the longest; greedy tokens equal each prompt alone."""

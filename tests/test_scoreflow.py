@@ -181,8 +181,14 @@ def test_tiny_run_end_to_end(tmp_path):
     it = metrics["iterations"][0]
     assert it["pairs"] == 4 and it["eligible_pairs"] >= 1 and len(it["loss_curve"]) == 2
     assert metrics["executor"]["total"]["calls"] > 0
+    # every timed stage has the process's peak RSS so far: non-decreasing, at least the two loaded
+    # model copies (~0.5 GB each in fp32)
+    peaks = metrics["stage_peak_gb"]
+    assert set(peaks) == set(metrics["stage_seconds"]) and min(peaks.values()) > 0.5
+    assert list(peaks.values()) == sorted(peaks.values())
     report = open(run_dir / "report.md").read()
     assert "## Test split" in report and "solve_rate.svg" in report
+    assert f"| {max(peaks.values()):.2f} |" in report.split("## Wall time per stage")[1]
 
     # the adapter moved the generator: log-probs of a trained pair's chosen text differ from the base
     import torch
