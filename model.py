@@ -1252,7 +1252,7 @@ class Prepacked(nn.Module):
     source weight's (data pointer, in-place version), so stale copies are rebuilt (after
     merge_lora, an optimizer step, load_state_dict, .to())."""
 
-    def __init__(self, modules, packs=None):
+    def __init__(self, modules, packs):
         super().__init__()
         weights = [_base_weight(m) for m in modules]
         self.sources = tuple(modules)  # a tuple: not registered, they stay the model's own
@@ -1262,15 +1262,20 @@ class Prepacked(nn.Module):
         # widened bf16: fewer than 4 rows go to the sources, where bf16 F.linear reads half the
         # bytes (batch 1: ~18 vs ~13 tok/s)
         self.min_rows = 4 if self.widen else 0
-        # packs: {weights' key: oneDNN tensor}, shared by models over the same weights (see twin)
-        self.pack_key = (tuple(self.key), self.widen)
-        self.packed = packs.get(self.pack_key) if packs is not None else None
-        if self.packed is None:
-            w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)  # opaque
-            if packs is not None:
-                packs[self.pack_key] = self.packed
+        # the oneDNN tensor lives in `packs` ({weights' key: tensor}, the model's, shared with its
+        # twin), not here: clearing that dict frees it for both (training does, see drop_prepacked)
+        self.packs, self.pack_key = packs, (tuple(self.key), self.widen)
+        self.packed()
         self.weight = weights[0]  # for code that reads lm_head.weight's device and dtype
+
+    def packed(self):
+        """The group's weights (ΣN_i, K) in oneDNN's layout (opaque), built at first use."""
+        p = self.packs.get(self.pack_key)
+        if p is None:
+            w = [_base_weight(m).detach() for m in self.sources]
+            w = torch.cat(w) if len(w) > 1 else w[0]
+            self.packs[self.pack_key] = p = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)
+        return p
 
     def __deepcopy__(self, memo):
         return None  # oneDNN's opaque tensors cannot be copied; a copied model packs its own
@@ -1280,12 +1285,20 @@ class Prepacked(nn.Module):
         if x.numel() < self.min_rows * x.shape[-1]:
             return project(x, *self.sources)
         xw = x.float() if self.widen else x
-        y = torch.ops.mkldnn._linear_pointwise(xw, self.packed, None, "none", [], "").to(x.dtype)  # (..., ΣN_i)
+        y = torch.ops.mkldnn._linear_pointwise(xw, self.packed(), None, "none", [], "").to(x.dtype)  # (..., ΣN_i)
         ys = y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else [y]
         return [y + m.delta(x) if isinstance(m, LoRALinear) and m.active() else y for y, m in zip(ys, self.sources)]
 
     def forward(self, x):
         return self.group(x)[0]
+
+
+def drop_prepacked(model):
+    """Free the model's oneDNN copies (its twin's too: they are shared); the next generate builds
+    them again (~0.5 s for 135M fp32). Training uses the plain weights: the copies would sit in
+    memory through it (default run: the train stage's peak RSS drops by their 0.55 GB)."""
+    model.prepacked_cache.clear()
+    model.packs.clear()
 
 
 def twin(model):

@@ -781,6 +781,7 @@ def train_stage(cfg, R, i, gen, pairs):
         log(f"iter{i} train: no pairs (every problem's workflows tied); the generator is unchanged")
         return []
     t0 = time.time()
+    M.drop_prepacked(gen[0])  # generate's oneDNN copies (the server's too) are not used in training
     tc = score_dpo.TrainConfig(loss=cfg.loss, beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs,
                                grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                reference=cfg.reference, seed=_seed(cfg.seed, "train", i) % (1 << 31))

@@ -514,8 +514,10 @@ def test_twin_shares_weights_and_prepacked_copies_and_keeps_lora_its_own():
 
     base = greedy(model)
     assert greedy(twin) == base
-    packed = [{id(p.packed) for p in m.prepacked_cache.values()} for m in (model, twin)]
+    packed = [{id(p.packed()) for p in m.prepacked_cache.values()} for m in (model, twin)]
     assert packed[0] == packed[1] and len(model.packs) == len(packed[0])  # both empty without oneDNN
+    M.drop_prepacked(model)  # frees the twin's copies too; its next generate builds them again
+    assert not twin.packs and greedy(twin) == base and len(model.packs) == len(packed[0])
     torch.manual_seed(0)  # add_lora draws A from the global RNG
     M.add_lora(model)
     with torch.no_grad():
