@@ -236,7 +236,7 @@ class Transformer(nn.Module):
         self.freq_factors = freq_factors
         self.use_prepacked = True  # generate may keep oneDNN copies of the weights (see prepacked)
         self.prepacked_cache = {}  # those copies, by module name, reused while the weights are unchanged
-        self.packs = {}  # their oneDNN tensors by the weights' key, shared with a twin (see twin)
+        self.packs = Packs()  # their oneDNN tensors by the weights' key, shared with a twin (see twin)
         self.compiled_step = None  # generate(compile=True)'s torch.compile of decode_step
         self.checkpoint_blocks = False  # training: recompute each block in backward (see hidden)
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
@@ -1291,6 +1291,14 @@ class Prepacked(nn.Module):
 
     def forward(self, x):
         return self.group(x)[0]
+
+
+class Packs(dict):
+    """{weights' key: oneDNN tensor} (see Prepacked). A deep copy of the model starts with none:
+    opaque tensors cannot be copied, and a copied model packs its own."""
+
+    def __deepcopy__(self, memo):
+        return Packs()
 
 
 def drop_prepacked(model):

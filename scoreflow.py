@@ -304,10 +304,11 @@ class Run:
 
     def timed(self, name, t0):
         """Add the stage's seconds since t0, and the process's peak RSS so far (GB): a stage that
-        raises it is the one that set the run's peak. ru_maxrss is in KiB (bytes on macOS)."""
+        raises it is the one that set the run's peak. Then the memory the stage freed goes back to
+        the system."""
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
-        kib = 1 / 1024 if sys.platform == "darwin" else 1
-        self.stage_peak_gb[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib * 1024 / 1e9
+        self.stage_peak_gb[name] = peak_rss_gb()
+        give_back_freed_memory()
 
     def record_test(self, name, value):
         """test/<name>.json from an iteration's stages, once; its summary into the metrics."""
@@ -1376,16 +1377,44 @@ def resolve_config(args, parser):
 MMAP_THRESHOLD = 2 << 20  # bytes
 
 
+def _glibc():
+    """The C library if it is glibc (mallopt, malloc_trim), else None: elsewhere the two memory
+    calls below do nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if libc.gnu_get_libc_version and libc.malloc_trim else None
+    return None
+
+
 def _fixed_mmap_threshold():
     """glibc serves an allocation above its mmap threshold from fresh pages and gives them back on
     free; the threshold rises to the largest block freed so far (up to 32 MiB), after which the KV
     caches, prefill activations and gradients of every stage come from the heap, whose freed
     memory stays with the process. Fixing it at MMAP_THRESHOLD returns them. Default run, this
-    2-core machine: peak RSS 7.09 -> 4.75 GB at 2 MiB, 394 -> 412 s (at 1 MiB: 4.50 GB but 467 s:
-    more of the small per-step buffers come as fresh zeroed pages). Where libc is not glibc nothing is done."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    2-core machine: peak RSS 7.09 -> 4.75 GB at 2 MiB, 394 -> 412 s (at 1 MiB: 4.50 GB but
+    467 s: more of the small per-step buffers come as fresh zeroed pages)."""
+    if libc := _glibc():
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+
+
+def peak_rss_gb():
+    """This process's peak resident memory, GB. Linux: VmHWM of /proc/self/status (ru_maxrss would
+    start from the parent's RSS at fork: a run started by pytest showed pytest's 6 GB); elsewhere
+    ru_maxrss (KiB; bytes on macOS)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) * 1024 / 1e9
+    kib = 1 / 1024 if sys.platform == "darwin" else 1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib * 1024 / 1e9
+
+
+def give_back_freed_memory():
+    """At a stage's end: the heap's free pages go back to the system (glibc's malloc_trim). What a
+    stage allocated below MMAP_THRESHOLD (training's many small autograd tensors) is free but kept
+    by the heap; the next stage's larger buffers (our server's KV cache) would stack on top."""
+    if libc := _glibc():
+        libc.malloc_trim(0)
 
 
 def main(argv=None):

@@ -181,10 +181,10 @@ def test_tiny_run_end_to_end(tmp_path):
     it = metrics["iterations"][0]
     assert it["pairs"] == 4 and it["eligible_pairs"] >= 1 and len(it["loss_curve"]) == 2
     assert metrics["executor"]["total"]["calls"] > 0
-    # every timed stage has the process's peak RSS so far: non-decreasing, at least the two loaded
-    # model copies (~0.5 GB each in fp32)
+    # every timed stage has the process's peak RSS so far: non-decreasing, at least the loaded
+    # model (~0.5 GB in fp32), and its own, not the parent's (pytest's, ~5 GB here, inherited at fork)
     peaks = metrics["stage_peak_gb"]
-    assert set(peaks) == set(metrics["stage_seconds"]) and min(peaks.values()) > 0.5
+    assert set(peaks) == set(metrics["stage_seconds"]) and 0.5 < min(peaks.values()) <= max(peaks.values()) < 4
     assert list(peaks.values()) == sorted(peaks.values())
     report = open(run_dir / "report.md").read()
     assert "## Test split" in report and "solve_rate.svg" in report
