@@ -574,23 +574,30 @@ def test_decoder_rows_joining_mid_batch_give_generates_texts(smol):
     generate() call gives each prompt: greedy and seeded sampling alike."""
     model, tok = smol
     questions = ["What is 2+2?", "Write a poem about the sea.", "Name three colours.", "hi",
-                 "Explain gravity in one sentence.", "Count to five.", "What is 2+2?"]
+                 "Explain gravity in one sentence.", "Count to five.", "What is 2+2?", "Say yes.", "Name a fruit."]
     prompts = [tok.apply_chat([{"role": "user", "content": q}]) for q in questions]
     ids = [M.prompt_ids(tok, p) for p in prompts]
-    max_new, stops = [20, 40, 12, 30, 25, 16, 8], [[], ["\n\n"], [], [], ["."], [], []]
-    for temp, seeds in ((0.0, [0] * 7), (1.0, [11, 12, 13, 14, 15, 16, 17])):
+    n = len(ids)
+    max_new, stops = [20, 40, 12, 30, 25, 16, 8, 10, 14], [[], ["\n\n"], [], [], ["."], [], [], [], []]
+    # step -> rows joining then: small groups, whose first finisher is a quarter of the batch (re-packs
+    # and compactions), and a wide first batch whose free rows the later rows join in place (fills)
+    schedules = ({0: [0, 1], 3: [2, 3], 9: [4, 5, 6], 22: [7], 24: [8]}, {0: [0, 1, 2, 3, 4], 3: [5], 12: [6], 15: [7, 8]})
+    for temp, seeds in ((0.0, [0] * n), (1.0, list(range(11, 11 + n)))):
         want = M.generate(model, tok, prompts, max_new_tokens=max_new, temperature=temp, stop=stops,
                                  seed=seeds)
-        dec, got, step = M.Decoder(model, tok), {}, 0
-        joins = {0: [0, 1], 3: [2, 3], 9: [4, 5, 6]}  # step -> rows joining then
-        while step <= max(joins) or len(dec):
-            if step in joins:
-                j = joins[step]
-                dec.add(j, [ids[i] for i in j], [max_new[i] for i in j], [temp] * len(j), [1.0] * len(j),
-                        [0] * len(j), [seeds[i] for i in j], [stops[i] for i in j])
-            if len(dec):
-                got.update(dec.step())
-            step += 1
-        assert [got[i].text for i in range(7)] == [c.text for c in want], temp
-        assert [got[i].finish_reason for i in range(7)] == [c.finish_reason for c in want]
-        assert [got[i].n_completion_tokens for i in range(7)] == [c.n_completion_tokens for c in want]
+        fills = repacks = 0
+        for joins in schedules:
+            dec, got, step = M.Decoder(model, tok), {}, 0
+            while step <= max(joins) or len(dec):
+                if step in joins:
+                    j = joins[step]
+                    dec.add(j, [ids[i] for i in j], [max_new[i] for i in j], [temp] * len(j), [1.0] * len(j),
+                            [0] * len(j), [seeds[i] for i in j], [stops[i] for i in j])
+                if len(dec):
+                    got.update(dec.step())
+                step += 1
+            assert [got[i].text for i in range(n)] == [c.text for c in want], (temp, joins)
+            assert [got[i].finish_reason for i in range(n)] == [c.finish_reason for c in want]
+            assert [got[i].n_completion_tokens for i in range(n)] == [c.n_completion_tokens for c in want]
+            fills, repacks = fills + dec.fills, repacks + dec.repacks
+        assert fills >= 1 and repacks >= 1, (fills, repacks)  # both ways of joining were taken
