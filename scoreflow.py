@@ -62,8 +62,8 @@ class RunConfig:
     run_dir: str | None = opt(None, "output directory (default runs/<bench>-<time>)")
     seed: int = opt(0, "seeds generation, pair draws, shuffling and training (§10.9)")
     iterations: int = opt(2, "optimisation iterations (the official README trains 2)")
-    n_validate: int = opt(12, "validate problems used, 0 = all")
-    n_test: int = opt(24, "test problems evaluated, 0 = all")
+    n_validate: int = opt(6, "validate problems used, 0 = all")
+    n_test: int = opt(8, "test problems evaluated, 0 = all")
     baselines: bool = opt(True, "test only the final generator: no CoT, IO or per-iteration tests",
                           flags=["--no-baselines"])
     device: str = opt("cpu", "torch device for our models")
@@ -85,9 +85,11 @@ class RunConfig:
                                    "over the embedded model)", group="executor")
     executor_model: str | None = opt(None, "model name at --executor-url (required with it)")
     api_key: str | None = opt(None, "bearer key (default $OPENAI_API_KEY)")
-    exec_temperature: float = opt(0.0, "executor temperature")
+    exec_temperature: float = opt(0.5, "executor temperature (our local executor is deterministic: "
+                                  "at 0 its --runs would repeat one answer)")
     exec_max_tokens: int = opt(96, "tokens per executor reply")
-    runs: int = opt(1, "executor runs per workflow (our local executor at 0 repeats itself)")
+    runs: int = opt(3, "executor runs per workflow; s is their mean, so a binary scorer gives "
+                    "s in {0, 1/3, 2/3, 1} and Score-DPO differs from DPO (§4)")
     concurrency: int = opt(32, "workflow runs in flight")
     workflow_timeout: float = opt(120.0, "seconds per workflow run (its own work, not queueing)")
     max_calls: int = opt(8, "operator calls per workflow run, 0 = no cap")
@@ -663,7 +665,8 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
     async def one_run(key, code, problem, r):
         async with sem:
             for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
-                opts = _operator_options(cfg, seed=r, sample=r, attempt=attempt, stage="execute",
+                # run r of --seed S asks with seed 1000 S + r: the runs sample apart, and so do seeds
+                opts = _operator_options(cfg, seed=1000 * cfg.seed + r, sample=r, attempt=attempt, stage="execute",
                                          tag=str(key), keep_prompts=False)
                 run = await _asked_again(lambda: operators.run_workflow(
                     code, problem, client, set_name, timeout=cfg.workflow_timeout,
@@ -1177,7 +1180,9 @@ def write_report(R, set_name):
                   "same for every pair (the draw was uniform)."]
         elif it["pairs"] and "pairs_not_1_0" in it:
             L += ["", f"Iteration {it['iteration']}: {it['pairs_not_1_0']} of {it['pairs']} drawn pairs are not "
-                  f"(1, 0): on those {cfg.loss} weighs the rewards by the scores."]
+                  "(1, 0): " + ("on those Score-DPO weighs the rewards by the scores, and d(s_w, s_l) < 1 drew them "
+                                "less often." if cfg.loss == "score-dpo" else "DPO (--loss dpo) ignores their scores; "
+                                "d(s_w, s_l) < 1 drew them less often.")]
     L += ["", "Workflows that failed the runnable check: " + ("left out of the pairs (paper)" if cfg.invalid_scores
           == "skip" else "scored 0 in the pairs (ours, --invalid-scores zero)") + ". Test answers scored by "
           + ("the LLM judge (MATH, DROP, HotpotQA)" if cfg.judge == "llm" else "the rule scorers") + "."

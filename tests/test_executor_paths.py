@@ -151,6 +151,11 @@ return outs[0] + " | " + outs[1] + " | " + outs[2]''')
         again = asyncio.run(O.run_workflow(code, p, c, "qa"))
         assert c.stats()["n_sent"] == 0
     assert again.answer == run.answer and len(server.bodies) == 3
+    # with a seed (the execute stage's runs send one), a repeat is sampled anew: its own seed
+    opts = O.OperatorOptions(temperature=0.5, seed=1000, sample=1)
+    with executor.ChatClient(server.url, "canned", api_key="", cache_path=db, retry=NO_RETRY) as c:
+        seeded = asyncio.run(O.run_workflow(code, p, c, "qa", options=opts))
+    assert seeded.status == "ok" and [b["seed"] for b in server.bodies[3:]] == [1000, 1000 + 7919, 1000 + 2 * 7919]
 
 
 # --- 15.3: retries by the workflow's own fault -------------------------------------------------

@@ -177,6 +177,14 @@ def test_tiny_run_end_to_end(tmp_path):
     assert all(r["prompt"].endswith("async def run_workflow(self):") for r in recs)
     scores = json.load(open(run_dir / "iter0/scores.json"))  # executed together, CoT and IO included
     assert {k.split(":")[0] for k in scores} >= {"cot", "io"} and any(k.startswith("test0:") for k in scores)
+    # the default: 3 executor runs per workflow at temperature 0.5, each with its own seed; s is their
+    # mean, so a binary scorer gives thirds (§4) and Score-DPO differs from DPO on pairs not (1, 0)
+    assert all(len(v["runs"]) == 3 for v in scores.values())
+    assert all(v["score"] is None or round(3 * v["score"], 6) in (0, 1, 2, 3) for v in scores.values())
+    con = sqlite3.connect(run_dir / "calls.sqlite")
+    bodies = [json.loads(r)["body"] for r, in con.execute("SELECT request FROM calls WHERE stage = 'execute'")]
+    con.close()
+    assert {b["temperature"] for b in bodies} == {0.5} and {b["seed"] for b in bodies} >= {0, 1, 2}
     metrics = json.load(open(run_dir / "metrics.json"))
     it = metrics["iterations"][0]
     assert it["pairs"] == 4 and it["eligible_pairs"] >= 1 and len(it["loss_curve"]) == 2
