@@ -305,10 +305,11 @@ class KVCache:
     def __init__(self, batch, length):
         self.batch, self.length = batch, length
         self.k, self.v = [], []  # per layer (B, Hkv, S, D)
+        self.lo = 0  # update returns columns lo:, not :lo (Decoder: no row attends left of lo)
 
     def update(self, layer, start, k, v, rows=slice(None)):
         """Write k, v (b, Hkv, T, D) at columns start..start+T (of batch `rows`); returns the
-        columns :start+T of the whole cache, (B, Hkv, start + T, D) each."""
+        columns lo:start+T of the whole cache, (B, Hkv, start + T - lo, D) each."""
         if layer == len(self.k):
             shape = (self.batch, k.shape[1], self.length, k.shape[3])
             self.k.append(k.new_zeros(shape))
@@ -316,7 +317,7 @@ class KVCache:
         kc, vc, T = self.k[layer], self.v[layer], k.shape[2]
         kc[rows, :, start:start + T] = k  # this is where the KV cache is written
         vc[rows, :, start:start + T] = v
-        return kc[:, :, :start + T], vc[:, :, :start + T]
+        return kc[:, :, self.lo:start + T], vc[:, :, self.lo:start + T]
 
     def select(self, rows, upto):
         """Keep only batch rows `rows` (a LongTensor), moving them to the front in place; the used
@@ -1214,7 +1215,11 @@ class Decoder:
             self.rows, self.cache, self.t, self.logits = [], None, 0, None
             return finished
         step = torch.tensor(nxt, device=self.device)[:, None]  # (B, 1); finished rows ride along
-        self.logits = decode_step(self.model, step, self.pos[:, None], self.keys[:, None, None, :self.t + 1],
+        # columns left of every live row's first are read by no live row: attend from there (rows that
+        # joined in place start late, so the window is the live rows' span, not all columns since the
+        # last re-pack). A free row still sees its column t: its scores stay finite, never NaN.
+        lo = self.cache.lo = min(self.t - len(r["prompt"]) - len(r["out"]) + 1 for r in self.rows if r["done"] is None)
+        self.logits = decode_step(self.model, step, self.pos[:, None], self.keys[:, None, None, lo:self.t + 1],
                                   self.cache, self.t)
         self.pos += 1
         self.t += 1
@@ -1346,6 +1351,24 @@ def twin(model):
     other = copy.deepcopy(model, memo=shared)
     other.prepacked_cache, other.compiled_step = {}, None
     return other
+
+
+def compute_path(model):
+    """The matmul path generate takes for `model` here, in words: chosen per CPU by oneDNN's own
+    capability check (_mkldnn_bf16), printed by the run's log and report and the speed scripts."""
+    w = model.lm_head.weight
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(w.dtype, str(w.dtype))
+    mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if w.device.type != "cpu":
+        return f"{w.device.type} {name}: torch's kernels"
+    if not (model.use_prepacked and mkldnn and name in ("fp32", "bf16")):
+        return f"cpu {name}: torch's F.linear"
+    if name == "fp32":
+        return "cpu fp32: oneDNN, weights prepacked"
+    if _mkldnn_bf16():
+        return "cpu bf16: oneDNN native bf16 (this CPU has AVX-512 bf16 or AMX), weights prepacked"
+    return ("cpu bf16: no native bf16 on this CPU; batches of 4+ rows widen the weights to fp32 for "
+            "oneDNN (fp32 accumulation), fewer rows use torch's bf16 F.linear")
 
 
 def _mkldnn_bf16():

@@ -976,6 +976,8 @@ def run(cfg, data=None):
     print_plan(cfg, len(data.validate), len(data.test), R.set_name)
     log(f"loading generator {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}")
     R.gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    R.metrics["compute_path"] = M.compute_path(R.gen[0])
+    log(f"compute path: {R.metrics['compute_path']}")
     server = None
     if cfg.executor_url is None:
         # the generator is the embedded model too (--generator unset): the server serves a twin
@@ -1154,7 +1156,8 @@ def write_report(R, set_name):
          f"Data: {data.get('description', '-')}." + (f" Splits: {data['split']}." if data.get("split") else ""),
          "", f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
          f"Executor: {cfg.executor_url or 'local server over the embedded model'}. Seed {cfg.seed}. "
-         "Config: `config.json`.", "", "![solve rate](solve_rate.svg)", "", "## Test split", ""]
+         "Config: `config.json`." + (f" Compute path: {R.metrics['compute_path']}." if R.metrics.get("compute_path")
+                                     else ""), "", "![solve rate](solve_rate.svg)", "", "## Test split", ""]
     L += _table(["method", "solve rate", "notes"], [
         *((generator(g), _pct(v["score"]), f"valid workflows {v.get('valid', '-')}, infra failures "
            f"{v.get('infra', 0)}") for g, v in gens),

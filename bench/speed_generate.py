@@ -208,6 +208,7 @@ def main(argv=None):
                                                                dtype=dtype).eval()
         assert type(hf.model.layers[0].self_attn.q_proj) is torch.nn.Linear, "transformers kept GGUF blocks packed"
         variants = [("dense", M.load(path, dtype=dtype), False)]
+        print(f"{dname}: compute path {M.compute_path(variants[0][1][0])}", flush=True)
         if args.packed and dtype == torch.bfloat16:
             pm, ptok = M.load(path, dtype=dtype)
             variants.append(("int4", (pack_weights(pm, head_bits=args.head_bits), ptok), False))

@@ -601,3 +601,19 @@ def test_decoder_rows_joining_mid_batch_give_generates_texts(smol):
             assert [got[i].n_completion_tokens for i in range(n)] == [c.n_completion_tokens for c in want]
             fills, repacks = fills + dec.fills, repacks + dec.repacks
         assert fills >= 1 and repacks >= 1, (fills, repacks)  # both ways of joining were taken
+
+
+def test_compute_path_names_the_path_generate_takes(smol):
+    """compute_path (printed by the run's log and report) says what prepacked() does on this CPU:
+    oneDNN fp32, native bf16 where oneDNN has it, else bf16 widened to fp32; torch's own F.linear
+    when prepacking is off."""
+    model, _ = smol
+    assert M.compute_path(model) == "cpu fp32: oneDNN, weights prepacked"
+    bf, _ = M.load(None, dtype=torch.bfloat16)
+    path = M.compute_path(bf)
+    with M.prepacked(bf) as on:
+        widened = {m.widen for m in bf.modules() if isinstance(m, M.Prepacked)}
+    assert on and path.startswith("cpu bf16") and widened == {"widen" in path}, (path, widened)
+    assert ("native" in path) == M._mkldnn_bf16()
+    bf.use_prepacked = False
+    assert M.compute_path(bf) == "cpu bf16: torch's F.linear"

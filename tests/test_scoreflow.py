@@ -196,6 +196,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert list(peaks.values()) == sorted(peaks.values())
     report = open(run_dir / "report.md").read()
     assert "## Test split" in report and "solve_rate.svg" in report
+    assert "Compute path: cpu fp32: oneDNN, weights prepacked." in report  # the matmul path that ran
     assert f"| {max(peaks.values()):.2f} |" in report.split("## Wall time per stage")[1]
 
     # the adapter moved the generator: log-probs of a trained pair's chosen text differ from the base
