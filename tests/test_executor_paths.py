@@ -166,7 +166,7 @@ def test_a_run_that_raises_is_attempted_n_times_then_scores_0(canned_factory):
     empty = canned_factory(reply=lambda body, n: "")
     returns_empty = workflow("qa", 'a = await self.custom(instruction="y")\nreturn a')
     p = Problem(id="p", question="Q", input="Q", gold="reply")
-    cfg = scoreflow.RunConfig(run_attempts=3, concurrency=4, workflow_timeout=30)
+    cfg = scoreflow.RunConfig(runs=1, run_attempts=3, concurrency=4, workflow_timeout=30)
     with executor.ChatClient(server.url, "canned", api_key="", retry=NO_RETRY) as c:
         t0 = time.monotonic()
         out = execute(cfg, [("k", raises, p)], c)
@@ -208,7 +208,7 @@ def test_serial_endpoint_queue_time_is_not_workflow_time(canned_factory):
     server = canned_factory(reply=lambda body, n: "the answer is 7", delay=0.3, serial=True)
     code = workflow("qa", 'a = await self.custom(instruction="x")\nb = await self.review(pre_solution=a)\nreturn b')
     jobs = [(f"k{i}", code, Problem(id=f"p{i}", question="Q", input=f"Q{i}", gold="7")) for i in range(8)]
-    cfg = scoreflow.RunConfig(concurrency=8, workflow_timeout=1.0)
+    cfg = scoreflow.RunConfig(runs=1, concurrency=8, workflow_timeout=1.0)
     with executor.ChatClient(server.url, "canned", api_key="", retry=NO_RETRY, max_concurrency=8) as c:
         out = execute(cfg, jobs, c)
     runs = [v["runs"][0] for v in out.values()]
@@ -230,7 +230,7 @@ def test_own_work_still_times_out_and_a_client_timeout_is_infra_by_kind(canned_f
     # be the endpoint down (test_hung_endpoint_stops_the_check_stage_for_a_single_workflow)
     monkeypatch.setattr(scoreflow, "INFRA_TRIES", executor.ENDPOINT_DOWN_AFTER - 1)
     with executor.ChatClient(slow.url, "canned", api_key="", retry=NO_RETRY, timeout=0.5) as c:
-        out = execute(scoreflow.RunConfig(workflow_timeout=60), jobs, c)
+        out = execute(scoreflow.RunConfig(runs=1, workflow_timeout=60), jobs, c)
         assert c.stopped is None
     assert out["k"]["score"] is None and out["k"]["runs"][0]["kind"] == "timeout"
     assert scoreflow.infra_kinds(out) == {"timeout": 1}
@@ -244,7 +244,7 @@ def test_hung_endpoint_ends_the_stage_within_the_client_timeout(canned_factory):
     t0 = time.monotonic()
     with executor.ChatClient(server.url, "canned", api_key="", retry=policy, timeout=1.0, max_concurrency=4) as c:
         with pytest.raises(executor.EndpointDown):
-            execute(scoreflow.RunConfig(concurrency=12, workflow_timeout=60), jobs, c)
+            execute(scoreflow.RunConfig(runs=1, concurrency=12, workflow_timeout=60), jobs, c)
     took = time.monotonic() - t0
     # 2 attempts x 1 s for the first calls, then one more timeout at most for those in flight at the trip
     assert took < 6.0, took
