@@ -358,7 +358,9 @@ def test_budget_stop_then_resume_scores_every_run_and_asks_nothing_twice(tmp_pat
     assert_no_call_asked_twice(before, after)
     last = json.load(open(f"{run_dir}/metrics.json"))["executor_sessions"][-1]
     # the stopped stage's finished calls replayed (the generate stage, done, is not redone); the rest sent
-    assert last["replayed"] == sum(st == "execute" for _, _, st in before.values()) > 0
+    # once each (replayed also counts this session's repeats of its own calls: two workflows with the
+    # same code on one problem make the same call in their run r, one key, asked once)
+    assert last["replayed"] >= sum(st == "execute" for _, _, st in before.values()) > 0
     assert last["sent"] == len(after) - len(before)
     assert last["served_by_local_server"] == last["sent"]
 
