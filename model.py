@@ -1218,7 +1218,8 @@ class Decoder:
         # columns left of every live row's first are read by no live row: attend from there (rows that
         # joined in place start late, so the window is the live rows' span, not all columns since the
         # last re-pack). A free row still sees its column t: its scores stay finite, never NaN.
-        lo = self.cache.lo = min(self.t - len(r["prompt"]) - len(r["out"]) + 1 for r in self.rows if r["done"] is None)
+        lo = self.cache.lo = min(self.t + 1 - len(r["prompt"]) - len(r["out"])
+                                 for r in self.rows if r["done"] is None)
         self.logits = decode_step(self.model, step, self.pos[:, None], self.keys[:, None, None, lo:self.t + 1],
                                   self.cache, self.t)
         self.pos += 1
@@ -1358,10 +1359,11 @@ def compute_path(model):
     capability check (_mkldnn_bf16), printed by the run's log and report and the speed scripts."""
     w = model.lm_head.weight
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(w.dtype, str(w.dtype))
-    mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     if w.device.type != "cpu":
         return f"{w.device.type} {name}: torch's kernels"
-    if not (model.use_prepacked and mkldnn and name in ("fp32", "bf16")):
+    if _grouped(model):
+        return f"cpu {name}: the model's own grouped modules (bench's pack_weights)"
+    if not _prepackable(model):
         return f"cpu {name}: torch's F.linear"
     if name == "fp32":
         return "cpu fp32: oneDNN, weights prepacked"
@@ -1369,6 +1371,14 @@ def compute_path(model):
         return "cpu bf16: oneDNN native bf16 (this CPU has AVX-512 bf16 or AMX), weights prepacked"
     return ("cpu bf16: no native bf16 on this CPU; batches of 4+ rows widen the weights to fp32 for "
             "oneDNN (fp32 accumulation), fewer rows use torch's bf16 F.linear")
+
+
+def _prepackable(model):
+    """Whether prepacked() swaps in oneDNN copies: CPU, oneDNN's linear, fp32 or bf16 weights,
+    model.use_prepacked (compute_path reports the same test)."""
+    w = model.lm_head.weight
+    mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return bool(model.use_prepacked and mkldnn and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16))
 
 
 def _mkldnn_bf16():
@@ -1407,10 +1417,7 @@ def prepacked(model):
     weights are unchanged, so repeated generate calls pay the packing (~0.5 s for 135M fp32) once;
     they cost a second copy of the weights in memory (set model.use_prepacked = False to avoid it).
     A model already holding grouped copies (bench's pack_weights) is left as it is."""
-    w = model.lm_head.weight
-    mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    if not (model.use_prepacked and mkldnn and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-            and not _grouped(model)):
+    if not _prepackable(model) or _grouped(model):
         yield False
         return
     swaps = []

@@ -544,7 +544,8 @@ class _Context:
         # resumed run replays each one. Counted before the await: gather's order is fixed.
         key = json.dumps([messages, sampling], sort_keys=True, ensure_ascii=False)
         self.seen[key] = occurrence = self.seen.get(key, -1) + 1
-        if o.seed is not None and (occurrence or o.attempt):  # asked anew (a repeat, a retried run): sampled anew at temperature > 0
+        # a repeat or a retried run is asked anew, so at temperature > 0 it is sampled anew: its own seed
+        if o.seed is not None and (occurrence or o.attempt):
             sampling["seed"] = o.seed + 7919 * occurrence + 104729 * o.attempt
         if self.waiting == 0:  # the clock stops while calls are outstanding (gathered ones overlap)
             self.wait_since = time.monotonic()

@@ -666,8 +666,8 @@ async def _execute_all(cfg, task, jobs, set_name, client, prog):
         async with sem:
             for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
                 # run r of --seed S asks with seed 1000 S + r: the runs sample apart, and so do seeds
-                opts = _operator_options(cfg, seed=1000 * cfg.seed + r, sample=r, attempt=attempt, stage="execute",
-                                         tag=str(key), keep_prompts=False)
+                opts = _operator_options(cfg, seed=1000 * cfg.seed + r, sample=r, attempt=attempt,
+                                         stage="execute", tag=str(key), keep_prompts=False)
                 run = await _asked_again(lambda: operators.run_workflow(
                     code, problem, client, set_name, timeout=cfg.workflow_timeout,
                     max_calls=cfg.max_calls, options=opts), lambda run: run.status == "infra_error")
