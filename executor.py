@@ -12,7 +12,7 @@ Sections, in reading order, each readable on its own:
    Tokens and dollars are summed per stage and tag under an optional hard `Budget`; finished calls
    are journalled in sqlite (`CallCache`), so a rerun replays them without asking again.
 2. Local OpenAI-compatible server. `start_local_server` / `serve_main` (`scoreflow.py serve`)
-   serve model.py's model on 127.0.0.1, batching concurrent requests into one `model.generate`.
+   serve model.py's model on 127.0.0.1, decoding concurrent requests together (model.Decoder).
 3. Subprocess sandbox. `run_python` runs model-written code under OS isolation (SCOREFLOW.md
    §10.10); its section says what it covers and what it does not.
 
@@ -59,11 +59,11 @@ if __name__ != "__main__":  # run as a program, this file is the sandbox server:
     import requests
 
 # --- 1. HTTP chat client, call journal, budget -----------------------------------------------
-# One chat call = one POST {base_url}/chat/completions. The client retries what a retry can fix,
-# raises ExecutorError for the rest, counts tokens and dollars per stage and per tag, refuses calls
-# that could pass the budget, and journals every finished call in sqlite so reruns replay them.
-# A call's path: chat() -> journal hit, or _send() (concurrency slot, budget reservation) ->
-# _post() (retries) -> the endpoint; chat_many() runs chat() on a thread pool.
+# One chat call = one POST {base_url}/chat/completions. Its path through ChatClient: chat() checks
+# the fields (check_chat, the server's own check) -> _journalled(): replayed from the sqlite
+# journal, or sent once however many threads ask -> _send(): a concurrency slot and a budget
+# reservation -> _post(): the HTTP attempts, retried as openai-python does -> the endpoint. A call
+# that ends without a completion raises ExecutorError; chat_many() returns those as data.
 
 # $ per 1M (prompt, completion) tokens, published list prices (early 2025). Extend with
 # ChatClient(prices=...); a dated name ("gpt-4o-mini-2024-07-18") falls back to its longest listed
@@ -80,7 +80,6 @@ CLIENT_FIELDS = ("model", "messages", "temperature", "top_p", "max_tokens", "sto
 TEMPLATE_TOKENS_PER_CALL, TEMPLATE_TOKENS_PER_MESSAGE = 32, 8
 ENDPOINT_DOWN_AFTER = 3  # consecutive calls ending in timeout/connection (retries spent) stop it
 ROLES = ("system", "developer", "user", "assistant")
-MAX_STOP_STRINGS = 16
 
 
 @dataclass
@@ -95,31 +94,32 @@ class ChatResult:
 
 class ExecutorError(RuntimeError):
     """A chat call that ended without a completion, after its retries. `.kind` says why: "http"
-    (`.status` holds the code), "timeout", "connection", "bad_body", "budget" or "down". These are
-    endpoint failures, never evidence about a workflow (SCOREFLOW.md §10.7): score neither 0 nor 1."""
+    (`.status` holds the code), "timeout", "connection", "bad_body", "budget" or "down". These
+    are endpoint failures, never evidence about a workflow (SCOREFLOW.md §10.7): score neither 0
+    nor 1."""
 
     def __init__(self, kind, message, *, status=None, endpoint=None, attempts=0):
         super().__init__(message)
         self.kind, self.status, self.endpoint, self.attempts = kind, status, endpoint, attempts
 
-    def __reduce__(self):  # pickle (results crossing processes) rebuilds it by kind and message
+    def __reduce__(self):  # BaseException's would rebuild it as type(message), losing the kind
         return type(self), (self.kind, str(self)), self.__dict__
 
 
 class BudgetExceeded(ExecutorError):
-    """The call could pass the run's budget, so it was not sent (kind "budget"); every later call
+    """The call could pass the run's Budget, so it was not sent (kind "budget"); every later call
     of the client raises it too."""
 
 
 class EndpointDown(ExecutorError):
     """ENDPOINT_DOWN_AFTER calls in a row got no answer (timeout or dropped connection, retries
-    spent) with none answered in between (kind "down"). Every later call of the client raises it
+    spent), none answered in between (kind "down"). Every later call of the client raises it
     unsent, so a hung endpoint ends a stage within one client timeout instead of one per call."""
 
 
 class RequestError(ValueError):
-    """A bad field in a chat request: a ValueError to the client's caller, and an OpenAI-style 4xx
-    (status, param, code) from our server."""
+    """A bad chat request: a ValueError to the client's caller; our server answers it as an
+    OpenAI-style error (status, param, code)."""
 
     def __init__(self, message, param=None, code="invalid_value", status=400):
         super().__init__(message)
@@ -130,27 +130,26 @@ def _number(name, v, lo, hi, *, integer=False, lo_open=False):
     """v if it is a number (an int if `integer`) in [lo, hi] ((lo, hi] if lo_open), else raise."""
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok or v != v or (v <= lo if lo_open else v < lo) or v > hi:
-        span = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'} in {span}, "
-                           f"got {v!r:.100}", param=name)
+        raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'} in "
+                           f"{'(' if lo_open else '['}{lo}, {hi}], got {v!r:.100}", param=name)
     return v
 
 
-def check_messages(messages):
-    """OpenAI `messages` -> [{"role", "content": str}]; a content may be a string or a list of
-    {"type": "text", "text"} parts. Used by the client before sending and by the server."""
+def check_chat(body):
+    """A chat-completions body's standard fields, checked, as they are sent: {messages, temperature,
+    top_p[, max_tokens][, stop][, seed]}. The one check of both sides: the client's of what it
+    sends, the server's of what it gets. A content may be a list of {"type": "text", "text"} parts
+    (joined); no temperature or top_p means OpenAI's 1; max_completion_tokens is max_tokens's newer
+    name; stop is a string or a list of up to 16."""
+    messages, out = body.get("messages"), []
     if not isinstance(messages, list) or not messages:
         raise RequestError(f"'messages' must be a non-empty array, got {type(messages).__name__}",
                            param="messages", code="invalid_type")
-    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RequestError(f"'messages[{i}]' must be an object, got {type(m).__name__}",
-                               param=f"messages[{i}]", code="invalid_type")
-        role, content = m.get("role"), m.get("content")
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         if role not in ROLES:
-            raise RequestError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got "
-                               f"{role!r:.100}", param=f"messages[{i}].role")
+            raise RequestError(f"'messages[{i}]' must be an object with a role in {ROLES}, got "
+                               f"{m!r:.100}", param=f"messages[{i}].role")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
@@ -158,24 +157,26 @@ def check_messages(messages):
             raise RequestError(f"'messages[{i}].content' must be a string or a list of text parts, "
                                f"got {type(content).__name__}", param=f"messages[{i}].content")
         out.append({"role": role, "content": content})
-    return out
-
-
-def check_sampling(temperature, top_p, max_tokens, stop, seed, *, max_tokens_name="max_tokens"):
-    """The sampling fields of a chat request, checked -> (temperature, top_p, max_tokens, [stop
-    strings], seed). max_tokens and seed may be None. Used by the client and by the server."""
-    temperature = float(_number("temperature", temperature, 0, 2))
-    top_p = float(_number("top_p", top_p, 0, 1, lo_open=True))
-    if max_tokens is not None:
-        _number(max_tokens_name, max_tokens, 1, 2 ** 31, integer=True)
+    t, p = (1.0 if body.get(k) is None else body[k] for k in ("temperature", "top_p"))
+    out = {"messages": out, "temperature": float(_number("temperature", t, 0, 2)),
+           "top_p": float(_number("top_p", p, 0, 1, lo_open=True))}
+    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    if field != "max_tokens" and body.get("max_tokens") is not None:
+        raise RequestError("give 'max_tokens' or 'max_completion_tokens', not both", param=field)
+    if body.get(field) is not None:
+        out["max_tokens"] = _number(field, body[field], 1, 2 ** 31, integer=True)
+    stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
-    if not (isinstance(stops, (list, tuple)) and len(stops) <= MAX_STOP_STRINGS
+    if not (isinstance(stops, (list, tuple)) and len(stops) <= 16
             and all(isinstance(s, str) and s for s in stops)):
-        raise RequestError(f"'stop' must be a non-empty string or an array of at most "
-                           f"{MAX_STOP_STRINGS} of them, got {stop!r:.200}", param="stop")
-    if seed is not None:
-        _number("seed", seed, -2 ** 63, 2 ** 63 - 1, integer=True)
-    return temperature, top_p, max_tokens, list(stops), seed
+        raise RequestError(f"'stop' must be a non-empty string or an array of at most 16 of "
+                           f"them, got {stop!r:.200}", param="stop")
+    if stops:
+        out["stop"] = list(stops)
+    if body.get("seed") is not None:
+        out["seed"] = _number("seed", body["seed"], -2 ** 63, 2 ** 63 - 1, integer=True)
+    return out
 
 
 @dataclass
@@ -243,26 +244,24 @@ def _excerpt(raw, limit=300):
 
 
 def _server_message(raw):
-    """The server's own words in an error body (OpenAI's {"error": {"message"}}), else an excerpt."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return _excerpt(raw)
-    err = data.get("error", data.get("detail")) if isinstance(data, dict) else None
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return err["message"]
-    return err if isinstance(err, str) else _excerpt(raw)
+    """The server's words in an error body (OpenAI's {"error": {"message"}}), else an excerpt."""
+    with contextlib.suppress(ValueError, AttributeError):
+        err = json.loads(raw)
+        err = err.get("error", err.get("detail"))
+        err = err.get("message") if isinstance(err, dict) else err
+        if isinstance(err, str):
+            return err
+    return _excerpt(raw)
 
 
 def _is_read_timeout(exc):
     """requests reports a read timeout met while reading the body as a ConnectionError wrapping
     urllib3's ReadTimeoutError: walk the causes to tell it from a dropped connection."""
     for _ in range(8):
-        if exc is None:
-            return False
         if isinstance(exc, requests.exceptions.Timeout) or type(exc).__name__ == "ReadTimeoutError":
             return True
-        exc = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc.__cause__
+        inner = [a for a in getattr(exc, "args", ())[:1] if isinstance(a, BaseException)]
+        exc = inner[0] if inner else getattr(exc, "__cause__", None)
     return False
 
 
@@ -288,52 +287,6 @@ def parse_chat_response(raw, endpoint):
     return ChatResult(text, tokens[0], tokens[1], str(choice.get("finish_reason") or ""))
 
 
-class CallCache:
-    """The call journal: one sqlite3 row per finished call, keyed by the full request. WAL mode,
-    a connection per thread, a commit per finished call, so a kill -9 loses only calls in flight.
-    synchronous=NORMAL: a process crash loses nothing committed (a power cut may lose the last
-    commits, which are then asked again). Several processes may share one file."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._local, self._conns, self._lock = threading.local(), [], threading.Lock()
-        con = self._con()
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
-                    "text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, "
-                    "finish_reason TEXT, stage TEXT, tag TEXT, seconds REAL, created REAL)")
-        con.commit()
-
-    def _con(self):
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = self._local.con = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
-            con.execute("PRAGMA synchronous=NORMAL")
-            with self._lock:
-                self._conns.append(con)
-        return con
-
-    def get(self, key):
-        row = self._con().execute("SELECT text, prompt_tokens, completion_tokens, finish_reason "
-                                  "FROM calls WHERE key = ?", (key,)).fetchone()
-        return None if row is None else ChatResult(*row, cached=True)
-
-    def put(self, key, request, result, *, stage="", tag="", seconds=0.0):
-        con = self._con()
-        con.execute("INSERT OR REPLACE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (key, request, result.text, result.prompt_tokens, result.completion_tokens,
-                     result.finish_reason, stage, tag, seconds, time.time()))
-        con.commit()
-
-    def close(self):
-        with self._lock:
-            for con in self._conns:
-                con.close()
-            self._conns.clear()
-        self._local = threading.local()
-
-
 class ChatClient:
     """Thread-safe synchronous client for any OpenAI-compatible chat-completions endpoint (OpenAI,
     vLLM, llama.cpp, Ollama, our LocalServer); async callers use asyncio.to_thread(client.chat).
@@ -346,6 +299,11 @@ class ChatClient:
     (llama.cpp's {"repeat_penalty": 1.0}), never one the client sets itself. identity: what
     determines the endpoint's replies, for the journal key (default base_url; our local server
     passes its model file's fingerprint, so a resumed run replays whatever port it gets).
+
+    The journal: one sqlite row per finished call, keyed by the whole request. WAL mode, a
+    connection per thread, a commit per finished call, so a kill -9 loses only calls in flight.
+    synchronous=NORMAL: a process crash loses nothing committed (a power cut may lose the last
+    commits, which are then asked again). Several processes may share one file.
     """
 
     def __init__(self, base_url, model, *, api_key=None, timeout=60.0, max_concurrency=None,
@@ -357,8 +315,7 @@ class ChatClient:
                              f"got {base_url!r}")
         self.endpoint = self.base_url + "/chat/completions"
         self.model, self.timeout, self.extra = model, float(timeout), dict(extra or {})
-        clash = sorted(set(self.extra) & set(CLIENT_FIELDS))
-        if clash:
+        if clash := sorted(set(self.extra) & set(CLIENT_FIELDS)):
             raise ValueError(f"ChatClient: extra fields {clash} are set by the client itself (its "
                              f"own arguments: temperature, top_p, max_tokens, stop, seed)")
         self.identity = self.base_url if identity is None else str(identity)
@@ -375,12 +332,11 @@ class ChatClient:
         if self.budget.dollars is not None and self.price is None:
             raise ValueError(f"ChatClient: a dollar budget needs a price for model {model!r}; "
                              f"pass prices={{{model!r}: (prompt $/1M, completion $/1M)}}")
-        self.cache = CallCache(cache_path) if cache_path is not None else None
-        self._session = requests.Session()
+        self._session = requests.Session()  # keep-alive connections; retries are ours (_post)
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, max_retries=0,
                                                 pool_maxsize=self.max_concurrency)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        for scheme in ("http://", "https://"):  # replacing the defaults: same prefixes
+            self._session.mount(scheme, adapter)
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
         self._budget_freed = threading.Condition(self._lock)
@@ -390,29 +346,34 @@ class ChatClient:
         self.total, self.by_stage, self.by_tag = Usage(), {}, {}
         self.n_sent = 0                        # calls that went to the endpoint (journal misses)
         self.n_requests = 0                    # HTTP attempts, retries included
-        self.n_missing_usage = 0               # finished calls whose body had no usage counts
+        self.n_missing_usage = 0               # answers without usage: a token cap misses them
         self.errors = {}                       # ExecutorError kind -> count
         self.stopped = None                    # the BudgetExceeded / EndpointDown that stopped us
         self._dead_in_a_row = 0                # calls ended in timeout/connection since an answer
+        self.journal, self._local, self._conns = cache_path, threading.local(), []
+        if cache_path is not None:
+            self.journal = os.fspath(cache_path)
+            os.makedirs(os.path.dirname(os.path.abspath(self.journal)), exist_ok=True)
+            self._db().executescript(
+                "PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, "
+                "request TEXT NOT NULL, text TEXT NOT NULL, prompt_tokens INTEGER, "
+                "completion_tokens INTEGER, finish_reason TEXT, stage TEXT, tag TEXT, seconds REAL,"
+                " created REAL)")
 
-    def _body(self, messages, temperature, top_p, max_tokens, stop, seed):
-        temperature, top_p, max_tokens, stop, seed = check_sampling(temperature, top_p,
-                                                                    max_tokens, stop, seed)
-        body = {"model": self.model, "messages": check_messages(messages),
-                "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
-        if stop:
-            body["stop"] = stop
-        if seed is not None:
-            body["seed"] = seed
-        return body | self.extra
+    def _db(self):
+        """This thread's connection to the journal."""
+        if (con := getattr(self._local, "con", None)) is None:
+            con = self._local.con = sqlite3.connect(self.journal, timeout=60.0,
+                                                    check_same_thread=False)
+            con.execute("PRAGMA synchronous=NORMAL")
+            with self._lock:
+                self._conns.append(con)
+        return con
 
     def _cost(self, prompt_tokens, completion_tokens):
-        if self.price is None:
-            return 0.0
-        return (max(prompt_tokens, 0) * self.price[0]
-                + max(completion_tokens, 0) * self.price[1]) / 1e6
+        return 0.0 if self.price is None else (max(prompt_tokens, 0) * self.price[0]
+                                               + max(completion_tokens, 0) * self.price[1]) / 1e6
 
-    # -- the call --------------------------------------------------------------------------------
     def chat(self, messages, *, temperature=0.0, top_p=1.0, max_tokens=512, stop=None, seed=None,
              sample=0, attempt=0, occurrence=0, stage="", tag=""):
         """One chat call -> ChatResult, from the journal when this exact call already finished.
@@ -420,15 +381,16 @@ class ChatClient:
         EndpointDown for an endpoint that stopped answering; after either, every call raises it.
         sample, attempt and occurrence say which call of an identical request this is (see
         _journalled); stage and tag only label the accounting (by_stage, by_tag)."""
-        for name, v in (("sample", sample), ("attempt", attempt), ("occurrence", occurrence)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"chat: {name} must be an int >= 0, got {v!r}")
-        body = self._body(messages, temperature, top_p, max_tokens, stop, seed)
+        which = dict(sample=sample, attempt=attempt, occurrence=occurrence)
+        for name, v in which.items():
+            _number(name, v, 0, 2 ** 63, integer=True)
+        body = {"model": self.model} | check_chat(dict(
+            messages=messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+            stop=stop, seed=seed)) | self.extra
         try:
-            if self.cache is None:
+            if self.journal is None:
                 return self._send(body, stage, tag)
-            return self._journalled(body, dict(sample=sample, attempt=attempt,
-                                               occurrence=occurrence), stage, tag)
+            return self._journalled(body, which, stage, tag)
         except ExecutorError as e:
             with self._lock:
                 self.errors[e.kind] = self.errors.get(e.kind, 0) + 1
@@ -446,26 +408,73 @@ class ChatClient:
         blob = json.dumps({"endpoint": self.identity, "body": body} | which, sort_keys=True,
                           separators=(",", ":"), ensure_ascii=False)
         key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
-        while (hit := self.cache.get(key)) is None:
+        lookup = ("SELECT text, prompt_tokens, completion_tokens, finish_reason FROM calls "
+                  "WHERE key = ?", (key,))
+        while (hit := self._db().execute(*lookup).fetchone()) is None:
             with self._lock:
                 event = self._inflight.setdefault(key, mine := threading.Event())
             if event is mine:
-                try:
-                    if (hit := self.cache.get(key)) is not None:  # finished since our first look
+                try:  # finished since our first look?
+                    if (hit := self._db().execute(*lookup).fetchone()) is not None:
                         break
                     t0 = time.monotonic()
-                    result = self._send(body, stage, tag)
-                    self.cache.put(key, blob, result, stage=stage, tag=tag,
-                                   seconds=time.monotonic() - t0)
-                    return result
+                    r = self._send(body, stage, tag)
+                    with self._db() as con:  # commits
+                        con.execute("INSERT OR REPLACE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                    (key, blob, r.text, r.prompt_tokens, r.completion_tokens,
+                                     r.finish_reason, stage, tag, time.monotonic() - t0,
+                                     time.time()))
+                    return r
                 finally:
                     with self._lock:
                         del self._inflight[key]
                     mine.set()
             event.wait()  # its sender finished: a hit next time round, or our turn if it failed
         with self._lock:
-            self._account(hit, stage, tag)
+            self._account(hit := ChatResult(*hit, cached=True), stage, tag)
         return hit
+
+    def _send(self, body, stage, tag):
+        """Reserve the call's worst case (prompt bound + max_tokens) against the budget, POST it
+        with retries, then swap the reservation for the tokens actually used, in one locked step.
+        A call that only fails to fit because of calls in flight waits for them; one that cannot
+        fit with nothing in flight is refused unsent and stops the client."""
+        prompt = TEMPLATE_TOKENS_PER_CALL + sum(TEMPLATE_TOKENS_PER_MESSAGE + len(
+            m["content"].encode("utf-8")) for m in body["messages"])
+        hold = (prompt + body["max_tokens"], self._cost(prompt, body["max_tokens"]), 1)
+        with self._slots:
+            with self._lock:
+                while (over := self._over_budget(*hold[:2])) and self._reserved[2] \
+                        and not self.stopped:
+                    self._budget_freed.wait()
+                if over and self.stopped is None:
+                    self._stop(BudgetExceeded("budget", f"{self.endpoint}: budget reached, call "
+                                              f"not sent: {over} (resume with a raised cap)"))
+                if self.stopped is not None:
+                    raise self._stopped_error()
+                self._reserved = [r + h for r, h in zip(self._reserved, hold)]
+                self.n_sent += 1
+            result = None
+            try:
+                result = self._post(body)
+                return result
+            except ExecutorError as e:
+                with self._lock:  # ENDPOINT_DOWN_AFTER unanswered calls in a row stop the client
+                    if e.kind in ("timeout", "connection") and self.stopped is None:
+                        self._dead_in_a_row += 1
+                        if self._dead_in_a_row >= ENDPOINT_DOWN_AFTER:
+                            self._stop(EndpointDown("down", f"{self.endpoint}: "
+                                                    f"{self._dead_in_a_row} calls in a row got no "
+                                                    f"answer within {self.timeout:g} s, retries "
+                                                    f"included; last: {e}"))
+                            raise self._stopped_error() from e  # the call that trips it says so
+                raise
+            finally:
+                with self._lock:
+                    self._reserved = [r - h for r, h in zip(self._reserved, hold)]
+                    if result is not None:
+                        self._account(result, stage, tag)
+                    self._budget_freed.notify_all()
 
     def _over_budget(self, tokens, dollars):
         """Why spent + in flight + this call's worst case would pass the budget ("" if it would
@@ -480,72 +489,23 @@ class ChatClient:
                         f"${dollars:.6f} for this call > cap ${b.dollars:.6f}")
         return "; ".join(over)
 
+    def _stop(self, error):
+        """Stop the client for good (self._lock held): every later call raises `error`."""
+        error.endpoint, self.stopped = self.endpoint, error
+        self._budget_freed.notify_all()
+
     def _stopped_error(self):
-        """A fresh copy of the error that stopped the client: a stop is a stop."""
+        """A fresh copy of the error that stopped the client, for each call it stops (one object
+        raised in many threads would collect all their tracebacks)."""
         return type(self.stopped)(self.stopped.kind, str(self.stopped), endpoint=self.endpoint)
-
-    def _send(self, body, stage, tag):
-        """Reserve the call's worst case (prompt bound + max_tokens) against the budget, POST it
-        with retries, then swap the reservation for the tokens actually used, in one locked step.
-        A call that only fails to fit because of calls in flight waits for them; one that cannot
-        fit with nothing in flight is refused unsent and stops the client."""
-        with self._slots:
-            prompt = TEMPLATE_TOKENS_PER_CALL + sum(
-                TEMPLATE_TOKENS_PER_MESSAGE + len(m["content"].encode("utf-8"))
-                for m in body["messages"])
-            hold = (prompt + body["max_tokens"], self._cost(prompt, body["max_tokens"]), 1)
-            with self._lock:
-                while ((over := self._over_budget(*hold[:2])) and self._reserved[2]
-                       and not self.stopped):
-                    self._budget_freed.wait()
-                if self.stopped is not None:
-                    raise self._stopped_error()
-                if over:
-                    self.stopped = BudgetExceeded("budget", f"{self.endpoint}: budget reached, "
-                                                  f"call not sent: {over} (resume with a raised "
-                                                  "cap)", endpoint=self.endpoint)
-                    self._budget_freed.notify_all()
-                    raise self.stopped
-                self._reserved = [r + h for r, h in zip(self._reserved, hold)]
-                self.n_sent += 1
-            result = None
-            try:
-                result = self._post(body)
-                return result
-            except ExecutorError as e:
-                if self._note_failure(e):  # the call that trips the stop raises it
-                    raise self._stopped_error() from e
-                raise
-            finally:
-                with self._lock:
-                    self._reserved = [r - h for r, h in zip(self._reserved, hold)]
-                    if result is not None:
-                        self._account(result, stage, tag)
-                    self._budget_freed.notify_all()
-
-    def _note_failure(self, error):
-        """Count a call that ended unanswered; ENDPOINT_DOWN_AFTER in a row stop the client.
-        True when this call tripped the stop."""
-        with self._lock:
-            if error.kind not in ("timeout", "connection") or self.stopped is not None:
-                return False
-            self._dead_in_a_row += 1
-            if self._dead_in_a_row < ENDPOINT_DOWN_AFTER:
-                return False
-            self.stopped = EndpointDown("down", f"{self.endpoint}: {self._dead_in_a_row} calls "
-                                        f"in a row got no answer within {self.timeout:g} s, "
-                                        f"retries included; last: {error}", endpoint=self.endpoint)
-            self._budget_freed.notify_all()
-            return True
 
     def _post(self, body):
         """POST with openai-python's retry policy (STYLE.md §6) -> ChatResult, or ExecutorError.
         Retried: 408, 409, 429, 5xx (or what x-should-retry says), timeouts, dropped connections
         and bad bodies; Retry-After is obeyed up to max_retry_after, above it the call ends."""
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        policy, attempt, ep = self.retry, 0, self.endpoint
-        while True:
-            attempt += 1
+        policy, ep = self.retry, self.endpoint
+        for attempt in itertools.count(1):
             with self._lock:
                 if self.stopped is not None and attempt > 1:  # no retries once stopped
                     raise self._stopped_error()
@@ -554,10 +514,7 @@ class ChatClient:
             try:
                 resp = self._session.post(ep, data=payload, headers=self._headers,
                                           timeout=(self.timeout, self.timeout))
-                raw = resp.content
-            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
-                raise ExecutorError("connection", f"{ep}: {exc}", endpoint=ep,
-                                    attempts=attempt) from None
+                raw, status = resp.content, resp.status_code
             except requests.exceptions.RequestException as exc:
                 kind = "timeout" if _is_read_timeout(exc) else "connection"
                 what = (f"no response within {self.timeout:g} s" if kind == "timeout"
@@ -565,7 +522,7 @@ class ChatClient:
                 error = ExecutorError(kind, f"{ep}: {what} ({type(exc).__name__}: {exc})",
                                       endpoint=ep)
             else:
-                if 200 <= resp.status_code < 300:
+                if 200 <= status < 300:
                     try:
                         result = parse_chat_response(raw, ep)
                     except ExecutorError as exc:  # truncated or garbled: another try may do
@@ -577,11 +534,11 @@ class ChatClient:
                             self._dead_in_a_row = 0
                         return result
                 else:
-                    status, hint = resp.status_code, resp.headers.get("x-should-retry")
                     error = ExecutorError("http", f"{ep}: HTTP {status}: {_server_message(raw)}",
                                           status=status, endpoint=ep, attempts=attempt)
-                    if (hint == "false" or hint != "true"
-                            and status not in (408, 409, 429) and status < 500):
+                    hint = resp.headers.get("x-should-retry")
+                    if hint == "false" or (hint != "true" and status not in (408, 409, 429)
+                                           and status < 500):
                         raise error
                     wait = retry_after_seconds(resp.headers)
                     if wait is not None and wait > policy.max_retry_after:
@@ -593,9 +550,9 @@ class ChatClient:
             if attempt > policy.max_retries:
                 error.args = (f"{error} (gave up after {attempt} attempts)",)
                 raise error
-            time.sleep(wait if wait is not None and wait > 0 else backoff_delay(attempt - 1, policy))
+            time.sleep(wait if wait is not None and wait > 0 else backoff_delay(attempt - 1,
+                                                                                policy))
 
-    # -- accounting ------------------------------------------------------------------------------
     def _usages(self, stage, tag):
         return (self.total, self.by_stage.setdefault(stage, Usage()),
                 self.by_tag.setdefault(tag, Usage()))
@@ -611,69 +568,40 @@ class ChatClient:
             usage.dollars += cost
 
     def stats(self):
-        """A snapshot of the accounting, JSON-ready."""
-        asdict = dataclasses.asdict
+        """A snapshot of the accounting, JSON-ready (a run keeps it in metrics.json)."""
+        names = ("model", "endpoint", "identity", "timeout", "max_concurrency", "n_sent",
+                 "n_requests", "n_missing_usage")
         with self._lock:
-            return {"model": self.model, "endpoint": self.endpoint, "priced": self.price is not None,
-                    "total": asdict(self.total), "n_sent": self.n_sent,
-                    "n_requests": self.n_requests, "n_missing_usage": self.n_missing_usage,
-                    "errors": dict(self.errors), "identity": self.identity,
-                    "extra": dict(self.extra), "max_concurrency": self.max_concurrency,
-                    "timeout": self.timeout,
-                    "by_stage": {k: asdict(v) for k, v in self.by_stage.items()},
-                    "by_tag": {k: asdict(v) for k, v in self.by_tag.items()},
-                    "budget": asdict(self.budget)}
+            return {k: getattr(self, k) for k in names} | {
+                "priced": self.price is not None, "errors": dict(self.errors),
+                "extra": dict(self.extra), "total": dataclasses.asdict(self.total),
+                "budget": dataclasses.asdict(self.budget),
+                **{k: {n: dataclasses.asdict(u) for n, u in getattr(self, k).items()}
+                   for k in ("by_stage", "by_tag")}}
 
-    # -- many calls ------------------------------------------------------------------------------
-    def chat_many(self, requests, *, progress=None):
+    def chat_many(self, requests):
         """chat(**r) for every dict r, up to max_concurrency at once -> results in order, each a
         ChatResult or the ExecutorError it ended with (failures are data); bad arguments raise.
-        progress: a label; then done/total, rate and ETA go to stderr (updated in place on a
-        terminal, one line at the end otherwise)."""
-        requests = list(requests)
-        if not requests:
-            return []
-        tty = progress is not None and sys.stderr.isatty()
-        count, t0 = {"done": 0, "errors": 0, "shown": 0.0}, time.monotonic()
-
-        def report(final):
-            done, n, dt = count["done"], len(requests), time.monotonic() - t0
-            rate = done / dt if dt > 0 else 0.0
-            eta = f", ETA {(n - done) / rate:.0f} s" if rate > 0 and done < n else ""
-            start = "\r" if tty else ""
-            print(f"{start}{progress}: {done}/{n} calls, {count['errors']} errors, "
-                  f"{dt:.1f} s, {rate:.2f} calls/s{eta}", end="\n" if final else "",
-                  file=sys.stderr, flush=True)
-
+        (A run calls chat() from its workflows' threads; scripts and benches send lists here.)"""
         def one(req):
             try:
-                out = self.chat(**req)
+                return self.chat(**req)
             except ExecutorError as e:
-                out = e
-            if progress is not None:
-                with self._lock:
-                    count["done"] += 1
-                    count["errors"] += isinstance(out, ExecutorError)
-                    if tty and time.monotonic() - count["shown"] > 0.5:
-                        count["shown"] = time.monotonic()
-                        report(False)
-            return out
-
+                return e
         with self._lock:  # one pool for the client's life: a burst starts without new threads
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="chat")
-        results = list(self._pool.map(one, requests))
-        if progress is not None:
-            report(True)
-        return results
+            self._pool = self._pool or ThreadPoolExecutor(self.max_concurrency, "chat")
+        return list(self._pool.map(one, requests))
 
     def close(self):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._session.close()
-        if self.cache is not None:
-            self.cache.close()
+        with self._lock:
+            for con in self._conns:
+                con.close()
+            self._conns.clear()
+        self._local = threading.local()
 
     def __enter__(self):
         return self
@@ -712,12 +640,12 @@ def preflight(base_url, model, *, api_key=None, timeout=30.0):
 
 # --- 2. Local OpenAI-compatible server --------------------------------------------------------
 # POST /v1/chat/completions and GET /v1/models over a model.py model, on the standard library's
-# ThreadingHTTPServer. A request's path: a handler thread checks it, renders the chat template and
-# queues a _Job; the one batching thread that owns the model takes what is queued (waiting while
-# requests keep arriving, up to a short window) and decodes the batch in one model.generate with
-# per-row max_tokens, temperature, top_p, stop and seed, then wakes each handler, which answers.
-# 32 concurrent clients cost about one batch-32 generate. Errors are OpenAI-style bodies:
-# {"error": {"message", "type", "param", "code"}}.
+# ThreadingHTTPServer. A request's path: a handler thread (_ChatHandler.do_POST) reads the body;
+# parse_request checks it (check_chat, as the client did), renders the chat template and
+# tokenizes it into a _Job on the queue; the one batching thread that owns the model (_work)
+# moves queued jobs into its model.Decoder between decode steps and wakes a job's handler when
+# its row finishes; the handler answers. Errors are OpenAI-style bodies {"error": {"message",
+# "type", "param", "code"}}: type "server_error" for a 5xx, else "invalid_request_error".
 
 MAX_BODY_BYTES = 16 << 20   # a request body larger than this is refused with 413
 # Fields OpenAI clients (and llama.cpp's sampler) may send, accepted only at the value that asks
@@ -757,9 +685,9 @@ def model_fingerprint(path, *, blocks=8, block_bytes=1 << 16):
 
 @dataclass
 class _Job:
-    """One queued chat request, as the batch needs it."""
+    """One queued chat request: a row for model.Decoder.add, and how its handler is woken."""
     prompt: str              # chat-rendered prompt text
-    prompt_tokens: int       # its token count (+1 for a possible bos), for batch planning
+    ids: list                # its token ids, as model.prompt_ids gives them
     max_tokens: int
     temperature: float
     top_p: float
@@ -791,14 +719,13 @@ class LocalServer:
                  api_key=None, max_batch=32, batch_window=0.01, max_wait=0.2,
                  max_kv_bytes=2 << 30, default_max_tokens=1024, verbose=False):
         import model as modellib  # here, not at the top: clients and the sandbox need no torch
-        self._modellib = modellib
+        self._modellib, cfg = modellib, model.config
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key, self.verbose = api_key or None, verbose
         self.max_batch, self.batch_window = int(max_batch), float(batch_window)
         self.max_wait, self.default_max_tokens = float(max_wait), int(default_max_tokens)
-        cfg = model.config
         self.context = int(cfg.max_seq_len)
-        kv_bytes_per_token = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+        kv_bytes_per_token = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim  # k and v
                               * model.lm_head.weight.element_size())
         self.max_kv_tokens = max(int(max_kv_bytes) // kv_bytes_per_token, self.context)
         self.created = int(time.time())
@@ -820,90 +747,86 @@ class LocalServer:
         """A POST /v1/chat/completions body -> _Job, or RequestError naming the wrong field."""
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"request body is not valid JSON ({e})", code="invalid_json") from None
+        except ValueError as e:
+            raise RequestError(f"request body is not valid JSON ({e})",
+                               code="invalid_json") from None
         if not isinstance(body, dict):
             raise RequestError(f"request body must be a JSON object, got {type(body).__name__}",
                                code="invalid_json")
-        known = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
-                 "top_p", "stop", "seed", "user"}
-        for name in set(body) - known:
+        for name in body.keys() - {*CLIENT_FIELDS, "max_completion_tokens", "user"}:
             if why := neutral_field_error(name, body[name]):
-                raise RequestError(why, param=name, code="unsupported_parameter"
-                                   if name not in _NEUTRAL_FIELDS else "unsupported_value")
-        name = body.get("model")
-        if not isinstance(name, str):
-            raise RequestError(f"'model' must be a string, got {name!r}", param="model",
-                               code="invalid_type")
-        if name != self.model_name:
-            raise RequestError(f"The model `{name}` does not exist; this server has "
+                raise RequestError(why, param=name, code="unsupported_value"
+                                   if name in _NEUTRAL_FIELDS else "unsupported_parameter")
+        if not isinstance(body.get("model"), str):
+            raise RequestError(f"'model' must be a string, got {body.get('model')!r:.100}",
+                               param="model", code="invalid_type")
+        if body["model"] != self.model_name:
+            raise RequestError(f"The model `{body['model']:.100}` does not exist; this server has "
                                f"`{self.model_name}`", param="model", code="model_not_found",
                                status=404)
-        messages = [{"role": "system" if m["role"] == "developer" else m["role"],
-                     "content": m["content"]} for m in check_messages(body.get("messages"))]
-        prompt = self.tokenizer.apply_chat(messages, add_generation_prompt=True)
-        n_prompt = len(self.tokenizer.encode(prompt)) + 1
-        room = self.context - n_prompt
-        if room < 1:
-            raise RequestError(f"the prompt is {n_prompt} tokens; the model's context is "
-                               f"{self.context}", param="messages", code="context_length_exceeded")
-        if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
-            raise RequestError("give 'max_tokens' or 'max_completion_tokens', not both",
-                               param="max_tokens")
+        if not isinstance(body.get("user", ""), str):
+            raise RequestError(f"'user' must be a string, got {body['user']!r:.100}", param="user")
+        f = check_chat(body)
+        prompt = self.tokenizer.apply_chat([{"role": "system" if m["role"] == "developer" else
+                                             m["role"], "content": m["content"]}
+                                            for m in f["messages"]], add_generation_prompt=True)
+        ids = self._modellib.prompt_ids(self.tokenizer, prompt)
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
             else "max_tokens"
-        given = {k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None}
-        temperature, top_p, max_tokens, stop, seed = check_sampling(  # OpenAI: temperature 1
-            given.get("temperature", 1.0), given.get("top_p", 1.0), body.get(field),
-            body.get("stop"), body.get("seed"), max_tokens_name=field)
-        if max_tokens is None:
-            max_tokens = min(self.default_max_tokens, room)
-        elif max_tokens > room:
-            raise RequestError(f"'{field}' is {max_tokens} but the prompt ({n_prompt} tokens) "
-                               f"leaves {room} of the context ({self.context})", param=field,
+        max_tokens, room = f.get("max_tokens"), self.context - len(ids)
+        if room < 1 or max_tokens is not None and max_tokens > room:
+            raise RequestError(f"the prompt is {len(ids)} tokens; with '{field}' = {max_tokens} it "
+                               f"passes the model's context of {self.context}",
+                               param="messages" if room < 1 else field,
                                code="context_length_exceeded")
-        if seed is None:  # a fresh seed per request keeps rows independent of their batch mates
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-        if not isinstance(body.get("user", ""), str):
-            raise RequestError(f"'user' must be a string, got {body['user']!r}", param="user")
-        return _Job(prompt, n_prompt, max_tokens, temperature, top_p, stop, seed)
-
-    def response(self, job):
-        """The OpenAI chat.completion body for a finished job."""
-        c = job.completion
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                "created": int(time.time()), "model": self.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": None, "finish_reason": c.finish_reason}],
-                "usage": {"prompt_tokens": c.n_prompt_tokens,
-                          "completion_tokens": c.n_completion_tokens,
-                          "total_tokens": c.n_prompt_tokens + c.n_completion_tokens}}
-
-    def models(self):
-        return {"object": "model", "id": self.model_name, "created": self.created,
-                "owned_by": "scoreflow"}
+        # a fresh seed per request keeps rows independent of their batch mates
+        seed = f.get("seed", int.from_bytes(os.urandom(8), "little") >> 1)
+        return _Job(prompt, ids, max_tokens or min(self.default_max_tokens, room),
+                    f["temperature"], f["top_p"], f.get("stop", []), seed)
 
     # -- the batching thread ---------------------------------------------------------------------
-    def _take_batch(self, dec):
-        """FIFO requests that may join `dec` now: rows <= max_batch, rows x (aligned prompt width
-        + longest remaining completion) <= max_kv_tokens; at least one when nothing decodes.
-        Called with self._cv held."""
-        batch, live = [], len(dec)
-        width = dec.t
-        most = max((r["max_new"] - len(r["out"]) for r in dec.rows if r["done"] is None), default=0)
-        for job in self._pending:
-            w, m = max(width, job.prompt_tokens), max(most, job.max_tokens)
-            if (batch or live) and (live + len(batch) >= self.max_batch
-                                    or (live + len(batch) + 1) * (w + m) > self.max_kv_tokens):
-                break
-            batch.append(job)
-            width, most = w, m
-        del self._pending[:len(batch)]
-        return batch
+    def _work(self):
+        """Own the model: move due jobs into the Decoder, step it, hand out finished rows."""
+        M = self._modellib
+        dec = M.Decoder(self.model, self.tokenizer)
+        while True:
+            with self._cv:
+                if not len(dec):
+                    self._gather()
+                if self._closing:
+                    break
+                due = self._pending and (
+                    not len(dec) or len(self._pending) * 4 >= len(dec)
+                    or time.monotonic() - self._pending[0].arrived >= self.max_wait)
+                batch = self._take_batch(dec) if due else []
+            try:
+                with M.prepacked(self.model):
+                    if batch:
+                        dec.add(batch, [j.ids for j in batch], [j.max_tokens for j in batch],
+                                [j.temperature for j in batch], [j.top_p for j in batch],
+                                [0] * len(batch), [j.seed for j in batch], [j.stop for j in batch])
+                    finished = dec.step()
+            except Exception as e:  # tell every waiting client; the server keeps serving
+                jobs = batch + [r["tag"] for r in dec.rows
+                                if r["done"] is None and not any(r["tag"] is j for j in batch)]
+                why = f"generation failed for a batch of {len(jobs)}: {type(e).__name__}: {e}"
+                print(f"executor server: {why}", file=sys.stderr)
+                finished, dec = [(job, None) for job in jobs], M.Decoder(self.model, self.tokenizer)
+                for job in jobs:
+                    job.error = why
+            with self._cv:
+                self.n_completions += sum(c is not None for _, c in finished)
+            for job, c in finished:
+                job.completion = c
+                job.done.set()
+        for r in dec.rows:  # closing: rows still decoding get a 503, as queued requests do
+            if r["done"] is None:
+                r["tag"].error = "server stopped"
+                r["tag"].done.set()
 
     def _gather(self):
         """Idle: wait for a first request, then keep gathering while they keep coming (at most
-        max_wait). Called with self._cv held; False once the server is closing."""
+        max_wait). Called with self._cv held."""
         while not self._pending and not self._closing:
             self._cv.wait()
         first = time.monotonic()
@@ -915,48 +838,24 @@ class LocalServer:
             # stop once a window passed with nothing new and no request still being parsed
             if len(self._pending) == seen and not self._arriving:
                 break
-        return not self._closing
 
-    def _work(self):
-        M = self._modellib
-        dec = M.Decoder(self.model, self.tokenizer)
-        while True:
-            with self._cv:
-                if not len(dec) and not self._gather():
-                    break
-                if self._closing:
-                    break
-                due = self._pending and (not len(dec) or len(self._pending) * 4 >= len(dec)
-                                         or time.monotonic() - self._pending[0].arrived >= self.max_wait)
-                batch = self._take_batch(dec) if due else []
-            try:
-                with M.prepacked(self.model):
-                    if batch:
-                        dec.add(batch, [M.prompt_ids(self.tokenizer, j.prompt) for j in batch],
-                                [j.max_tokens for j in batch], [j.temperature for j in batch],
-                                [j.top_p for j in batch], [0] * len(batch), [j.seed for j in batch],
-                                [j.stop for j in batch])
-                        with self._cv:
-                            self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
-                    finished = dec.step()
-            except Exception as e:  # tell every waiting client; the server keeps serving
-                joined = {id(j) for j in batch}
-                jobs = batch + [r["tag"] for r in dec.rows if r["done"] is None and id(r["tag"]) not in joined]
-                why = f"generation failed for a batch of {len(jobs)}: {type(e).__name__}: {e}"
-                print(f"executor server: {why}", file=sys.stderr)
-                finished = [(job, None) for job in jobs]
-                for job in jobs:
-                    job.error = why
-                dec = M.Decoder(self.model, self.tokenizer)
-            with self._cv:
-                self.n_completions += sum(c is not None for _, c in finished)
-            for job, c in finished:
-                job.completion = c
-                job.done.set()
-        for r in dec.rows:  # closing: rows still decoding get a 503, as queued requests do
-            if r["done"] is None:
-                r["tag"].error = "server stopped"
-                r["tag"].done.set()
+    def _take_batch(self, dec):
+        """FIFO jobs that may join `dec` now: rows <= max_batch, rows x (aligned prompt width +
+        longest remaining completion) <= max_kv_tokens; at least one when nothing decodes.
+        Called with self._cv held; counts the join in batch_sizes."""
+        n, k, width = len(dec), 0, dec.t
+        most = max((r["max_new"] - len(r["out"]) for r in dec.rows if r["done"] is None), default=0)
+        for job in self._pending:
+            width, most = max(width, len(job.ids)), max(most, job.max_tokens)
+            if (k or n) and (n + k >= self.max_batch
+                             or (n + k + 1) * (width + most) > self.max_kv_tokens):
+                break
+            k += 1
+        batch = self._pending[:k]
+        del self._pending[:k]
+        if batch:
+            self.batch_sizes[k] = self.batch_sizes.get(k, 0) + 1
+        return batch
 
     def stop(self):
         """Stop accepting; fail what is queued or still decoding (503), after the current step."""
@@ -989,82 +888,87 @@ class _ChatHandler(BaseHTTPRequestHandler):
         if self.server.owner.verbose:
             super().log_message(fmt, *args)
 
-    def _send_json(self, status, obj, headers=()):
+    def _send_json(self, status, obj):
         body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         try:
             self.send_response(status)
-            for k, v in [*headers, ("Content-Type", "application/json"),
-                         ("Content-Length", str(len(body)))]:
-                self.send_header(k, v)
+            if status == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
         except OSError:  # the client went away; nothing to tell it
             self.close_connection = True
 
-    def _error(self, status, message, *, type_="invalid_request_error", param=None, code=None,
-               headers=()):
-        self._send_json(status, {"error": {"message": message, "type": type_, "param": param,
-                                           "code": code}}, headers)
+    def _route(self, method):
+        """GET's answer, None for POST /v1/chat/completions, or a RequestError: a wrong key (401)
+        or an unknown route (404)."""
+        owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
+        key = owner.api_key
+        if key is not None and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            raise RequestError("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key", status=401)
+        model = {"object": "model", "id": owner.model_name, "created": owner.created,
+                 "owned_by": "scoreflow"}
+        if method == "GET" and path == "/v1/models":
+            return {"object": "list", "data": [model]}
+        if method == "GET" and path == f"/v1/models/{owner.model_name}":
+            return model
+        if method != "POST" or path != "/v1/chat/completions":
+            raise RequestError(f"no route {method} {path}; this server has GET /v1/models and "
+                               "POST /v1/chat/completions", code="not_found", status=404)
+        return None
 
-    def _authorised(self):
-        key = self.server.owner.api_key
-        if key is None or hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                              f"Bearer {key}".encode()):
-            return True
-        self._error(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
-        return False
+    def _error(self, status, message, param=None, code=None):
+        self._send_json(status, {"error": {"message": message, "param": param, "code": code,
+                                           "type": "server_error" if status >= 500
+                                           else "invalid_request_error"}})
 
     def do_GET(self):
-        owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
-        if not self._authorised():
-            return
-        if path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [owner.models()]})
-        elif path == f"/v1/models/{owner.model_name}":
-            self._send_json(200, owner.models())
-        else:
-            self._error(404, f"no route GET {path}; this server has GET /v1/models and POST "
-                        "/v1/chat/completions", code="not_found")
+        try:
+            self._send_json(200, self._route("GET"))
+        except RequestError as e:
+            self._error(e.status, e.message, e.param, e.code)
 
     def do_POST(self):
-        owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
-        length = self.headers.get("Content-Length", "")
+        owner, length = self.server.owner, self.headers.get("Content-Length", "")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             self.close_connection = True
-            if not length.isdigit():
-                return self._error(411, f"a Content-Length header is required, got {length!r}")
-            return self._error(413, f"request body is {length} bytes, above the limit of "
-                               f"{MAX_BODY_BYTES}")
+            return self._error(413 if length.isdigit() else 411, f"request body is {length} bytes, "
+                               f"above the limit of {MAX_BODY_BYTES}" if length.isdigit() else
+                               f"a Content-Length header is required, got {length!r}")
         with owner._cv:  # the batcher waits for requests already here but still being parsed
             owner._arriving += 1
         try:
             raw = self.rfile.read(int(length))  # read before any answer: keep-alive stays in step
-            if not self._authorised():
-                return
-            if path != "/v1/chat/completions":
-                return self._error(404, f"no route POST {path}; this server has POST "
-                                   "/v1/chat/completions", code="not_found")
-            try:
-                job = owner.parse_request(raw)
-            except RequestError as e:
-                return self._error(e.status, e.message, param=e.param, code=e.code)
-            except Exception as e:  # a bug of ours: say so, and keep serving
-                return self._error(500, f"internal error reading the request: "
-                                   f"{type(e).__name__}: {e}", type_="server_error")
+            self._route("POST")
+            job = owner.parse_request(raw)
             with owner._cv:
                 if owner._closing:
-                    return self._error(503, "server is stopping", type_="server_error")
+                    raise RequestError("server is stopping", code=None, status=503)
                 owner._pending.append(job)
+        except RequestError as e:
+            return self._error(e.status, e.message, e.param, e.code)
+        except Exception as e:  # a bug of ours: say so, and keep serving
+            return self._error(500, f"internal error reading the request: {type(e).__name__}: {e}")
         finally:
             with owner._cv:
                 owner._arriving -= 1
                 owner._cv.notify_all()
         job.done.wait()
         if job.error:
-            return self._error(503 if job.error == "server stopped" else 500, job.error,
-                               type_="server_error")
-        self._send_json(200, owner.response(job))
+            return self._error(503 if job.error == "server stopped" else 500, job.error)
+        c = job.completion
+        self._send_json(200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": owner.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": None, "finish_reason": c.finish_reason}],
+            "usage": {"prompt_tokens": c.n_prompt_tokens,
+                      "completion_tokens": c.n_completion_tokens,
+                      "total_tokens": c.n_prompt_tokens + c.n_completion_tokens}})
 
 
 def start_local_server(model_path=None, *, host="127.0.0.1", port=0, api_key=None, device="cpu",
@@ -1101,25 +1005,23 @@ def serve_main(argv=None):
     model name on stdout once it is listening."""
     p = argparse.ArgumentParser(prog="scoreflow.py serve", description="Serve a model over an "
                                 "OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models "
-                                "(dynamic batching).")
-    for flag, default, kind, help_ in (
-            ("--model", None, str, "GGUF file or Hugging Face directory (default: the embedded "
-             "SmolLM2-135M-Instruct GGUF)"),
-            ("--model-name", None, str, "name clients send as 'model' (default: the file name)"),
-            ("--host", "127.0.0.1", str, "address to bind (default: 127.0.0.1, this machine only)"),
-            ("--port", 8000, int, "TCP port, 0 = any free port (default: 8000)"),
-            ("--api-key", None, str, "require 'Authorization: Bearer KEY' (default: no key)"),
-            ("--device", "cpu", str, "torch device (default: cpu)"),
-            ("--max-batch", 32, int, "rows per batched generate call (default: 32)"),
-            ("--batch-window-ms", 10.0, float,
-             "keep gathering while requests arrive this often, ms (default: 10)"),
-            ("--max-kv-gib", 2.0, float, "KV-cache cap per batch, GiB (default: 2)"),
-            ("--default-max-tokens", 1024, int,
-             "completion tokens when a request gives no max_tokens (default: 1024)")):
-        p.add_argument(flag, default=default, type=kind, help=help_)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype (default: float32)")
-    p.add_argument("--verbose", action="store_true", help="log every request on stderr")
+                                "(continuous batching).")
+    a = p.add_argument
+    a("--model", help="GGUF file or HF directory (default: the embedded SmolLM2-135M GGUF)")
+    a("--model-name", help="name clients send as 'model' (default: the file name)")
+    a("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    a("--port", type=int, default=8000, help="TCP port, 0 = any free port (default: 8000)")
+    a("--api-key", help="require 'Authorization: Bearer KEY' (default: no key)")
+    a("--device", default="cpu", help="torch device (default: cpu)")
+    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+      help="weight dtype (default: float32)")
+    a("--max-batch", type=int, default=32, help="rows decoding at once (default: 32)")
+    a("--batch-window-ms", type=float, default=10.0,
+      help="keep gathering while requests arrive this often, ms (default: 10)")
+    a("--max-kv-gib", type=float, default=2.0, help="KV-cache cap per batch, GiB (default: 2)")
+    a("--default-max-tokens", type=int, default=1024,
+      help="completion tokens when a request gives no max_tokens (default: 1024)")
+    a("--verbose", action="store_true", help="log every request on stderr")
     args = p.parse_args(argv)
     if (args.max_batch < 1 or args.batch_window_ms < 0 or args.max_kv_gib <= 0
             or args.default_max_tokens < 1):

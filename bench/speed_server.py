@@ -49,7 +49,8 @@ class StaticServer(executor.LocalServer):
     def _work(self):
         while True:
             with self._cv:
-                if not self._gather():
+                self._gather()
+                if self._closing:
                     return
                 batch = self._take_batch(self._modellib.Decoder(self.model, self.tokenizer))
             try:
@@ -62,8 +63,7 @@ class StaticServer(executor.LocalServer):
             except Exception as e:  # noqa: BLE001
                 for job in batch:
                     job.error = f"generation failed: {e}"
-            with self._cv:
-                self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+            with self._cv:  # (_take_batch counted the batch in batch_sizes)
                 self.n_completions += len(batch)
             for job in batch:
                 job.done.set()

@@ -441,11 +441,3 @@ def test_bad_arguments_raise_before_any_request(server):
             c.chat([{"role": "user"}])
     assert server.log == []
 
-
-def test_chat_many_progress_goes_to_stderr_once_off_a_tty(server, capsys):
-    server.script["q1"] = [("status", 400, {}, b"{}")]
-    with client_for(server) as c:
-        out = c.chat_many([dict(messages=msgs(f"q{i}")) for i in range(3)], progress="exec")
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.count("\n") == 1
-    assert captured.err.startswith("exec: 3/3 calls, 1 errors") and isinstance(out[1], ExecutorError)
