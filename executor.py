@@ -10,7 +10,7 @@ Sections, in reading order, each readable on its own:
    `requests`, retrying as openai-python does (STYLE.md §6). A call ends as a `ChatResult` or an
    `ExecutorError` with a kind: an endpoint failure is not a wrong answer (SCOREFLOW.md §10.7).
    Tokens and dollars are summed per stage and tag under an optional hard `Budget`; finished calls
-   are journalled in sqlite (`CallCache`), so a rerun replays them without asking again.
+   are journalled in sqlite, so a rerun replays them without asking again.
 2. Local OpenAI-compatible server. `start_local_server` / `serve_main` (`scoreflow.py serve`)
    serve model.py's model on 127.0.0.1, decoding concurrent requests together (model.Decoder).
 3. Subprocess sandbox. `run_python` runs model-written code under OS isolation (SCOREFLOW.md
@@ -640,12 +640,11 @@ def preflight(base_url, model, *, api_key=None, timeout=30.0):
 
 # --- 2. Local OpenAI-compatible server --------------------------------------------------------
 # POST /v1/chat/completions and GET /v1/models over a model.py model, on the standard library's
-# ThreadingHTTPServer. A request's path: a handler thread (_ChatHandler.do_POST) reads the body;
-# parse_request checks it (check_chat, as the client did), renders the chat template and
-# tokenizes it into a _Job on the queue; the one batching thread that owns the model (_work)
-# moves queued jobs into its model.Decoder between decode steps and wakes a job's handler when
-# its row finishes; the handler answers. Errors are OpenAI-style bodies {"error": {"message",
-# "type", "param", "code"}}: type "server_error" for a 5xx, else "invalid_request_error".
+# ThreadingHTTPServer. A request's path: a handler thread (_ChatHandler.do_POST) reads the body,
+# parse_request checks it (check_chat, as the client did) and renders and tokenizes the prompt
+# into a _Job on the queue; the batching thread that owns the model (_work) moves queued jobs
+# into its model.Decoder between decode steps and wakes a job's handler when its row finishes.
+# Errors are OpenAI-style {"error": {"message", "type", "param", "code"}}.
 
 MAX_BODY_BYTES = 16 << 20   # a request body larger than this is refused with 413
 # Fields OpenAI clients (and llama.cpp's sampler) may send, accepted only at the value that asks
@@ -921,7 +920,7 @@ class _ChatHandler(BaseHTTPRequestHandler):
                                "POST /v1/chat/completions", code="not_found", status=404)
         return None
 
-    def _error(self, status, message, param=None, code=None):
+    def _error(self, status, message, param=None, code=None):  # type: as OpenAI's
         self._send_json(status, {"error": {"message": message, "param": param, "code": code,
                                            "type": "server_error" if status >= 500
                                            else "invalid_request_error"}})
@@ -934,11 +933,11 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         owner, length = self.server.owner, self.headers.get("Content-Length", "")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:  # 411 / 413, and hang up
             self.close_connection = True
-            return self._error(413 if length.isdigit() else 411, f"request body is {length} bytes, "
-                               f"above the limit of {MAX_BODY_BYTES}" if length.isdigit() else
-                               f"a Content-Length header is required, got {length!r}")
+            if not length.isdigit():
+                return self._error(411, f"a Content-Length header is required, got {length!r}")
+            return self._error(413, f"request body is {length} bytes, above {MAX_BODY_BYTES}")
         with owner._cv:  # the batcher waits for requests already here but still being parsed
             owner._arriving += 1
         try:
