@@ -1165,12 +1165,12 @@ def serve_main(argv=None):
 # The layers, in the order they are built (the server's, then each run's):
 #   cgroup-pids     a pids cgroup shared by the server's runs caps their tasks together
 #   cgroup-memory   a shared memory cgroup caps their memory (tmpfs too) at half the machine's
-#   user-namespace  not root: the server's own user namespace (us as root inside), for the others
+#   user-namespace  not root: the server's own (us as root inside), for the other namespaces
 #   pid-namespace   the code is init of a new PID namespace: when it ends, the kernel kills every
 #                   descendant, setsid'ed escapees included
 #   uid-sweep       without pid-namespace, as root: after the run, SIGKILL to the run's uid
 #   session         the code leads its own session and process group
-#   mount-namespace private mounts, for hidden-dirs, tmpfs-workdir and proc-private
+#   mount-namespace private mounts, for the next three layers
 #   net-namespace   a new network namespace with no interface up: no network, loopback included
 #   ipc-namespace   private System V IPC and POSIX message queues
 #   hidden-dirs     home and the project are covered by empty tmpfs mounts; interpreter dirs
@@ -1189,13 +1189,15 @@ def serve_main(argv=None):
 # --workers 2, 2 shared cores, every layer on): 94 runs/s, 70-74 without the preload; a bare
 # `python -I -c pass` subprocess with no isolation at all manages 33-40/s.
 #
-# Protocol, over a SOCK_SEQPACKET socket pair. A fact is a line "layer NAME", "missing NAME WHY",
-# "workdir PATH" (a host temp dir, for the caller to remove), "error WHY", "start" or "exit
-# WAITSTATUS". The server greets with "hello" and its own facts. A request is one message with five
-# fds: config memfd, stdout, stderr, report memfd, and the write end of a "done" pipe; the server
-# forks the run and answers "ok" with a pidfd of it (or "error WHY"). The run writes its facts and
-# "start" (or "error WHY") to the report; after reaping it the server adds "exit WAITSTATUS" and
-# closes "done", which wakes the caller.
+# Protocol, over a SOCK_SEQPACKET socket pair; a fact is a line "layer NAME", "missing NAME WHY",
+# "workdir PATH" (a host temp dir for the caller to remove), "error WHY", "start" or "exit STATUS".
+#   server -> caller  "hello" and the server's facts, once
+#   caller -> server  "run" with five fds: config memfd, stdout, stderr, report memfd, and the
+#                     write end of a "done" pipe
+#   server -> caller  "ok" with a pidfd of the forked run, or "error fork: WHY"
+#   run -> report     its facts, then "start" (or "error WHY": the code never runs)
+#   server -> report  "exit STATUS" (a wait status) once reaped; then it closes "done", which wakes
+#                     the caller
 _SANDBOX_UID_BASE = 1_500_000_000
 _SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Readable by the code besides the interpreter's own dirs and its work dir (Landlock).
