@@ -1170,7 +1170,7 @@ def serve_main(argv=None):
 #                   descendant, setsid'ed escapees included
 #   uid-sweep       without pid-namespace, as root: after the run, SIGKILL to the run's uid
 #   session         the code leads its own session and process group
-#   mount-namespace private mounts, for the next three layers
+#   mount-namespace private mounts, for hidden-dirs, tmpfs-workdir and proc-private
 #   net-namespace   a new network namespace with no interface up: no network, loopback included
 #   ipc-namespace   private System V IPC and POSIX message queues
 #   hidden-dirs     home and the project are covered by empty tmpfs mounts; interpreter dirs
