@@ -1061,27 +1061,27 @@ def serve_main(argv=None):
 # memory exhaustion, spinning, flooding stdout, escaping the kill by setsid or double fork, and
 # outliving our process. Not covered: kernel exploits (one shared kernel, no seccomp filter), side
 # channels and timing, reading world-readable system files (/usr, /etc: the interpreter needs
-# them), and fairness between the runs of one parent (they share the memory and pids cgroups). A
-# layer this kernel or user does not allow is skipped, said once on stderr, and left out of
-# SandboxResult.layers:
-#   session         the code leads its own session and process group
+# them), and fairness between the runs of one parent (they share the cgroups). A layer this kernel
+# or user does not allow is skipped, said once on stderr, and left out of SandboxResult.layers.
+# The layers, in the order they are built (the server's, then each run's):
 #   cgroup-pids     a pids cgroup shared by the server's runs caps their tasks together
 #   cgroup-memory   a shared memory cgroup caps their memory (tmpfs too) at half the machine's
+#   user-namespace  not root: the server's own (us as root inside), for the other namespaces
 #   pid-namespace   the code is init of a new PID namespace: when it ends, the kernel kills every
 #                   descendant, setsid'ed escapees included
 #   uid-sweep       without pid-namespace, as root: after the run, SIGKILL to the run's uid
+#   session         the code leads its own session and process group
+#   mount-namespace private mounts, for hidden-dirs, tmpfs-workdir and proc-private
 #   net-namespace   a new network namespace with no interface up: no network, loopback included
 #   ipc-namespace   private System V IPC and POSIX message queues
-#   mount-namespace private mounts, for the next three layers
-#   tmpfs-workdir   the work dir is /tmp, a fresh size-capped tmpfs (else a host temp dir)
 #   hidden-dirs     home and the project are covered by empty tmpfs mounts; interpreter dirs
 #                   inside them are bound back read-only
+#   tmpfs-workdir   the work dir is /tmp, a fresh size-capped tmpfs (else a host temp dir)
 #   proc-private    /proc shows the sandbox's own processes only
 #   rlimits         CPU seconds, address space, file size (stdout, stderr too), open files, no core
 #   uid-drop        as root: a per-run uid/gid (_SANDBOX_UID_BASE + host pid); root ignores
 #                   RLIMIT_NPROC, and a shared `nobody` would let parallel runs signal each other
 #   nproc           RLIMIT_NPROC, which binds only after uid-drop
-#   user-namespace  not root: the server's own user namespace, for the other namespaces
 #   no-new-privs    setuid binaries cannot raise privileges
 #   landlock        writes only in the work dir and /dev/null; reads only the interpreter, system
 #                   dirs and the work dir; TCP bind/connect denied
@@ -1090,13 +1090,20 @@ def serve_main(argv=None):
 # --workers 2, 2 shared cores, every layer on): 94 runs/s, 70-74 without the preload; a bare
 # `python -I -c pass` subprocess with no isolation at all manages 33-40/s.
 #
-# Protocol: the server sends "hello LAYER..." (its own layers, and "mounts" if it can make mount
-# namespaces). Each request is one message with five fds (config memfd, stdout, stderr, report,
-# the write end of a "done" pipe); it answers with a pidfd of the run. The run writes one fact a
-# line to the report: "layer NAME", "missing NAME WHY", "error WHY", "start"; after reaping it
-# the server adds "exit WAITSTATUS" and closes "done".
+# Protocol, over a SOCK_SEQPACKET socket pair; a fact is a line "layer NAME", "missing NAME WHY",
+# "workdir PATH" (a host temp dir for the caller to remove), "error WHY", "start" or "exit STATUS".
+#   server -> caller  "hello" and the server's facts, once
+#   caller -> server  "run" with five fds: config memfd, stdout, stderr, report memfd, and the
+#                     write end of a "done" pipe
+#   server -> caller  "ok" with a pidfd of the forked run, or "error fork: WHY"
+#   run -> report     its facts, then "start" (or "error WHY": the code never runs)
+#   server -> report  "exit STATUS" (a wait status) once reaped; then it closes "done", which wakes
+#                     the caller
 _SANDBOX_UID_BASE = 1_500_000_000
 _SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Readable by the code besides the interpreter's own dirs and its work dir (Landlock).
+_SANDBOX_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc", "/dev/zero", "/dev/urandom",
+                 "/dev/random", "/sys/devices/system/cpu")
 # Imported by the server before any model code exists, so each run inherits them (HumanEval
 # programs import typing, math, re, ... in nearly every problem).
 _SANDBOX_PRELOAD = ("typing", "math", "re", "collections", "itertools", "functools", "heapq",
@@ -1105,8 +1112,7 @@ _SANDBOX_PRELOAD = ("typing", "math", "re", "collections", "itertools", "functoo
 # Shared cgroups hold every run of one server: a cap on the host's exposure (a fork-and-allocate
 # bomb meets RLIMIT_AS per process and RLIMIT_NPROC per run, but 32 x 1 GiB is still more than a
 # laptop has). Per-run cgroups would cost a migration (an RCU grace period, ~10 ms) per run.
-_SANDBOX_CGROUP_PIDS = 4096
-_SANDBOX_CGROUP_MEMORY_FRACTION = 0.5  # of physical memory
+_SANDBOX_CGROUP_PIDS, _SANDBOX_CGROUP_MEMORY_FRACTION = 4096, 0.5  # tasks; of physical memory
 # Seconds the caller waits for the server: its hello or its answer to a launch, and its report of a
 # killed run's end (it reaps within ms). Past them the server counts as wedged and is replaced.
 _SANDBOX_REPLY_TIMEOUT, _SANDBOX_REAP_GRACE = 30.0, 10.0
@@ -1147,216 +1153,215 @@ def _sys(name, *args):
     return rc
 
 
-def _sandbox_server_main(argv):
-    """The sandbox server's program; argv: socket fd, then CONTROLLER=PATH cgroups to join. Serves
-    one forked run per request until the parent closes its end of the socket."""
-    sock = socket.socket(fileno=int(argv[0]))
+def _mount(src, dst, fstype, flags, data=None):
+    """mount(2); None passes NULL."""
+    _sys("mount", *[s and s.encode() for s in (src, dst, fstype)], flags, data and data.encode())
+
+
+def _sandbox_server_main(sock_fd):
+    """The sandbox server's program: one forked run per request on the socket sock_fd, until the
+    parent closes its end."""
+    sock = socket.socket(fileno=sock_fd)
     for name in _SANDBOX_PRELOAD:
-        with contextlib.suppress(ImportError):
-            __import__(name)
-    root, hello = os.geteuid() == 0, ["hello"]
-    for arg in argv[1:]:  # the shared cgroups: every run inherits them from us
-        ctl, _, path = arg.partition("=")
-        try:
-            with open(path + "/cgroup.procs", "w") as f:
-                f.write(str(os.getpid()))
-            hello.append("cgroup-" + ctl)
-        except OSError as e:
-            print(f"sandbox server: cannot join {path}: {e}", file=sys.stderr)
+        __import__(name)
+    _interpreter_dirs()  # cached once, like the preload
+    root, facts = os.geteuid() == 0, ["hello"]
     if not root:  # a user namespace of our own maps us to root inside, for the namespaces
         try:
             uid, gid = os.getuid(), os.getgid()
-            _sys("unshare", CLONE_NEWUSER)
+            _sys("unshare", CLONE_NEWUSER | CLONE_NEWPID)
             for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
                                ("gid_map", f"0 {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
-            hello.append("user-namespace")
+            facts.append("layer user-namespace")
+            # Our user namespace may not setns back into the host's PID namespace (below), so we
+            # serve as init of a PID namespace it owns; the first process only waits for us.
+            if (child := os.fork()) != 0:
+                sock.close()
+                os._exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) & 0xFF)
+            _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # killed with it
         except OSError as e:
-            print(f"sandbox server: no user namespace: {e}", file=sys.stderr)
+            facts.append(f"missing user-namespace {e}")
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:  # a PID namespace per run: unshare before each fork, setns back after it
         _sys("unshare", CLONE_NEWPID)
         _sys("setns", own_pid_ns, CLONE_NEWPID)
-        pid_ns_missing = ""
+        pid_ns = True
+        facts.append("layer pid-namespace")
     except OSError as e:
-        pid_ns_missing = str(e)  # said in each run's report
-    probe = os.fork()  # can we make mount namespaces? (the private /tmp work dir needs one)
-    if probe == 0:
-        os._exit(0 if _sys("unshare", CLONE_NEWNS) == 0 else 1)
-    if os.waitpid(probe, 0)[1] == 0:
-        hello.append("mounts")
+        pid_ns = False
+        facts += [f"missing pid-namespace {e}",
+                  "layer uid-sweep" if root else "missing uid-sweep not root"]
     alive_r, alive_w = os.pipe()  # runs see EOF on alive_r once we are gone
     runs = {}  # pid -> (report fd, done fd) of each live run
 
     def reap(*_):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if not pid:
-                return
-            report, done = runs.pop(pid, (-1, -1))
-            if report >= 0:
-                if pid_ns_missing and root:
-                    _kill_uid(_SANDBOX_UID_BASE + pid)
-                os.write(report, b"exit %d\n" % status)
-                os.close(report)
-                os.close(done)  # the caller wakes now
+        with contextlib.suppress(ChildProcessError):  # no children left
+            while (ended := os.waitpid(-1, os.WNOHANG))[0]:
+                if ended[0] in runs:  # else an orphan that came to us, or a uid sweeper
+                    report, done = runs.pop(ended[0])
+                    if root and not pid_ns:
+                        _kill_uid(_SANDBOX_UID_BASE + ended[0])
+                    os.write(report, b"exit %d\n" % ended[1])
+                    os.close(report)
+                    os.close(done)  # the caller wakes now
 
     _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come to reap()
     signal.signal(signal.SIGCHLD, reap)
-    sock.send(" ".join(hello).encode())
+    sock.send("\n".join(facts).encode())
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 16, 5)
         if not msg:
-            sys.exit(0)
+            return  # the parent is gone
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reap after runs[pid] is set
-        pid = -1
         try:
-            if not pid_ns_missing:
+            if pid_ns:
                 _sys("unshare", CLONE_NEWPID)  # our next child is init of a new PID namespace
-            try:
-                pid = os.fork()
-            finally:
-                if not pid_ns_missing and pid != 0:
-                    _sys("setns", own_pid_ns, CLONE_NEWPID)
+            pid = os.fork()
         except OSError as e:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-            socket.send_fds(sock, [f"error fork: {e}".encode()], [])
-            for fd in fds:
-                os.close(fd)
-            continue
+            pid, why = -1, e
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             sock.close()
-            _sandbox_run(fds, alive_r, [alive_w, own_pid_ns, *itertools.chain(*runs.values())],
-                         root, pid_ns_missing)  # never returns
-        pidfd = os.pidfd_open(pid)
-        runs[pid] = (fds[3], fds[4])
+            inherited = [alive_w, own_pid_ns, *(fd for pair in runs.values() for fd in pair)]
+            _sandbox_run(fds, alive_r, inherited, root, pid_ns)  # never returns
+        if pid_ns:
+            _sys("setns", own_pid_ns, CLONE_NEWPID)
+        if pid > 0:
+            runs[pid], fds[3:] = (fds[3], fds[4]), [os.pidfd_open(pid)]
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        socket.send_fds(sock, [b"ok"], [pidfd])
-        for fd in fds[:3] + [pidfd]:
+        if pid > 0:
+            socket.send_fds(sock, [b"ok"], fds[3:])
+        else:
+            sock.send(f"error fork: {why}".encode())
+        for fd in fds:
             os.close(fd)
 
 
 def _kill_uid(uid):
-    """Without PID namespaces: SIGKILL every process of the run's uid, from a child holding it."""
-    pid = os.fork()
-    if pid == 0:
-        try:
+    """uid-sweep: SIGKILL every process of a run's uid, from a child holding that uid."""
+    if (pid := os.fork()) == 0:
+        with contextlib.suppress(OSError):  # ESRCH: none left
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
             for _ in range(100):  # a killed process cannot fork, so this converges in a few rounds
                 os.kill(-1, signal.SIGKILL)
-        except OSError:
-            pass  # ESRCH: none left
         os._exit(0)
-    os.waitpid(pid, 0)
+    with contextlib.suppress(ChildProcessError):  # a nested reap() may have had it
+        os.waitpid(pid, 0)
 
 
-def _sandbox_run(fds, alive_r, inherited, root, pid_ns_missing):
-    """One run, in a fresh fork of the server (init of its own PID namespace, root until the uid
-    drop if the server is root): build the walls, saying each layer in the report, then run
-    main.py. Never returns."""
+def _sandbox_run(fds, alive_r, inherited, root, pid_ns):
+    """One run, in a fresh fork of the server (init of its own PID namespace where allowed; root
+    until uid-drop where the server is root): build the walls in the table's order, report them,
+    then run main.py. Never returns."""
     cfg_fd, out_fd, err_fd, report, done = fds
-    os.close(done)
+    facts = []
 
-    def say(*words):
-        os.write(report, (" ".join(map(str, words)) + "\n").encode())
-
-    def layer(name, fn, *args):
+    def layer(name, fn, *args):  # a layer the kernel may refuse: said either way
         try:
             fn(*args)
-            say("layer", name)
-            return True
         except OSError as e:
-            say("missing", name, e)
+            facts.append(f"missing {name} {e}")
             return False
+        facts.append(f"layer {name}")
+        return True
 
     try:
-        for fd in inherited:
-            os.close(fd)
-        _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the server
-        os.setsid()
-        say("layer session")
-        for fd, to in ((out_fd, 1), (err_fd, 2)):
-            os.dup2(fd, to)
-            os.close(fd)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
         cfg = marshal.loads(os.pread(cfg_fd, os.fstat(cfg_fd).st_size, 0))
-        os.close(cfg_fd)
+        for fd in inherited + [cfg_fd, out_fd, err_fd, done]:
+            os.close(fd)
+        os.setsid()
+        facts.append("layer session")
         with open("/proc/self/status") as f:  # NSpid: our pid in each namespace, the host's first
-            host_pid = int(next(line for line in f if line.startswith("NSpid:")).split()[1])
-        uid = gid = _SANDBOX_UID_BASE + host_pid
-        work = cfg["workdir"]
-        if pid_ns_missing:
-            say("missing pid-namespace", pid_ns_missing)
-            say(*(["layer", "uid-sweep"] if root else ["missing", "uid-sweep", "not root"]))
-        else:
-            say("layer pid-namespace")
-        ns = {n: layer(n + "-namespace", _sys, "unshare", flag) for n, flag in
-              (("mount", CLONE_NEWNS), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC))}
-        if cfg["private_tmp"] and not ns["mount"]:
-            raise OSError("work dir /tmp needs a mount namespace")
-        proc = ns["mount"] and _sandbox_mounts(cfg, uid if root else 0, gid if root else 0,
-                                               pid_ns_missing, say, layer)
-        if root and not cfg["private_tmp"]:
-            os.chown(work, uid, gid)  # a host temp dir: hand it to the run's uid
+            uid = _SANDBOX_UID_BASE + int(next(x for x in f if x.startswith("NSpid:")).split()[1])
+        ns = {n: layer(f"{n}-namespace", _sys, "unshare", flag)
+              for n, flag in (("mount", CLONE_NEWNS), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC))}
+        work, proc_private = None, False
+        if ns["mount"]:
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)  # what we mount stays in this namespace
+            hide = _outermost(d for d in (cfg["home"], os.path.dirname(os.path.realpath(__file__)))
+                              if os.path.realpath(d) != "/")
+            keep = [(k, os.open(k, os.O_PATH | os.O_CLOEXEC)) for k in _interpreter_dirs()
+                    if any(k.startswith(d + "/") for d in hide + ["/tmp"])]
+
+            def cover(d, options):  # a tmpfs over d; interpreter dirs inside bound back read-only
+                _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, options)
+                for k, fd in keep:
+                    if k.startswith(d + "/"):
+                        os.makedirs(k, 0o755, exist_ok=True)
+                        _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
+                        _mount(None, k, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+                               | MS_NODEV)
+
+            if hide:
+                layer("hidden-dirs", lambda: [cover(d, "size=1m,mode=0755") for d in hide])
+            owner = uid if root else 0  # in our user namespace, 0 is the user who started us
+            if layer("tmpfs-workdir", cover, "/tmp", f"size={cfg['disk_mb']}m,nr_inodes=4096,"
+                                                     f"mode=0700,uid={owner},gid={owner}"):
+                work = "/tmp"
+            for _, fd in keep:
+                os.close(fd)
+            proc_private = pid_ns and layer("proc-private", _mount, "proc", "/proc", "proc",
+                                            MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if work is None:  # no tmpfs of our own: a fresh host temp dir, for the caller to remove
+            work = tempfile.mkdtemp(prefix="scoreflow-sbx-")
+            facts.append(f"workdir {work}")
+            if root:
+                os.chown(work, uid, uid)
         R = resource
         for r, soft in ((R.RLIMIT_CPU, cfg["cpu_s"]), (R.RLIMIT_AS, cfg["memory_mb"] << 20),
-                        (R.RLIMIT_FSIZE, cfg["file_mb"] << 20), (R.RLIMIT_NOFILE, cfg["max_fds"]),
+                        (R.RLIMIT_FSIZE, cfg["file_mb"] << 20), (R.RLIMIT_NOFILE, 256),
                         (R.RLIMIT_CORE, 0)):
-            resource.setrlimit(r, (soft, soft + (r == R.RLIMIT_CPU)))  # SIGXCPU, SIGKILL 1 s on
-        say("layer rlimits")
-        try:
-            ruleset, abi = _landlock_ruleset(cfg["read"], work, proc)
+            R.setrlimit(r, (soft, soft + (r == R.RLIMIT_CPU)))  # SIGXCPU, then SIGKILL 1 s on
+        facts.append("layer rlimits")
+        try:  # built while still root: opening the paths it allows may need that
+            ruleset, abi = _landlock_ruleset(
+                [*_interpreter_dirs(), *_SANDBOX_READ] + ["/proc"] * proc_private, work)
         except OSError as e:
-            ruleset, abi = -1, 0
-            say("missing landlock", e)
+            ruleset = -1
+            facts.append(f"missing landlock {e}")
         if root:
-            resource.setrlimit(R.RLIMIT_NPROC, (cfg["max_procs"], cfg["max_procs"]))
+            R.setrlimit(R.RLIMIT_NPROC, (cfg["max_procs"], cfg["max_procs"]))
             os.setgroups([])
-            os.setgid(gid)
+            os.setgid(uid)
             os.setuid(uid)
-            say("layer uid-drop")
-            say("layer nproc")
+            facts += ["layer uid-drop", "layer nproc"]
         else:
-            say("missing uid-drop not root")
-            say("missing nproc RLIMIT_NPROC would count every process of this user")
+            facts += ["missing uid-drop not root",
+                      "missing nproc RLIMIT_NPROC would count every process of this user"]
         _sys("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        say("layer no-new-privs")
+        facts.append("layer no-new-privs")
         if ruleset >= 0:
             _sys("syscall", SYS_LANDLOCK_RESTRICT, ruleset, 0)
             os.close(ruleset)
-            say("layer landlock")
-            say(*(["layer", "landlock-scope"] if abi >= 6
-                  else ["missing", "landlock-scope", f"landlock ABI {abi} < 6"]))
-        # setuid cleared the parent-death signal: set it again, then check the server still lives
+            facts += ["layer landlock", "layer landlock-scope" if abi >= 6
+                      else f"missing landlock-scope landlock ABI {abi} < 6"]
+        # Die with the server: set only now (setuid clears it), then check the server still lives.
         _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         os.set_blocking(alive_r, False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(alive_r, 1)  # b"": EOF, the server is gone
             os._exit(137)
-        except BlockingIOError:
-            os.close(alive_r)
+        os.close(alive_r)
         os.chdir(work)
-        for name, data in cfg["files"].items():
+        for name, data in cfg["files"].items():  # main.py, the caller's files, and .stdin
             os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
             with open(name, "wb") as f:
                 f.write(data)
-        with open(".stdin", "wb") as f:
-            f.write(cfg["stdin"])
         fd = os.open(".stdin", os.O_RDONLY)
         os.unlink(".stdin")
         os.dup2(fd, 0)
         os.close(fd)
         os.environ.clear()
-        os.environ.update(cfg["env"])
-        if "random" in sys.modules:  # forks share the server's generator: reseed as a fresh start
-            sys.modules["random"].seed()
+        os.environ.update(PATH=_SANDBOX_PATH, HOME=work, TMPDIR=work, LANG="C.UTF-8",
+                          LC_ALL="C.UTF-8")
+        sys.modules["random"].seed()  # forks share the server's generator: reseed as a fresh start
         sys.argv[:] = ["main.py"]
         sys.path.insert(0, work)
         sys.dont_write_bytecode = True
@@ -1364,11 +1369,11 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns_missing):
         main.__file__ = "main.py"
         source = cfg["files"]["main.py"]
         del cfg
-        say("start")
+        os.write(report, "".join(f + "\n" for f in facts + ["start"]).encode())
         os.close(report)
-    except BaseException as e:
+    except BaseException as e:  # a wall that must stand did not: the code never runs
         try:
-            say("error", repr(e))
+            os.write(report, "".join(f + "\n" for f in facts + [f"error {e!r}"]).encode())
         finally:
             os._exit(126)
     # The code runs here, in a fork of an interpreter that never ran model code. The exit does
@@ -1386,104 +1391,81 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns_missing):
         print(code, file=sys.stderr)
         code = 1
     try:
-        if "threading" in sys.modules:
-            sys.modules["threading"]._shutdown()
+        threading._shutdown()
         atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
     except BaseException:
         code = 120  # as Python when the final flush fails
     os._exit((code or 0) & 0xFF)
 
 
-def _sandbox_mounts(cfg, uid, gid, pid_ns_missing, say, layer):
-    """In the run's mount namespace: cover home and the project with empty tmpfs mounts (the
-    interpreter dirs inside them bound back read-only through fds opened before the cover), the
-    work dir /tmp with the run's own size-capped tmpfs, and /proc with a private one. True when
-    /proc is private."""
-    def mount(src, dst, fstype, flags, data):
-        _sys("mount", src and src.encode(), dst.encode(), fstype and fstype.encode(), flags,
-             data and data.encode())
-
-    work = cfg["workdir"]
-    mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # what we mount stays in this namespace
-    covers = [(d, "size=1m,mode=0755") for d in cfg["hide"]]
-    if cfg["private_tmp"]:
-        covers.append((work, f"size={cfg['disk_mb']}m,nr_inodes={cfg['max_files']},mode=0700,"
-                             f"uid={uid},gid={gid}"))
-    keep = {k: os.open(k, os.O_PATH | os.O_CLOEXEC) for k in cfg["keep"]
-            if any(k.startswith(d + "/") for d, _ in covers)}
-
-    def cover(d, opts):
-        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, opts)
-        for k, fd in keep.items():
-            if k.startswith(d + "/"):
-                os.makedirs(k, 0o755, exist_ok=True)
-                mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC, None)
-                mount(None, k, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-
-    if cfg["hide"]:
-        layer("hidden-dirs", lambda: [cover(d, o) for d, o in covers if d != work])
-    if cfg["private_tmp"]:
-        cover(work, covers[-1][1])  # no fallback: without it /tmp would be the host's
-        say("layer tmpfs-workdir")
-    for fd in keep.values():
-        os.close(fd)
-    return not pid_ns_missing and layer("proc-private", mount, "proc", "/proc", "proc",
-                                        MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-
-
-def _landlock_ruleset(read_paths, work, proc):
+def _landlock_ruleset(read_paths, work):
     """A Landlock ruleset handling every access right this kernel knows, allowing reads of
-    read_paths (and /proc when private), everything in the work dir, writes to /dev/null, no TCP
-    bind/connect (ABI >= 4) and no signals or abstract sockets out (ABI >= 6) -> (fd, ABI)."""
+    read_paths, everything in the work dir and writes to /dev/null; no TCP bind/connect (ABI >= 4)
+    and no signals or abstract unix sockets out (ABI >= 6) -> (ruleset fd, ABI)."""
     abi = _sys("syscall", SYS_LANDLOCK_CREATE, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
     fs_all = (1 << 13) - 1 | (abi >= 2) << 13 | (abi >= 3) << 14 | (abi >= 5) << 15
     file_rights = 1 | 2 | 4 | (abi >= 3) << 14 | (abi >= 5) << 15  # exec, write, read, trunc, ioctl
-    read = 1 | 4 | 8  # execute, read file, read dir
     attr = (ctypes.c_uint64 * 3)(fs_all, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
     ruleset = _sys("syscall", SYS_LANDLOCK_CREATE, ctypes.byref(attr),
                    8 if abi < 4 else 16 if abi < 6 else 24, 0)
-
-    class Beneath(ctypes.Structure):  # struct landlock_path_beneath_attr (packed)
-        _pack_ = 1
-        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-    rules = [(p, read) for p in read_paths] + [(work, fs_all), ("/dev/null", 2 | 4 | (abi >= 3) << 14)]
-    for path, access in rules + ([("/proc", read)] if proc else []):
+    read = 1 | 4 | 8  # execute, read file, read dir
+    for path, access in ([(p, read) for p in read_paths]
+                         + [(work, fs_all), ("/dev/null", 2 | 4 | (abi >= 3) << 14)]):
         try:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue  # e.g. no /lib32 here
         access &= fs_all if os.path.isdir(path) else file_rights
-        _sys("syscall", SYS_LANDLOCK_ADD_RULE, ruleset, 1, ctypes.byref(Beneath(access, fd)), 0)
+        # struct landlock_path_beneath_attr, packed: u64 allowed_access, s32 parent_fd
+        rule = access.to_bytes(8, sys.byteorder) + fd.to_bytes(4, sys.byteorder)
+        _sys("syscall", SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0)  # 1: a path-beneath rule
         os.close(fd)
     return ruleset, abi
 
 
+def _outermost(dirs):
+    """The real paths of dirs, without those inside another of them."""
+    dirs = {os.path.realpath(d) for d in dirs}
+    return sorted(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))
+
+
+@functools.cache
+def _interpreter_dirs():
+    """The directories the code's interpreter reads: prefixes, stdlib, site-packages, binary's."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable))}
+    dirs |= {p for k, p in sysconfig.get_paths().items()
+             if k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return _outermost(d for d in dirs if d and os.path.isdir(d))
+
+
 # -- the caller's side -------------------------------------------------------------------------
 class _SandboxServer:
-    """The fork server behind run_python (see above). Exits when our end of its socket closes."""
+    """The fork server behind run_python (protocol above)."""
 
     def __init__(self):
         self.owner = os.getpid()  # a forked parent needs a server of its own
         self.lock = threading.Lock()
-        self.cgroups = _make_cgroups(f"{os.getpid()}-{next(_sandbox_state['servers'])}")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", os.path.abspath(__file__), "--sandbox-server",
-                 str(theirs.fileno())] + [f"{ctl}={path}" for ctl, path in self.cgroups],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                start_new_session=True, cwd="/", env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
+                 str(theirs.fileno())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True, cwd="/",
+                env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
         self.sock = ours
         self.sock.settimeout(_SANDBOX_REPLY_TIMEOUT)  # a wedged server is an OSError, not a hang
-        hello = self.sock.recv(1024).decode().split()
-        if hello[:1] != ["hello"]:
+        self.cgroups, facts = _make_cgroups(self.proc.pid)  # it joins them before its first run
+        try:
+            hello = self.sock.recv(4096).decode().splitlines()
+            if hello[:1] != ["hello"]:
+                raise OSError(f"sandbox server: expected a hello, got {hello!r}")
+        except OSError:
             self.close()
-            raise OSError(f"sandbox server: expected a hello, got {hello!r}")
-        self.layers = [w for w in hello[1:] if w != "mounts"]
-        self.private_tmp = "mounts" in hello  # the work dir can be a tmpfs over /tmp
+            raise
+        self.facts = facts + hello[1:]
 
     def launch(self, fds):
         """Send the run's five fds; get back a pidfd of its process."""
@@ -1495,29 +1477,30 @@ class _SandboxServer:
         return got[0]
 
     def oom_kills(self):
-        """OOM kills so far in the shared memory cgroup (v1 memory.oom_control, v2 memory.events)."""
-        for ctl, path in self.cgroups:
-            for name in ("memory.oom_control", "memory.events") if ctl == "memory" else ():
-                with contextlib.suppress(OSError), open(f"{path}/{name}") as f:
-                    for line in f:
-                        key, _, value = line.partition(" ")
-                        if key == "oom_kill":
-                            return int(value)
+        """OOM kills so far in the shared memory cgroup (lines "KEY COUNT" in v1's
+        memory.oom_control, v2's memory.events)."""
+        for name in ("memory.oom_control", "memory.events") if "memory" in self.cgroups else ():
+            with contextlib.suppress(OSError), open(f"{self.cgroups['memory']}/{name}") as f:
+                return int(dict(line.split() for line in f).get("oom_kill", 0))
         return 0
 
     def close(self):
-        self.sock.close()  # a serving server exits on EOF; a wedged one is killed
+        """Stop the server (a serving one exits on EOF, a wedged one is killed) and remove its
+        cgroups; nothing in a forked child, whose server is its parent's."""
+        if self.owner != os.getpid():
+            return
+        self.sock.close()
         try:
             self.proc.wait(_SANDBOX_REPLY_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for _, path in self.cgroups:
+        for path in self.cgroups.values():
             _remove_cgroup(path)
 
 
 _sandbox_lock = threading.Lock()
-_sandbox_state = {"server": None, "warned": set(), "servers": itertools.count(), "atexit": None}
+_sandbox_state = {"server": None, "warned": set()}  # warned: missing layers said on stderr
 
 
 def _sandbox_server(restart=False, stale=None):
@@ -1525,75 +1508,53 @@ def _sandbox_server(restart=False, stale=None):
     `stale` is given and another thread has replaced that one already."""
     with _sandbox_lock:
         server = _sandbox_state["server"]
-        if ((restart and (stale is None or server is stale)) or server is None
-                or server.owner != os.getpid() or server.proc.poll() is not None):
-            if server is not None and server.owner == os.getpid():
-                with contextlib.suppress(OSError):
-                    server.close()
+        if (server is None or server.owner != os.getpid() or server.proc.poll() is not None
+                or restart and (stale is None or stale is server)):
+            if server is not None:
+                server.close()
             server = _sandbox_state["server"] = _SandboxServer()
-            if not _sandbox_state["atexit"]:
-                _sandbox_state["atexit"] = atexit.register(_close_sandbox_server)
+            atexit.register(server.close)
         return server
 
 
-def _close_sandbox_server():
-    """Stop this process's sandbox server and remove its cgroups (atexit)."""
-    with _sandbox_lock:
-        server, _sandbox_state["server"] = _sandbox_state["server"], None
-    if server is not None and server.owner == os.getpid():
-        server.close()
-
-
-@functools.cache
-def _cgroup_parents():
-    """[(controller, directory we may mkdir in)] for pids and memory, cgroup v1 or v2; probed
-    once. v2 needs the controller enabled in our cgroup's subtree_control, which v2 allows only
-    at the root of a hierarchy that holds no processes of its own."""
-    bases, own = [], {}
+def _make_cgroups(pid):
+    """Fresh pids and memory cgroups (v1 or v2) holding the sandbox server `pid`, and so every run
+    it forks -> ({controller: path}, facts); then removes those of dead parents. v2 needs the
+    controller in our cgroup's subtree_control, which v2 allows only at the root of a hierarchy
+    (a cgroup with processes of its own cannot enable it)."""
+    own = {}  # controller ("" for v2) -> our cgroup; /proc/self/cgroup lines are ID:CTLS:PATH
     with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
-        own = {ctl: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
-               for ctl in ctls.split(",")}
-    for ctl in ("pids", "memory") if os.geteuid() == 0 else ():
-        if ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}"):
-            bases.append((ctl, f"/sys/fs/cgroup/{ctl}{own[ctl].rstrip('/')}"))
-        elif "" in own:
-            base = "/sys/fs/cgroup" + own[""].rstrip("/")
-            with contextlib.suppress(OSError), open(base + "/cgroup.subtree_control") as f:
-                if ctl in f.read().split():
-                    bases.append((ctl, base))
-    return bases
-
-
-def _make_cgroups(tag):
-    """Fresh shared cgroups for one sandbox server; first removes those of dead parents."""
-    made = []
-    memory_bytes = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-                       * _SANDBOX_CGROUP_MEMORY_FRACTION)
-    for ctl, base in _cgroup_parents():
-        with contextlib.suppress(OSError):
-            for name in os.listdir(base):
-                owner = name.removeprefix("scoreflow-sbx-").split("-")[0]
-                if (name.startswith("scoreflow-sbx-") and owner.isdigit()
-                        and not os.path.exists(f"/proc/{owner}")):
-                    _remove_cgroup(f"{base}/{name}")
-        path = f"{base}/scoreflow-sbx-{tag}"
-        limits = {"pids": [("pids.max", _SANDBOX_CGROUP_PIDS)],
-                  "memory": [("memory.limit_in_bytes", memory_bytes), ("memory.max", memory_bytes),
-                             ("memory.swap.max", 0)]}[ctl]
+        own = {c: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
+               for c in ctls.split(",")}
+    memory = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                 * _SANDBOX_CGROUP_MEMORY_FRACTION)
+    made, facts = {}, []
+    for ctl, limits in (("pids", {"pids.max": _SANDBOX_CGROUP_PIDS}),
+                        ("memory", {"memory.limit_in_bytes": memory, "memory.max": memory,
+                                    "memory.swap.max": 0})):
+        v1 = ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}")
+        base = f"/sys/fs/cgroup/{ctl}{own[ctl]}" if v1 else f"/sys/fs/cgroup{own.get('', '')}"
+        base = base.rstrip("/")
+        path = f"{base}/scoreflow-sbx-{os.getpid()}-{pid}"
         try:
             os.mkdir(path)
-            wrote = 0
-            for name, value in limits:
-                if os.path.exists(f"{path}/{name}"):
-                    with open(f"{path}/{name}", "w") as f:
-                        f.write(str(value))
-                    wrote += 1
-            if not wrote:
-                raise OSError(f"{path}: no {limits[0][0]}")
-            made.append((ctl, path))
-        except OSError:
+            wrote = [name for name in limits if os.path.exists(f"{path}/{name}")]
+            if not wrote:  # v2 without the controller in our subtree_control
+                raise OSError(f"{path}: none of {', '.join(limits)}")
+            for name in wrote + ["cgroup.procs"]:
+                with open(f"{path}/{name}", "w") as f:
+                    f.write(str(limits.get(name, pid)))
+        except OSError as e:
             _remove_cgroup(path)
-    return made
+            facts.append(f"missing cgroup-{ctl} {e}")
+            continue
+        made[ctl] = path
+        facts.append(f"layer cgroup-{ctl}")
+        for name in os.listdir(base):  # left by parents killed before their atexit ran
+            parent = name.removeprefix("scoreflow-sbx-").split("-")[0]
+            if name.startswith("scoreflow-sbx-") and not os.path.exists(f"/proc/{parent}"):
+                _remove_cgroup(f"{base}/{name}")
+    return made, facts
 
 
 def _remove_cgroup(path):
@@ -1625,17 +1586,6 @@ def _read_capped(fd, cap):
     return data.decode("utf-8", "replace")
 
 
-@functools.cache
-def _interpreter_dirs():
-    """The directories the code's interpreter reads: prefixes, stdlib, site-packages, binary's."""
-    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-            os.path.dirname(os.path.realpath(sys.executable))}
-    dirs |= {p for k, p in sysconfig.get_paths().items()
-             if k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    dirs = sorted({os.path.realpath(d) for d in dirs if d and os.path.isdir(d)})
-    return tuple(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))  # outermost
-
-
 def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: int = 1024,
                files: dict | None = None, max_output: int = 64_000, max_procs: int = 32,
                file_mb: int = 16, disk_mb: int = 64) -> SandboxResult:
@@ -1647,48 +1597,29 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
     tail). file_mb: the largest file the code may write, stdout and stderr included. disk_mb: the
     work dir's size. max_procs: tasks (processes and threads) the run may hold at once."""
     t0 = time.monotonic()
-    files = dict(files or {})
-    for name in files:
+    for name in files or {}:
         if os.path.isabs(name) or ".." in name.split("/") or name in ("", "main.py", ".stdin"):
             raise ValueError(f"run_python: files key {name!r} must be a relative path inside the "
                              f"work dir and not main.py")
-    files["main.py"] = code
-    fds = [os.memfd_create(name) for name in ("sbx-config", "sbx-stdout", "sbx-stderr",
-                                              "sbx-report")]
+    files = {**(files or {}), "main.py": code, ".stdin": stdin}
+    cpu_s = int(timeout) + 1
+    cfg = {"home": os.path.expanduser("~"), "disk_mb": disk_mb, "cpu_s": cpu_s,
+           "memory_mb": memory_mb, "file_mb": file_mb, "max_procs": max_procs,
+           "files": {k: v if isinstance(v, bytes) else v.encode() for k, v in files.items()}}
+    fds = [os.memfd_create(f"sbx-{name}") for name in ("config", "stdout", "stderr", "report")]
     done_r, done_w = os.pipe()  # EOF once the server has reported the run's end (or died)
     fds.append(done_w)
-    timed_out, pidfd, launch_error, server, oom_before = False, -1, "", None, 0
-    try:
-        server = _sandbox_server()
-    except OSError as e:
-        launch_error = str(e)
-    private_tmp = server is not None and server.private_tmp
-    workdir = "/tmp" if private_tmp else tempfile.mkdtemp(prefix="scoreflow-sbx-")
-    home = os.path.realpath(os.path.expanduser("~"))
-    project = os.path.dirname(os.path.realpath(__file__))
-    hide = [d for d in (home, project) if d != "/" and not workdir.startswith(d + "/")]
-    hide = [d for d in hide if not any(d.startswith(o + "/") for o in hide)]  # outermost only
-    keep = list(_interpreter_dirs())
-    cfg = {"workdir": workdir, "private_tmp": private_tmp, "hide": hide, "keep": keep,
-           "read": keep + ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc", "/dev/zero",
-                           "/dev/urandom", "/dev/random", "/sys/devices/system/cpu"],
-           "disk_mb": disk_mb, "max_files": 4096, "cpu_s": int(timeout) + 1,
-           "memory_mb": memory_mb, "file_mb": file_mb, "max_fds": 256, "max_procs": max_procs,
-           "stdin": stdin.encode(),
-           "files": {k: v if isinstance(v, bytes) else v.encode() for k, v in files.items()},
-           "env": {"PATH": _SANDBOX_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-                   "LC_ALL": "C.UTF-8"}}
+    server, pidfd, why, timed_out, oom = None, -1, "", False, False
     try:
         os.write(fds[0], marshal.dumps(cfg))
         for attempt in (0, 1):  # a dead or wedged server gets one fresh replacement
             try:
-                if attempt or server is None:
-                    server = _sandbox_server(True, server)
+                server = _sandbox_server(restart=attempt > 0, stale=server)
                 oom_before = server.oom_kills()
-                pidfd = server.launch(fds)
+                pidfd, why = server.launch(fds), ""
                 break
             except OSError as e:
-                launch_error = str(e)
+                why = str(e)
         os.close(fds.pop())  # done_w: from now on only the server holds it
         if pidfd >= 0:
             poll = select.poll()  # not select(): our fds may be numbered past 1024
@@ -1700,39 +1631,40 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
                 # the server reaps a killed run within ms; never wait on it without end (a wedged
                 # server would hang the caller's stage): past the grace the run is "internal"
                 if not poll.poll(_SANDBOX_REAP_GRACE * 1000):
-                    launch_error = (f"the sandbox server did not report the run's end within "
-                                    f"{_SANDBOX_REAP_GRACE:g} s of its kill")
-                    timed_out = False
+                    timed_out, why = False, (f"the sandbox server did not report the run's end "
+                                             f"within {_SANDBOX_REAP_GRACE:g} s of its kill")
                     _sandbox_server(restart=True, stale=server)
-        oom = server is not None and pidfd >= 0 and server.oom_kills() > oom_before
+            oom = server.oom_kills() > oom_before
         seconds = time.monotonic() - t0
-        facts = [line.split(" ", 2) for line in _read_capped(fds[3], 1 << 20).splitlines()]
+        report = _read_capped(fds[3], 1 << 20).splitlines()
         stdout, stderr = _read_capped(fds[1], max_output), _read_capped(fds[2], max_output)
     finally:
         for fd in fds + [pidfd, done_r]:
             if fd >= 0:
                 os.close(fd)
-        if not private_tmp:
-            shutil.rmtree(workdir, ignore_errors=True)
-    layers = (server.layers if pidfd >= 0 else []) + [f[1] for f in facts if f[0] == "layer"]
-    missing = {f[1]: " ".join(f[2:]) for f in facts if f[0] == "missing"}
+    facts = [tuple(line.partition(" ")[::2]) for line in  # (kind, rest)
+             (server.facts if pidfd >= 0 else []) + report]
+    for kind, rest in facts:
+        if kind == "workdir":
+            shutil.rmtree(rest, ignore_errors=True)
+    missing = dict(rest.split(" ", 1) for kind, rest in facts if kind == "missing")
     with _sandbox_lock:
         new = {k: v for k, v in missing.items() if k not in _sandbox_state["warned"]}
         _sandbox_state["warned"].update(new)
-    for name, why in new.items():
-        print(f"executor.run_python: sandbox layer {name!r} unavailable ({why}); running without "
-              "it", file=sys.stderr)
-    errors = [" ".join(f[1:]) for f in facts if f[0] == "error"]
-    waits = [int(f[1]) for f in facts if f[0] == "exit"]
-    exit_code = os.waitstatus_to_exitcode(waits[0]) if waits and ["start"] in facts else None
+    for name, reason in new.items():
+        print(f"executor.run_python: sandbox layer {name!r} unavailable ({reason}); running "
+              "without it", file=sys.stderr)
+    errors = [rest for kind, rest in facts if kind == "error"]
+    waits = [int(rest) for kind, rest in facts if kind == "exit"]
+    exit_code = os.waitstatus_to_exitcode(waits[0]) if waits and ("start", "") in facts else None
     last_line = stderr.rstrip().rpartition("\n")[2]
     if timed_out:
         status, reason = "timeout", f"wall-clock limit of {timeout} s reached"
     elif exit_code is None:
-        why = launch_error or (errors[0] if errors else "the run ended without a report")
+        why = why or (errors[0] if errors else "the run ended without a report")
         status, reason = "internal", f"sandbox failed before the code ran: {why}"
     elif exit_code == -signal.SIGXCPU:
-        status, reason = "timeout", f"CPU limit of {cfg['cpu_s']} s reached"
+        status, reason = "timeout", f"CPU limit of {cpu_s} s reached"
     elif exit_code < 0:
         status = "memory" if oom else "killed"
         reason = f"killed by {signal.Signals(-exit_code).name}" + (
@@ -1743,8 +1675,9 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
         status, reason = "error", last_line or f"exit code {exit_code}"
     else:
         status, reason = "ok", ""
+    layers = [rest for kind, rest in facts if kind == "layer"]
     return SandboxResult(status, stdout, stderr, exit_code, seconds, layers, reason)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--sandbox-server"]:
-    _sandbox_server_main(sys.argv[2:])
+    _sandbox_server_main(int(sys.argv[2]))

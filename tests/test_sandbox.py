@@ -33,7 +33,7 @@ def needs(*layers):
 
 
 def sandbox_processes():
-    """PIDs of live (not zombie) processes owned by a sandbox uid (executor._SANDBOX_UID_BASE + n)."""
+    """Live (not zombie) processes owned by a sandbox uid (executor._SANDBOX_UID_BASE + n)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -41,7 +41,8 @@ def sandbox_processes():
                 status = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
             continue
-        if int(status["Uid"].split()[0]) >= executor._SANDBOX_UID_BASE and not status["State"].strip().startswith("Z"):
+        if (int(status["Uid"].split()[0]) >= executor._SANDBOX_UID_BASE
+                and not status["State"].strip().startswith("Z")):
             found.append(int(pid))
     return found
 
@@ -88,7 +89,8 @@ def test_rejects_files_outside_the_work_dir():
 
 def test_layers_and_limits_are_in_force():
     code = ("import os, resource as R\n"
-            "print([R.getrlimit(r)[0] for r in (R.RLIMIT_CPU, R.RLIMIT_AS, R.RLIMIT_FSIZE, R.RLIMIT_NOFILE)])\n"
+            "print([R.getrlimit(r)[0]\n"
+            "       for r in (R.RLIMIT_CPU, R.RLIMIT_AS, R.RLIMIT_FSIZE, R.RLIMIT_NOFILE)])\n"
             "print(os.getuid() != 0, os.getpid(), os.getcwd() == os.environ['HOME'])\n")
     r = run_python(code, timeout=4.5, memory_mb=300, file_mb=3)
     assert r.status == "ok", r
@@ -119,7 +121,8 @@ if libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1)) >=
 @functools.lru_cache(maxsize=1)
 def kernel_allows():
     """The namespace and Landlock layers this machine lets us create, probed outside the sandbox."""
-    out = subprocess.run([sys.executable, "-I", "-c", PROBE], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-I", "-c", PROBE], capture_output=True, text=True,
+                         check=True).stdout
     return set(out.split())
 
 
@@ -164,7 +167,8 @@ def test_fork_bomb_is_contained():
 def test_memory_bomb_is_stopped():
     r = run_python("x = bytearray(8 << 30)", memory_mb=512)
     assert r.status == "memory" and "MemoryError" in r.stderr
-    r = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))", memory_mb=256, timeout=20)
+    r = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))",
+                   memory_mb=256, timeout=20)
     assert r.status == "memory", r
 
 
@@ -181,7 +185,9 @@ def test_disk_filler_hits_the_work_dir_quota():
     r = run_python(code, disk_mb=8, timeout=10)
     assert r.status == "error" and "No space left on device" in r.reason, r
     assert not os.path.exists(r.stdout.strip())
-    r = run_python("with open('big', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))",
+    r = run_python("with open('big', 'wb') as f:\n"
+                   "    while True:\n"
+                   "        f.write(b'x' * (1 << 20))",
                    file_mb=2, timeout=10)
     assert r.status == "error" and "File too large" in r.reason
 
@@ -192,7 +198,8 @@ def test_writes_outside_the_work_dir_fail(tmp_path):
     open_dir.mkdir()
     open_dir.chmod(0o777)  # file permissions would allow it: only the sandbox stands in the way
     nonce = time.time_ns()
-    targets = [str(open_dir / "evil.txt")] + [f"{d}/scoreflow-escape-{nonce}" for d in ("/dev/shm", "/var/tmp")
+    targets = [str(open_dir / "evil.txt")] + [f"{d}/scoreflow-escape-{nonce}"
+                                               for d in ("/dev/shm", "/var/tmp")
                                                if os.path.isdir(d)]  # world-writable host dirs
     try:
         code = (f"for t in {targets!r}:\n"
@@ -272,7 +279,8 @@ def test_no_network_even_to_loopback():
             f"        if attempt == 'tcp':\n"
             f"            socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
             f"        else:\n"
-            f"            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {port}))\n"
+            f"            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(\n"
+            f"                b'x', ('127.0.0.1', {port}))\n"
             f"        print(attempt, 'connected')\n"
             f"    except OSError as e:\n"
             f"        print(attempt, 'blocked', e)\n")
@@ -292,7 +300,8 @@ def test_cannot_signal_processes_outside(tmp_path):
     victim = subprocess.Popen(["sleep", "30"])
     try:
         code = (f"import os, signal\n"
-                f"for pid, sig in (({victim.pid}, signal.SIGKILL), ({os.getpid()}, signal.SIGUSR1),\n"
+                f"for pid, sig in (({victim.pid}, signal.SIGKILL),\n"
+                f"                 ({os.getpid()}, signal.SIGUSR1),\n"
                 f"                 (os.getppid(), signal.SIGKILL), (-1, signal.SIGKILL)):\n"
                 f"    try:\n"
                 f"        os.kill(pid, sig)\n"
@@ -301,7 +310,8 @@ def test_cannot_signal_processes_outside(tmp_path):
         r = run_python(code)
         time.sleep(0.2)
         assert victim.poll() is None and got == [], r
-        assert r.status in ("ok", "killed")  # kill(-1) may take down the sandbox itself, nothing else
+        # kill(-1) may take down the sandbox itself, nothing else
+        assert r.status in ("ok", "killed")
     finally:
         victim.kill()
         victim.wait()
@@ -321,7 +331,8 @@ def test_detached_child_does_not_outlive_the_run():
     r = run_python(code, timeout=5)
     assert r.status == "ok" and r.seconds < 1 + MARGIN
     time.sleep(0.2)
-    leftovers = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout
+    leftovers = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True,
+                               text=True).stdout
     assert leftovers == "" and sandbox_processes() == []
 
 
@@ -335,10 +346,13 @@ def test_giant_output_is_capped():
 
 def test_parallel_runs_do_not_interfere():
     def normal(i):
-        return run_python("import sys, time\ntime.sleep(0.3)\nprint(open('id').read(), sys.stdin.read())",
+        return run_python("import sys, time\n"
+                          "time.sleep(0.3)\n"
+                          "print(open('id').read(), sys.stdin.read())",
                           files={"id": str(i)}, stdin=f"in{i}")
 
-    hostile = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    hostile = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+               "        pass")
     if not {"nproc", "cgroup-pids"} & set(run_python("pass").layers):
         hostile = "while True:\n    pass"  # no layer here stops a fork bomb: a CPU hog instead
     with ThreadPoolExecutor(8) as pool:
@@ -360,14 +374,15 @@ def test_a_dead_server_is_replaced():
 
 
 def test_a_wedged_server_is_replaced_not_waited_on():
-    """A server that stops answering (here SIGSTOPped) costs a run its launch timeout or its reap
+    """A server that stops answering (here SIGSTOPped, its whole process group: unprivileged, the
+    serving process is a child of the one we started) costs a run its launch timeout or its reap
     grace, never a hang: the launch is retried on a fresh server; a run already started is reported
     "internal" (not evidence about the code) and the next run gets a fresh server."""
     saved = executor._SANDBOX_REPLY_TIMEOUT, executor._SANDBOX_REAP_GRACE
     executor._SANDBOX_REPLY_TIMEOUT, executor._SANDBOX_REAP_GRACE = 2.0, 1.0
     try:
         server = executor._sandbox_server(restart=True)  # its socket timeout is the 2 s above
-        os.kill(server.proc.pid, signal.SIGSTOP)  # wedged before the launch
+        os.killpg(server.proc.pid, signal.SIGSTOP)  # wedged before the launch
         t0 = time.monotonic()
         r = run_python("print('relaunched')")
         assert r.status == "ok" and r.stdout == "relaunched\n"
@@ -375,7 +390,7 @@ def test_a_wedged_server_is_replaced_not_waited_on():
         assert executor._sandbox_state["server"] is not server
 
         server = executor._sandbox_state["server"]  # wedged mid-run: it cannot reap the killed run
-        threading.Timer(0.5, os.kill, (server.proc.pid, signal.SIGSTOP)).start()
+        threading.Timer(0.5, os.killpg, (server.proc.pid, signal.SIGSTOP)).start()
         t0 = time.monotonic()
         r = run_python("import time\ntime.sleep(30)", timeout=1.5)
         assert r.status == "internal" and "did not report the run's end" in r.reason, r
@@ -385,3 +400,31 @@ def test_a_wedged_server_is_replaced_not_waited_on():
         executor._SANDBOX_REPLY_TIMEOUT, executor._SANDBOX_REAP_GRACE = saved
         executor._sandbox_server(restart=True)  # later tests get the usual timeouts
     assert run_python("print('fine')").stdout == "fine\n"
+
+
+def test_unprivileged_runs_each_get_a_pid_namespace():
+    """The path for a user who is not root: the server's own user namespace carries the others,
+    and every run, not only the first, is init of a fresh PID namespace (the server once could
+    not get back into its own PID namespace, the first run's namespace died with it and every
+    later fork failed). Run as nobody, where nobody may run this interpreter and our modules."""
+    if not IS_ROOT:
+        pytest.skip("only root can become nobody (unprivileged, the other tests take this path)")
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                 "-c"]
+    env = {"HOME": project, "PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join(sys.path)}
+    probe = subprocess.run(as_nobody + ["import executor, os, sys\n"  # the server execs it anew
+                                        "sys.exit(not os.access(sys.executable, os.X_OK))"],
+                           cwd=project, env=env, capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"nobody cannot run {sys.executable} with our modules: {probe.stderr[-300:]}")
+    code = ("import executor\n"
+            "for _ in range(3):\n"
+            "    r = executor.run_python('import os; print(os.getpid())')\n"
+            "    print(r.status, r.stdout.strip() or '-', *r.layers, r.reason)\n")
+    out = subprocess.run(as_nobody + [code], cwd=project, env=env, capture_output=True, text=True,
+                         timeout=120).stdout.splitlines()
+    assert len(out) == 3 and all(line.startswith("ok ") for line in out), out
+    for line in out:
+        if "user-namespace" in line.split():
+            assert line.split()[1] == "1" and "pid-namespace" in line.split(), line
