@@ -1,11 +1,11 @@
 """operators.py: the operator library, workflow extraction, validation and safe execution.
 
-SCOREFLOW.md §3 (operators, per-benchmark sets, extractor), §2.1 (the Workflow class contract), §2.3
-(the runnable check), §4 "At test time" (the judge). A workflow is Python written by the generator
-model; operators run Python written by the executor model. Neither runs unchecked: a workflow
-passes an AST whitelist, then runs in this process under a wall-clock limit, an operator-call cap
-and a statement/size guard inserted into its code; model-written programs (Programmer, Test) run in
-executor.run_python's OS sandbox.
+SCOREFLOW.md §3 (operators, per-benchmark sets, extractor), §2.1 (the Workflow class contract),
+§2.3 (the runnable check), §4 "At test time" (the judge). A workflow is Python written by the
+generator model; operators run Python written by the executor model. Neither runs unchecked: a
+workflow passes an AST whitelist, then runs in this process under a wall-clock limit, an
+operator-call cap and a statement/size guard inserted into its code; model-written programs
+(Programmer, Test) run in executor.run_python's OS sandbox.
 
 `problem` is any object with `.input` (text, or for code a dict with "prompt" and "entry_point")
 and `.extra`. Operators see problem.input and the public extras (entry_point, public_tests), never
@@ -42,9 +42,34 @@ OPERATOR_SETS = {  # SCOREFLOW.md §3 "operators offered"; there is no separate 
     "qa": ("Custom", "AnswerGenerate", "ScEnsemble", "Review"),
     "code": ("CustomCodeGenerate", "ScEnsemble", "Test"),
 }
-ATTRIBUTE = {"Custom": "custom", "AnswerGenerate": "answer_generate", "Programmer": "programmer",
-             "ScEnsemble": "sc_ensemble", "Review": "review", "CustomCodeGenerate": "code_generate",
-             "Test": "test"}  # the attribute each template binds an operator to
+_MENU = {  # purpose, exact signature, one-line example (§2.2 item 3)
+    "Custom": ("Sends your instruction together with the problem to the executor model and returns "
+               "its reply.", "custom(instruction: str) -> str", 'steps = await self.custom('
+               'instruction="Break the problem into small steps and solve each one.")'),
+    "AnswerGenerate": ("Asks the executor model to think step by step about the question and give "
+                       "a short final answer; returns the reasoning followed by the answer.",
+                       "answer_generate() -> str", "answer = await self.answer_generate()"),
+    "Programmer": ("Has the executor model write a Python function solve() for the problem (using "
+                   "your analysis), runs it in a sandbox, fixes errors up to 3 times, and returns "
+                   "the code and its output.", "programmer(analysis: str = 'None') -> str",
+                   "result = await self.programmer(analysis=steps)"),
+    "ScEnsemble": ("Shows several candidate solutions to the executor model and returns the one "
+                   "most consistent with the others, unchanged.", "sc_ensemble(solutions: "
+                   "list[str]) -> str", "best = await self.sc_ensemble(solutions=[first, second, "
+                   "third])"),
+    "Review": ("Checks a solution for wrong logic, arithmetic slips, misread questions and missing "
+               "details; returns it unchanged if it is right, otherwise a corrected solution.",
+               "review(pre_solution: str) -> str",
+               "checked = await self.review(pre_solution=best)"),
+    "CustomCodeGenerate": ("Sends your instruction with the coding task and its function name to "
+                           "the executor model and returns the Python code it writes.",
+                           "code_generate(instruction: str) -> str", 'code = await self.code_'
+                           'generate(instruction="Write a simple, correct solution.")'),
+    "Test": ("Runs a code solution against the task's example tests in a sandbox; if it fails, "
+             "asks for a fix (several rounds) and returns the best code.",
+             "test(solution: str) -> str", "final = await self.test(solution=code)"),
+}
+ATTRIBUTE = {op: call.split("(")[0] for op, (_, call, _) in _MENU.items()}  # self.<attribute>
 
 # §2.3 step 3: a workflow whose run_workflow body is this similar to the template's is a copy. Keys
 # are benchmark names (the math set serves MATH and GSM8K with different thresholds); None = off.
@@ -76,34 +101,6 @@ TEMPLATES = {name: f"{class_header(name)}\n    async def run_workflow(self):\n  
     "code": 'solution = await self.code_generate(instruction="Write a correct Python function for '
             'the task, thinking about edge cases.")'}.items()}
 
-_MENU = {  # purpose, exact signature, one-line example (§2.2 item 3)
-    "Custom": ("Sends your instruction together with the problem to the executor model and returns "
-               "its reply.", "custom(instruction: str) -> str", 'steps = await self.custom('
-               'instruction="Break the problem into small steps and solve each one.")'),
-    "AnswerGenerate": ("Asks the executor model to think step by step about the question and give "
-                       "a short final answer; returns the reasoning followed by the answer.",
-                       "answer_generate() -> str", "answer = await self.answer_generate()"),
-    "Programmer": ("Has the executor model write a Python function solve() for the problem (using "
-                   "your analysis), runs it in a sandbox, fixes errors up to 3 times, and returns "
-                   "the code and its output.", "programmer(analysis: str = 'None') -> str",
-                   "result = await self.programmer(analysis=steps)"),
-    "ScEnsemble": ("Shows several candidate solutions to the executor model and returns the one "
-                   "most consistent with the others, unchanged.", "sc_ensemble(solutions: "
-                   "list[str]) -> str", "best = await self.sc_ensemble(solutions=[first, second, "
-                   "third])"),
-    "Review": ("Checks a solution for wrong logic, arithmetic slips, misread questions and missing "
-               "details; returns it unchanged if it is right, otherwise a corrected solution.",
-               "review(pre_solution: str) -> str",
-               "checked = await self.review(pre_solution=best)"),
-    "CustomCodeGenerate": ("Sends your instruction with the coding task and its function name to "
-                           "the executor model and returns the Python code it writes.",
-                           "code_generate(instruction: str) -> str", 'code = await self.code_'
-                           'generate(instruction="Write a simple, correct solution.")'),
-    "Test": ("Runs a code solution against the task's example tests in a sandbox; if it fails, "
-             "asks for a fix (several rounds) and returns the best code.",
-             "test(solution: str) -> str", "final = await self.test(solution=code)"),
-}
-
 
 def operator_menu(set_name: str) -> str:
     """The operator menu the generator prompt shows for one set (§2.2 item 3)."""
@@ -112,7 +109,7 @@ def operator_menu(set_name: str) -> str:
                      for op in _operator_names(set_name))
 
 
-# --- code in model text: <graph> extraction, code blocks, similarity (§2.3 steps 1-3, §3) --------
+# --- code in model text: <graph>, code blocks, sanitizing, similarity (§2.3 steps 1-3, §3) ------
 
 _GRAPH = re.compile(r"<graph>(.*?)</graph>", re.S)
 _FENCE = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)(?:\n?```|$)", re.S)  # the close may be cut off
@@ -147,6 +144,57 @@ def parsing_prefix(code: str) -> tuple[str, ast.Module | None]:
     return code, None
 
 
+def sanitize_code(text: str, entry_point: str | None = None) -> str:
+    """Code from a model reply (SCOREFLOW.md §3: "the longest valid span, plus the imports and
+    definitions reachable from the entry point"): code_block's block cut to its parsing_prefix;
+    then only imports and the top-level definitions the entry point reaches (all definitions when
+    there is no entry point or it is missing)."""
+    code, tree = parsing_prefix(code_block(text, entry_point or ""))
+    if tree is None:
+        return code.strip()
+    definition = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    defs = {n.name: n for n in tree.body if isinstance(n, definition)}
+    assigned = {t.id: n for n in tree.body if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Name)}
+    reach, todo = set(), [entry_point] if entry_point in defs else []
+    while todo:  # the names the entry point reaches, through definitions and assignments
+        name = todo.pop()
+        node = defs.get(name) or assigned.get(name)
+        if name not in reach and node is not None:
+            todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+        reach.add(name)
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, (ast.Assign, *definition)) and not reach)  # no entry point: all
+            or getattr(n, "name", None) in reach or (isinstance(n, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id in reach for t in n.targets))]
+    lines = code.splitlines()
+    return "\n\n".join("\n".join(lines[min([n.lineno] + [d.lineno for d in getattr(
+        n, "decorator_list", [])]) - 1:n.end_lineno]) for n in keep).strip()
+
+
+def runnable_program(reply: str) -> str:
+    """The program Programmer runs from a reply: with a solve() that needs no arguments, the
+    sanitized solve() and `print(solve())`; otherwise the reply's code block as a whole program
+    (its longest parsing prefix), plus a print of the last argument-free function it defines and
+    never calls at top level (small models often define main() and stop)."""
+    def free(fn):  # a function that takes no arguments
+        return isinstance(fn, ast.FunctionDef) and not (
+            fn.args.args or fn.args.posonlyargs or fn.args.kwonlyargs)
+    code = sanitize_code(reply, "solve")
+    with contextlib.suppress(SyntaxError):
+        tree = ast.parse(code)
+        solves = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solve"]
+        if solves and free(solves[-1]):
+            return code + "\n\nprint(solve())\n"
+    program, tree = parsing_prefix(code_block(reply))
+    if tree is None:
+        return code
+    called = {n.func.id for n in ast.walk(tree)
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    uncalled = [n.name for n in tree.body if free(n) and n.name not in called]
+    return program + (f"\n\nprint({uncalled[-1]}())\n" if uncalled else "")
+
+
 def template_similarity(code: str, set_name: str) -> float:
     """difflib.SequenceMatcher ratio between run_workflow's stripped body and the template's
     (§2.3 step 3); 0.0 when the code has no run_workflow. The body is found by the syntax tree,
@@ -164,11 +212,11 @@ def template_similarity(code: str, set_name: str) -> float:
 
 # --- the AST whitelist (§2.3 step 2) ------------------------------------------------------------
 # A workflow is one class Workflow: __init__(self, config, problem) only binds operators
-# (self.name = Op(config)) or self.problem; `async def run_workflow(self)` is made of the node types
-# in _ALLOWED under the special rules of _RunChecker.rule (local names not starting with "_", calls
-# of operators, safe builtins and str/list methods only, bounded loops). So no imports, attributes,
-# while, try, with, lambda, def, class, global, del or raise. An inserted guard bounds steps, sizes
-# and time at run time (_Context.tick).
+# (self.name = Op(config)) or self.problem; `async def run_workflow(self)` holds only the node
+# types of the table _ALLOWED, each passing the table's test, under the few structural rules of
+# _check_run (local names not starting with "_"; calls of operators, awaited, of safe builtins and
+# of str/list methods only; bounded loops). So no imports, attributes, while, try, with, lambda,
+# def, class, global, del or raise. An inserted guard bounds steps, sizes and time at run time.
 
 SAFE_BUILTINS = ("len", "range", "enumerate", "zip", "min", "max", "sorted", "reversed", "str",
                  "int", "float", "bool", "list", "abs", "round", "sum", "any", "all")
@@ -182,14 +230,23 @@ MAX_STEPS = 2000        # statements a run may execute (inserted guard)
 MAX_CHARS = 1_000_000   # characters held in run_workflow's locals at any statement (inserted guard)
 MAX_CODE_CHARS = 20_000  # the workflow's source
 
-_ALLOWED = {  # every node of run_workflow has one of these types; nothing else is run
-    ast.Assign, ast.AugAssign, ast.Expr, ast.If, ast.For, ast.Return, ast.Pass, ast.Break,
-    ast.Continue,  # statements; then expressions
-    ast.Constant, ast.Name, ast.Await, ast.Call, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp,
-    ast.BoolOp, ast.Compare, ast.IfExp, ast.Subscript, ast.Slice, ast.JoinedStr, ast.FormattedValue,
-    ast.ListComp, ast.Starred, ast.Load, ast.Store,
-    ast.Add, ast.Sub, ast.UAdd, ast.USub, ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt,
-    ast.LtE, ast.Gt, ast.GtE, ast.Is, ast.IsNot, ast.In, ast.NotIn}  # no *, **, /, %: sizes explode
+_ALLOWED = {  # the node types run_workflow may hold -> (test, why it fails) or None: no test
+    **dict.fromkeys((ast.Assign, ast.If, ast.For, ast.Return, ast.Pass, ast.Break, ast.Continue,
+                     ast.Name, ast.Await, ast.Call, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp,
+                     ast.BoolOp, ast.Compare, ast.IfExp, ast.Subscript, ast.Slice, ast.JoinedStr,
+                     ast.ListComp, ast.Starred, ast.Load, ast.Store, ast.Add, ast.Sub, ast.UAdd,
+                     ast.USub, ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE,
+                     ast.Gt, ast.GtE, ast.Is, ast.IsNot, ast.In, ast.NotIn)),  # no *, **, /, %
+    ast.Constant: (lambda n: not isinstance(n.value, (bytes, complex)) and n.value is not ...,
+                   "{n.value.__class__.__name__} literals are not allowed"),
+    ast.FormattedValue: (lambda n: n.format_spec is None,  # f"{x:>999999999}" is 1 GB
+                         "format specs in f-strings are not allowed"),
+    ast.Expr: (lambda n: isinstance(n.value, (ast.Await, ast.Call)) or _is_docstring(n),
+               "a bare expression does nothing here"),
+    ast.AugAssign: (lambda n: isinstance(n.target, ast.Name)
+                    and isinstance(n.op, (ast.Add, ast.Sub)),
+                    "only `name += value` and `name -= value` are allowed"),
+}
 _REFUSED = {  # reasons clearer than "<Node> statements/expressions are not allowed"
     ast.While: f"while loops are not allowed (unbounded): use `for i in range(n <= {MAX_RANGE})`",
     ast.Import: "imports are not allowed", ast.ImportFrom: "imports are not allowed",
@@ -215,62 +272,61 @@ def validate_workflow(code: str, set_name: str) -> tuple[bool, str]:
         return False, str(e)
 
 
-def _reject(what, node=None):
-    raise WorkflowError(f"line {node.lineno}: {what}" if node else what)
+def _need(ok, why, node=None):
+    """Unless ok, raise WorkflowError(why) with node's line. `why` is built before the test, so it
+    may use only what the node has either way."""
+    if not ok:
+        raise WorkflowError(f"line {node.lineno}: {why}" if node else why)
 
 
 def _check_workflow(code, set_name):
     """The whitelist; raises WorkflowError naming the line and what is wrong. Returns the tree,
     run_workflow's node and the operators __init__ creates ({attribute: operator name})."""
     ops = _operator_names(set_name)
-    if not isinstance(code, str) or not code.strip():
-        _reject("empty workflow")
-    if len(code) > MAX_CODE_CHARS:
-        _reject(f"the workflow has {len(code)} characters, more than {MAX_CODE_CHARS}")
+    _need(isinstance(code, str) and code.strip(), "empty workflow")
+    _need(len(code) <= MAX_CODE_CHARS,
+          f"the workflow has {len(code)} characters, more than {MAX_CODE_CHARS}")
     try:
         tree = ast.parse(code)
     except SyntaxError as e:
         raise WorkflowError(f"syntax error at line {e.lineno}: {e.msg}") from None
     body = _statements(tree)
-    if len(body) != 1 or not isinstance(body[0], ast.ClassDef) or body[0].name != "Workflow":
-        _reject("the program must be exactly one `class Workflow:` (no imports or other code)")
+    _need(len(body) == 1 and isinstance(body[0], ast.ClassDef) and body[0].name == "Workflow",
+          "the program must be exactly one `class Workflow:` (no imports or other code)")
     cls, methods, attrs = body[0], {}, {}
-    if cls.bases or cls.keywords or cls.decorator_list:
-        _reject("class Workflow takes no bases or decorators", cls)
+    _need(not (cls.bases or cls.keywords or cls.decorator_list),
+          "class Workflow takes no bases or decorators", cls)
     for fn in _statements(cls):
-        if not (isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and fn.name in ("__init__", "run_workflow")):
-            _reject("class Workflow may hold only __init__ and run_workflow", fn)
-        if fn.name in methods:
-            _reject(f"{fn.name} defined twice", fn)
-        if fn.decorator_list or fn.returns:
-            _reject(f"{fn.name} takes no decorators or annotations", fn)
+        _need(isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and fn.name in ("__init__", "run_workflow"),
+              "class Workflow may hold only __init__ and run_workflow", fn)
+        _need(fn.name not in methods, f"{fn.name} defined twice", fn)
+        _need(not (fn.decorator_list or fn.returns),
+              f"{fn.name} takes no decorators or annotations", fn)
         methods[fn.name] = fn
     init, run = methods.get("__init__"), methods.get("run_workflow")
-    if not isinstance(init, ast.FunctionDef) or _arg_names(init) != ["self", "config", "problem"]:
-        _reject("Workflow needs `def __init__(self, config, problem):`")
-    if not isinstance(run, ast.AsyncFunctionDef) or _arg_names(run) != ["self"]:
-        _reject("Workflow needs `async def run_workflow(self):`")
+    _need(isinstance(init, ast.FunctionDef) and _arg_names(init) == ["self", "config", "problem"],
+          "Workflow needs `def __init__(self, config, problem):`")
+    _need(isinstance(run, ast.AsyncFunctionDef) and _arg_names(run) == ["self"],
+          "Workflow needs `async def run_workflow(self):`")
     for stmt in _statements(init):
-        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                and _is_self_attr(stmt.targets[0])):
-            _reject("__init__ may only bind operators: self.name = Operator(config)", stmt)
+        _need(isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+              and _attr_of(stmt.targets[0], "self"),
+              "__init__ may only bind operators: self.name = Operator(config)", stmt)
         name, value = stmt.targets[0].attr, stmt.value
         if name == "problem" and isinstance(value, ast.Name) and value.id == "problem":
             continue
-        if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
-                and not value.keywords and len(value.args) == 1
-                and getattr(value.args[0], "id", None) == "config"):
-            _reject(f"expected self.{name} = Operator(config)", stmt)
-        if value.func.id not in ops:
-            _reject(f"{value.func.id} is not an operator of the {set_name} set (offered: "
-                    f"{', '.join(ops)})", stmt)
-        if name.startswith("_") or name == "problem":
-            _reject(f"bad operator attribute name {name!r}", stmt)
+        _need(isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+              and not value.keywords and len(value.args) == 1
+              and getattr(value.args[0], "id", None) == "config",
+              f"expected self.{name} = Operator(config)", stmt)
+        _need(value.func.id in ops, f"{value.func.id} is not an operator of the {set_name} set "
+                                    f"(offered: {', '.join(ops)})", stmt)
+        _need(not name.startswith("_") and name != "problem",
+              f"bad operator attribute name {name!r}", stmt)
         attrs[name] = value.func.id
-    if not attrs:
-        _reject("__init__ creates no operators")
-    _RunChecker(attrs, run)
+    _need(attrs, "__init__ creates no operators")
+    _check_run(attrs, run)
     return tree, run, attrs
 
 
@@ -289,185 +345,140 @@ def _arg_names(fn):  # the plain parameters' names; None when there are others (
             else [x.arg for x in a.args])
 
 
-def _is_self_attr(node):
+def _attr_of(node, name):  # node is `name.attribute`
     return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-            and node.value.id == "self")
+            and node.value.id == name)
 
 
-def _builtin_call(node, *names):  # name(...) without keywords, for one of `names`
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id in names and not node.keywords)
+def _check_run(attrs, fn):
+    """run_workflow, top-down: each node's type is in _ALLOWED and passes its test, then the
+    structural rules below apply. `loops` counts the enclosing for loops; `awaited` marks a node
+    whose value is awaited (the await's call, asyncio.gather's arguments, and through
+    *[... for ...] the comprehension's element): the only places an operator call may stand."""
+    local = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    for name in sorted(local):  # ("_x", self and asyncio fail below as names)
+        _need(name not in SAFE_BUILTINS, f"run_workflow: cannot assign to {name!r}")
+    _need(_statements(fn), "run_workflow is empty", fn)
 
+    def need(ok, node, why):  # operator and context nodes have no line: run_workflow's then
+        _need(ok, why, node if hasattr(node, "lineno") else fn)
 
-def _small_int(node):  # an int literal from -MAX_RANGE to MAX_RANGE: range() over it is bounded
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        node = node.operand
-    return (isinstance(node, ast.Constant) and type(node.value) is int
-            and 0 <= node.value <= MAX_RANGE)
+    def builtin_call(node, *names):  # name(...) without keywords, for one of `names`
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in names and not node.keywords)
 
+    def small_int(node):  # an int literal from -MAX_RANGE to MAX_RANGE: range() over it is bounded
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            node = node.operand
+        return (isinstance(node, ast.Constant) and type(node.value) is int
+                and 0 <= node.value <= MAX_RANGE)
 
-class _RunChecker:
-    """Checks run_workflow top-down: each node's type must be in _ALLOWED, then rule() applies.
-    `loops` counts the enclosing for loops; `awaited` marks a node whose value is awaited (the
-    await's call, asyncio.gather's arguments, and through *[... for ...] the comprehension's
-    element): the only places an operator call may stand."""
-
-    def __init__(self, attrs, fn):
-        self.attrs, self.fn = attrs, fn
-        self.locals = {n.id for n in ast.walk(fn)
-                       if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        for name in self.locals:
-            if name.startswith("_") and name != "_" or name in ("self", "asyncio", *SAFE_BUILTINS):
-                _reject(f"run_workflow: cannot assign to {name!r}")
-        if not _statements(fn):
-            _reject("run_workflow is empty", fn)
-        for s in fn.body:
-            self.visit(s)
-        if not any(isinstance(n, ast.Return) and n.value is not None for n in ast.walk(fn)):
-            _reject("run_workflow never returns an answer", fn)
-
-    def fail(self, node, what):  # operator and context nodes have no line: run_workflow's then
-        _reject(what, node if hasattr(node, "lineno") else self.fn)
-
-    def visit(self, node, loops=0, awaited=False):
-        kind = type(node)
-        if kind not in _ALLOWED and isinstance(node, (ast.operator, ast.unaryop)):
-            self.fail(node, f"operator {kind.__name__} is not allowed")
+    def visit(n, loops=0, awaited=False):
+        kind, children = type(n), ast.iter_child_nodes(n)  # children: at this depth, not awaited
         if kind not in _ALLOWED:
-            what = "statements" if isinstance(node, ast.stmt) else "expressions"
-            reason = _REFUSED.get(kind, f"{kind.__name__} {what} are not allowed")
-            self.fail(node, reason.format(n=node))
-        children = self.rule(node, loops, awaited)
-        for child in ast.iter_child_nodes(node) if children is None else children:
-            self.visit(child, loops)
-
-    def rule(self, n, loops, awaited):
-        """The special rules. Returns the children to check next (not awaited); None: all."""
-        if isinstance(n, ast.Name):
-            if n.id.startswith("_") and n.id != "_":
-                self.fail(n, f"names starting with '_' are not allowed ({n.id!r})")
-            if n.id in ("self", "asyncio"):
-                self.fail(n, f"{n.id} may only be used to call operators")
-            if n.id not in self.locals and n.id not in SAFE_BUILTINS:
-                self.fail(n, f"unknown or forbidden name {n.id!r}")
-        elif isinstance(n, ast.Constant) and (isinstance(n.value, (bytes, complex))
-                                              or n.value is Ellipsis):
-            self.fail(n, f"{type(n.value).__name__} literals are not allowed")
-        elif isinstance(n, ast.FormattedValue) and n.format_spec is not None:
-            self.fail(n, "format specs in f-strings are not allowed")  # f"{x:>999999999}": 1 GB
-        elif isinstance(n, ast.Expr) and not (isinstance(n.value, (ast.Await, ast.Call))
-                                              or _is_docstring(n)):
-            self.fail(n, "a bare expression does nothing here")
-        elif isinstance(n, ast.AugAssign) and not (isinstance(n.target, ast.Name)
-                                                   and isinstance(n.op, (ast.Add, ast.Sub))):
-            self.fail(n, "only `name += value` and `name -= value` are allowed")
-        elif isinstance(n, ast.Assign):
+            what = ("operator {} is" if isinstance(n, (ast.operator, ast.unaryop)) else
+                    "{} statements are" if isinstance(n, ast.stmt) else "{} expressions are")
+            need(False, n, _REFUSED.get(kind, what.format(kind.__name__) + " not allowed")
+                 .format(n=n))
+        if _ALLOWED[kind]:
+            need(_ALLOWED[kind][0](n), n, _ALLOWED[kind][1].format(n=n))
+        if kind is ast.Name:
+            need(not n.id.startswith("_") or n.id == "_", n,
+                 f"names starting with '_' are not allowed ({n.id!r})")
+            need(n.id not in ("self", "asyncio"), n, f"{n.id} may only be used to call operators")
+            need(n.id in local or n.id in SAFE_BUILTINS, n, f"unknown or forbidden name {n.id!r}")
+        elif kind is ast.Assign:
             for t in n.targets:
-                self.target(t)
-        elif isinstance(n, ast.For):
-            if loops + 1 > MAX_LOOP_DEPTH:
-                self.fail(n, f"loops nest deeper than {MAX_LOOP_DEPTH}")
-            if n.orelse:
-                self.fail(n, "for ... else is not allowed")
-            self.target(n.target)
-            for child in [n.target, *self.bounded(n.iter)]:
-                self.visit(child, loops)
-            for s in n.body:
-                self.visit(s, loops + 1)
-            return ()
-        elif isinstance(n, ast.Await):
+                target(t)
+        elif kind is ast.For:
+            need(loops < MAX_LOOP_DEPTH, n, f"loops nest deeper than {MAX_LOOP_DEPTH}")
+            need(not n.orelse, n, "for ... else is not allowed")
+            target(n.target)
+            for child in (n.target, *bounded(n.iter)):
+                visit(child, loops)
+            loops, children = loops + 1, n.body
+        elif kind is ast.Await:
             f = getattr(n.value, "func", None)
-            if not (isinstance(n.value, ast.Call) and (self.is_operator(f) or self.is_gather(f))):
-                self.fail(n, "await only operator calls (self.op(...)) or asyncio.gather(...)")
-            self.visit(n.value, loops, awaited=True)
-            return ()
-        elif isinstance(n, ast.Starred):
-            if not awaited:
-                self.fail(n, "*unpacking is allowed only in asyncio.gather(*[...])")
-            self.visit(n.value, loops, awaited=True)
-            return ()
-        elif isinstance(n, ast.ListComp):
+            need(isinstance(n.value, ast.Call) and (operator(f) or gather(f)), n,
+                 "await only operator calls (self.op(...)) or asyncio.gather(...)")
+            return visit(n.value, loops, awaited=True)
+        elif kind is ast.Starred:
+            need(awaited, n, "*unpacking is allowed only in asyncio.gather(*[...])")
+            return visit(n.value, loops, awaited=True)
+        elif kind is ast.ListComp:
             g = n.generators[0]
-            if len(n.generators) != 1 or g.is_async:
-                self.fail(n, "a list comprehension may have one `for` (not async)")
-            if not (isinstance(g.iter, ast.Name) or _builtin_call(g.iter, "range")
-                    and 1 <= len(g.iter.args) <= 3 and all(map(_small_int, g.iter.args))):
-                self.fail(n, f"comprehensions go over range(n <= {MAX_RANGE}) or a local list")
-            self.target(g.target)
-            for child in (g.target, g.iter, *g.ifs):
-                self.visit(child, loops)
-            self.visit(n.elt, loops, awaited)
-            return ()
-        elif isinstance(n, ast.Call):
-            return self.call(n, loops, awaited)
-        return None
+            need(len(n.generators) == 1 and not g.is_async, n,
+                 "a list comprehension may have one `for` (not async)")
+            target(g.target)
+            for child in (g.target, *bounded(g.iter), *g.ifs):
+                visit(child, loops)
+            return visit(n.elt, loops, awaited)
+        elif kind is ast.Call:
+            children = call(n, loops, awaited)
+        for child in children:
+            visit(child, loops)
 
-    def target(self, t):
-        """Assignments go to local names, items of a local (x[i] = ...), or tuples of those."""
-        if isinstance(t, (ast.Tuple, ast.List)):
-            for e in t.elts:
-                self.target(e)
-        elif not (isinstance(t, ast.Name)
-                  or (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name))):
-            self.fail(t, "you may assign only to local names (not to attributes)")
+    def operator(f):
+        return _attr_of(f, "self") and f.attr in attrs
 
-    def bounded(self, it):
-        """A for loop goes over range(literals <= MAX_RANGE or len(name)), a local list, a list
-        literal, or enumerate/zip/reversed/sorted of those. Returns the parts to check."""
-        if _builtin_call(it, "range") and 1 <= len(it.args) <= 3:
-            if not all(_small_int(a) or (_builtin_call(a, "len") and len(a.args) == 1
-                                         and isinstance(a.args[0], ast.Name)) for a in it.args):
-                self.fail(it, f"range() arguments must be ints from 0 to {MAX_RANGE} or len(name)")
+    def gather(f):
+        return _attr_of(f, "asyncio") and f.attr == "gather"
+
+    def target(t):  # assignments go to local names, items of a local (x[i] = ...), or tuples
+        for e in t.elts if isinstance(t, (ast.Tuple, ast.List)) else ():
+            target(e)
+        need(isinstance(t, (ast.Name, ast.Tuple, ast.List))
+             or isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name), t,
+             "you may assign only to local names (not to attributes)")
+
+    def bounded(it):
+        """Loops and comprehensions go over range(literals <= MAX_RANGE or len(name)), a local
+        list, a list literal, or enumerate/zip/reversed/sorted of those. Returns the parts to
+        check."""
+        if builtin_call(it, "range") and 1 <= len(it.args) <= 3:
+            need(all(small_int(a) or (builtin_call(a, "len") and len(a.args) == 1
+                                       and isinstance(a.args[0], ast.Name)) for a in it.args), it,
+                 f"range() arguments must be ints from 0 to {MAX_RANGE} or len(name)")
             return it.args
-        if _builtin_call(it, "enumerate", "zip", "reversed", "sorted") and it.args:
-            return [part for a in it.args for part in self.bounded(a)]
-        if isinstance(it, (ast.Name, ast.List, ast.Tuple)):
-            return [it]
-        self.fail(it, "a for loop may go over range(n), a list, or enumerate/zip of lists")
+        if builtin_call(it, "enumerate", "zip", "reversed", "sorted") and it.args:
+            return [part for a in it.args for part in bounded(a)]
+        need(isinstance(it, (ast.Name, ast.List, ast.Tuple)), it,
+             "a loop may go over range(n), a list, or enumerate/zip of lists")
+        return [it]
 
-    def is_operator(self, f):
-        return _is_self_attr(f) and f.attr in self.attrs
-
-    @staticmethod
-    def is_gather(f):
-        return (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
-                and f.value.id == "asyncio" and f.attr == "gather")
-
-    def call(self, c, loops, awaited):
+    def call(c, loops, awaited):
         """Operator calls (awaited), asyncio.gather of operator calls (awaited), the safe builtins
         (range bounded) and str/list methods. Returns the parts to check next."""
         f, args = c.func, c.args + [kw.value for kw in c.keywords]
-        if any(kw.arg is None for kw in c.keywords):
-            self.fail(c, "**kwargs are not allowed")
-        if self.is_operator(f) and not awaited:
-            self.fail(c, f"operator call self.{f.attr}(...) must be awaited")
-        elif self.is_operator(f):
+        need(all(kw.arg for kw in c.keywords), c, "**kwargs are not allowed")
+        if operator(f):
+            need(awaited, c, f"operator call self.{f.attr}(...) must be awaited")
             return args
-        elif self.is_gather(f):
-            if not awaited or c.keywords:
-                self.fail(c, "use `await asyncio.gather(self.op(...), ...)` with no keywords")
+        if gather(f):
+            need(awaited and not c.keywords, c,
+                 "use `await asyncio.gather(self.op(...), ...)` with no keywords")
             for a in c.args:
-                if not ((isinstance(a, ast.Call) and self.is_operator(a.func))
-                        or (isinstance(a, ast.Starred) and isinstance(a.value, ast.ListComp))):
-                    self.fail(c, "asyncio.gather takes operator calls, or *[self.op(...) for i in "
-                                 "range(n)]")
-                self.visit(a, loops, awaited=True)
+                need((isinstance(a, ast.Call) and operator(a.func))
+                     or (isinstance(a, ast.Starred) and isinstance(a.value, ast.ListComp)), c,
+                     "asyncio.gather takes operator calls, or *[self.op(...) for i in range(n)]")
+                visit(a, loops, awaited=True)
             return ()
-        elif isinstance(f, ast.Name) and f.id not in SAFE_BUILTINS:
-            self.fail(c, f"calling {f.id!r} is not allowed (allowed: operators, "
-                         f"{', '.join(SAFE_BUILTINS)})")
-        elif isinstance(f, ast.Name):
-            if f.id == "range" and not all(map(_small_int, c.args)):
-                self.fail(c, f"range() arguments must be integers from 0 to {MAX_RANGE}")
+        if isinstance(f, ast.Name):
+            need(f.id in SAFE_BUILTINS, c, f"calling {f.id!r} is not allowed (allowed: operators, "
+                                           f"{', '.join(SAFE_BUILTINS)})")
+            need(f.id != "range" or all(map(small_int, c.args)), c,
+                 f"range() arguments must be integers from 0 to {MAX_RANGE}")
             return args
-        elif not isinstance(f, ast.Attribute):
-            self.fail(c, "only operators, safe builtins and str/list methods may be called")
-        elif f.attr not in STR_METHODS + LIST_METHODS:
-            self.fail(c, f"method .{f.attr}() is not allowed (allowed: operators and "
-                         f"{', '.join(STR_METHODS + LIST_METHODS)})")
-        elif isinstance(f.value, ast.Name) and f.value.id in ("self", "asyncio"):
-            self.fail(c, f"{f.value.id}.{f.attr} is not an operator")
-        return [f.value, *args]
+        need(isinstance(f, ast.Attribute), c,
+             "only operators, safe builtins and str/list methods may be called")
+        need(f.attr in STR_METHODS + LIST_METHODS, c, f"method .{f.attr}() is not allowed "
+             f"(allowed: operators and {', '.join(STR_METHODS + LIST_METHODS)})")
+        return [f.value, *args]  # self.x.strip() or asyncio.x.strip(): self/asyncio as names fail
+
+    for s in fn.body:
+        visit(s)
+    _need(any(isinstance(n, ast.Return) and n.value is not None for n in ast.walk(fn)),
+          "run_workflow never returns an answer", fn)
 
 
 # --- running a workflow (SCOREFLOW.md §2.1, §4 "Timeouts") -------------------------------------
@@ -519,11 +530,9 @@ class _Context:
         self.client, self.problem, self.options = client, problem, options
         self.max_calls, self.timeout = max_calls, timeout
         self.n_calls, self.steps, self.tokens, self.calls, self.notes = 0, 0, 0, [], []
-        self.t0 = time.monotonic()
-        self.waiting = 0              # executor calls outstanding now
-        self.wait_since = 0.0         # when `waiting` last went from 0 to 1
-        self.executor_seconds = 0.0   # closed intervals with a call outstanding
-        self.seen = {}                # request -> how many times this run has made it
+        self.t0, self.seen = time.monotonic(), {}  # seen: request -> times this run made it
+        # `waiting` executor calls outstanding since `wait_since`; executor_seconds: past intervals
+        self.waiting, self.wait_since, self.executor_seconds = 0, 0.0, 0.0
 
     def waited_seconds(self):
         return self.executor_seconds + (time.monotonic() - self.wait_since if self.waiting else 0.0)
@@ -544,7 +553,7 @@ class _Context:
         # resumed run replays each one. Counted before the await: gather's order is fixed.
         key = json.dumps([messages, sampling], sort_keys=True, ensure_ascii=False)
         self.seen[key] = occurrence = self.seen.get(key, -1) + 1
-        # a repeat or a retried run is asked anew, so at temperature > 0 it is sampled anew: its own seed
+        # a repeat or a retried run is asked anew, so at temperature > 0 sampled anew: its own seed
         if o.seed is not None and (occurrence or o.attempt):
             sampling["seed"] = o.seed + 7919 * occurrence + 104729 * o.attempt
         if self.waiting == 0:  # the clock stops while calls are outstanding (gathered ones overlap)
@@ -591,9 +600,7 @@ def _guarded(stmts):
     for s in stmts:
         if isinstance(s, (ast.For, ast.If)):
             s.body, s.orelse = _guarded(s.body), _guarded(s.orelse)
-        tick = ast.Call(ast.Name("_sf_tick", ast.Load()), [ast.Call(ast.Name("locals", ast.Load()),
-                                                                    [], [])], [])
-        out += [ast.copy_location(ast.Expr(tick), s), s]
+        out += [ast.copy_location(ast.parse("_sf_tick(locals())").body[0], s), s]
     return out
 
 
@@ -657,19 +664,16 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
 async def _within_own_time(coro, ctx):
     """Await coro while ctx.own_seconds() < ctx.timeout; then cancel it and raise _OutOfTime. The
     clock stands still during executor calls, so the wait is re-armed until the own time is spent
-    (polled each second while a call is outstanding)."""
+    (polled at least each second, at most each 50 ms)."""
     task = asyncio.ensure_future(coro)
     try:
-        while True:
-            left = ctx.timeout - ctx.own_seconds()
-            if left <= 0 and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-                raise _OutOfTime()
-            wait = min(max(left, 0.05), 1.0) if ctx.waiting else max(left, 0.001)
-            if (await asyncio.wait({task}, timeout=wait))[0]:
+        while (left := ctx.timeout - ctx.own_seconds()) > 0 or task.done():
+            if (await asyncio.wait({task}, timeout=min(max(left, 0.05), 1.0)))[0]:
                 return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _OutOfTime()
     finally:
         task.cancel()  # a no-op when it is done
 
@@ -695,9 +699,9 @@ def _entry_point(problem):
     return inp.get("entry_point") or (problem.extra or {}).get("entry_point") or ""
 
 
-def _run_python(code, timeout):
-    """executor.run_python; a failure of the sandbox itself is raised as SandboxFailure."""
-    run = executor.run_python(code, timeout=timeout)
+async def _run_python(code, timeout):
+    """executor.run_python in a thread; a failure of the sandbox itself raises SandboxFailure."""
+    run = await asyncio.to_thread(executor.run_python, code, timeout=timeout)
     if run.status == "internal":
         raise SandboxFailure(run.reason)
     return run
@@ -708,9 +712,7 @@ class _Operator:
     against the run's cap, executor calls logged under the operator's class name."""
     retried = False  # Programmer: options.programmer_call_attempts for a call that raises
 
-    def __init__(self, config):
-        if not isinstance(config, _Context):
-            raise TypeError(f"{type(self).__name__}(config): pass the `config` given to __init__")
+    def __init__(self, config):  # the whitelist allows only Operator(config): config is _Context
         self.ctx = config
 
     async def __call__(self, *args, **kwargs):
@@ -839,7 +841,7 @@ class Programmer(_Operator):
         for attempt in range(o.programmer_attempts):
             prompt = programmer_prompt(_problem_text(self.ctx.problem), analysis, code, error)
             code = runnable_program(await self.chat(prompt, examples))
-            run = await asyncio.to_thread(_run_python, code, o.program_timeout)
+            run = await _run_python(code, o.program_timeout)
             if run.status == "ok" and run.stdout.strip():
                 output = run.stdout.strip()[:2000]
                 break
@@ -848,29 +850,6 @@ class Programmer(_Operator):
         else:
             output = f"(no successful run; last error: {error[-300:]})"
         return f"```python\n{code}\n```\nOutput: {output}"
-
-
-def runnable_program(reply: str) -> str:
-    """The program Programmer runs from a reply: with a solve() that needs no arguments, the
-    sanitized solve() and `print(solve())`; otherwise the reply's code block as a whole program
-    (its longest parsing prefix), plus a print of the last argument-free function it defines and
-    never calls at top level (small models often define main() and stop)."""
-    def free(fn):  # a function that takes no arguments
-        return isinstance(fn, ast.FunctionDef) and not (
-            fn.args.args or fn.args.posonlyargs or fn.args.kwonlyargs)
-    code = sanitize_code(reply, "solve")
-    with contextlib.suppress(SyntaxError):
-        tree = ast.parse(code)
-        solves = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solve"]
-        if solves and free(solves[-1]):
-            return code + "\n\nprint(solve())\n"
-    program, tree = parsing_prefix(code_block(reply))
-    if tree is None:
-        return code
-    called = {n.func.id for n in ast.walk(tree)
-              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    uncalled = [n.name for n in tree.body if free(n) and n.name not in called]
-    return program + (f"\n\nprint({uncalled[-1]}())\n" if uncalled else "")
 
 
 class CustomCodeGenerate(_Operator):
@@ -919,7 +898,7 @@ class Test(_Operator):
             f"    print('FAILED: ' + {t.strip()!r} + ' -> ' + type(e).__name__ + ': ' + "
             "str(e)[:200])\n    raise SystemExit(1)\n" for t in tests)
         program = f"{code}\n\ncandidate = {ep}\n{checks}print({done!r})\n"
-        run = await asyncio.to_thread(_run_python, program, self.ctx.options.program_timeout)
+        run = await _run_python(program, self.ctx.options.program_timeout)
         if run.status == "ok" and done in run.stdout:
             return None
         failed = [line[8:] for line in run.stdout.splitlines() if line.startswith("FAILED: ")]
@@ -930,32 +909,6 @@ _OPERATORS = {op.__name__: op for op in (Custom, AnswerGenerate, Programmer, ScE
                                          CustomCodeGenerate, Test)}
 
 
-def sanitize_code(text: str, entry_point: str | None = None) -> str:
-    """Code from a model reply (SCOREFLOW.md §3: "the longest valid span, plus the imports and
-    definitions reachable from the entry point"): code_block's block cut to its parsing_prefix;
-    then only imports and the top-level definitions the entry point reaches (all definitions when
-    there is no entry point or it is missing)."""
-    code, tree = parsing_prefix(code_block(text, entry_point or ""))
-    if tree is None:
-        return code.strip()
-    definition = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-    defs = {n.name: n for n in tree.body if isinstance(n, definition)}
-    assigned = {t.id: n for n in tree.body if isinstance(n, ast.Assign)
-                for t in n.targets if isinstance(t, ast.Name)}
-    reach, todo = set(), [entry_point] if entry_point in defs else []
-    while todo:  # the names the entry point reaches, through definitions and assignments
-        name = todo.pop()
-        node = defs.get(name) or assigned.get(name)
-        if name not in reach and node is not None:
-            todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
-        reach.add(name)
-    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
-            or (isinstance(n, (ast.Assign, *definition)) and not reach)  # no entry point: all
-            or getattr(n, "name", None) in reach or (isinstance(n, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id in reach for t in n.targets))]
-    lines = code.splitlines()
-    return "\n\n".join("\n".join(lines[min([n.lineno] + [d.lineno for d in getattr(
-        n, "decorator_list", [])]) - 1:n.end_lineno]) for n in keep).strip()
 # --- the runnable check (SCOREFLOW.md §2.3) ------------------------------------------------------
 
 TOY_PROBLEMS = {  # §2.3 step 5: a tiny problem per set; the output is not checked
@@ -977,12 +930,12 @@ def forbidden_usage(code: str) -> str:
     except SyntaxError as e:
         return f"syntax error: {e.msg}"
     for n in ast.walk(tree):
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "int":
+        f = getattr(n, "func", None)  # n is a call
+        if isinstance(f, ast.Name) and f.id == "int":
             return (f"line {n.lineno}: int(...) is not allowed (model outputs rarely parse as "
                     "integers)")
-        if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "split"
-                and len(n.args) == 1 and isinstance(n.args[0], ast.Constant)
-                and n.args[0].value == " "):
+        if isinstance(f, ast.Attribute) and f.attr == "split" and [
+                getattr(a, "value", None) for a in n.args] == [" "]:
             return f"line {n.lineno}: .split(' ') is not allowed"
     return ""
 
@@ -1005,7 +958,7 @@ def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
                 or (isinstance(a, ast.Name) and a.id in bound))
 
     def awaited_call(e):
-        if not (isinstance(e, ast.Await) and _is_self_attr(e.value.func)
+        if not (isinstance(e, ast.Await) and _attr_of(e.value.func, "self")
                 and e.value.func.attr in attrs):
             return False
         op, c = attrs[e.value.func.attr], e.value
@@ -1059,7 +1012,7 @@ async def runnable_check(code: str, set_name: str, client, *, threshold: float |
     return True, ""
 
 
-# --- the answer extractor (SCOREFLOW.md §3 "Not offered: Extractor") -----------------------------
+# --- after the workflow: the answer extractor and the judge (§3 "Not offered", §4) --------------
 
 async def extract_answer(output: str, problem, client, set_name: str, *,
                          options: OperatorOptions | None = None) -> str:
@@ -1082,8 +1035,7 @@ async def extract_answer(output: str, problem, client, set_name: str, *,
     return answer
 
 
-# --- the test-time judge (SCOREFLOW.md §4 "At test time", §3 "Not offered: Judge") ----------------
-
+# The test-time judge (SCOREFLOW.md §4 "At test time", §3 "Not offered: Judge").
 JUDGED = ("math", "drop", "hotpotqa")  # the benchmarks the official code judges at test time
 HOTPOTQA_RATIO = 10.0  # §4: 0 without judging when len(out)/len(gold) >= 10 or <= 1/10
 

@@ -165,6 +165,16 @@ def test_allowed_constructs_validate():
     assert O.validate_workflow(workflow(body), "math") == (True, "")
 
 
+def test_loops_and_comprehensions_share_one_bounded_iterable_rule():
+    ok = workflow("xs = ['a', 'b']\nys = [x.strip() for i, x in enumerate(xs)]\n"
+                  "zs = [xs[i] for i in range(len(xs))]\nreturn ys[0] + zs[1]\n")
+    assert O.validate_workflow(ok, "math") == (True, "")
+    assert run(ok).answer == "ab"
+    for body in ("ys = [i for i in range(1000)]\nreturn 'x'\n", "ys = [c for c in 'abc'.split()]\nreturn 'x'\n"):
+        valid, reason = O.validate_workflow(workflow(body), "math")
+        assert not valid and ("range() arguments" in reason or "a loop may go over" in reason), reason
+
+
 # --- run-time caps: stopped while running, with a reason -----------------------------------------
 
 def test_operator_call_cap_stops_the_run():
