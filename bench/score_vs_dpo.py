@@ -53,14 +53,16 @@ def summary(run_dir):
         m = json.load(f)
     test = {k: v["score"] for k, v in m["test"].items()}
     its = m["iterations"]
-    return {"test": test, "pairs": [it["pairs"] for it in its], "not_1_0": [it["pairs_not_1_0"] for it in its]}
+    return {"test": test, "pairs": [it["pairs"] for it in its],
+            "not_1_0": [it["pairs_not_1_0"] for it in its]}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=os.path.join("runs", "score-vs-dpo"))
-    p.add_argument("flags", nargs=argparse.REMAINDER, help="after --: more scoreflow.py flags for every run")
+    p.add_argument("flags", nargs=argparse.REMAINDER,
+                   help="after --: more scoreflow.py flags for every run")
     a = p.parse_args()
     flags = [f for f in a.flags if f != "--"]
     out = os.path.abspath(a.out)
@@ -70,15 +72,16 @@ def main():
         base = os.path.join(out, f"seed{seed}-score-dpo")
         if not os.path.exists(os.path.join(base, "report.md")):
             shutil.rmtree(base, ignore_errors=True)
-            sec = scoreflow(["--bench", "math", "--seed", str(seed), "--loss", "score-dpo", "--run-dir", base]
-                            + flags, base + ".log")
+            sec = scoreflow(["--bench", "math", "--seed", str(seed), "--loss", "score-dpo",
+                             "--run-dir", base] + flags, base + ".log")
             print(f"seed {seed} score-dpo: {sec:.0f} s", flush=True)
         other = os.path.join(out, f"seed{seed}-dpo")
         if not os.path.exists(os.path.join(other, "report.md")):
             shutil.rmtree(other, ignore_errors=True)
             fork(base, other, "dpo")
             sec = scoreflow(["--resume", other], other + ".log")
-            print(f"seed {seed} dpo (forked after iteration 0's execute stage): {sec:.0f} s", flush=True)
+            print(f"seed {seed} dpo (forked after iteration 0's execute stage): {sec:.0f} s",
+                  flush=True)
         rows[seed] = {"score-dpo": summary(base), "dpo": summary(other)}
 
     gens = sorted(k for k in rows[next(iter(rows))]["score-dpo"]["test"] if k.startswith("gen"))
@@ -90,7 +93,8 @@ def main():
         for loss in ("score-dpo", "dpo"):
             s = r[loss]
             pairs = ", ".join(f"{n}/{t}" for n, t in zip(s["not_1_0"], s["pairs"]))
-            print(f"| {seed} | {loss} | " + " | ".join(pct(s["test"].get(c)) for c in cols) + f" | {pairs} |")
+            print(f"| {seed} | {loss} | " + " | ".join(pct(s["test"].get(c)) for c in cols)
+                  + f" | {pairs} |")
     for loss in ("score-dpo", "dpo"):
         mean = [statistics.mean(r[loss]["test"][c] for r in rows.values()) for c in cols]
         print(f"| mean | {loss} | " + " | ".join(pct(x) for x in mean) + " | |")
