@@ -7,8 +7,8 @@ Hugging Face Llama checkpoints (Llama-3.1 "llama3" rope scaling included) load t
 
 Sections, in reading order: config -> layers -> model (the transformer, ~300 lines) -> GGUF
 loading -> HF loading -> tokenizer and chat formats -> loading entry point -> generation (KV cache,
-sampler, prefill / decode_step / the loop, the continuous-batching Decoder) -> prepacked weights
--> LoRA -> export. Completion log-probs (training) are score_dpo.token_logprobs.
+sampler, prefill / decode_step, the Decoder whose loop both generate and the server run) ->
+prepacked weights -> LoRA -> export. Completion log-probs (training) are score_dpo.token_logprobs.
 
 Numerics: fp32 matches transformers on the same weights to ~1e-4 in logits (1e-9 in float64);
 bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). Speed-ups are explicit calls that
@@ -333,15 +333,7 @@ class KVCache:
         view.k, view.v = [x[:, :, lo:] for x in self.k], [x[:, :, lo:] for x in self.v]
         return view
 
-    def select(self, rows, upto):
-        """Keep only batch rows `rows` (a LongTensor), moving them to the front in place; the used
-        columns :upto are copied. Afterwards the cache has len(rows) rows."""
-        n = len(rows)
-        for buf in (self.k, self.v):
-            for i, t in enumerate(buf):
-                t[:n, :, :upto] = t[rows, :, :upto]
-                buf[i] = t[:n]
-        self.batch = n
+
 
 
 # --------------------------------------------------------------------------- GGUF loading
@@ -964,14 +956,14 @@ def _stops_per_row(stop, n):
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
              top_k=0, stop=(), seed=None, step=None) -> list[Completion]:
-    """Sample completions for raw prompt strings with a static KV cache.
-
-    Prompts are left-padded into one batch; identical prompts are prefilled once and their cache
-    rows copied. Each row stops at an eos id, at one of its stop strings or at its
-    max_new_tokens; finished rows are dropped from the batch (cache compacted once a quarter of
-    it is done). Every row samples from its own torch.Generator seeded `seed[i]` (a scalar seed s
-    gives row i the seed s + i; None draws fresh seeds); temperature 0 is greedy. On CPU the
-    weights are `prepacked` for the call (oneDNN copies, kept on the model for the next call).
+    """Sample completions for raw prompt strings with a static KV cache: one Decoder batch that
+    every row joins at once. Identical prompts are prefilled once and their cache rows copied;
+    the prompt head all share is one prefix. Each row stops at an eos id, at one of its stop
+    strings or at its max_new_tokens; finished rows are dropped from the batch (cache compacted
+    once a quarter of it is done). Every row samples from its own torch.Generator seeded
+    `seed[i]` (a scalar seed s gives row i the seed s + i; None draws fresh seeds); temperature 0
+    is greedy. On CPU the weights are `prepacked` for the call (oneDNN copies, kept on the model
+    for the next call).
     `step` replaces decode_step (bench/speed_generate.py's torch.compile of it); it gets the
     plain weights, since inductor cannot trace oneDNN's opaque ones.
     """
@@ -988,10 +980,13 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
     seeds = (_per_row(seed, n, "seed", int) if isinstance(seed, (list, tuple))
              else [int(seed) + i for i in range(n)])
     ids = [prompt_ids(tokenizer, p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+    done = {}
     with nullcontext() if step else prepacked(model):
-        out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops,
-                                tokenizer, step or decode_step)
-    return [completion(tokenizer, row, *res) for row, res in zip(ids, out_ids)]
+        dec = Decoder(model, tokenizer, slack=0, share_prefix=True)  # all rows join at once
+        dec.add(range(n), ids, max_new, temps, top_ps, top_ks, seeds, stops)
+        while len(dec):
+            done.update(dec.step(step or decode_step))
+    return [done[i] for i in range(n)]
 
 
 def completion(tokenizer, prompt, gen, reason, cut):
@@ -1009,13 +1004,6 @@ def _row_end(tokenizer, gen, stops, max_stop, max_new):
     if stops and (cut := _find_stop(tokenizer, gen, stops, max_stop)) is not None:
         return gen, "stop", cut
     return (gen, "length", None) if len(gen) >= max_new else None
-
-
-def _uniforms(draws, device):
-    """(B,) one uniform per row, from its own generator where it samples, else 0: draws is
-    [(generator, whether the row samples now)]. A row's stream never depends on its batch."""
-    return torch.tensor([torch.rand(1, generator=g).item() if hot else 0.0 for g, hot in draws],
-                        device=device)
 
 
 def prefill(model, rows, S):
@@ -1072,63 +1060,6 @@ def decode_step(model, tokens, pos, mask, cache, t, prefix=None):
     return model.lm_head(model.hidden(tokens, pos, mask, cache, t, prefix)[:, -1])
 
 
-def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, step_fn):
-    """The sampling loop: prefill, then one decode step (step_fn) per token. Returns per row
-    (generated ids, finish reason, character index of the stop string or None)."""
-    device = model.lm_head.weight.device
-    n, cfg = len(ids), model.config
-    T = max(len(r) for r in ids)
-    S = T + max(max_new)
-    if S > cfg.max_seq_len:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max(max_new)}) = {S} exceeds "
-                         f"the model's context length {cfg.max_seq_len}")
-    uniq = {}
-    inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=device)
-    logits, cache, prefix, valid = prefill(model, list(uniq), S)  # each distinct prompt once
-    P = 0 if prefix is None else prefix.length
-    logits = logits[inverse]  # (B, V)
-    if len(uniq) < n:  # copy the cache rows of repeated prompts
-        for buf in (cache.k, cache.v):
-            buf[:] = [t.index_select(0, inverse) for t in buf]
-        cache.batch = n
-    padded = P or not bool(valid.all())
-    keys = torch.ones(n, S, dtype=torch.bool, device=device)  # (B, S) attendable, prefix first
-    keys[:, :T] = valid[inverse]
-    pos = torch.tensor([len(r) for r in ids], device=device)  # (B,) rope position of next token
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    temp_t, top_p_t, top_k_t = (torch.tensor(x, device=device) for x in (temps, top_ps, top_ks))
-    live = list(range(n))  # original row index of each cache row
-    out = [[] for _ in range(n)]
-    result = [None] * n
-    max_stop = [max((len(s.encode()) for s in st), default=0) for st in stops]
-    t = T - P  # the cache column the next token is written to
-    while True:
-        u = _uniforms([(gens[r], temps[r] > 0 and result[r] is None) for r in live], device)
-        nxt = sample_tokens(logits, temp_t, top_k_t, top_p_t, u).tolist()
-        keep = []
-        for j, r in enumerate(live):
-            if result[r] is not None:  # finished, waiting for the next compaction
-                continue
-            out[r].append(nxt[j])
-            result[r] = _row_end(tokenizer, out[r], stops[r], max_stop[r], max_new[r])
-            if result[r] is None:
-                keep.append(j)
-        if not keep:
-            return result
-        if len(keep) < len(live) and (len(live) - len(keep)) * 4 >= len(live):  # compact
-            sel = torch.tensor(keep, device=device)
-            cache.select(sel, t)
-            keys, pos, temp_t, top_p_t, top_k_t = (x[sel] for x in (keys, pos, temp_t, top_p_t,
-                                                                     top_k_t))
-            live = [live[j] for j in keep]
-            nxt = [nxt[j] for j in keep]
-        step = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
-        mask = keys[:, None, None, :P + t + 1] if padded else None  # (B, 1, 1, P + t + 1)
-        logits = step_fn(model, step, pos[:, None], mask, cache, t, prefix)  # (B, V)
-        pos += 1
-        t += 1
-
-
 class Decoder:
     """Continuous batching: a running batch that rows join between decode steps (`add`) and
     leave as soon as they finish (`step`), so a new request never waits for a batch's slowest
@@ -1142,12 +1073,21 @@ class Decoder:
     prompts right-aligned at the widest row, with `slack` spare columns for later joins; so does
     a step that finds a quarter of the rows free (compaction). Rope positions are per row:
     moving a row's columns changes nothing it computes. (Re-packing at every join was 30% of the
-    server's time in a default run at --runs 3: each copies the whole cache.)"""
+    server's time in a default run at --runs 3: each copies the whole cache.) generate is one
+    add and steps until every row is done.
 
-    def __init__(self, model, tokenizer, slack=128):
+    share_prefix (generate: one add, no later joins): the prompt head all rows of that add share
+    stays one 1-row KVCache, `prefix`, that every decode step attends to first, read once per
+    step rather than once per row (the generator's ~780-token few-shot head made decode ~2x
+    slower per token when copied into every row)."""
+
+    def __init__(self, model, tokenizer, slack=128, share_prefix=False):
         self.model, self.tokenizer, self.slack = model, tokenizer, slack
+        self.share_prefix, self.prefix = share_prefix, None
         self.device = model.lm_head.weight.device
-        self.rows = []  # per cache row: dict(tag, prompt, out, max_new, sampling, stops, gen, done)
+        # per cache row: dict(tag, prompt, skip (its tokens held in prefix), out, max_new,
+        # sampling, stops, gen, done)
+        self.rows = []
         self.cache, self.t, self.logits = None, 0, None  # logits (B, V): next-token scores
         self.repacks = self.fills = 0  # how joins were placed (the tests and bench read them)
 
@@ -1166,6 +1106,12 @@ class Decoder:
         inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids],
                                device=self.device)
         logits, part, prefix, valid = prefill(self.model, list(uniq), Tn)  # each prompt once
+        skip = 0
+        if self.share_prefix and prefix is not None:  # the head stays one copy, outside the rows
+            if self.rows:
+                raise RuntimeError("Decoder(share_prefix=True) takes a single add()")
+            self.prefix, skip, prefix = prefix, prefix.length, None
+            Tn, valid = Tn - skip, valid[:, skip:]
         # each row's real columns (a shared head, pads, its own suffix) gathered to the right end
         order = torch.argsort(valid.int(), dim=1, stable=True)[:, None, :, None]  # (u, 1, Tn, 1)
         new = []  # per layer (k, v), each (n, Hkv, Tn, D)
@@ -1178,8 +1124,8 @@ class Decoder:
                 x = x[:, :, :Tn].gather(2, order.expand(-1, x.shape[1], -1, x.shape[3]))
                 kv.append(x.index_select(0, inverse))
             new.append(kv)
-        rows = [dict(tag=tag, prompt=r, out=[], max_new=m, sampling=(tp, pp, kk), stops=st,
-                     done=None, gen=torch.Generator().manual_seed(sd),
+        rows = [dict(tag=tag, prompt=r, skip=skip, out=[], max_new=m, sampling=(tp, pp, kk),
+                     stops=st, done=None, gen=torch.Generator().manual_seed(sd),
                      max_stop=max((len(x.encode()) for x in st), default=0))
                 for tag, r, m, tp, pp, kk, sd, st in zip(tags, ids, max_new, temps, top_ps,
                                                          top_ks, seeds, stops)]
@@ -1216,7 +1162,7 @@ class Decoder:
         """A fresh cache: rows `keep` (indices) of the old one, then `rows` whose prefilled
         columns `new` (per layer (k, v), right-aligned in Tn columns) come with `new_logits`."""
         self.repacks += 1
-        width = lambda r: len(r["prompt"]) + len(r["out"])  # noqa: E731  (tokens in the cache)
+        width = lambda r: len(r["prompt"]) - r["skip"] + len(r["out"])  # noqa: E731 (in the cache)
         old, t, kept = self.cache, self.t, [self.rows[j] for j in keep]
         Wk = max(map(width, kept), default=0)  # the kept rows' columns t - Wk .. t hold theirs
         W = max(Wk, Tn)
@@ -1251,13 +1197,15 @@ class Decoder:
                  + ([new_logits] if rows else []))
         self.logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         # the next rope position, and the sampling settings, per row
-        self.pos = torch.tensor([width(r) for r in self.rows], device=self.device)
+        self.pos = torch.tensor([len(r["prompt"]) + len(r["out"]) for r in self.rows],
+                                device=self.device)
         self.temp_t, self.top_p_t, self.top_k_t = (
             torch.tensor([r["sampling"][k] for r in self.rows], device=self.device)
             for k in range(3))
 
-    def step(self):
-        """Sample each live row's next token, then one decode step for the rows still going.
+    def step(self, decode=decode_step):
+        """Sample each live row's next token, then one decode step (`decode`, see generate) for
+        the rows still going.
         Returns [(tag, Completion)] of the rows that finished with this token. Free rows ride
         along in the decode step until a join fills them or a quarter of the rows are free: then
         the cache is compacted first (rows finished at the last step get one add() to be
@@ -1266,8 +1214,8 @@ class Decoder:
         if going and (len(self.rows) - len(going)) * 4 >= len(self.rows):  # compact
             self._repack(going, [])
         live = [r["done"] is None for r in self.rows]
-        u = _uniforms([(r["gen"], r["sampling"][0] > 0 and ok)
-                       for r, ok in zip(self.rows, live)], self.device)
+        u = torch.tensor([torch.rand(1, generator=r["gen"]).item() if r["sampling"][0] > 0 and ok
+                          else 0.0 for r, ok in zip(self.rows, live)], device=self.device)  # (B,)
         nxt = sample_tokens(self.logits, self.temp_t, self.top_k_t, self.top_p_t, u).tolist()
         finished = []
         for r, ok, tok in zip(self.rows, live, nxt):
@@ -1279,18 +1227,20 @@ class Decoder:
                     finished.append((r["tag"], completion(self.tokenizer, r["prompt"],
                                                           *r["done"])))
         if not any(r["done"] is None for r in self.rows):
-            self.rows, self.cache, self.t, self.logits = [], None, 0, None
+            self.rows, self.cache, self.t, self.logits, self.prefix = [], None, 0, None, None
             return finished
         step = torch.tensor(nxt, device=self.device)[:, None]  # (B, 1); finished rows ride along
         # columns left of every live row's first are read by no live row: attend from there, a
         # window of the cache (rows that joined in place start late, so the window is the live
         # rows' span, not all columns since the last re-pack). A free row still sees its column
         # t: its scores stay finite, never NaN.
-        lo = min(self.t + 1 - len(r["prompt"]) - len(r["out"])
+        lo = min(self.t + 1 - len(r["prompt"]) + r["skip"] - len(r["out"])
                  for r in self.rows if r["done"] is None)
-        self.logits = decode_step(self.model, step, self.pos[:, None],
-                                  self.keys[:, None, None, lo:self.t + 1],
-                                  self.cache.window(lo), self.t - lo)
+        keys = self.keys[:, lo:self.t + 1]  # (B, t + 1 - lo)
+        if self.prefix is not None:  # every row attends to the whole head first
+            keys = torch.cat([keys.new_ones(len(keys), self.prefix.length), keys], 1)
+        self.logits = decode(self.model, step, self.pos[:, None], keys[:, None, None],
+                             self.cache.window(lo), self.t - lo, self.prefix)
         self.pos += 1
         self.t += 1
         return finished
