@@ -409,7 +409,7 @@ def _deq_q6_k(b):  # ql 128, qh 64, 16 int8 scales (one per 16 values), d: x = d
 def _deq_float(dtype):  # F32 / F16 as they are; BF16 is the high 16 bits of an fp32
     if dtype == "bf16":
         return lambda b: (b.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return lambda b: b.copy().view(dtype).astype(np.float32)
+    return lambda b: b.copy().view(dtype).astype(np.float32, copy=False)
 
 
 # ggml type id -> (name, values per block, bytes per block, dequantise)
@@ -1006,18 +1006,18 @@ def _row_end(tokenizer, gen, stops, max_stop, max_new):
     return (gen, "length", None) if len(gen) >= max_new else None
 
 
-def prefill(model, rows, S):
-    """Run distinct prompts `rows` (lists of ids) into a fresh cache of S columns. The prefix all
-    rows share is run once into its own 1-row KVCache (explicit `prefix` from then on, P
-    columns); suffixes are left-padded to width T - P, and rows of very different lengths are
-    prefilled in length groups. Returns (logits of each row's last token (B, V), cache, prefix or
-    None, valid (B, T) real tokens among the columns :T, prefix first)."""
+def prefill(model, rows):
+    """Run distinct prompts `rows` (lists of ids, T the longest) into a fresh cache. The prefix
+    all rows share is run once into its own 1-row KVCache (explicit `prefix` from then on, P
+    columns); suffixes are left-padded into the cache's T - P columns, and rows of very different
+    lengths are prefilled in length groups. Returns (logits of each row's last token (B, V),
+    cache, prefix or None, valid (B, T) real tokens among the columns :T, prefix first)."""
     device = model.lm_head.weight.device
     T = max(len(r) for r in rows)
     P = shared_prefix(rows)
     Ts = T - P  # suffix width; left-padded, so cache column Ts - 1 is every row's last token
     prefix = prefix_cache(model, rows[0][:P])
-    cache = KVCache(len(rows), S - P)
+    cache = KVCache(len(rows), Ts)
     tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (B,Ts)
     valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P)
                           for r in rows], device=device)  # (B, T)
@@ -1105,7 +1105,7 @@ class Decoder:
         Tn, uniq = max(len(r) for r in ids), {}
         inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids],
                                device=self.device)
-        logits, part, prefix, valid = prefill(self.model, list(uniq), Tn)  # each prompt once
+        logits, part, prefix, valid = prefill(self.model, list(uniq))  # each prompt once
         skip = 0
         if self.share_prefix and prefix is not None:  # the head stays one copy, outside the rows
             if self.rows:
@@ -1427,8 +1427,7 @@ def _linear_groups(model):
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         yield from ((a, ("q_proj", "k_proj", "v_proj")), (a, ("o_proj",)),
-                    (m, ("gate_proj", "up_proj")),
-                    (m, ("down_proj",)))
+                    (m, ("gate_proj", "up_proj")), (m, ("down_proj",)))
     yield model, ("lm_head",)
 
 
