@@ -204,8 +204,8 @@ def main(argv=None):
     ap.add_argument("--packed", action="store_true", help="also time ours after pack_weights (int4, bf16)")
     ap.add_argument("--head-bits", type=int, default=0, help="pack_weights' lm_head bits: 8, or 0 = dense (default)")
     ap.add_argument("--compile", action="store_true",
-                    help="also time each of ours with generate(step=compiled_step()) (torch.compile of the "
-                         "decode step; its first call compiles, untimed)")
+                    help="also time each of ours with generate(step=compiled_step()) "
+                         "(torch.compile of the decode step; its first call compiles, untimed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers

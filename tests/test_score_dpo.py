@@ -253,7 +253,8 @@ def test_sample_pairs_frequencies_match_d_and_are_seeded():
     assert sample_pairs(pairs, 500, seed=7) == sample_pairs(pairs, 500, seed=7)
     assert sample_pairs(pairs, 500, seed=7) != sample_pairs(pairs, 500, seed=8)
     # uniform d (the ablation): each of the 9 pairs ≈ 1/9
-    counts = collections.Counter((p.chosen, p.rejected) for p in sample_pairs(pairs, n, d=lambda x, y: power_d(x, y, 0), seed=1))
+    uniform = lambda x, y: power_d(x, y, power=0)  # noqa: E731
+    counts = collections.Counter((p.chosen, p.rejected) for p in sample_pairs(pairs, n, d=uniform, seed=1))
     sd = math.sqrt(n * (1 / 9) * (8 / 9))
     assert len(counts) == 9 and all(abs(c - n / 9) < 5 * sd for c in counts.values())
     # a d that is zero on a pair never draws it
