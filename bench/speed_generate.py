@@ -8,8 +8,9 @@ timed in the same run (interleaved repeats, median). Prints tok/s per side and t
 
 With 64 new tokens nearly every row runs to the limit (a fixed-length test of the decode step);
 with 256 most rows end at eos first, where our generate drops finished rows and transformers
-keeps computing them. --compile adds each of ours with generate(compile=True); its warm-up column
-includes the compilation (~1 min the first time; inductor's on-disk cache makes later runs ~10 s).
+keeps computing them. --compile adds each of ours with generate(step=compiled_step()); its warm-up
+column includes the compilation (~1 min the first time; inductor's on-disk cache makes later runs
+~10 s).
 
 Tokens/s counts completion tokens up to and including each row's eos (transformers' padding after
 a finished row is not counted). Both sides decode greedily from the same token ids; the
@@ -100,6 +101,22 @@ def pack_weights(model, bits=4, head_bits=0, max_rows=4):
     return model
 
 
+def compiled_step():
+    """torch.compile of model.decode_step, for generate(step=) (needs a C++ compiler; the first
+    call compiles for ~1 min). It is for batch 1, where fusing the small per-layer ops pays once
+    int4 weights shrink the matmuls (135M int4 bf16: 21 -> 35 tok/s); generate runs it on the
+    plain weights (inductor cannot trace prepacked's oneDNN ones), so larger batches lose (fp32
+    batch 8: 53-63 vs 64-76 tok/s). Only this script and its test use it, so it lives here."""
+    fn = torch.compile(M.decode_step, dynamic=True)  # one graph for every t, and for any B > 1
+
+    def step(model, tokens, pos, mask, cache, t, prefix=None):
+        if tokens.shape[0] > 1:  # B varies (compaction, calls): symbolic, or each B recompiles
+            for x in [tokens, pos] + ([] if mask is None else [mask]) + cache.k + cache.v:
+                torch._dynamo.mark_dynamic(x, 0)
+        return fn(model, tokens, pos, mask, cache, t, prefix)
+    return step
+
+
 # --------------------------------------------------------------------------- timing
 
 TOPICS = ["a dragon who is afraid of fire", "how rainbows form", "the history of the printing press",
@@ -137,9 +154,9 @@ def hf_generate(hf, tok, texts, max_new, temperature=0.0):
     return n, out
 
 
-def ours_generate(model, tok, texts, max_new, temperature=0.0, compile=False):
+def ours_generate(model, tok, texts, max_new, temperature=0.0, step=None):
     res = M.generate(model, tok, texts, max_new_tokens=max_new, temperature=temperature, top_p=0.95,
-                     seed=list(range(len(texts))), compile=compile)
+                     seed=list(range(len(texts))), step=step)
     return sum(r.n_completion_tokens for r in res), [r.token_ids for r in res]
 
 
@@ -187,8 +204,8 @@ def main(argv=None):
     ap.add_argument("--packed", action="store_true", help="also time ours after pack_weights (int4, bf16)")
     ap.add_argument("--head-bits", type=int, default=0, help="pack_weights' lm_head bits: 8, or 0 = dense (default)")
     ap.add_argument("--compile", action="store_true",
-                    help="also time each of ours with generate(compile=True) (torch.compile of the decode step; "
-                         "its first call compiles, untimed)")
+                    help="also time each of ours with generate(step=compiled_step()) "
+                         "(torch.compile of the decode step; its first call compiles, untimed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -207,13 +224,13 @@ def main(argv=None):
         hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                                dtype=dtype).eval()
         assert type(hf.model.layers[0].self_attn.q_proj) is torch.nn.Linear, "transformers kept GGUF blocks packed"
-        variants = [("dense", M.load(path, dtype=dtype), False)]
+        variants = [("dense", M.load(path, dtype=dtype), None)]
         print(f"{dname}: compute path {M.compute_path(variants[0][1][0])}", flush=True)
         if args.packed and dtype == torch.bfloat16:
             pm, ptok = M.load(path, dtype=dtype)
-            variants.append(("int4", (pack_weights(pm, head_bits=args.head_bits), ptok), False))
+            variants.append(("int4", (pack_weights(pm, head_bits=args.head_bits), ptok), None))
         if args.compile:
-            variants += [(name + "+c", pair, True) for name, pair, _ in variants]
+            variants += [(name + "+c", pair, compiled_step()) for name, pair, _ in variants]
         for batch in [int(b) for b in args.batches.split(",")]:
             for vname, (ours, tok), compiled in variants:
                 k = min(args.samples_per_prompt, batch)

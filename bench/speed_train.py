@@ -190,7 +190,7 @@ def main(argv=None):
     model, tok = M.load(None, device="cpu", dtype=torch.float32)
     pairs = make_pairs(tok, args.pairs + 1, args.prompt_tokens, args.completion_tokens)
     enc = [S.encode_pair(tok, p) for p in pairs]
-    ours_lens = [(len(a), len(b), len(c)) for a, b, c, _ in enc]
+    ours_lens = [(len(a), len(b), len(c)) for a, b, c in enc]
     trl_times, ours_times, ours_steps, trl_lens = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         export = os.path.join(d, "hf")

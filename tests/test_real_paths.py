@@ -112,8 +112,8 @@ def _iterations_continue_the_adapter(run_dir, smol):
     prompts = [M.prompt_ids(tok, r["prompt"]) for r in recs]
     comps = [tok.encode(r["completion"]) for r in recs]
     with torch.no_grad():
-        lp_base = sum(x.sum() for x in M.token_logprobs(base, prompts, comps)) / len(comps)
-        lp_tuned = sum(x.sum() for x in M.token_logprobs(tuned, prompts, comps)) / len(comps)
+        lp_base = sum(x.sum() for x in score_dpo.token_logprobs(base, prompts, comps)) / len(comps)
+        lp_tuned = sum(x.sum() for x in score_dpo.token_logprobs(tuned, prompts, comps)) / len(comps)
     assert lp_tuned > lp_base + 1.0, (float(lp_tuned), float(lp_base))
 
 

@@ -14,8 +14,8 @@ import torch
 
 import model as M
 import score_dpo
-from score_dpo import (Pair, TrainConfig, build_pairs, cube_d, dpo_loss, encode_pair, pair_token_logps, read_pairs,
-                       sample_pairs, score_dpo_influence, score_dpo_loss, train, uniform_d, write_pairs)
+from score_dpo import (Pair, TrainConfig, build_pairs, dpo_loss, encode_pair, pair_token_logps, power_d,
+                       read_pairs, sample_pairs, score_dpo_influence, score_dpo_loss, train, write_pairs)
 
 F64 = torch.float64
 
@@ -178,8 +178,8 @@ def test_influence_is_minus_d_times_loss_gradient():
     losses.sum().backward()
     i_w, i_l = score_dpo_influence(r_w, r_l, sw, sl)
     # ∂ℓ/∂r = (∂ℓ/∂lpπ)/β
-    torch.testing.assert_close(i_w, cube_d(sw, sl) * (-pw.grad / beta), rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(i_l, cube_d(sw, sl) * (-pl.grad / beta), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(i_w, power_d(sw, sl) * (-pw.grad / beta), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(i_l, power_d(sw, sl) * (-pl.grad / beta), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("f", [score_dpo.identity, torch.sqrt, lambda x: x * x])
@@ -226,7 +226,7 @@ def test_build_pairs_scoreflow_example():
     assert all(p.chosen_score == ABCDE[p.chosen] and p.rejected_score == ABCDE[p.rejected] for p in pairs)
     assert all(p.problem_id == "p1" and p.prompt == "the prompt" for p in pairs)
     # d-weights: A–E 1; A–C, A–D, B–E 8/27; the other five 1/27; Σ = 56/27
-    w = {(p.chosen, p.rejected): cube_d(p.chosen_score, p.rejected_score) for p in pairs}
+    w = {(p.chosen, p.rejected): power_d(p.chosen_score, p.rejected_score) for p in pairs}
     assert sum(w.values()) == pytest.approx(56 / 27, abs=1e-12)
     assert w[("A", "E")] == pytest.approx(1.0) and w[("B", "E")] == pytest.approx(8 / 27)
     # a workflow without a score (failed to load) takes part in nothing; bad input is an error
@@ -253,7 +253,8 @@ def test_sample_pairs_frequencies_match_d_and_are_seeded():
     assert sample_pairs(pairs, 500, seed=7) == sample_pairs(pairs, 500, seed=7)
     assert sample_pairs(pairs, 500, seed=7) != sample_pairs(pairs, 500, seed=8)
     # uniform d (the ablation): each of the 9 pairs ≈ 1/9
-    counts = collections.Counter((p.chosen, p.rejected) for p in sample_pairs(pairs, n, d=uniform_d, seed=1))
+    uniform = lambda x, y: power_d(x, y, power=0)  # noqa: E731
+    counts = collections.Counter((p.chosen, p.rejected) for p in sample_pairs(pairs, n, d=uniform, seed=1))
     sd = math.sqrt(n * (1 / 9) * (8 / 9))
     assert len(counts) == 9 and all(abs(c - n / 9) < 5 * sd for c in counts.values())
     # a d that is zero on a pair never draws it
@@ -318,20 +319,16 @@ def fresh(smol):
     return copy.deepcopy(smol[0]).eval()
 
 
-def test_encode_pair_appends_eos_and_truncates_by_the_rule(smol):
+def test_encode_pair_appends_eos(smol):
     _, tok = smol
     eos = score_dpo.completion_eos_id(tok)
     assert eos in tok.eos_ids and tok.decode([eos]) == "<|im_end|>"
     p = TRAIN_PAIRS[0]
-    prompt, chosen, rejected, cut = encode_pair(tok, p)
-    assert not cut and chosen == tok.encode(p.chosen) + [eos] and rejected == tok.encode(p.rejected) + [eos]
+    prompt, chosen, rejected = encode_pair(tok, p)
+    assert chosen == tok.encode(p.chosen) + [eos] and rejected == tok.encode(p.rejected) + [eos]
     # the prompt is what model.generate feeds the sampler
     assert len(prompt) == M.generate(smol[0], tok, [p.prompt], max_new_tokens=1)[0].n_prompt_tokens
     assert prompt == tok.encode(p.prompt)  # SmolLM2's GGUF asks for no BOS
-    # prompt cut from the left (its end survives), completions from the right (EOS dropped when cut)
-    p2, c2, r2, cut2 = encode_pair(tok, p, max_prompt_tokens=5, max_completion_tokens=4)
-    assert cut2 and p2 == prompt[-5:] and c2 == chosen[:4] and r2 == rejected[:4]
-    assert encode_pair(tok, p, max_prompt_tokens=len(prompt), max_completion_tokens=len(rejected))[3] is False
 
 
 def completion_logps(logits, prompt, comp):
@@ -350,7 +347,7 @@ def test_pair_token_logps_match_transformers_float64(smol, exported):
     hf = transformers_model(exported, torch.float64)
     # the last pair has an empty chosen text (just EOS) and a one-token rejected: the second pass is 1 token
     for p in TRAIN_PAIRS[:2] + [Pair("d", CHAT.format("Hi"), "", "Ok", 0.5, 0.0)]:
-        prompt, chosen, rejected, _ = encode_pair(tok, p)
+        prompt, chosen, rejected = encode_pair(tok, p)
         with torch.no_grad():
             got_c, got_r = pair_token_logps(ours, prompt, chosen, rejected)
             for comp, got in ((chosen, got_c), (rejected, got_r)):
@@ -364,7 +361,7 @@ def test_pair_token_logps_match_transformers_float64(smol, exported):
     g = torch.Generator().manual_seed(0)
     for _, layer in M.lora_layers(ours):
         layer.lora_B.weight.data.normal_(0, 0.01, generator=g)
-    prompt, chosen, rejected, _ = encode_pair(tok, TRAIN_PAIRS[1])
+    prompt, chosen, rejected = encode_pair(tok, TRAIN_PAIRS[1])
     c, r = pair_token_logps(ours, prompt, chosen, rejected)
     (c.sum() - 2 * r.sum()).backward()
     g_ours = [p.grad.clone() for p in M.lora_state_dict(ours).values()]
@@ -433,12 +430,12 @@ def test_dpo_loss_equals_trl_sigmoid_loss(exported, tmp_path):
 
 
 def seq_logps(model, tok, pairs):
-    """(log π(w), log π(l)) per pair through model.py's own token_logprobs (an independent path)."""
+    """(log π(w), log π(l)) per pair through token_logprobs, one pair at a time."""
     out = []
     with torch.no_grad():
         for p in pairs:
-            prompt, chosen, rejected, _ = encode_pair(tok, p)
-            c, r = M.token_logprobs(model, [prompt, prompt], [chosen, rejected])
+            prompt, chosen, rejected = encode_pair(tok, p)
+            c, r = score_dpo.token_logprobs(model, [prompt, prompt], [chosen, rejected])
             out.append((float(c.sum()), float(r.sum())))
     return torch.tensor(out, dtype=F64)
 
@@ -477,7 +474,7 @@ def trained(smol, tmp_path_factory):
 
 def test_training_raises_reward_margin_and_logprob_ratio(trained):
     model, tok, before, after, res, out, log = trained
-    assert res.steps == 4 and res.pairs == 4 and res.truncated == 0 and len(res.history) == 4
+    assert res.steps == 4 and res.pairs == 4 and len(res.history) == 4
     # the first step sees π_θ = π_ref (B = 0): loss ln 2, margin 0
     assert res.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and res.history[0]["margin"] == 0.0
     # linear decay from lr, no warmup
@@ -661,8 +658,8 @@ def test_grouped_pairs_equal_one_pass_per_pair_float64(exported):
     for _, layer in M.lora_layers(ours):
         layer.lora_B.weight.data.normal_(0, 0.01, generator=g)
     pairs = TRAIN_PAIRS + [TRAIN_PAIRS[0], Pair("d", CHAT.format("Hi"), "", "Ok", 0.5, 0.0)]
-    items = [encode_pair(tok, p)[:3] for p in pairs]
-    assert M._shared_prefix([p for p, _, _ in items], min_len=1) >= 3  # a real shared head
+    items = [encode_pair(tok, p) for p in pairs]
+    assert M.shared_prefix([p for p, _, _ in items], min_len=1) >= 3  # a real shared head
     for group in (items, [([7] + items[0][0], *items[0][1:]), ([9] + items[1][0], *items[1][1:])]):
         got = score_dpo.pairs_token_logps(ours, group)
         sum(c.sum() - 2 * r.sum() for c, r in got).backward()
@@ -687,7 +684,7 @@ def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
     at ln 2 and moving. Measured on three pairs: max 0.29, mean 0.03-0.07 nat on a Xeon with native
     bf16 (AVX-512-bf16/AMX kernels); under 0.25 max on an AVX2 EPYC, where bf16 is widened."""
     model, tok = smol
-    e = encode_pair(tok, TRAIN_PAIRS[0])[:3]
+    e = encode_pair(tok, TRAIN_PAIRS[0])
     with torch.no_grad():
         c32, r32 = pair_token_logps(model, *e)
         with torch.autocast("cpu", dtype=torch.bfloat16):
