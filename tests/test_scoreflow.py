@@ -207,9 +207,9 @@ def test_tiny_run_end_to_end(tmp_path):
     pair = score_dpo.read_pairs(str(run_dir / "iter0/pairs.jsonl"))[0]
     p_ids, c_ids = tok.encode(pair.prompt), tok.encode(pair.chosen)
     with torch.no_grad():
-        base = M.token_logprobs(mdl, [p_ids], [c_ids])[0].sum()
+        base = score_dpo.token_logprobs(mdl, [p_ids], [c_ids])[0].sum()
         M.load_adapter(mdl, str(run_dir / "iter0/train/adapter"))
-        tuned = M.token_logprobs(mdl, [p_ids], [c_ids])[0].sum()
+        tuned = score_dpo.token_logprobs(mdl, [p_ids], [c_ids])[0].sum()
     assert abs(float(tuned - base)) > 1e-3
 
 
