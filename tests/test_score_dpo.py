@@ -562,6 +562,31 @@ def test_activation_checkpointing_gives_the_same_training_and_keeps_far_less_for
     assert kept_on < 0.6 * kept_off, (kept_off, kept_on)
 
 
+def test_checkpointing_covers_the_shared_prompt_head(smol, tmp_path):
+    """The prompt head pairs share (run once, into a prefix cache) is checkpointed too: with a long
+    head, what autograd keeps outside the checkpointed blocks is a small part of what it keeps
+    without checkpointing (the head's block inputs only), and training is the same."""
+    head = " ".join(f"Rule {i}: answer with a number." for i in range(40))  # ~400 shared tokens
+    pairs = [Pair(p.problem_id, CHAT.format(head + " " + p.prompt), p.chosen, p.rejected,
+                  p.chosen_score, p.rejected_score) for p in TRAIN_PAIRS[:2]]
+    runs = {}
+    for on in (False, True):
+        model, kept = fresh(smol), [0]
+
+        def pack(x):
+            kept[0] += x.numel() * x.element_size()
+            return x
+        cfg = TrainConfig(lr=3e-3, epochs=1, grad_accum=2, log_every=0, seed=1, checkpoint=on)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            res = train(model, smol[1], pairs, cfg, str(tmp_path / str(on)), log=io.StringIO())
+        runs[on] = [h["loss"] for h in res.history], M.lora_state_dict(model), kept[0]
+    (loss_off, lora_off, kept_off), (loss_on, lora_on, kept_on) = runs[False], runs[True]
+    assert loss_on == pytest.approx(loss_off, abs=1e-6)
+    for k, v in lora_off.items():
+        torch.testing.assert_close(lora_on[k], v, rtol=0, atol=1e-6)
+    assert kept_on < 0.25 * kept_off, (kept_off, kept_on)
+
+
 def test_reference_flag_base_vs_previous(trained, tmp_path):
     """'previous': the policy as the call finds it is π_ref, so the first step is at ln 2; 'base' keeps
     the original model as π_ref, so a trained adapter starts with a nonzero margin."""
