@@ -1407,7 +1407,8 @@ def resolve_config(args, parser):
         if not os.path.exists(path):
             parser.error(f"--resume {given['resume']}: no config.json there (not a run directory?)")
         saved = read_json(path)
-        for k, v in given.items():
+        saved["run_dir"] = given["resume"]  # where the run is now: a moved or copied one resumes
+        for k, v in given.items():  # there, never in the directory it was started in
             if k not in ("resume",) + RESUME_MAY_CHANGE and saved.get(k) != v:
                 parser.error(f"--resume: --{k.replace('_', '-')} {v!r} conflicts with the run's "
                              f"saved value {saved.get(k)!r}; only --budget-usd, --budget-tokens, "

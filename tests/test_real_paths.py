@@ -181,7 +181,8 @@ def test_torchrun_two_gloo_ranks_equal_one_process_with_double_accumulation(tmp_
     """One process, 4 pairs per step (--grad-accum 4), then the same run directory without its
     training resumed under `torchrun --nproc-per-node 2` with --grad-accum 2 (2 ranks x 2 = 4 pairs
     per step): both trainings see the same pairs (iteration 0's workflows, scores and pairs.jsonl
-    are reused) and give the same adapter within float tolerance. Only rank 0 writes the run dir."""
+    are reused) and give the same adapter within float tolerance. Only rank 0 writes the run dir, and
+    the copy resumes where it is, though its config.json names the directory it was copied from."""
     from safetensors.torch import load_file
     one = tmp_path / "one"
     args = TINY + ["--pairs", "8", "--grad-accum", "4", "--no-baselines", "--lr", "5e-3"]
@@ -193,7 +194,6 @@ def test_torchrun_two_gloo_ranks_equal_one_process_with_double_accumulation(tmp_
     assert (two / "iter0" / "pairs.jsonl").exists() and not (two / "iter0" / "train").exists()
     cfg = json.load(open(two / "config.json"))
     cfg["grad_accum"] = 2  # per rank: the trainer's step is grad_accum x world pairs
-    cfg["run_dir"] = str(two)  # the copy's own
     (two / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "audit.py").write_text(AUDIT)
     env = dict(os.environ, OMP_NUM_THREADS="1", AUDIT_RUN_DIR=str(two), AUDIT_LOG_DIR=str(tmp_path))

@@ -139,12 +139,14 @@ def test_executor_timeout_default_per_endpoint_and_changeable_on_resume(tmp_path
     assert (scoreflow.executor_timeout(given, local=True), scoreflow.executor_timeout(given, local=False)) == (7.0, 7.0)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    saved = dict(dataclasses.asdict(default), run_dir=str(run_dir), executor_timeout=300.0)
+    # saved where it was started; resumed where it is now (moved or copied)
+    saved = dict(dataclasses.asdict(default), run_dir=str(tmp_path / "moved"), executor_timeout=300.0)
     (run_dir / "config.json").write_text(json.dumps(saved))
     resumed = cfg(["--resume", str(run_dir), "--executor-timeout", "3600", "--executor-concurrency", "2",
                    "--progress-every", "5"])
     assert (resumed.executor_timeout, resumed.executor_concurrency, resumed.progress_every, resumed.k) \
         == (3600.0, 2, 5.0, default.k)
+    assert resumed.run_dir == str(run_dir)
     r = run_cli(["--resume", str(run_dir), "-k", "3"], timeout=60)
     assert r.returncode == 2 and "conflicts with the run's saved value" in r.stderr
 
