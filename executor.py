@@ -1050,20 +1050,15 @@ def serve_main(argv=None):
 
 # --- 3. Subprocess sandbox --------------------------------------------------------------------
 # run_python(code) runs model-written Python walled in by the operating system, never by exec in
-# our process (STYLE.md §6; SCOREFLOW.md §10.10). A sandbox server, `python -I executor.py
-# --sandbox-server`, started once per parent process and never running model code itself, forks
-# one child per run; the child builds its walls (as root where we are root; preexec_fn would be
-# unsafe in our threaded parent), then runs main.py. The caller keeps the wall clock: at the limit
-# it SIGKILLs the run, which as init of its PID namespace takes every descendant along.
+# our process (STYLE.md §6; SCOREFLOW.md §10.10); its docstring says what that covers and what it
+# does not. A sandbox server (`python -I executor.py --sandbox-server`, one per parent process,
+# never running model code itself) forks one child per run; the child builds its walls (as root
+# where we are root: preexec_fn is unsafe in our threaded parent), then runs main.py. The caller
+# keeps the wall clock: at the limit it SIGKILLs the run, which as init of its PID namespace takes
+# every descendant along.
 #
-# Covered (tests/test_sandbox.py runs each attack): reading home or the project, writing outside
-# the work dir, filling the disk, the network, signalling or ptracing other processes, fork bombs,
-# memory exhaustion, spinning, flooding stdout, escaping the kill by setsid or double fork, and
-# outliving our process. Not covered: kernel exploits (one shared kernel, no seccomp filter), side
-# channels and timing, reading world-readable system files (/usr, /etc: the interpreter needs
-# them), and fairness between the runs of one parent (they share the cgroups). A layer this kernel
-# or user does not allow is skipped, said once on stderr, and left out of SandboxResult.layers.
-# The layers, in the order they are built (the server's, then each run's):
+# The layers, in the order they are built (the server's, then each run's). One this kernel or user
+# does not allow is skipped, said once on stderr, and left out of SandboxResult.layers.
 #   cgroup-pids     a pids cgroup shared by the server's runs caps their tasks together
 #   cgroup-memory   a shared memory cgroup caps their memory (tmpfs too) at half the machine's
 #   user-namespace  not root: the server's own (us as root inside), for the other namespaces
@@ -1074,8 +1069,7 @@ def serve_main(argv=None):
 #   mount-namespace private mounts, for hidden-dirs, tmpfs-workdir and proc-private
 #   net-namespace   a new network namespace with no interface up: no network, loopback included
 #   ipc-namespace   private System V IPC and POSIX message queues
-#   hidden-dirs     home and the project are covered by empty tmpfs mounts; interpreter dirs
-#                   inside them are bound back read-only
+#   hidden-dirs     empty tmpfs over home and the project; interpreter dirs inside, bound read-only
 #   tmpfs-workdir   the work dir is /tmp, a fresh size-capped tmpfs (else a host temp dir)
 #   proc-private    /proc shows the sandbox's own processes only
 #   rlimits         CPU seconds, address space, file size (stdout, stderr too), open files, no core
@@ -1090,15 +1084,12 @@ def serve_main(argv=None):
 # --workers 2, 2 shared cores, every layer on): 94 runs/s, 70-74 without the preload; a bare
 # `python -I -c pass` subprocess with no isolation at all manages 33-40/s.
 #
-# Protocol, over a SOCK_SEQPACKET socket pair; a fact is a line "layer NAME", "missing NAME WHY",
+# Protocol, over a SOCK_SEQPACKET socket pair. A fact is a line "layer NAME", "missing NAME WHY",
 # "workdir PATH" (a host temp dir for the caller to remove), "error WHY", "start" or "exit STATUS".
-#   server -> caller  "hello" and the server's facts, once
-#   caller -> server  "run" with five fds: config memfd, stdout, stderr, report memfd, and the
-#                     write end of a "done" pipe
+#   caller -> server  "run" with five fds: config memfd, stdout, stderr, report memfd, "done" pipe
 #   server -> caller  "ok" with a pidfd of the forked run, or "error fork: WHY"
-#   run -> report     its facts, then "start" (or "error WHY": the code never runs)
-#   server -> report  "exit STATUS" (a wait status) once reaped; then it closes "done", which wakes
-#                     the caller
+#   run -> report     the server's facts, its own, then "start" (or "error WHY": code never runs)
+#   server -> report  "exit STATUS" (a wait status) once reaped; closing "done" wakes the caller
 _SANDBOX_UID_BASE = 1_500_000_000
 _SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Readable by the code besides the interpreter's own dirs and its work dir (Landlock).
@@ -1113,8 +1104,8 @@ _SANDBOX_PRELOAD = ("typing", "math", "re", "collections", "itertools", "functoo
 # bomb meets RLIMIT_AS per process and RLIMIT_NPROC per run, but 32 x 1 GiB is still more than a
 # laptop has). Per-run cgroups would cost a migration (an RCU grace period, ~10 ms) per run.
 _SANDBOX_CGROUP_PIDS, _SANDBOX_CGROUP_MEMORY_FRACTION = 4096, 0.5  # tasks; of physical memory
-# Seconds the caller waits for the server: its hello or its answer to a launch, and its report of a
-# killed run's end (it reaps within ms). Past them the server counts as wedged and is replaced.
+# Seconds the caller waits for the server: its answer to a launch, and its report of a killed
+# run's end (it reaps within ms). Past them the server counts as wedged and is replaced.
 _SANDBOX_REPLY_TIMEOUT, _SANDBOX_REAP_GRACE = 30.0, 10.0
 # Linux constants: clone flags, prctl options, mount flags, landlock syscall numbers (444-446 on
 # every architecture).
@@ -1158,6 +1149,41 @@ def _mount(src, dst, fstype, flags, data=None):
     _sys("mount", *[s and s.encode() for s in (src, dst, fstype)], flags, data and data.encode())
 
 
+def _layer(facts, name, build, *args):
+    """build(*args) the layer `name`; record "layer NAME", or "missing NAME WHY" where the kernel
+    refuses it (an OSError) -> whether it stands."""
+    try:
+        build(*args)
+    except OSError as e:
+        facts.append(f"missing {name} {e}")
+        return False
+    facts.append(f"layer {name}")
+    return True
+
+
+def _become(uid):
+    """Drop to uid (and gid uid, no groups): from root, for good."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def _own_user_namespace(sock):
+    """Not root: enter a user namespace of our own that maps us to root inside, for the other
+    namespaces. From it we may not setns back into the host's PID namespace, so the server goes on
+    in a child, init of a PID namespace the user namespace owns; this process only waits for it,
+    and the child dies with it (PDEATHSIG)."""
+    uid, gid = os.getuid(), os.getgid()
+    _sys("unshare", CLONE_NEWUSER | CLONE_NEWPID)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    if (child := os.fork()) != 0:
+        sock.close()
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) & 0xFF)
+    _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def _sandbox_server_main(sock_fd):
     """The sandbox server's program: one forked run per request on the socket sock_fd, until the
     parent closes its end."""
@@ -1165,38 +1191,21 @@ def _sandbox_server_main(sock_fd):
     for name in _SANDBOX_PRELOAD:
         __import__(name)
     _interpreter_dirs()  # cached once, like the preload
-    root, facts = os.geteuid() == 0, ["hello"]
-    if not root:  # a user namespace of our own maps us to root inside, for the namespaces
-        try:
-            uid, gid = os.getuid(), os.getgid()
-            _sys("unshare", CLONE_NEWUSER | CLONE_NEWPID)
-            for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
-                               ("gid_map", f"0 {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-            facts.append("layer user-namespace")
-            # Our user namespace may not setns back into the host's PID namespace (below), so we
-            # serve as init of a PID namespace it owns; the first process only waits for us.
-            if (child := os.fork()) != 0:
-                sock.close()
-                os._exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) & 0xFF)
-            _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # killed with it
-        except OSError as e:
-            facts.append(f"missing user-namespace {e}")
+    root, facts = os.geteuid() == 0, []  # the server's facts: each run reports them first
+    if not root:
+        _layer(facts, "user-namespace", _own_user_namespace, sock)
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    try:  # a PID namespace per run: unshare before each fork, setns back after it
+
+    def pid_ns_round_trip():  # a PID namespace per run: unshare before each fork, setns back after
         _sys("unshare", CLONE_NEWPID)
         _sys("setns", own_pid_ns, CLONE_NEWPID)
-        pid_ns = True
-        facts.append("layer pid-namespace")
-    except OSError as e:
-        pid_ns = False
-        facts += [f"missing pid-namespace {e}",
-                  "layer uid-sweep" if root else "missing uid-sweep not root"]
+
+    if not (pid_ns := _layer(facts, "pid-namespace", pid_ns_round_trip)):
+        facts.append("layer uid-sweep" if root else "missing uid-sweep not root")
     alive_r, alive_w = os.pipe()  # runs see EOF on alive_r once we are gone
     runs = {}  # pid -> (report fd, done fd) of each live run
 
-    def reap(*_):
+    def reap(*_):  # on SIGCHLD
         with contextlib.suppress(ChildProcessError):  # no children left
             while (ended := os.waitpid(-1, os.WNOHANG))[0]:
                 if ended[0] in runs:  # else an orphan that came to us, or a uid sweeper
@@ -1209,7 +1218,6 @@ def _sandbox_server_main(sock_fd):
 
     _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come to reap()
     signal.signal(signal.SIGCHLD, reap)
-    sock.send("\n".join(facts).encode())
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 16, 5)
         if not msg:
@@ -1217,7 +1225,7 @@ def _sandbox_server_main(sock_fd):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reap after runs[pid] is set
         try:
             if pid_ns:
-                _sys("unshare", CLONE_NEWPID)  # our next child is init of a new PID namespace
+                _sys("unshare", CLONE_NEWPID)
             pid = os.fork()
         except OSError as e:
             pid, why = -1, e
@@ -1226,16 +1234,18 @@ def _sandbox_server_main(sock_fd):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             sock.close()
             inherited = [alive_w, own_pid_ns, *(fd for pair in runs.values() for fd in pair)]
-            _sandbox_run(fds, alive_r, inherited, root, pid_ns)  # never returns
+            try:
+                _sandbox_run(fds, facts, alive_r, inherited, root, pid_ns)
+            finally:
+                os._exit(126)  # never back into the server's loop
         if pid_ns:
             _sys("setns", own_pid_ns, CLONE_NEWPID)
         if pid > 0:
             runs[pid], fds[3:] = (fds[3], fds[4]), [os.pidfd_open(pid)]
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        if pid > 0:
             socket.send_fds(sock, [b"ok"], fds[3:])
         else:
             sock.send(f"error fork: {why}".encode())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         for fd in fds:
             os.close(fd)
 
@@ -1244,9 +1254,7 @@ def _kill_uid(uid):
     """uid-sweep: SIGKILL every process of a run's uid, from a child holding that uid."""
     if (pid := os.fork()) == 0:
         with contextlib.suppress(OSError):  # ESRCH: none left
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
+            _become(uid)
             for _ in range(100):  # a killed process cannot fork, so this converges in a few rounds
                 os.kill(-1, signal.SIGKILL)
         os._exit(0)
@@ -1254,22 +1262,12 @@ def _kill_uid(uid):
         os.waitpid(pid, 0)
 
 
-def _sandbox_run(fds, alive_r, inherited, root, pid_ns):
+def _sandbox_run(fds, facts, alive_r, inherited, root, pid_ns):
     """One run, in a fresh fork of the server (init of its own PID namespace where allowed; root
     until uid-drop where the server is root): build the walls in the table's order, report them,
     then run main.py. Never returns."""
     cfg_fd, out_fd, err_fd, report, done = fds
-    facts = []
-
-    def layer(name, fn, *args):  # a layer the kernel may refuse: said either way
-        try:
-            fn(*args)
-        except OSError as e:
-            facts.append(f"missing {name} {e}")
-            return False
-        facts.append(f"layer {name}")
-        return True
-
+    layer = functools.partial(_layer, facts)  # a wall the kernel may refuse: said either way
     try:
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
@@ -1290,20 +1288,21 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns):
             keep = [(k, os.open(k, os.O_PATH | os.O_CLOEXEC)) for k in _interpreter_dirs()
                     if any(k.startswith(d + "/") for d in hide + ["/tmp"])]
 
-            def cover(d, options):  # a tmpfs over d; interpreter dirs inside bound back read-only
-                _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, options)
-                for k, fd in keep:
-                    if k.startswith(d + "/"):
-                        os.makedirs(k, 0o755, exist_ok=True)
-                        _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
-                        _mount(None, k, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-                               | MS_NODEV)
+            def cover(dirs, options):  # a tmpfs over each; interpreter dirs inside bound back r/o
+                for d in dirs:
+                    _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, options)
+                    for k, fd in keep:
+                        if k.startswith(d + "/"):
+                            os.makedirs(k, 0o755, exist_ok=True)
+                            _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
+                            _mount(None, k, None,
+                                   MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
             if hide:
-                layer("hidden-dirs", lambda: [cover(d, "size=1m,mode=0755") for d in hide])
+                layer("hidden-dirs", cover, hide, "size=1m,mode=0755")
             owner = uid if root else 0  # in our user namespace, 0 is the user who started us
-            if layer("tmpfs-workdir", cover, "/tmp", f"size={cfg['disk_mb']}m,nr_inodes=4096,"
-                                                     f"mode=0700,uid={owner},gid={owner}"):
+            if layer("tmpfs-workdir", cover, ["/tmp"], f"size={cfg['disk_mb']}m,nr_inodes=4096,"
+                                                       f"mode=0700,uid={owner},gid={owner}"):
                 work = "/tmp"
             for _, fd in keep:
                 os.close(fd)
@@ -1328,9 +1327,7 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns):
             facts.append(f"missing landlock {e}")
         if root:
             R.setrlimit(R.RLIMIT_NPROC, (cfg["max_procs"], cfg["max_procs"]))
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
+            _become(uid)
             facts += ["layer uid-drop", "layer nproc"]
         else:
             facts += ["missing uid-drop not root",
@@ -1342,11 +1339,10 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns):
             os.close(ruleset)
             facts += ["layer landlock", "layer landlock-scope" if abi >= 6
                       else f"missing landlock-scope landlock ABI {abi} < 6"]
-        # Die with the server: set only now (setuid clears it), then check the server still lives.
+        # Die with the server: set only now (setuid clears it), then check the server still lives
+        # (nothing is written to alive_r: it turns readable at EOF, once the server is gone).
         _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        os.set_blocking(alive_r, False)
-        with contextlib.suppress(BlockingIOError):
-            os.read(alive_r, 1)  # b"": EOF, the server is gone
+        if select.select([alive_r], [], [], 0)[0]:
             os._exit(137)
         os.close(alive_r)
         os.chdir(work)
@@ -1369,13 +1365,13 @@ def _sandbox_run(fds, alive_r, inherited, root, pid_ns):
         main.__file__ = "main.py"
         source = cfg["files"]["main.py"]
         del cfg
-        os.write(report, "".join(f + "\n" for f in facts + ["start"]).encode())
-        os.close(report)
+        facts.append("start")
     except BaseException as e:  # a wall that must stand did not: the code never runs
-        try:
-            os.write(report, "".join(f + "\n" for f in facts + [f"error {e!r}"]).encode())
-        finally:
-            os._exit(126)
+        facts.append(f"error {e!r}")
+    os.write(report, "".join(f + "\n" for f in facts).encode())
+    if facts[-1] != "start":
+        os._exit(126)
+    os.close(report)
     # The code runs here, in a fork of an interpreter that never ran model code. The exit does
     # what `python main.py` would (exit code rules, thread joins, atexit, flushes) but skips the
     # module teardown, which costs more than the rest of a short run.
@@ -1443,29 +1439,30 @@ def _interpreter_dirs():
 
 # -- the caller's side -------------------------------------------------------------------------
 class _SandboxServer:
-    """The fork server behind run_python (protocol above)."""
+    """The fork server behind run_python (protocol above), and its cgroups."""
 
     def __init__(self):
         self.owner = os.getpid()  # a forked parent needs a server of its own
         self.lock = threading.Lock()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(_SANDBOX_REPLY_TIMEOUT)  # a wedged server is an OSError, not a hang
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", os.path.abspath(__file__), "--sandbox-server",
                  str(theirs.fileno())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),), start_new_session=True, cwd="/",
                 env={"PATH": _SANDBOX_PATH, "LANG": "C.UTF-8"})
-        self.sock = ours
-        self.sock.settimeout(_SANDBOX_REPLY_TIMEOUT)  # a wedged server is an OSError, not a hang
-        self.cgroups, facts = _make_cgroups(self.proc.pid)  # it joins them before its first run
-        try:
-            hello = self.sock.recv(4096).decode().splitlines()
-            if hello[:1] != ["hello"]:
-                raise OSError(f"sandbox server: expected a hello, got {hello!r}")
-        except OSError:
-            self.close()
-            raise
-        self.facts = facts + hello[1:]
+        memory = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                     * _SANDBOX_CGROUP_MEMORY_FRACTION)
+        self.cgroups, self.facts = {}, []  # cgroups: the server joins them before its first run
+        for ctl, limits in (("pids", {"pids.max": _SANDBOX_CGROUP_PIDS}),
+                            ("memory", {"memory.limit_in_bytes": memory, "memory.max": memory,
+                                        "memory.swap.max": 0})):
+            try:
+                self.cgroups[ctl] = _make_cgroup(ctl, limits, self.proc.pid)
+                self.facts.append(f"layer cgroup-{ctl}")
+            except OSError as e:
+                self.facts.append(f"missing cgroup-{ctl} {e}")
 
     def launch(self, fds):
         """Send the run's five fds; get back a pidfd of its process."""
@@ -1517,44 +1514,34 @@ def _sandbox_server(restart=False, stale=None):
         return server
 
 
-def _make_cgroups(pid):
-    """Fresh pids and memory cgroups (v1 or v2) holding the sandbox server `pid`, and so every run
-    it forks -> ({controller: path}, facts); then removes those of dead parents. v2 needs the
-    controller in our cgroup's subtree_control, which v2 allows only at the root of a hierarchy
-    (a cgroup with processes of its own cannot enable it)."""
-    own = {}  # controller ("" for v2) -> our cgroup; /proc/self/cgroup lines are ID:CTLS:PATH
-    with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
+def _make_cgroup(ctl, limits, pid):
+    """A fresh cgroup of controller `ctl` (v1 or v2) holding the sandbox server `pid`, and so every
+    run it forks, with those of `limits` ({file: value}) this version has -> its path; then removes
+    those left by dead parents. v2 needs the controller in our cgroup's subtree_control, which v2
+    allows only at the root of a hierarchy (a cgroup with processes of its own cannot enable it)."""
+    with open("/proc/self/cgroup") as f:  # lines ID:CONTROLLERS:PATH, controllers "" in v2
         own = {c: path for line in f for _, ctls, path in [line.rstrip("\n").split(":", 2)]
                for c in ctls.split(",")}
-    memory = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-                 * _SANDBOX_CGROUP_MEMORY_FRACTION)
-    made, facts = {}, []
-    for ctl, limits in (("pids", {"pids.max": _SANDBOX_CGROUP_PIDS}),
-                        ("memory", {"memory.limit_in_bytes": memory, "memory.max": memory,
-                                    "memory.swap.max": 0})):
-        v1 = ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}")
-        base = f"/sys/fs/cgroup/{ctl}{own[ctl]}" if v1 else f"/sys/fs/cgroup{own.get('', '')}"
-        base = base.rstrip("/")
-        path = f"{base}/scoreflow-sbx-{os.getpid()}-{pid}"
-        try:
-            os.mkdir(path)
-            wrote = [name for name in limits if os.path.exists(f"{path}/{name}")]
-            if not wrote:  # v2 without the controller in our subtree_control
-                raise OSError(f"{path}: none of {', '.join(limits)}")
-            for name in wrote + ["cgroup.procs"]:
-                with open(f"{path}/{name}", "w") as f:
-                    f.write(str(limits.get(name, pid)))
-        except OSError as e:
-            _remove_cgroup(path)
-            facts.append(f"missing cgroup-{ctl} {e}")
-            continue
-        made[ctl] = path
-        facts.append(f"layer cgroup-{ctl}")
-        for name in os.listdir(base):  # left by parents killed before their atexit ran
-            parent = name.removeprefix("scoreflow-sbx-").split("-")[0]
-            if name.startswith("scoreflow-sbx-") and not os.path.exists(f"/proc/{parent}"):
-                _remove_cgroup(f"{base}/{name}")
-    return made, facts
+    v1 = ctl in own and os.path.isdir(f"/sys/fs/cgroup/{ctl}")
+    base = f"/sys/fs/cgroup/{ctl}{own[ctl]}" if v1 else f"/sys/fs/cgroup{own.get('', '')}"
+    base = base.rstrip("/")
+    path = f"{base}/scoreflow-sbx-{os.getpid()}-{pid}"
+    try:
+        os.mkdir(path)
+        wrote = [name for name in limits if os.path.exists(f"{path}/{name}")]
+        if not wrote:  # v2 without the controller in our subtree_control
+            raise OSError(f"{path}: none of {', '.join(limits)}")
+        for name in wrote + ["cgroup.procs"]:
+            with open(f"{path}/{name}", "w") as f:
+                f.write(str(limits.get(name, pid)))
+    except OSError:
+        _remove_cgroup(path)
+        raise
+    for name in os.listdir(base):  # left by parents killed before their atexit ran
+        parent = name.removeprefix("scoreflow-sbx-").split("-")[0]
+        if name.startswith("scoreflow-sbx-") and not os.path.exists(f"/proc/{parent}"):
+            _remove_cgroup(f"{base}/{name}")
+    return path
 
 
 def _remove_cgroup(path):
@@ -1565,8 +1552,7 @@ def _remove_cgroup(path):
                 for pid in f.read().split():
                     with contextlib.suppress(OSError):
                         os.kill(int(pid), signal.SIGKILL)
-            os.rmdir(path)
-            return
+            return os.rmdir(path)
         except FileNotFoundError:
             return
         except OSError:
@@ -1579,17 +1565,22 @@ def _read_capped(fd, cap):
     """The text in fd if it fits in cap bytes, else its head and tail around a marker."""
     size = os.fstat(fd).st_size
     if size <= cap:
-        data = os.pread(fd, size, 0)
-    else:
-        data = (os.pread(fd, cap // 2, 0) + f"\n[... {size - cap} bytes cut ...]\n".encode()
-                + os.pread(fd, cap // 2, size - cap // 2))
-    return data.decode("utf-8", "replace")
+        return os.pread(fd, size, 0).decode("utf-8", "replace")
+    return (os.pread(fd, cap // 2, 0) + f"\n[... {size - cap} bytes cut ...]\n".encode()
+            + os.pread(fd, cap // 2, size - cap // 2)).decode("utf-8", "replace")
 
 
 def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: int = 1024,
                files: dict | None = None, max_output: int = 64_000, max_procs: int = 32,
                file_mb: int = 16, disk_mb: int = 64) -> SandboxResult:
-    """Run `code` as main.py in the sandbox (layers: see the table above) and wait for it.
+    """Run `code` as main.py in the sandbox (layers: the table above) and wait for it.
+
+    Covered (tests/test_sandbox.py runs each attack): reading home or the project, writing outside
+    the work dir, filling the disk, the network, signalling or ptracing other processes, fork
+    bombs, memory exhaustion, spinning, flooding stdout, escaping the kill by setsid or double fork,
+    and outliving our process. Not covered: kernel exploits (one shared kernel, no seccomp filter),
+    side channels and timing, reading world-readable system files (/usr, /etc: the interpreter
+    needs them), and fairness between the runs of one parent (they share the cgroups).
 
     timeout: wall-clock seconds for the whole run (CPU seconds are capped at int(timeout) + 1).
     memory_mb: address space per process. files: {relative path: str | bytes} written into the
@@ -1628,8 +1619,8 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
                 timed_out = True  # SIGKILL to the init of its PID namespace: the whole run dies
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                # the server reaps a killed run within ms; never wait on it without end (a wedged
-                # server would hang the caller's stage): past the grace the run is "internal"
+                # The server reaps a killed run within ms. Never wait on it without end (a wedged
+                # server would hang the caller's stage): past the grace the run is "internal".
                 if not poll.poll(_SANDBOX_REAP_GRACE * 1000):
                     timed_out, why = False, (f"the sandbox server did not report the run's end "
                                              f"within {_SANDBOX_REAP_GRACE:g} s of its kill")
@@ -1642,26 +1633,27 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
         for fd in fds + [pidfd, done_r]:
             if fd >= 0:
                 os.close(fd)
-    facts = [tuple(line.partition(" ")[::2]) for line in  # (kind, rest)
-             (server.facts if pidfd >= 0 else []) + report]
-    for kind, rest in facts:
-        if kind == "workdir":
-            shutil.rmtree(rest, ignore_errors=True)
-    missing = dict(rest.split(" ", 1) for kind, rest in facts if kind == "missing")
+    facts = {}  # kind -> the rest of each fact line of that kind, in order
+    for line in (server.facts if pidfd >= 0 else []) + report:
+        kind, _, rest = line.partition(" ")
+        facts.setdefault(kind, []).append(rest)
+    for work in facts.get("workdir", []):
+        shutil.rmtree(work, ignore_errors=True)
+    missing = dict(rest.split(" ", 1) for rest in facts.get("missing", []))
     with _sandbox_lock:
         new = {k: v for k, v in missing.items() if k not in _sandbox_state["warned"]}
         _sandbox_state["warned"].update(new)
     for name, reason in new.items():
         print(f"executor.run_python: sandbox layer {name!r} unavailable ({reason}); running "
               "without it", file=sys.stderr)
-    errors = [rest for kind, rest in facts if kind == "error"]
-    waits = [int(rest) for kind, rest in facts if kind == "exit"]
-    exit_code = os.waitstatus_to_exitcode(waits[0]) if waits and ("start", "") in facts else None
+    exit_code = None
+    if "exit" in facts and "start" in facts:
+        exit_code = os.waitstatus_to_exitcode(int(facts["exit"][0]))
     last_line = stderr.rstrip().rpartition("\n")[2]
     if timed_out:
         status, reason = "timeout", f"wall-clock limit of {timeout} s reached"
     elif exit_code is None:
-        why = why or (errors[0] if errors else "the run ended without a report")
+        why = why or facts.get("error", ["the run ended without a report"])[0]
         status, reason = "internal", f"sandbox failed before the code ran: {why}"
     elif exit_code == -signal.SIGXCPU:
         status, reason = "timeout", f"CPU limit of {cpu_s} s reached"
@@ -1675,7 +1667,7 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 10.0, memory_mb: 
         status, reason = "error", last_line or f"exit code {exit_code}"
     else:
         status, reason = "ok", ""
-    layers = [rest for kind, rest in facts if kind == "layer"]
+    layers = facts.get("layer", [])
     return SandboxResult(status, stdout, stderr, exit_code, seconds, layers, reason)
 
 
