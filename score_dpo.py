@@ -483,8 +483,8 @@ def train(model, tokenizer, pairs, cfg, out_dir, *, log=None):
         mean_loss, mean_margin = (float(x) / len(batch) for x in stats)
         history.append({"step": step, "loss": mean_loss, "margin": mean_margin, "lr": lr,
                         "grad_norm": float(grad_norm), "seconds": time.time() - t_step})
-        if rank == 0 and (step % steps_per_epoch == 0 or (cfg.save_every
-                                                          and step % cfg.save_every == 0)):
+        save = step % steps_per_epoch == 0 or (cfg.save_every and step % cfg.save_every == 0)
+        if rank == 0 and save:  # every epoch end and every cfg.save_every steps
             _replace_dir(ckpt_dir, model, {"fingerprint": fingerprint, "step": step,
                                            "history": history, "optimizer": optimizer.state_dict(),
                                            "scheduler": scheduler.state_dict()})
