@@ -8,15 +8,11 @@ Implements ScoreFlow (Wang et al. 2025, arXiv 2502.04306) as written down in SCO
 - §7   training: model.py's LoRA on q_proj/v_proj, AdamW with linear decay, reference = same weights
        with the adapters off, log-probs summed over completion tokens (prompt masked, EOS appended).
 
-Sections: pairs and d-sampling, the losses and the influence (the paper's part, at the top), then
-pair files, sequences and log-probs (`token_logprobs`, the one log-prob pass), and the trainer: its
-step (`train_step`: policy pass, loss against the reference, backward, optimiser step) and the
-reference (`reference_logps`) stand alone; `train` holds the loop, checkpoints and DDP.
-
 Non-goals: other preference losses (IPO, hinge, ...), full fine-tuning, a second model copy as
 reference, loss weighting by d (SCOREFLOW.md §10.2: d acts through resampling only), length caps
 on prompts or completions (the paper has none; no flag asked for them).
 """
+import functools
 import hashlib
 import io
 import json
@@ -205,7 +201,8 @@ def completion_eos_id(tokenizer):
 
 def encode_pair(tokenizer, pair):
     """(prompt_ids, chosen_ids, rejected_ids): the prompt as generate read it (model.prompt_ids,
-    BOS rule included), each completion encoded on its own with EOS appended (§7)."""
+    BOS rule included), each completion encoded on its own with EOS appended (§7), so neither
+    completion is ever empty."""
     eos = completion_eos_id(tokenizer)
     return (M.prompt_ids(tokenizer, pair.prompt), tokenizer.encode(pair.chosen) + [eos],
             tokenizer.encode(pair.rejected) + [eos])
@@ -225,13 +222,11 @@ def token_logprobs(model, prompt_ids, completion_ids):
     differentiable when grad is enabled; prompt tokens never get a log-prob. The one log-prob
     pass: the trainer (policy and reference) and the tests use it.
 
-    The prefix all prompts share (each keeping >= 1 token of its own) runs ONCE, into a 1-row
-    KVCache (model.prefix_cache); then one batch of the rows' prompt suffix + completion,
-    right-padded, attends to that prefix and to its own past. Exact: a sum of losses
-    backpropagates through the shared prefix once. This is what makes Score-DPO training
-    affordable when prompts share a long few-shot head (scoreflow's default prompt: ~740 of ~770
-    tokens are the same for every problem). lm_head only sees the positions that predict
-    completion tokens."""
+    The prefix all prompts share (each keeping >= 1 token of its own) runs ONCE into a 1-row
+    KVCache (model.prefix_cache); one right-padded batch of the rows' prompt suffix + completion
+    attends to it and to its own past. Exact, and the backward goes through the prefix once: with
+    scoreflow's default prompt ~740 of ~770 tokens are the same for every problem, which is what
+    makes training affordable. lm_head sees only the positions that predict completion tokens."""
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"prompt_ids has {len(prompt_ids)} rows, completion_ids "
                          f"{len(completion_ids)}")
@@ -257,22 +252,12 @@ def token_logprobs(model, prompt_ids, completion_ids):
 
 
 def pairs_token_logps(model, items):
-    """Per-token log p of each pair's chosen (Lc,) and rejected (Lr,) completion given its prompt,
-    for items = [(prompt_ids, chosen_ids, rejected_ids), ...]; returns [(chosen, rejected), ...],
-    differentiable when grad is enabled. One token_logprobs pass of 2 rows per pair: the prefix
-    every prompt shares runs once for the whole group."""
-    for k, (p, c, r) in enumerate(items):
-        if not p or not c or not r:
-            raise ValueError(f"pairs_token_logps: item {k}: empty prompt/chosen/rejected "
-                             f"({len(p)}/{len(c)}/{len(r)} tokens)")
+    """items = [(prompt_ids, chosen_ids, rejected_ids), ...] (encode_pair) -> [(chosen (Lc,),
+    rejected (Lr,)), ...], the per-token log p of each completion given its prompt: one
+    token_logprobs pass of 2 rows per pair, so the prefix all prompts share runs once."""
     logp = token_logprobs(model, [p for p, _, _ in items for _ in (0, 1)],
                           [x for _, c, r in items for x in (c, r)])
     return list(zip(logp[0::2], logp[1::2]))
-
-
-def pair_token_logps(model, prompt_ids, chosen_ids, rejected_ids):
-    """pairs_token_logps for one pair: (chosen (Lc,), rejected (Lr,)); the prompt is run once."""
-    return pairs_token_logps(model, [(prompt_ids, chosen_ids, rejected_ids)])[0]
 
 
 # --- the trainer (SCOREFLOW.md §7) ---------------------------------------------------------------
@@ -286,10 +271,10 @@ LORA_DROPOUT = 0.01  # written into the adapter; training runs with dropout off 
 @dataclass
 class TrainConfig:
     """Score-DPO training for one iteration. Defaults are the paper's (official code,
-    SCOREFLOW.md §7). scoreflow.py's flags set loss .. seed; the last four stay for the speed
-    script and the tests: amp (bench/speed_train.py's bf16 side), save_every (the kill -9 resume
-    test's mid-epoch checkpoints), log_every (quiet tests) and checkpoint (bench/speed_train.py
-    --checkpoint-ab times it on and off)."""
+    SCOREFLOW.md §7). scoreflow.py's flags set loss .. seed; no flag reaches the last four, which
+    stay for the speed script and the tests: amp (bench/speed_train.py's bf16 side), save_every
+    (the resume tests' mid-epoch checkpoints), log_every (0: a line per step, which the crash
+    tests need) and checkpoint (bench/speed_train.py --checkpoint-ab times it on and off)."""
     loss: str = "score-dpo"   # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
     beta: float = 0.1         # β; paper 0.1
     lr: float = 1e-6          # AdamW peak learning rate; paper 1e-6
@@ -328,20 +313,17 @@ class TrainResult:
     steps: int              # optimizer steps taken in total (this call and any resumed part)
     pairs: int              # pairs trained on (epochs × pairs)
     history: list           # per optimizer step: step, loss, margin, lr, grad_norm, seconds
-    ref_seconds: float      # time computing the reference log-probs
-    train_seconds: float    # time in the training loop (this call)
+    ref_seconds: float      # time computing (or loading) the reference log-probs
     adapter_dir: str        # the final adapter, PEFT layout
 
 
-def train_step(model, items, ref_logps, scores, cfg, n_step, optimizer, scheduler, autocast,
-               dist=None):
-    """One optimiser step. This rank's pairs `items` [(prompt_ids, chosen_ids, rejected_ids)]:
-    the policy pass (pairs_token_logps, LoRA on), the loss (cfg.loss, cfg.beta) against the
-    reference log-probs precomputed with the adapters off, ref_logps (P, 2) = (chosen, rejected)
-    sums, and backward of Σ loss / n_step (the step's loss is the mean over all its n_step pairs,
-    all ranks together); under DDP the LoRA gradients are summed over the ranks; then clip, AdamW
-    and the schedule. scores: (s_w, s_l) per pair. Returns (Σ loss, Σ margin r_w − r_l) over the
-    step's pairs of all ranks, and the gradient norm."""
+def train_step(model, items, ref_logps, scores, cfg, n_step, optimizer, scheduler, autocast, dist):
+    """One optimiser step on this rank's pairs `items` (encode_pair): the policy pass
+    (pairs_token_logps, LoRA on), the loss (cfg.loss, cfg.beta) against the precomputed reference
+    sums ref_logps (P, 2) = (chosen, rejected) with scores (P, 2) = (s_w, s_l), backward of
+    Σ loss / n_step (the mean over the step's n_step pairs, all ranks together), the LoRA
+    gradients summed over the DDP ranks, clip, AdamW and the schedule. Returns (Σ loss,
+    Σ margin r_w − r_l) over the step's pairs of all ranks, and the gradient norm."""
     params = optimizer.param_groups[0]["params"]
     device = params[0].device
     stats = torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ margin
@@ -354,7 +336,7 @@ def train_step(model, items, ref_logps, scores, cfg, n_step, optimizer, schedule
             if cfg.loss == "dpo":
                 losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, cfg.beta)
             else:
-                sw, sl = torch.tensor(scores, device=device).unbind(-1)  # (P,) each
+                sw, sl = scores.to(device).unbind(-1)  # (P,) each
                 losses, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, cfg.beta)
             (losses.sum() / n_step).backward()
         stats = torch.stack([losses.detach().double().sum(), (r_w - r_l).double().sum()]).cpu()
@@ -386,55 +368,47 @@ def reference_logps(model, encoded, groups, reference, autocast):
     return ref
 
 
-def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, log=None):
-    """Train the generator's LoRA with Score-DPO (or DPO) on `pairs` (already d-sampled, §5);
-    returns a TrainResult. The model stays where it is (its device and dtype are the caller's).
+def train(model, tokenizer, pairs, cfg, out_dir, *, log=None):
+    """Train the generator's LoRA (model.py's, created on first use, else trained on) with
+    Score-DPO or DPO on `pairs`, already d-sampled (§5); returns a TrainResult. The model keeps its
+    device and dtype. Epochs of train_step on cfg.grad_accum pairs, shuffled per epoch with
+    cfg.seed, against reference_logps taken once before any step; lr decays linearly to 0.
 
-    - LoRA: model.py's own, created on first use (iteration 0), else the adapter keeps training.
-    - Reference: log-probs once per pair before any step (reference_logps), same weights.
-    - Steps: train_step on cfg.grad_accum pairs (clipping, AdamW, linear decay to 0 without
-      warmup); the pairs are shuffled per epoch with cfg.seed.
-    - DDP: if torch.distributed is initialised, each step's pairs are split over ranks and the
-      LoRA gradients summed (each rank's loss is already divided by the global pair count). Rank
-      0 writes the files; every rank reads them on a resume (out_dir on a filesystem all ranks
-      see). The fingerprint counts pairs per step over all ranks, so one process with grad_accum
-      2G resumes under two with G.
-    - Files in out_dir: ref_logps.pt (so a resume never recomputes the reference from a changed
-      adapter), ckpt/ (adapter in PEFT layout + optimizer/scheduler state, written at every epoch
-      end and every cfg.save_every steps), adapter/ (the final adapter, PEFT layout). With
-      resume=True a run continues from ckpt/ if its fingerprint (pairs + settings) matches, else
-      it is an error.
-    """
-    cfg = cfg or TrainConfig()
+    DDP (torch.distributed initialised): each step's pairs are split over the ranks and their
+    gradients summed; rank 0 writes out_dir, every rank reads it (a filesystem all ranks see). The
+    fingerprint counts pairs per step over all ranks, so grad_accum 2G on one process resumes
+    under two with G. Files: ref_logps.pt (a resume never recomputes the reference from a trained
+    adapter), ckpt/ (adapter + optimizer state at every epoch end and every cfg.save_every steps),
+    adapter/ (the final adapter, PEFT layout). A run continues from ckpt/ if its fingerprint
+    (pairs + settings) matches, else it is an error."""
     log = sys.stderr if log is None else log
     if not pairs:
         raise ValueError("train: no pairs to train on")
     dist = torch.distributed if torch.distributed.is_available() and \
         torch.distributed.is_initialized() else None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    device, caller_mode = model.lm_head.weight.device, model.training
-    caller_redo = model.checkpoint_blocks
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
+    device, caller_mode, caller_redo = (model.lm_head.weight.device, model.training,
+                                        model.checkpoint_blocks)
+
+    def say(msg):  # progress on rank 0 only
+        if rank == 0:
+            print(msg, file=log, flush=True)
+
     params = _lora_params(model, cfg)
     base_dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_" not in n)
     # no autocast on bf16/fp16 weights: training then runs the very forward pass generate runs
     auto = base_dtype == torch.float32 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and auto) else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                              enabled=amp_dtype is not None)
-
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32,
+                                 enabled=amp_dtype is not None)
     encoded = [encode_pair(tokenizer, p) for p in pairs]
-    n, fingerprint = len(pairs), _fingerprint(pairs, cfg, world)
-    if rank == 0:
-        print(f"train: {n} pairs, {sum(len(e[0]) for e in encoded) / n:.0f} prompt + "
-              f"{sum(len(e[1]) + len(e[2]) for e in encoded) / (2 * n):.0f} completion tokens on "
-              f"average, loss {cfg.loss}, reference {cfg.reference}, world {world}, "
-              f"autocast {amp_dtype}", file=log, flush=True)
-    per_step = cfg.grad_accum * world  # pairs per optimizer step, all ranks together
-    steps_per_epoch = math.ceil(n / per_step)
+    scores = torch.tensor([(p.chosen_score, p.rejected_score) for p in pairs])  # (P, 2)
+    n, per_step = len(pairs), cfg.grad_accum * world  # pairs per optimizer step, all ranks
+    steps_per_epoch, fingerprint = math.ceil(n / per_step), _fingerprint(pairs, cfg, world)
+    total_steps = cfg.epochs * steps_per_epoch
+    say(f"train: {n} pairs, {sum(len(e[0]) for e in encoded) / n:.0f} prompt + "
+        f"{sum(len(e[1]) + len(e[2]) for e in encoded) / (2 * n):.0f} completion tokens on "
+        f"average, loss {cfg.loss}, reference {cfg.reference}, world {world}, autocast {amp_dtype}")
 
     def step_pairs(epoch, k):
         """(step k of epoch's pairs, all ranks; this rank's share): shuffled per epoch."""
@@ -443,22 +417,25 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         batch = order[k * per_step:(k + 1) * per_step]
         return batch, batch[rank::world]
 
-    ckpt_dir = os.path.join(out_dir, "ckpt")
+    # the reference log-probs: a previous run's ref_logps.pt, else computed and saved
+    ckpt_dir, ref_path = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "ref_logps.pt")
     state_path = os.path.join(ckpt_dir, "trainer_state.pt")
-    if rank == 0 and not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):
-        os.replace(ckpt_dir + ".old", ckpt_dir)  # a crash mid-swap
-    if dist:  # the other ranks read out_dir after rank 0 has set it up
-        dist.barrier()
-    t_ref, ref_path, ref = time.time(), os.path.join(out_dir, "ref_logps.pt"), None
-    if resume and os.path.exists(ref_path):  # a previous run's, for these pairs and settings
-        saved = torch.load(ref_path, map_location="cpu")
-        ref = saved["ref_logps"] if saved.get("fingerprint") == fingerprint else None
-    if dist:  # every rank looked before any can write: all load, or all compute (a collective)
-        have = torch.tensor([float(ref is not None)], device=device)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
-        ref = ref if have.item() == 1.0 else None
+    t_ref, ref = time.time(), None
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir + ".old"):
+            os.replace(ckpt_dir + ".old", ckpt_dir)  # a crash mid-swap (_replace_dir)
+        if os.path.exists(ref_path):  # used if for these pairs and settings
+            saved = torch.load(ref_path, map_location="cpu")
+            ref = saved["ref_logps"] if saved.get("fingerprint") == fingerprint else None
+    # rank 0's ref (or None) to every rank: all load or all compute (a collective), and no rank
+    # reads out_dir (ckpt/ on a resume) before rank 0 has set it up
+    if dist:
+        box = [ref]
+        dist.broadcast_object_list(box, src=0)
+        ref = box[0]
     if ref is None:
-        if resume and os.path.exists(state_path):
+        if os.path.exists(state_path):
             raise ValueError(f"{out_dir}: a checkpoint exists but ref_logps.pt is missing or for "
                              f"other pairs/settings; refusing to recompute the reference from a "
                              f"trained adapter (use a new out_dir)")
@@ -466,34 +443,30 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         ref = reference_logps(model, encoded, [step_pairs(0, k)[1] for k in range(steps_per_epoch)],
                               cfg.reference, autocast)
         if dist:  # each rank filled its own pairs' rows
-            ref_dev = ref.to(device)
-            dist.all_reduce(ref_dev)
-            ref = ref_dev.cpu()
+            ref = ref.to(device)
+            dist.all_reduce(ref)
+            ref = ref.cpu()
         if rank == 0:
             _torch_save_atomic({"fingerprint": fingerprint, "ref_logps": ref}, ref_path)
     ref_seconds = time.time() - t_ref
 
-    total_steps = cfg.epochs * steps_per_epoch
+    # the optimiser, and a resumed run's state from ckpt/ (load_adapter copies into `params`)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
                                   weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
     step, history = 0, []
-    if resume and os.path.exists(state_path):
+    if os.path.exists(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"{state_path}: checkpoint is for other pairs or settings than this "
                              f"call (fingerprint {state['fingerprint'][:12]} != "
                              f"{fingerprint[:12]}); use a new out_dir")
         M.load_adapter(model, ckpt_dir)
-        for p in params:
-            p.data = p.data.float()
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
-        if rank == 0:
-            print(f"train: resumed from {ckpt_dir} at step {step}/{total_steps}", file=log,
-                  flush=True)
+        say(f"train: resumed from {ckpt_dir} at step {step}/{total_steps}")
 
     def pairs_done(s):  # pairs trained on after s steps (an epoch's last step may be short)
         return (s // steps_per_epoch) * n + min((s % steps_per_epoch) * per_step, n)
@@ -504,29 +477,27 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
     while step < total_steps:
         batch, mine = step_pairs(*divmod(step, steps_per_epoch))
         t_step, lr = time.time(), scheduler.get_last_lr()[0]
-        stats, grad_norm = train_step(
-            model, [encoded[i] for i in mine], ref[mine],
-            [(pairs[i].chosen_score, pairs[i].rejected_score) for i in mine], cfg, len(batch),
-            optimizer, scheduler, autocast, dist)
+        stats, grad_norm = train_step(model, [encoded[i] for i in mine], ref[mine], scores[mine],
+                                      cfg, len(batch), optimizer, scheduler, autocast, dist)
         step += 1
         mean_loss, mean_margin = (float(x) / len(batch) for x in stats)
         history.append({"step": step, "loss": mean_loss, "margin": mean_margin, "lr": lr,
                         "grad_norm": float(grad_norm), "seconds": time.time() - t_step})
-        if rank == 0 and (step % steps_per_epoch == 0 or (cfg.save_every
-                                                          and step % cfg.save_every == 0)):
+        save = step % steps_per_epoch == 0 or (cfg.save_every and step % cfg.save_every == 0)
+        if rank == 0 and save:  # every epoch end and every cfg.save_every steps
             _replace_dir(ckpt_dir, model, {"fingerprint": fingerprint, "step": step,
                                            "history": history, "optimizer": optimizer.state_dict(),
                                            "scheduler": scheduler.state_dict()})
         now = time.time() - t0
-        if rank == 0 and (now - last_log >= cfg.log_every or step == total_steps):
+        if now - last_log >= cfg.log_every or step == total_steps:
             last_log = now
             rate = (pairs_done(step) - pairs_done(start_step)) / now if now > 0 else 0.0
             eta = (cfg.epochs * n - pairs_done(step)) / rate if rate > 0 else 0.0
             recent = history[-16:]
-            print(f"train: {pairs_done(step)}/{cfg.epochs * n} pairs, step {step}/{total_steps}, "
-                  f"loss {sum(h['loss'] for h in recent) / len(recent):.4f}, "
-                  f"margin {sum(h['margin'] for h in recent) / len(recent):+.4f}, "
-                  f"{rate:.2f} pairs/s, ETA {_fmt_time(eta)}", file=log, flush=True)
+            say(f"train: {pairs_done(step)}/{cfg.epochs * n} pairs, step {step}/{total_steps}, "
+                f"loss {sum(h['loss'] for h in recent) / len(recent):.4f}, "
+                f"margin {sum(h['margin'] for h in recent) / len(recent):+.4f}, "
+                f"{rate:.2f} pairs/s, ETA {_fmt_time(eta)}")
     model.train(caller_mode)
     model.checkpoint_blocks = caller_redo
     adapter_dir = os.path.join(out_dir, "adapter")
@@ -534,7 +505,7 @@ def train(model, tokenizer, pairs, cfg=None, out_dir="train", *, resume=True, lo
         _replace_dir(adapter_dir, model)
     if dist:
         dist.barrier()
-    return TrainResult(step, cfg.epochs * n, history, ref_seconds, time.time() - t0, adapter_dir)
+    return TrainResult(step, cfg.epochs * n, history, ref_seconds, adapter_dir)
 
 
 def _lora_params(model, cfg):
@@ -574,7 +545,7 @@ def _replace_dir(path, model, state=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fingerprint(pairs, cfg, world=1):
+def _fingerprint(pairs, cfg, world):
     """Identifies a training job: resuming with other pairs or settings is an error, not a silent
     mix. grad_accum counts as the pairs per step of all `world` ranks (what the steps depend on)."""
     h = hashlib.sha256()

@@ -8,7 +8,7 @@ in the same run. Prints seconds per pair for each side, the ratio and a rough ha
 
 What a "pair" costs on each side (SCOREFLOW.md §7: batch 1, reference = base with adapters off):
 - ours: the reference log-probs (one no-grad pass, precomputed before training) + one training step;
-  the prompt is run once per pass and both completions attend to it (score_dpo.pair_token_logps).
+  the prompt is run once per pass and both completions attend to it (score_dpo.pairs_token_logps).
 - TRL: one training step, which runs the reference (adapters off) and the policy on the batch
   [prompt + chosen, prompt + rejected], so the prompt is run twice per pass.
 The two sides alternate pair by pair (one warm-up pair each first) and the medians are compared,

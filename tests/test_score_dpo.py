@@ -14,7 +14,7 @@ import torch
 
 import model as M
 import score_dpo
-from score_dpo import (Pair, TrainConfig, build_pairs, dpo_loss, encode_pair, pair_token_logps, power_d,
+from score_dpo import (Pair, TrainConfig, build_pairs, dpo_loss, encode_pair, pairs_token_logps, power_d,
                        read_pairs, sample_pairs, score_dpo_influence, score_dpo_loss, train, write_pairs)
 
 F64 = torch.float64
@@ -349,7 +349,7 @@ def test_pair_token_logps_match_transformers_float64(smol, exported):
     for p in TRAIN_PAIRS[:2] + [Pair("d", CHAT.format("Hi"), "", "Ok", 0.5, 0.0)]:
         prompt, chosen, rejected = encode_pair(tok, p)
         with torch.no_grad():
-            got_c, got_r = pair_token_logps(ours, prompt, chosen, rejected)
+            got_c, got_r = pairs_token_logps(ours, [(prompt, chosen, rejected)])[0]
             for comp, got in ((chosen, got_c), (rejected, got_r)):
                 x = torch.tensor([prompt + comp])
                 want = completion_logps(hf(x).logits[0], prompt, comp)
@@ -362,7 +362,7 @@ def test_pair_token_logps_match_transformers_float64(smol, exported):
     for _, layer in M.lora_layers(ours):
         layer.lora_B.weight.data.normal_(0, 0.01, generator=g)
     prompt, chosen, rejected = encode_pair(tok, TRAIN_PAIRS[1])
-    c, r = pair_token_logps(ours, prompt, chosen, rejected)
+    c, r = pairs_token_logps(ours, [(prompt, chosen, rejected)])[0]
     (c.sum() - 2 * r.sum()).backward()
     g_ours = [p.grad.clone() for p in M.lora_state_dict(ours).values()]
     ours.zero_grad()
@@ -690,7 +690,7 @@ def test_grouped_pairs_equal_one_pass_per_pair_float64(exported):
         sum(c.sum() - 2 * r.sum() for c, r in got).backward()
         g_group = [p.grad.clone() for p in M.lora_state_dict(ours).values()]
         ours.zero_grad()
-        want = [pair_token_logps(ours, *it) for it in group]
+        want = [pairs_token_logps(ours, [it])[0] for it in group]
         sum(c.sum() - 2 * r.sum() for c, r in want).backward()
         for (c, r), (c2, r2) in zip(got, want):
             torch.testing.assert_close(c, c2, rtol=0, atol=1e-10)
@@ -711,9 +711,9 @@ def test_bf16_autocast_and_bf16_base_weights(smol, tmp_path):
     model, tok = smol
     e = encode_pair(tok, TRAIN_PAIRS[0])
     with torch.no_grad():
-        c32, r32 = pair_token_logps(model, *e)
+        c32, r32 = pairs_token_logps(model, [e])[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            c16, r16 = pair_token_logps(model, *e)
+            c16, r16 = pairs_token_logps(model, [e])[0]
     assert c16.dtype == torch.float32  # the gather lifts bf16 logits to fp32
     err = torch.cat([(c16 - c32).abs().flatten(), (r16 - r32).abs().flatten()])
     assert err.mean() < 0.1 and err.max() < 0.5, (err.mean(), err.max())
