@@ -50,6 +50,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -80,6 +81,7 @@ CLIENT_FIELDS = ("model", "messages", "temperature", "top_p", "max_tokens", "sto
 TEMPLATE_TOKENS_PER_CALL, TEMPLATE_TOKENS_PER_MESSAGE = 32, 8
 ENDPOINT_DOWN_AFTER = 3  # consecutive calls ending in timeout/connection (retries spent) stop it
 ROLES = ("system", "developer", "user", "assistant")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # host names of this machine only
 
 
 @dataclass
@@ -237,10 +239,10 @@ def _headers(api_key):
             | ({"Authorization": f"Bearer {key}"} if key else {}))
 
 
-def _excerpt(raw, limit=300):
-    """The start of a response body, for an error message."""
+def _excerpt(raw):
+    """The start of a response body (300 characters), for an error message."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+    return repr(text[:300] + ("..." if len(text) > 300 else ""))
 
 
 def _server_message(raw):
@@ -320,14 +322,12 @@ class ChatClient:
                              f"own arguments: temperature, top_p, max_tokens, stop, seed)")
         self.identity = self.base_url if identity is None else str(identity)
         self._headers = _headers(api_key)
-        local = parts.hostname in ("127.0.0.1", "localhost", "::1")
-        self.max_concurrency = int(max_concurrency or (32 if local else 16))
+        self.max_concurrency = int(max_concurrency or (32 if parts.hostname in LOOPBACK else 16))
         self.retry = retry if retry is not None else RetryPolicy()
-        self.prices = DEFAULT_PRICES | {k: (float(p), float(c))
-                                        for k, (p, c) in (prices or {}).items()}
+        prices = DEFAULT_PRICES | {k: (float(p), float(c)) for k, (p, c) in (prices or {}).items()}
         # exact name, else the longest listed prefix ending at a '-'; None: unpriced, costs $0
-        prefix = max((k for k in self.prices if model.startswith(k + "-")), key=len, default=None)
-        self.price = self.prices.get(model, self.prices.get(prefix))
+        prefix = max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
+        self.price = prices.get(model, prices.get(prefix))
         self.budget = budget or Budget()
         if self.budget.dollars is not None and self.price is None:
             raise ValueError(f"ChatClient: a dollar budget needs a price for model {model!r}; "
@@ -343,11 +343,11 @@ class ChatClient:
         self._inflight = {}                    # journal key -> Event set when its sender finishes
         self._pool = None                      # chat_many's worker threads, made on first use
         self._reserved = [0, 0.0, 0]           # tokens, dollars, calls held by calls in flight
-        self.total, self.by_stage, self.by_tag = Usage(), {}, {}
+        self.total, self.by_stage, self.by_tag = Usage(), defaultdict(Usage), defaultdict(Usage)
         self.n_sent = 0                        # calls that went to the endpoint (journal misses)
         self.n_requests = 0                    # HTTP attempts, retries included
         self.n_missing_usage = 0               # answers without usage: a token cap misses them
-        self.errors = {}                       # ExecutorError kind -> count
+        self.errors = Counter()                # ExecutorError kind -> count
         self.stopped = None                    # the BudgetExceeded / EndpointDown that stopped us
         self._dead_in_a_row = 0                # calls ended in timeout/connection since an answer
         self.journal, self._local, self._conns = cache_path, threading.local(), []
@@ -393,8 +393,8 @@ class ChatClient:
             return self._journalled(body, which, stage, tag)
         except ExecutorError as e:
             with self._lock:
-                self.errors[e.kind] = self.errors.get(e.kind, 0) + 1
-                for usage in self._usages(stage, tag):
+                self.errors[e.kind] += 1
+                for usage in (self.total, self.by_stage[stage], self.by_tag[tag]):
                     usage.errors += 1
             raise
 
@@ -408,15 +408,17 @@ class ChatClient:
         blob = json.dumps({"endpoint": self.identity, "body": body} | which, sort_keys=True,
                           separators=(",", ":"), ensure_ascii=False)
         key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
-        lookup = ("SELECT text, prompt_tokens, completion_tokens, finish_reason FROM calls "
-                  "WHERE key = ?", (key,))
-        while (hit := self._db().execute(*lookup).fetchone()) is None:
+        while True:  # claim the key: look it up and send it as its only sender
             with self._lock:
                 event = self._inflight.setdefault(key, mine := threading.Event())
-            if event is mine:
-                try:  # finished since our first look?
-                    if (hit := self._db().execute(*lookup).fetchone()) is not None:
-                        break
+            if event is not mine:
+                event.wait()  # its sender finished: a hit next time round, or ours if it failed
+                continue
+            try:
+                hit = self._db().execute(
+                    "SELECT text, prompt_tokens, completion_tokens, finish_reason FROM calls "
+                    "WHERE key = ?", (key,)).fetchone()
+                if hit is None:
                     t0 = time.monotonic()
                     r = self._send(body, stage, tag)
                     with self._db() as con:  # commits
@@ -425,14 +427,13 @@ class ChatClient:
                                      r.finish_reason, stage, tag, time.monotonic() - t0,
                                      time.time()))
                     return r
-                finally:
-                    with self._lock:
-                        del self._inflight[key]
-                    mine.set()
-            event.wait()  # its sender finished: a hit next time round, or our turn if it failed
-        with self._lock:
-            self._account(hit := ChatResult(*hit, cached=True), stage, tag)
-        return hit
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+                mine.set()
+            with self._lock:
+                self._account(hit := ChatResult(*hit, cached=True), stage, tag)
+            return hit
 
     def _send(self, body, stage, tag):
         """Reserve the call's worst case (prompt bound + max_tokens) against the budget, POST it
@@ -458,17 +459,6 @@ class ChatClient:
             try:
                 result = self._post(body)
                 return result
-            except ExecutorError as e:
-                with self._lock:  # ENDPOINT_DOWN_AFTER unanswered calls in a row stop the client
-                    if e.kind in ("timeout", "connection") and self.stopped is None:
-                        self._dead_in_a_row += 1
-                        if self._dead_in_a_row >= ENDPOINT_DOWN_AFTER:
-                            self._stop(EndpointDown("down", f"{self.endpoint}: "
-                                                    f"{self._dead_in_a_row} calls in a row got no "
-                                                    f"answer within {self.timeout:g} s, retries "
-                                                    f"included; last: {e}"))
-                            raise self._stopped_error() from e  # the call that trips it says so
-                raise
             finally:
                 with self._lock:
                     self._reserved = [r - h for r, h in zip(self._reserved, hold)]
@@ -549,18 +539,28 @@ class ChatClient:
             error.attempts = attempt
             if attempt > policy.max_retries:
                 error.args = (f"{error} (gave up after {attempt} attempts)",)
+                if error.kind in ("timeout", "connection"):
+                    self._no_answer(error)
                 raise error
             time.sleep(wait if wait is not None and wait > 0 else backoff_delay(attempt - 1,
                                                                                 policy))
 
-    def _usages(self, stage, tag):
-        return (self.total, self.by_stage.setdefault(stage, Usage()),
-                self.by_tag.setdefault(tag, Usage()))
+    def _no_answer(self, error):
+        """A call got no answer, retries spent: the call that makes it ENDPOINT_DOWN_AFTER in a row
+        stops the client (EndpointDown) and raises it."""
+        with self._lock:
+            if self.stopped is None:
+                self._dead_in_a_row += 1
+                if self._dead_in_a_row >= ENDPOINT_DOWN_AFTER:
+                    self._stop(EndpointDown("down", f"{self.endpoint}: {self._dead_in_a_row} "
+                                            f"calls in a row got no answer within "
+                                            f"{self.timeout:g} s, retries included; last: {error}"))
+                    raise self._stopped_error() from error
 
     def _account(self, result, stage, tag):
         """Add a finished call to the totals (self._lock held). A missing usage (-1) counts 0."""
         cost = self._cost(result.prompt_tokens, result.completion_tokens)
-        for usage in self._usages(stage, tag):
+        for usage in (self.total, self.by_stage[stage], self.by_tag[tag]):
             usage.calls += 1
             usage.cached += result.cached
             usage.prompt_tokens += max(result.prompt_tokens, 0)
@@ -1026,7 +1026,7 @@ def serve_main(argv=None):
             or args.default_max_tokens < 1):
         p.error("--max-batch and --default-max-tokens must be >= 1, --batch-window-ms >= 0, "
                 "--max-kv-gib > 0")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOOPBACK and not args.api_key:
         print(f"scoreflow serve: warning: binding {args.host} without --api-key lets anyone who "
               "can reach it use the model", file=sys.stderr)
     server = start_local_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
