@@ -588,7 +588,8 @@ class ChatClient:
                 return self.chat(**req)
             except ExecutorError as e:
                 return e
-        with self._lock:  # one pool for the client's life: a burst starts without new threads
+        # one pool for the client's life: a burst opens no threads, nor their journal connections
+        with self._lock:
             self._pool = self._pool or ThreadPoolExecutor(self.max_concurrency, "chat")
         return list(self._pool.map(one, requests))
 
