@@ -50,7 +50,8 @@ import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -80,6 +81,7 @@ CLIENT_FIELDS = ("model", "messages", "temperature", "top_p", "max_tokens", "sto
 TEMPLATE_TOKENS_PER_CALL, TEMPLATE_TOKENS_PER_MESSAGE = 32, 8
 ENDPOINT_DOWN_AFTER = 3  # consecutive calls ending in timeout/connection (retries spent) stop it
 ROLES = ("system", "developer", "user", "assistant")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # host names of this machine only
 
 
 @dataclass
@@ -237,10 +239,10 @@ def _headers(api_key):
             | ({"Authorization": f"Bearer {key}"} if key else {}))
 
 
-def _excerpt(raw, limit=300):
-    """The start of a response body, for an error message."""
+def _excerpt(raw):
+    """The start of a response body (300 characters), for an error message."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+    return repr(text[:300] + ("..." if len(text) > 300 else ""))
 
 
 def _server_message(raw):
@@ -320,14 +322,12 @@ class ChatClient:
                              f"own arguments: temperature, top_p, max_tokens, stop, seed)")
         self.identity = self.base_url if identity is None else str(identity)
         self._headers = _headers(api_key)
-        local = parts.hostname in ("127.0.0.1", "localhost", "::1")
-        self.max_concurrency = int(max_concurrency or (32 if local else 16))
+        self.max_concurrency = int(max_concurrency or (32 if parts.hostname in LOOPBACK else 16))
         self.retry = retry if retry is not None else RetryPolicy()
-        self.prices = DEFAULT_PRICES | {k: (float(p), float(c))
-                                        for k, (p, c) in (prices or {}).items()}
+        prices = DEFAULT_PRICES | {k: (float(p), float(c)) for k, (p, c) in (prices or {}).items()}
         # exact name, else the longest listed prefix ending at a '-'; None: unpriced, costs $0
-        prefix = max((k for k in self.prices if model.startswith(k + "-")), key=len, default=None)
-        self.price = self.prices.get(model, self.prices.get(prefix))
+        prefix = max((k for k in prices if model.startswith(k + "-")), key=len, default=None)
+        self.price = prices.get(model, prices.get(prefix))
         self.budget = budget or Budget()
         if self.budget.dollars is not None and self.price is None:
             raise ValueError(f"ChatClient: a dollar budget needs a price for model {model!r}; "
@@ -343,11 +343,11 @@ class ChatClient:
         self._inflight = {}                    # journal key -> Event set when its sender finishes
         self._pool = None                      # chat_many's worker threads, made on first use
         self._reserved = [0, 0.0, 0]           # tokens, dollars, calls held by calls in flight
-        self.total, self.by_stage, self.by_tag = Usage(), {}, {}
+        self.total, self.by_stage, self.by_tag = Usage(), defaultdict(Usage), defaultdict(Usage)
         self.n_sent = 0                        # calls that went to the endpoint (journal misses)
         self.n_requests = 0                    # HTTP attempts, retries included
         self.n_missing_usage = 0               # answers without usage: a token cap misses them
-        self.errors = {}                       # ExecutorError kind -> count
+        self.errors = Counter()                # ExecutorError kind -> count
         self.stopped = None                    # the BudgetExceeded / EndpointDown that stopped us
         self._dead_in_a_row = 0                # calls ended in timeout/connection since an answer
         self.journal, self._local, self._conns = cache_path, threading.local(), []
@@ -393,8 +393,8 @@ class ChatClient:
             return self._journalled(body, which, stage, tag)
         except ExecutorError as e:
             with self._lock:
-                self.errors[e.kind] = self.errors.get(e.kind, 0) + 1
-                for usage in self._usages(stage, tag):
+                self.errors[e.kind] += 1
+                for usage in (self.total, self.by_stage[stage], self.by_tag[tag]):
                     usage.errors += 1
             raise
 
@@ -408,15 +408,17 @@ class ChatClient:
         blob = json.dumps({"endpoint": self.identity, "body": body} | which, sort_keys=True,
                           separators=(",", ":"), ensure_ascii=False)
         key = hashlib.sha256(blob.encode("utf-8")).hexdigest()
-        lookup = ("SELECT text, prompt_tokens, completion_tokens, finish_reason FROM calls "
-                  "WHERE key = ?", (key,))
-        while (hit := self._db().execute(*lookup).fetchone()) is None:
+        while True:  # claim the key: look it up and send it as its only sender
             with self._lock:
                 event = self._inflight.setdefault(key, mine := threading.Event())
-            if event is mine:
-                try:  # finished since our first look?
-                    if (hit := self._db().execute(*lookup).fetchone()) is not None:
-                        break
+            if event is not mine:
+                event.wait()  # its sender finished: a hit next time round, or ours if it failed
+                continue
+            try:
+                hit = self._db().execute(
+                    "SELECT text, prompt_tokens, completion_tokens, finish_reason FROM calls "
+                    "WHERE key = ?", (key,)).fetchone()
+                if hit is None:
                     t0 = time.monotonic()
                     r = self._send(body, stage, tag)
                     with self._db() as con:  # commits
@@ -425,14 +427,13 @@ class ChatClient:
                                      r.finish_reason, stage, tag, time.monotonic() - t0,
                                      time.time()))
                     return r
-                finally:
-                    with self._lock:
-                        del self._inflight[key]
-                    mine.set()
-            event.wait()  # its sender finished: a hit next time round, or our turn if it failed
-        with self._lock:
-            self._account(hit := ChatResult(*hit, cached=True), stage, tag)
-        return hit
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+                mine.set()
+            with self._lock:
+                self._account(hit := ChatResult(*hit, cached=True), stage, tag)
+            return hit
 
     def _send(self, body, stage, tag):
         """Reserve the call's worst case (prompt bound + max_tokens) against the budget, POST it
@@ -458,17 +459,6 @@ class ChatClient:
             try:
                 result = self._post(body)
                 return result
-            except ExecutorError as e:
-                with self._lock:  # ENDPOINT_DOWN_AFTER unanswered calls in a row stop the client
-                    if e.kind in ("timeout", "connection") and self.stopped is None:
-                        self._dead_in_a_row += 1
-                        if self._dead_in_a_row >= ENDPOINT_DOWN_AFTER:
-                            self._stop(EndpointDown("down", f"{self.endpoint}: "
-                                                    f"{self._dead_in_a_row} calls in a row got no "
-                                                    f"answer within {self.timeout:g} s, retries "
-                                                    f"included; last: {e}"))
-                            raise self._stopped_error() from e  # the call that trips it says so
-                raise
             finally:
                 with self._lock:
                     self._reserved = [r - h for r, h in zip(self._reserved, hold)]
@@ -549,18 +539,28 @@ class ChatClient:
             error.attempts = attempt
             if attempt > policy.max_retries:
                 error.args = (f"{error} (gave up after {attempt} attempts)",)
+                if error.kind in ("timeout", "connection"):
+                    self._no_answer(error)
                 raise error
             time.sleep(wait if wait is not None and wait > 0 else backoff_delay(attempt - 1,
                                                                                 policy))
 
-    def _usages(self, stage, tag):
-        return (self.total, self.by_stage.setdefault(stage, Usage()),
-                self.by_tag.setdefault(tag, Usage()))
+    def _no_answer(self, error):
+        """A call got no answer, retries spent: the call that makes it ENDPOINT_DOWN_AFTER in a row
+        stops the client (EndpointDown) and raises it."""
+        with self._lock:
+            if self.stopped is None:
+                self._dead_in_a_row += 1
+                if self._dead_in_a_row >= ENDPOINT_DOWN_AFTER:
+                    self._stop(EndpointDown("down", f"{self.endpoint}: {self._dead_in_a_row} "
+                                            f"calls in a row got no answer within "
+                                            f"{self.timeout:g} s, retries included; last: {error}"))
+                    raise self._stopped_error() from error
 
     def _account(self, result, stage, tag):
         """Add a finished call to the totals (self._lock held). A missing usage (-1) counts 0."""
         cost = self._cost(result.prompt_tokens, result.completion_tokens)
-        for usage in self._usages(stage, tag):
+        for usage in (self.total, self.by_stage[stage], self.by_tag[tag]):
             usage.calls += 1
             usage.cached += result.cached
             usage.prompt_tokens += max(result.prompt_tokens, 0)
@@ -588,7 +588,8 @@ class ChatClient:
                 return self.chat(**req)
             except ExecutorError as e:
                 return e
-        with self._lock:  # one pool for the client's life: a burst starts without new threads
+        # one pool for the client's life: a burst opens no threads, nor their journal connections
+        with self._lock:
             self._pool = self._pool or ThreadPoolExecutor(self.max_concurrency, "chat")
         return list(self._pool.map(one, requests))
 
@@ -640,7 +641,7 @@ def preflight(base_url, model, *, api_key=None, timeout=30.0):
 
 # --- 2. Local OpenAI-compatible server --------------------------------------------------------
 # POST /v1/chat/completions and GET /v1/models over a model.py model, on the standard library's
-# ThreadingHTTPServer. A request's path: a handler thread (_ChatHandler.do_POST) reads the body,
+# ThreadingHTTPServer. A request's path: a handler thread (_ChatHandler._complete) reads the body,
 # parse_request checks it (check_chat, as the client did) and renders and tokenizes the prompt
 # into a _Job on the queue; the batching thread that owns the model (_work) moves queued jobs
 # into its model.Decoder between decode steps and wakes a job's handler when its row finishes.
@@ -665,26 +666,28 @@ def neutral_field_error(name, value):
     return ""
 
 
-def model_fingerprint(path, *, blocks=8, block_bytes=1 << 16):
-    """A cheap identity for a model file or directory: sha256 over the size and `blocks` evenly
-    spaced blocks of each file (a directory: each file by relative name, sorted). It reads at most
-    blocks x block_bytes per file, and differs for any other model file we know of."""
-    h, path = hashlib.sha256(), os.fspath(path)
+def model_fingerprint(path):
+    """A cheap identity for a model file or directory: sha256 over the size and 8 evenly spaced
+    64 KiB blocks of each file (a directory: each file by relative name, sorted). It differs for
+    any other model file we know of."""
+    h, path, block = hashlib.sha256(), os.fspath(path), 1 << 16
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
     for name in files:
         size = os.path.getsize(name)
         h.update(f"{os.path.relpath(name, path) if name != path else ''}\0{size}\0".encode())
         with open(name, "rb") as fh:
-            for i in range(blocks):
-                fh.seek(max(0, size - block_bytes) * i // max(blocks - 1, 1))
-                h.update(fh.read(block_bytes))
+            for i in range(8):
+                fh.seek(max(0, size - block) * i // 7)
+                h.update(fh.read(block))
     return h.hexdigest()[:32]
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the batcher keeps sets of them
 class _Job:
-    """One queued chat request: a row for model.Decoder.add, and how its handler is woken."""
+    """One queued chat request: a row for model.Decoder.add, and the Future its handler waits
+    on: a model.Completion, or a RequestError when the batch failed (500) or the server stopped
+    (503)."""
     prompt: str              # chat-rendered prompt text
     ids: list                # its token ids, as model.prompt_ids gives them
     max_tokens: int
@@ -692,10 +695,14 @@ class _Job:
     top_p: float
     stop: list
     seed: int
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
     arrived: float = dataclasses.field(default_factory=time.monotonic)
-    completion: object = None   # model.Completion once done
-    error: str = ""             # set instead when the batch failed or the server stopped
+    future: Future = dataclasses.field(default_factory=Future)
+
+
+def _fail(jobs, why, status):
+    """Answer the handlers of `jobs` with an error instead of a completion."""
+    for job in jobs:
+        job.future.set_exception(RequestError(why, code=None, status=status))
 
 
 class LocalServer:
@@ -705,25 +712,22 @@ class LocalServer:
     Continuous batching (model.Decoder): requests join the running batch between decode steps
     and leave it when they finish, so a workflow's next call never waits for the slowest row of
     a batch it was not in (bench/speed_server.py --scenario executor measures it against static
-    batches). max_batch caps the rows decoding at once; when idle, batch_window (s) is how long
-    the batcher keeps gathering after the last new request (longer while a received request is
-    still being parsed), at most max_wait (s) after the first; while rows decode, waiting requests
-    join once a quarter of the batch's size has gathered or the oldest has waited max_wait.
-    max_kv_bytes caps the batch's KV cache (rows x (aligned prompt width + longest remaining
-    completion)); default_max_tokens is used when a request gives none (OpenAI's default, "up
-    to the context", is too slow on a CPU).
+    batches). max_batch caps the rows decoding at once, max_kv_bytes the batch's KV cache;
+    batch_window (s) is how long an idle batcher keeps gathering after the last new request (see
+    _gather). default_max_tokens is used when a request gives none (OpenAI's default, "up to the
+    context", is too slow on a CPU).
     """
+    max_wait = 0.2   # s the oldest waiting request waits at most before it joins (see _work)
 
     def __init__(self, model, tokenizer, *, model_name="local", host="127.0.0.1", port=0,
-                 api_key=None, max_batch=32, batch_window=0.01, max_wait=0.2,
-                 max_kv_bytes=2 << 30, default_max_tokens=1024, verbose=False):
+                 api_key=None, max_batch=32, batch_window=0.01, max_kv_bytes=2 << 30,
+                 default_max_tokens=1024, verbose=False):
         import model as modellib  # here, not at the top: clients and the sandbox need no torch
         self._modellib, cfg = modellib, model.config
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key, self.verbose = api_key or None, verbose
         self.max_batch, self.batch_window = int(max_batch), float(batch_window)
-        self.max_wait, self.default_max_tokens = float(max_wait), int(default_max_tokens)
-        self.context = int(cfg.max_seq_len)
+        self.default_max_tokens, self.context = int(default_max_tokens), int(cfg.max_seq_len)
         kv_bytes_per_token = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim  # k and v
                               * model.lm_head.weight.element_size())
         self.max_kv_tokens = max(int(max_kv_bytes) // kv_bytes_per_token, self.context)
@@ -766,9 +770,9 @@ class LocalServer:
         if not isinstance(body.get("user", ""), str):
             raise RequestError(f"'user' must be a string, got {body['user']!r:.100}", param="user")
         f = check_chat(body)
-        prompt = self.tokenizer.apply_chat([{"role": "system" if m["role"] == "developer" else
-                                             m["role"], "content": m["content"]}
-                                            for m in f["messages"]], add_generation_prompt=True)
+        for m in f["messages"]:  # check_chat's own copies; our chat templates know no developer
+            m["role"] = "system" if m["role"] == "developer" else m["role"]
+        prompt = self.tokenizer.apply_chat(f["messages"], add_generation_prompt=True)
         ids = self._modellib.prompt_ids(self.tokenizer, prompt)
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
             else "max_tokens"
@@ -785,7 +789,10 @@ class LocalServer:
 
     # -- the batching thread ---------------------------------------------------------------------
     def _work(self):
-        """Own the model: move due jobs into the Decoder, step it, hand out finished rows."""
+        """Own the model: let due jobs into the Decoder, step it, wake the handlers of the rows
+        that finished. While rows decode, waiting jobs join once they are a quarter of the rows
+        decoding or the oldest has waited max_wait: each join costs a prefill and maybe a copy of
+        the cache, so one join of several beats several of one."""
         M = self._modellib
         dec = M.Decoder(self.model, self.tokenizer)
         while True:
@@ -805,29 +812,22 @@ class LocalServer:
                                 [j.temperature for j in batch], [j.top_p for j in batch],
                                 [0] * len(batch), [j.seed for j in batch], [j.stop for j in batch])
                     finished = dec.step()
-            except Exception as e:  # tell every waiting client; the server keeps serving
-                jobs = batch + [r["tag"] for r in dec.rows
-                                if r["done"] is None and not any(r["tag"] is j for j in batch)]
+            except Exception as e:  # fail the jobs of this Decoder; the server keeps serving
+                jobs = {j for j in batch + [r["tag"] for r in dec.rows] if not j.future.done()}
                 why = f"generation failed for a batch of {len(jobs)}: {type(e).__name__}: {e}"
                 print(f"executor server: {why}", file=sys.stderr)
-                finished, dec = [(job, None) for job in jobs], M.Decoder(self.model, self.tokenizer)
-                for job in jobs:
-                    job.error = why
-            with self._cv:
-                self.n_completions += sum(c is not None for _, c in finished)
+                _fail(jobs, why, 500)
+                finished, dec = [], M.Decoder(self.model, self.tokenizer)
+            self.n_completions += len(finished)  # only this thread writes it
             for job, c in finished:
-                job.completion = c
-                job.done.set()
-        for r in dec.rows:  # closing: rows still decoding get a 503, as queued requests do
-            if r["done"] is None:
-                r["tag"].error = "server stopped"
-                r["tag"].done.set()
+                job.future.set_result(c)
+        # closing: rows still decoding get a 503, as queued requests do (stop)
+        _fail([r["tag"] for r in dec.rows if r["done"] is None], "server stopped", 503)
 
     def _gather(self):
         """Idle: wait for a first request, then keep gathering while they keep coming (at most
         max_wait). Called with self._cv held."""
-        while not self._pending and not self._closing:
-            self._cv.wait()
+        self._cv.wait_for(lambda: self._pending or self._closing)
         first = time.monotonic()
         while not self._closing and len(self._pending) < self.max_batch:
             seen, left = len(self._pending), first + self.max_wait - time.monotonic()
@@ -866,9 +866,7 @@ class LocalServer:
             self._cv.notify_all()
         self._httpd.shutdown()
         self._httpd.server_close()
-        for job in left:
-            job.error = "server stopped"
-            job.done.set()
+        _fail(left, "server stopped", 503)
         self._worker.join()
 
     def __enter__(self):
@@ -879,6 +877,8 @@ class LocalServer:
 
 
 class _ChatHandler(BaseHTTPRequestHandler):
+    """One connection's thread. Every answer is JSON: the route's (200), or the RequestError it
+    raised as OpenAI's {"error"}; any other exception is a bug of ours, a 500 saying so."""
     protocol_version = "HTTP/1.1"   # keep-alive, so clients' connection pools are used
     server_version = "scoreflow-executor"
     timeout = 600                   # s an idle keep-alive connection may hold its thread
@@ -887,7 +887,22 @@ class _ChatHandler(BaseHTTPRequestHandler):
         if self.server.owner.verbose:
             super().log_message(fmt, *args)
 
-    def _send_json(self, status, obj):
+    def do_GET(self):
+        self._answer(self._route, "GET")
+
+    def do_POST(self):
+        self._answer(self._complete)
+
+    def _answer(self, handle, *args):
+        try:
+            status, obj = 200, handle(*args)
+        except Exception as e:
+            if not isinstance(e, RequestError):
+                e = RequestError(f"internal error reading the request: {type(e).__name__}: {e}",
+                                 code=None, status=500)
+            status, obj = e.status, {"error": {
+                "message": e.message, "param": e.param, "code": e.code,
+                "type": "server_error" if e.status >= 500 else "invalid_request_error"}}
         body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
         try:
             self.send_response(status)
@@ -901,12 +916,11 @@ class _ChatHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _route(self, method):
-        """GET's answer, None for POST /v1/chat/completions, or a RequestError: a wrong key (401)
-        or an unknown route (404)."""
+        """GET's answer, None for POST /v1/chat/completions; a wrong key is a 401 and any other
+        route a 404."""
         owner, path = self.server.owner, self.path.split("?", 1)[0].rstrip("/")
-        key = owner.api_key
-        if key is not None and not hmac.compare_digest(
-                self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+        if owner.api_key is not None and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(), f"Bearer {owner.api_key}".encode()):
             raise RequestError("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key", status=401)
         model = {"object": "model", "id": owner.model_name, "created": owner.created,
@@ -920,24 +934,17 @@ class _ChatHandler(BaseHTTPRequestHandler):
                                "POST /v1/chat/completions", code="not_found", status=404)
         return None
 
-    def _error(self, status, message, param=None, code=None):  # type: as OpenAI's
-        self._send_json(status, {"error": {"message": message, "param": param, "code": code,
-                                           "type": "server_error" if status >= 500
-                                           else "invalid_request_error"}})
-
-    def do_GET(self):
-        try:
-            self._send_json(200, self._route("GET"))
-        except RequestError as e:
-            self._error(e.status, e.message, e.param, e.code)
-
-    def do_POST(self):
+    def _complete(self):
+        """POST /v1/chat/completions: queue the request's _Job, wait until the batcher has done
+        it -> a chat.completion."""
         owner, length = self.server.owner, self.headers.get("Content-Length", "")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:  # 411 / 413, and hang up
             self.close_connection = True
             if not length.isdigit():
-                return self._error(411, f"a Content-Length header is required, got {length!r}")
-            return self._error(413, f"request body is {length} bytes, above {MAX_BODY_BYTES}")
+                raise RequestError(f"a Content-Length header is required, got {length!r}",
+                                   code=None, status=411)
+            raise RequestError(f"request body is {length} bytes, above {MAX_BODY_BYTES}",
+                               code=None, status=413)
         with owner._cv:  # the batcher waits for requests already here but still being parsed
             owner._arriving += 1
         try:
@@ -948,48 +955,37 @@ class _ChatHandler(BaseHTTPRequestHandler):
                 if owner._closing:
                     raise RequestError("server is stopping", code=None, status=503)
                 owner._pending.append(job)
-        except RequestError as e:
-            return self._error(e.status, e.message, e.param, e.code)
-        except Exception as e:  # a bug of ours: say so, and keep serving
-            return self._error(500, f"internal error reading the request: {type(e).__name__}: {e}")
         finally:
             with owner._cv:
                 owner._arriving -= 1
                 owner._cv.notify_all()
-        job.done.wait()
-        if job.error:
-            return self._error(503 if job.error == "server stopped" else 500, job.error)
-        c = job.completion
-        self._send_json(200, {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-            "created": int(time.time()), "model": owner.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": None, "finish_reason": c.finish_reason}],
-            "usage": {"prompt_tokens": c.n_prompt_tokens,
-                      "completion_tokens": c.n_completion_tokens,
-                      "total_tokens": c.n_prompt_tokens + c.n_completion_tokens}})
+        c = job.future.result()  # raises the batcher's RequestError, if any
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                "created": int(time.time()), "model": owner.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": None, "finish_reason": c.finish_reason}],
+                "usage": {"prompt_tokens": c.n_prompt_tokens,
+                          "completion_tokens": c.n_completion_tokens,
+                          "total_tokens": c.n_prompt_tokens + c.n_completion_tokens}}
 
 
-def start_local_server(model_path=None, *, host="127.0.0.1", port=0, api_key=None, device="cpu",
-                       dtype=None, model=None, tokenizer=None, model_name=None, **options):
-    """Load model_path with model.load (None: the embedded SmolLM2-135M-Instruct GGUF) in dtype
-    (a torch.dtype or its name; None: float32), or serve a loaded (model, tokenizer), and start a
-    LocalServer on host:port (0: a free port). options go to LocalServer (max_batch, batch_window,
-    max_wait, max_kv_bytes, default_max_tokens, verbose). The name clients send as `model`
-    defaults to the file or directory name."""
+def start_local_server(model_path=None, *, device="cpu", dtype="float32", model=None,
+                       tokenizer=None, model_name=None, **options):
+    """Load model_path with model.load (None: the embedded SmolLM2-135M-Instruct GGUF) on device
+    in dtype (a torch dtype's name), or serve a loaded (model, tokenizer), and start a
+    LocalServer; options go to it (host, port: 0 for a free one, api_key, max_batch, ...). The
+    name clients send as `model` defaults to the file or directory name."""
     import model as modellib  # see LocalServer.__init__
     if (model is None) != (tokenizer is None):
         raise ValueError("start_local_server: pass both model and tokenizer, or neither")
     loaded = model is None
     if loaded:
         import torch
-        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")
-        model, tokenizer = modellib.load(model_path, device=device, dtype=dtype)
+        model, tokenizer = modellib.load(model_path, device=device, dtype=getattr(torch, dtype))
     path = model_path if model_path is not None else modellib.embedded_model_path()
     if model_name is None:
         model_name = os.path.basename(os.path.normpath(os.fspath(path))).removesuffix(".gguf")
-    server = LocalServer(model, tokenizer, model_name=model_name, host=host, port=port,
-                         api_key=api_key, **options)
+    server = LocalServer(model, tokenizer, model_name=model_name, **options)
     # what determines its replies, for a client's journal key (ChatClient identity): not the port
     weights = model.lm_head.weight
     what = (model_fingerprint(path) if loaded or model_path is not None
@@ -1026,7 +1022,7 @@ def serve_main(argv=None):
             or args.default_max_tokens < 1):
         p.error("--max-batch and --default-max-tokens must be >= 1, --batch-window-ms >= 0, "
                 "--max-kv-gib > 0")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOOPBACK and not args.api_key:
         print(f"scoreflow serve: warning: binding {args.host} without --api-key lets anyone who "
               "can reach it use the model", file=sys.stderr)
     server = start_local_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
@@ -1035,9 +1031,8 @@ def serve_main(argv=None):
                                 max_kv_bytes=int(args.max_kv_gib * (1 << 30)),
                                 default_max_tokens=args.default_max_tokens, verbose=args.verbose)
     stopping = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stopping.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
     print(f"serving {server.model_name} at {server.base_url}", flush=True)
     try:
         while not stopping.wait(0.5):

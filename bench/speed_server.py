@@ -58,15 +58,13 @@ class StaticServer(executor.LocalServer):
                     self.model, self.tokenizer, [j.prompt for j in batch],
                     max_new_tokens=[j.max_tokens for j in batch], temperature=[j.temperature for j in batch],
                     top_p=[j.top_p for j in batch], stop=[j.stop for j in batch], seed=[j.seed for j in batch])
-                for job, c in zip(batch, outs):
-                    job.completion = c
             except Exception as e:  # noqa: BLE001
-                for job in batch:
-                    job.error = f"generation failed: {e}"
+                outs = None
+                executor._fail(batch, f"generation failed: {e}", 500)
             with self._cv:  # (_take_batch counted the batch in batch_sizes)
                 self.n_completions += len(batch)
-            for job in batch:
-                job.done.set()
+            for job, c in zip(batch, outs or []):
+                job.future.set_result(c)
 
 
 FILLER = ("Consider the problem carefully and check each step of the reasoning before answering. ")
