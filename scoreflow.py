@@ -30,7 +30,6 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +51,7 @@ def opt(default, help, **flag):
     return dataclasses.field(default=default, metadata=dict(help=help, **flag))
 
 
-@dataclass
+@dataclasses.dataclass
 class RunConfig:
     bench: str = opt("math", "math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen or a task .py "
                      "file (math without --data: the embedded procedural set)", group="run")

@@ -263,10 +263,10 @@ def split_one(problems):
 
 
 def load_data(cfg):
-    """Both splits for scoreflow's RunConfig `cfg` (its bench, data, kinds, split_single,
-    n_validate, n_test), checked: a source that would make validate = test is split 1:4 (--split-
-    single seeded) or refused (off); an id in both splits is an error naming it. Raises DataError,
-    or the loader's own error for a missing or malformed file or task."""
+    """Both splits for scoreflow's RunConfig `cfg` (bench, data, kinds, split_single, n_validate,
+    n_test), checked: a source that would make validate = test is split 1:4 (--split-single seeded)
+    or refused (off); an id in both splits is an error naming it. Raises DataError, or the loader's
+    own error for a missing or malformed file or task."""
     task = load_task(cfg.bench)
     opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
 
