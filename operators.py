@@ -709,17 +709,16 @@ async def _run_python(code, timeout):
 
 class _Operator:
     """What every operator shares: built from `config` (the run's _Context), each call counted
-    against the run's cap, executor calls logged under the operator's class name."""
+    against the run's cap, executor calls and notes logged under the operator's class name."""
     retried = False  # Programmer: options.programmer_call_attempts for a call that raises
 
     def __init__(self, config):  # the whitelist allows only Operator(config): config is _Context
-        self.ctx = config
+        self.ctx, self.task = config, _problem_text(config.problem)
 
     async def __call__(self, *args, **kwargs):
-        """One operator call. A retried operator's call gets options.programmer_call_attempts
-        attempts, programmer_call_delay s apart, when it raises by its own fault (SCOREFLOW.md §3:
-        3 attempts, 2 s apart); it counts as one call. A retry's requests repeat earlier ones, so
-        they are new occurrences: asked anew, and replayed exactly on resume."""
+        """One operator call, counted against the cap. A retried operator's call that raises by
+        its own fault gets options.programmer_call_attempts attempts, programmer_call_delay s
+        apart (SCOREFLOW.md §3: 3, 2 s); its repeated requests are new occurrences (see chat)."""
         ctx = self.ctx
         if ctx.max_calls and ctx.n_calls >= ctx.max_calls:  # max_calls 0: no cap (paper: none)
             raise WorkflowError(f"operator call cap reached: {ctx.max_calls} calls")
@@ -733,19 +732,21 @@ class _Operator:
             except Exception as e:
                 if attempt == attempts:
                     raise
-                ctx.notes.append(f"{type(self).__name__}: call attempt {attempt} raised "
-                                 f"{type(e).__name__}: {str(e)[:120]}")
+                self.note(f"call attempt {attempt} raised {type(e).__name__}: {str(e)[:120]}")
                 await asyncio.sleep(ctx.options.programmer_call_delay)
 
     async def chat(self, prompt, examples=()):
         return await self.ctx.chat(type(self).__name__, prompt, examples)
+
+    def note(self, text):  # a fallback taken, kept in WorkflowRun.notes
+        self.ctx.notes.append(f"{type(self).__name__}: {text}")
 
 
 class Custom(_Operator):
     """custom(instruction) -> the executor's reply to instruction + problem."""
 
     async def run(self, instruction: str = ""):
-        return await self.chat(f"{instruction}\n\n{_problem_text(self.ctx.problem)}")
+        return await self.chat(f"{instruction}\n\n{self.task}")
 
 
 class AnswerGenerate(_Operator):
@@ -753,13 +754,13 @@ class AnswerGenerate(_Operator):
 
     async def run(self):
         reply = await self.chat(
-            f"{_problem_text(self.ctx.problem)}\n\n"
+            f"{self.task}\n\n"
             "Think it through step by step, then give the final answer as briefly as possible.\n"
             "Reply in this form:\n<thought>your reasoning</thought>\n"
             "<answer>the short answer</answer>")
         thought, answer = _field(reply, "thought"), _field(reply, "answer")
         if not answer:
-            self.ctx.notes.append("AnswerGenerate: no <answer> field; kept the whole reply")
+            self.note("no <answer> field; kept the whole reply")
             return reply.strip()
         return f"{thought}\n\nAnswer: {answer}" if thought else answer
 
@@ -776,7 +777,7 @@ class ScEnsemble(_Operator):
         letters = [chr(ord("A") + i) for i in range(len(solutions))]
         listing = "\n\n".join(f"{k}:\n{s}" for k, s in zip(letters, solutions))
         reply = await self.chat(
-            f"{_problem_text(self.ctx.problem)}\n\nHere are candidate solutions:\n\n{listing}\n\n"
+            f"{self.task}\n\nHere are candidate solutions:\n\n{listing}\n\n"
             "Compare them and find the one whose result agrees with most of the others.\n"
             "Reply in this form:\n<thought>your comparison</thought>\n"
             f"<solution_letter>one letter from {letters[0]} to {letters[-1]}</solution_letter>")
@@ -785,8 +786,8 @@ class ScEnsemble(_Operator):
             return solutions[letters.index(letter)]
         counts = [sum(s.strip() == t.strip() for t in solutions) for s in solutions]
         best = max(range(len(solutions)), key=lambda i: (counts[i], -i))
-        self.ctx.notes.append(f"ScEnsemble: bad letter {letter or reply[:40]!r}; fell back to the "
-                              f"most frequent candidate {letters[best]}")
+        self.note(f"bad letter {letter or reply[:40]!r}; fell back to the most frequent "
+                  f"candidate {letters[best]}")
         return solutions[best]
 
 
@@ -795,7 +796,7 @@ class Review(_Operator):
 
     async def run(self, pre_solution: str = ""):
         reply = await self.chat(
-            f"{_problem_text(self.ctx.problem)}\n\nProposed solution:\n{pre_solution}\n\n"
+            f"{self.task}\n\nProposed solution:\n{pre_solution}\n\n"
             "Check it carefully: the logic, every calculation, whether the question was read "
             "correctly, and whether any detail is missing.\nReply in this form:\n<review>what you "
             "checked and found</review>\n<verdict>correct or wrong</verdict>\n"
@@ -804,7 +805,7 @@ class Review(_Operator):
         if "wrong" in verdict and revised:
             return revised
         if not verdict:
-            self.ctx.notes.append("Review: no <verdict> field; kept the solution")
+            self.note("no <verdict> field; kept the solution")
         return str(pre_solution)
 
 
@@ -839,14 +840,14 @@ class Programmer(_Operator):
         examples = [(programmer_prompt(q, a), reply)
                     for q, a, reply in PROGRAMMER_EXAMPLES[:o.programmer_examples]]
         for attempt in range(o.programmer_attempts):
-            prompt = programmer_prompt(_problem_text(self.ctx.problem), analysis, code, error)
+            prompt = programmer_prompt(self.task, analysis, code, error)
             code = runnable_program(await self.chat(prompt, examples))
             run = await _run_python(code, o.program_timeout)
             if run.status == "ok" and run.stdout.strip():
                 output = run.stdout.strip()[:2000]
                 break
             error = (run.stderr.strip()[-1000:] or run.reason or "the program printed nothing")
-            self.ctx.notes.append(f"Programmer: attempt {attempt + 1} {run.status}: {error[:120]}")
+            self.note(f"attempt {attempt + 1} {run.status}: {error[:120]}")
         else:
             output = f"(no successful run; last error: {error[-300:]})"
         return f"```python\n{code}\n```\nOutput: {output}"
@@ -858,9 +859,9 @@ class CustomCodeGenerate(_Operator):
     async def run(self, instruction: str = ""):
         ep = _entry_point(self.ctx.problem)
         return sanitize_code(await self.chat(
-            f"{instruction}\n\n{_problem_text(self.ctx.problem)}\n\nWrite the complete function "
-            f"`{ep}` in Python, with any imports it needs. Think about edge cases (empty inputs, "
-            "zero, negative numbers, duplicates). Reply with one ```python code block."), ep)
+            f"{instruction}\n\n{self.task}\n\nWrite the complete function `{ep}` in Python, with "
+            "any imports it needs. Think about edge cases (empty inputs, zero, negative numbers, "
+            "duplicates). Reply with one ```python code block."), ep)
 
 
 class Test(_Operator):
@@ -875,7 +876,7 @@ class Test(_Operator):
                  if str(t).strip()]
         code = sanitize_code(str(solution), ep)
         if not tests:
-            self.ctx.notes.append("Test: the task has no public tests; solution returned as is")
+            self.note("the task has no public tests; solution returned as is")
             return code
         for round_ in range(rounds + 1):
             failure = await self.failure(code, ep, tests)
@@ -883,11 +884,11 @@ class Test(_Operator):
                 return code
             if round_ < rounds:
                 code = sanitize_code(await self.chat(
-                    f"{_problem_text(self.ctx.problem)}\n\nThis solution fails a test:\n```python\n"
-                    f"{code}\n```\nFailure:\n{failure}\n\nExplain the mistake briefly in "
-                    f"<reflection>...</reflection>, then give the complete fixed function `{ep}` "
-                    "in one ```python code block."), ep)
-        self.ctx.notes.append(f"Test: still failing after {rounds} repairs; wrote a fresh solution")
+                    f"{self.task}\n\nThis solution fails a test:\n```python\n{code}\n```\n"
+                    f"Failure:\n{failure}\n\nExplain the mistake briefly in <reflection>..."
+                    f"</reflection>, then give the complete fixed function `{ep}` in one "
+                    "```python code block."), ep)
+        self.note(f"still failing after {rounds} repairs; wrote a fresh solution")
         return await CustomCodeGenerate(self.ctx).run("Write a correct solution from scratch.")
 
     async def failure(self, code, ep, tests):
