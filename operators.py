@@ -924,13 +924,9 @@ TOY_PROBLEMS = {  # §2.3 step 5: a tiny problem per set; the output is not chec
 
 
 def forbidden_usage(code: str) -> str:
-    """§2.3 step 4 by meaning, not by substring (SCOREFLOW.md §10.11: `int(` also matched
-    `print(`): a call to int(...) or a .split(' ') call. "" if neither occurs."""
-    try:
-        tree = ast.parse(code)
-    except SyntaxError as e:
-        return f"syntax error: {e.msg}"
-    for n in ast.walk(tree):
+    """§2.3 step 4 on whitelisted code, by meaning, not by substring (SCOREFLOW.md §10.11: `int(`
+    also matched `print(`): a call to int(...) or a .split(' ') call. "" if neither occurs."""
+    for n in ast.walk(ast.parse(code)):
         f = getattr(n, "func", None)  # n is a call
         if isinstance(f, ast.Name) and f.id == "int":
             return (f"line {n.lineno}: int(...) is not allowed (model outputs rarely parse as "
@@ -943,57 +939,57 @@ def forbidden_usage(code: str) -> str:
 
 def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
     """True when a whitelisted workflow provably cannot raise by its own fault, so §2.3's trial run
-    could only fail through the infrastructure or the executor's text: run_workflow is a sequence
-    of `name = await self.op(...)`, the arguments binding to the operator's parameters, each a str
-    literal or a name bound above (sc_ensemble: a non-empty list of such), then `return name` of a
-    bound name or `return await self.op(...)` of such a call; at most max_calls calls. Every
-    operator returns a str, so each name holds one. Anything else gets the trial run."""
+    could fail only through the infrastructure or the executor's text: run_workflow is lines
+    `name = await self.op(...)`, then `return name` or `return await self.op(...)`, at most
+    max_calls calls (0: no cap); each call's arguments bind to the operator's parameters and are
+    str literals or names bound above (sc_ensemble: a non-empty list of those). Every operator
+    returns a str, so each name holds one. Anything else gets the trial run."""
     try:
         _, run, attrs = _check_workflow(code, set_name)
     except WorkflowError:
         return False
-    body, bound = _statements(run), set()
+    *assigns, last = _statements(run)
+    bound = set()
 
-    def text(a):
-        return ((isinstance(a, ast.Constant) and isinstance(a.value, str))
-                or (isinstance(a, ast.Name) and a.id in bound))
+    def text(a):  # a str for certain: a str literal or a name bound above
+        return (isinstance(a, ast.Constant) and isinstance(a.value, str)
+                or isinstance(a, ast.Name) and a.id in bound)
 
-    def awaited_call(e):
-        if not (isinstance(e, ast.Await) and _attr_of(e.value.func, "self")
-                and e.value.func.attr in attrs):
+    def safe_call(e):  # `await self.op(...)` with arguments that bind and are text
+        c = e.value if isinstance(e, ast.Await) else None
+        if not (c and _attr_of(c.func, "self") and c.func.attr in attrs):
             return False
-        op, c = attrs[e.value.func.attr], e.value
-        try:
+        op = attrs[c.func.attr]
+        try:  # TypeError: too many, unknown or twice-given arguments
             given = inspect.signature(_OPERATORS[op].run).bind(
                 None, *c.args, **{k.arg: k.value for k in c.keywords}).arguments
         except TypeError:
-            return False  # too many, unknown or twice-given arguments
-        del given["self"]
-        if op == "ScEnsemble" and not (isinstance(given.get("solutions"), ast.List)
-                                       and given["solutions"].elts):
-            return False  # sc_ensemble needs a non-empty list
-        return all(all(map(text, a.elts)) if name == "solutions" else text(a)
-                   for name, a in given.items())
+            return False
+        args = [a for name, a in given.items() if name != "self"]
+        if op == "ScEnsemble":  # sc_ensemble needs a non-empty list
+            if not (args and isinstance(args[0], ast.List) and args[0].elts):
+                return False
+            args = args[0].elts
+        return all(map(text, args))
 
-    for stmt in body[:-1]:
+    for stmt in assigns:
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                and isinstance(stmt.targets[0], ast.Name) and awaited_call(stmt.value)):
+                and isinstance(stmt.targets[0], ast.Name) and safe_call(stmt.value)):
             return False
         bound.add(stmt.targets[0].id)
-    last = body[-1].value if isinstance(body[-1], ast.Return) else None
-    calls = len(body) - 1 + awaited_call(last)  # `return await self.op(...)` is one call more
-    return (awaited_call(last) or (isinstance(last, ast.Name) and last.id in bound)) and (
-        calls <= (max_calls or calls))
+    value = last.value if isinstance(last, ast.Return) else None
+    calls = len(assigns) + safe_call(value)  # `return await self.op(...)` is one call more
+    returns_text = safe_call(value) or isinstance(value, ast.Name) and value.id in bound
+    return returns_text and (not max_calls or calls <= max_calls)
 
 
 async def runnable_check(code: str, set_name: str, client, *, threshold: float | None = -1.0,
-                         timeout: float | None = None, options: OperatorOptions | None = None,
-                         max_calls: int = 20, trial: bool = True) -> tuple[bool, str]:
+                         options: OperatorOptions | None = None, max_calls: int = 20,
+                         trial: bool = True) -> tuple[bool, str]:
     """§2.3 steps 2-5 on an extracted graph: the whitelist, not a near copy of the template
-    (ratio must be below threshold; -1 = the set's default from SET_THRESHOLDS, None = off),
-    no forbidden usage, and (if trial) one trial run on the set's toy problem that must not fail
-    within timeout (default 60 s math/QA, 120 s code). An infra_error in the trial is reported as
-    such in the reason ("infra: ..."): the caller should retry rather than regenerate."""
+    (ratio below threshold; -1 = SET_THRESHOLDS' value, None = off), no forbidden usage, and (if
+    trial) one run on the set's toy problem that must not fail within TRIAL_TIMEOUTS. A trial's
+    infra_error gives the reason "infra: ...": the caller should retry rather than regenerate."""
     ok, reason = validate_workflow(code, set_name)
     if not ok:
         return False, f"rejected: {reason}"
@@ -1005,7 +1001,7 @@ async def runnable_check(code: str, set_name: str, client, *, threshold: float |
     if not trial:
         return True, ""
     run = await run_workflow(code, TOY_PROBLEMS[set_name], client, set_name, max_calls=max_calls,
-                             timeout=timeout or TRIAL_TIMEOUTS[set_name], options=options)
+                             timeout=TRIAL_TIMEOUTS[set_name], options=options)
     if run.status == "infra_error":
         return False, f"infra: {run.reason}"
     if run.status != "ok":
