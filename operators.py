@@ -1012,20 +1012,19 @@ async def runnable_check(code: str, set_name: str, client, *, threshold: float |
 # --- after the workflow: the answer extractor and the judge (§3 "Not offered", §4) --------------
 
 async def extract_answer(output: str, problem, client, set_name: str, *,
-                         options: OperatorOptions | None = None) -> str:
+                         options: OperatorOptions) -> str:
     """One executor call after a math or QA workflow (training and test): keeps only the final
     answer (\\boxed{x} for math, a short phrase for QA). Code outputs are returned unchanged."""
     if set_name == "code":
         return output
-    o = options or OperatorOptions(stage="extract")
     form = ("the final answer only, written as \\boxed{answer}" if set_name == "math"
             else "the final answer only, as a short phrase or number")
     prompt = (f"Question:\n{_problem_text(problem)}\n\nA solution:\n{output}\n\n"
               f"Give {form}. Reply in this form: <answer>...</answer>")
     result = await asyncio.to_thread(
-        client.chat, [{"role": "user", "content": prompt}], temperature=o.temperature,
-        max_tokens=min(o.max_tokens, 256), seed=o.seed, sample=o.sample, attempt=o.attempt,
-        stage=o.stage, tag="extract")
+        client.chat, [{"role": "user", "content": prompt}], temperature=options.temperature,
+        max_tokens=min(options.max_tokens, 256), seed=options.seed, sample=options.sample,
+        attempt=options.attempt, stage=options.stage, tag="extract")
     answer = _field(result.text, "answer") or result.text.strip()
     if set_name == "math" and "\\boxed" not in answer and answer:
         answer = f"\\boxed{{{answer}}}"
