@@ -5,13 +5,14 @@ SCOREFLOW.md §3 (operators, per-benchmark sets, extractor), §2.1 (the Workflow
 generator model; operators run Python written by the executor model. Neither runs unchecked: a
 workflow passes an AST whitelist, then runs in this process under a wall-clock limit, an
 operator-call cap and a statement/size guard inserted into its code; model-written programs
-(Programmer, Test) run in executor.run_python's OS sandbox.
+(Programmer, Test) run in executor.run_python's OS sandbox. Not covered: the size guard reads the
+locals between statements, so one statement can build far more than MAX_CHARS in this process
+(`[s + s for c in s]`, list.extend chained with `or`, a long separator's str.join).
 
 `problem` is any object with `.input` (text, or for code a dict with "prompt" and "entry_point")
 and `.extra`. Operators see problem.input and the public extras (entry_point, public_tests), never
 gold or a "hidden_*" extra (bench/__init__.py's rule). Executor calls are `client.chat`
-(executor.ChatClient) in a thread, keyed in its journal by the run's sample, attempt and the call's
-occurrence in the run. No operator catches an ExecutorError: run_workflow reports it as
+(executor.ChatClient) in a thread. No operator catches an ExecutorError: run_workflow reports it as
 "infra_error" (SCOREFLOW.md §10.7: no evidence about the workflow), and lets BudgetExceeded and
 EndpointDown through: the stage in flight records nothing and the run stops resumably.
 Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES, class_header and
@@ -31,7 +32,7 @@ import secrets
 import textwrap
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import executor
 
@@ -144,12 +145,12 @@ def parsing_prefix(code: str) -> tuple[str, ast.Module | None]:
     return code, None
 
 
-def sanitize_code(text: str, entry_point: str | None = None) -> str:
+def sanitize_code(text: str, entry_point: str) -> str:
     """Code from a model reply (SCOREFLOW.md §3: "the longest valid span, plus the imports and
     definitions reachable from the entry point"): code_block's block cut to its parsing_prefix;
     then only imports and the top-level definitions the entry point reaches (all definitions when
-    there is no entry point or it is missing)."""
-    code, tree = parsing_prefix(code_block(text, entry_point or ""))
+    the entry point is "" or not defined)."""
+    code, tree = parsing_prefix(code_block(text, entry_point))
     if tree is None:
         return code.strip()
     definition = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -176,7 +177,7 @@ def runnable_program(reply: str) -> str:
     """The program Programmer runs from a reply: with a solve() that needs no arguments, the
     sanitized solve() and `print(solve())`; otherwise the reply's code block as a whole program
     (its longest parsing prefix), plus a print of the last argument-free function it defines and
-    never calls at top level (small models often define main() and stop)."""
+    never calls (small models often define main() and stop)."""
     def free(fn):  # a function that takes no arguments
         return isinstance(fn, ast.FunctionDef) and not (
             fn.args.args or fn.args.posonlyargs or fn.args.kwonlyargs)
@@ -488,7 +489,7 @@ class OperatorOptions:
     """Sampling and sandbox settings shared by the operators of one run."""
     temperature: float = 0.0     # executor sampling (paper: GPT-4o-mini at 0)
     max_tokens: int = 1024       # per operator call (official code: 4096)
-    seed: int | None = None      # executor seed; ScoreFlow's 3 runs per workflow may use 0, 1, 2
+    seed: int | None = None      # executor seed (the execute stage: 1000 * --seed + run)
     sample: int = 0              # cache key: the k-th repeat of the same request
     stage: str = "execute"       # ChatClient accounting labels
     tag: str = ""
@@ -510,21 +511,19 @@ class WorkflowRun:
     reason: str          # why not ok, one line
     n_calls: int         # operator calls made
     seconds: float
-    calls: list = field(default_factory=list)  # per executor call: operator, prompt, reply, notes
-    notes: list = field(default_factory=list)  # fallbacks taken (bad ensemble letter, ...)
-    error: BaseException | None = None         # the ExecutorError / SandboxFailure of infra_error
-    raised: bool = False  # workflow_error by raising or timing out (a retry may help, §4)
-    executor_seconds: float = 0.0  # with an executor call queued or in flight (not timed out)
-    tokens: int = 0       # executor prompt + completion tokens of its calls (replays count)
+    calls: list          # per executor call: operator, prompt, reply, finish_reason
+    notes: list          # fallbacks taken (bad ensemble letter, ...)
+    error: BaseException | None  # the ExecutorError / SandboxFailure of infra_error
+    raised: bool         # workflow_error by raising or timing out (a retry may help, §4)
+    executor_seconds: float  # with an executor call queued or in flight (not timed out)
+    tokens: int          # executor prompt + completion tokens of its calls (replays count)
 
 
 class _Context:
-    """What the generated code receives as `config`: the client, the problem, the caps, the log.
-
-    The run's clock: `timeout` seconds of the workflow's own work (SCOREFLOW.md §4 "Timeouts",
-    §10.7). Time while an executor call is queued or in flight (at our client, in the thread pool,
-    at the endpoint) is the executor's, not the workflow's: own_seconds() leaves it out, so a slow
-    or serial endpoint cannot make a workflow "time out"."""
+    """What the generated code receives as `config`: the client, the problem, the caps, the log,
+    and the run's clock of `timeout` seconds of the workflow's own work (SCOREFLOW.md §4
+    "Timeouts", §10.7): while an executor call is queued or in flight (client, thread pool,
+    endpoint) the clock stands still, so a slow or serial endpoint cannot time a workflow out."""
 
     def __init__(self, client, problem, options, max_calls, timeout):
         self.client, self.problem, self.options = client, problem, options
@@ -585,7 +584,7 @@ class _Context:
             raise WorkflowError(f"run_workflow's variables hold more than {MAX_CHARS} characters")
 
 
-def _chars(v, depth=0):
+def _chars(v, depth=0):  # strings by length, lists/tuples by items and contents, else 1
     if isinstance(v, str):
         return len(v)
     if isinstance(v, (list, tuple)) and depth < 3:
@@ -617,13 +616,11 @@ class _OutOfTime(Exception):
 
 async def run_workflow(code: str, problem, client, set_name: str, *, timeout: float = 120.0,
                        max_calls: int = 20, options: OperatorOptions | None = None) -> WorkflowRun:
-    """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1, §4 "Timeouts": the paper
-    gives a run 120 s for math/QA, 240 s for code), `timeout` counting the workflow's own work only
-    (see _Context). max_calls 0 = no operator-call cap (the paper has none; the statement guard and
-    the timeout still bound the run). Never raises for the workflow's faults or the
-    infrastructure's: the status says which. An executor call that takes too long ends as the
-    client's own timeout, an infra_error (SCOREFLOW.md §10.7).
-    Raises executor.BudgetExceeded and executor.EndpointDown: they stop the stage, not the run."""
+    """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1; §4 "Timeouts": the paper
+    gives 120 s for math/QA, 240 s for code), `timeout` counting its own work only (_Context).
+    max_calls 0 = no operator-call cap (the paper has none). Never raises for the workflow's faults
+    or the infrastructure's (a too slow executor call is the client's timeout: infra_error, §10.7):
+    the status says which. BudgetExceeded and EndpointDown propagate: they stop the stage."""
     t0 = time.monotonic()
     ctx = _Context(client, problem, options or OperatorOptions(), max_calls, timeout)
 
@@ -664,7 +661,8 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
 async def _within_own_time(coro, ctx):
     """Await coro while ctx.own_seconds() < ctx.timeout; then cancel it and raise _OutOfTime. The
     clock stands still during executor calls, so the wait is re-armed until the own time is spent
-    (polled at least each second, at most each 50 ms)."""
+    (polled every 50 ms to 1 s). This catches time spent awaiting (a sandbox run); the guard's
+    tick catches it in statements between awaits, which a watcher on the same loop cannot stop."""
     task = asyncio.ensure_future(coro)
     try:
         while (left := ctx.timeout - ctx.own_seconds()) > 0 or task.done():
