@@ -5,13 +5,14 @@ SCOREFLOW.md §3 (operators, per-benchmark sets, extractor), §2.1 (the Workflow
 generator model; operators run Python written by the executor model. Neither runs unchecked: a
 workflow passes an AST whitelist, then runs in this process under a wall-clock limit, an
 operator-call cap and a statement/size guard inserted into its code; model-written programs
-(Programmer, Test) run in executor.run_python's OS sandbox.
+(Programmer, Test) run in executor.run_python's OS sandbox. Not covered: the size guard reads the
+locals between statements, so one statement can build far more than MAX_CHARS in this process
+(`[s + s for c in s]`, list.extend chained with `or`, a long separator's str.join).
 
 `problem` is any object with `.input` (text, or for code a dict with "prompt" and "entry_point")
 and `.extra`. Operators see problem.input and the public extras (entry_point, public_tests), never
 gold or a "hidden_*" extra (bench/__init__.py's rule). Executor calls are `client.chat`
-(executor.ChatClient) in a thread, keyed in its journal by the run's sample, attempt and the call's
-occurrence in the run. No operator catches an ExecutorError: run_workflow reports it as
+(executor.ChatClient) in a thread. No operator catches an ExecutorError: run_workflow reports it as
 "infra_error" (SCOREFLOW.md §10.7: no evidence about the workflow), and lets BudgetExceeded and
 EndpointDown through: the stage in flight records nothing and the run stops resumably.
 Non-goals: the generator prompt (scoreflow.py builds it from TEMPLATES, class_header and
@@ -31,7 +32,7 @@ import secrets
 import textwrap
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import executor
 
@@ -144,12 +145,12 @@ def parsing_prefix(code: str) -> tuple[str, ast.Module | None]:
     return code, None
 
 
-def sanitize_code(text: str, entry_point: str | None = None) -> str:
+def sanitize_code(text: str, entry_point: str) -> str:
     """Code from a model reply (SCOREFLOW.md §3: "the longest valid span, plus the imports and
     definitions reachable from the entry point"): code_block's block cut to its parsing_prefix;
     then only imports and the top-level definitions the entry point reaches (all definitions when
-    there is no entry point or it is missing)."""
-    code, tree = parsing_prefix(code_block(text, entry_point or ""))
+    the entry point is "" or not defined)."""
+    code, tree = parsing_prefix(code_block(text, entry_point))
     if tree is None:
         return code.strip()
     definition = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -176,7 +177,7 @@ def runnable_program(reply: str) -> str:
     """The program Programmer runs from a reply: with a solve() that needs no arguments, the
     sanitized solve() and `print(solve())`; otherwise the reply's code block as a whole program
     (its longest parsing prefix), plus a print of the last argument-free function it defines and
-    never calls at top level (small models often define main() and stop)."""
+    never calls (small models often define main() and stop)."""
     def free(fn):  # a function that takes no arguments
         return isinstance(fn, ast.FunctionDef) and not (
             fn.args.args or fn.args.posonlyargs or fn.args.kwonlyargs)
@@ -488,7 +489,7 @@ class OperatorOptions:
     """Sampling and sandbox settings shared by the operators of one run."""
     temperature: float = 0.0     # executor sampling (paper: GPT-4o-mini at 0)
     max_tokens: int = 1024       # per operator call (official code: 4096)
-    seed: int | None = None      # executor seed; ScoreFlow's 3 runs per workflow may use 0, 1, 2
+    seed: int | None = None      # executor seed (the execute stage: 1000 * --seed + run)
     sample: int = 0              # cache key: the k-th repeat of the same request
     stage: str = "execute"       # ChatClient accounting labels
     tag: str = ""
@@ -510,21 +511,19 @@ class WorkflowRun:
     reason: str          # why not ok, one line
     n_calls: int         # operator calls made
     seconds: float
-    calls: list = field(default_factory=list)  # per executor call: operator, prompt, reply, notes
-    notes: list = field(default_factory=list)  # fallbacks taken (bad ensemble letter, ...)
-    error: BaseException | None = None         # the ExecutorError / SandboxFailure of infra_error
-    raised: bool = False  # workflow_error by raising or timing out (a retry may help, §4)
-    executor_seconds: float = 0.0  # with an executor call queued or in flight (not timed out)
-    tokens: int = 0       # executor prompt + completion tokens of its calls (replays count)
+    calls: list          # per executor call: operator, prompt, reply, finish_reason
+    notes: list          # fallbacks taken (bad ensemble letter, ...)
+    error: BaseException | None  # the ExecutorError / SandboxFailure of infra_error
+    raised: bool         # workflow_error by raising or timing out (a retry may help, §4)
+    executor_seconds: float  # with an executor call queued or in flight (not timed out)
+    tokens: int          # executor prompt + completion tokens of its calls (replays count)
 
 
 class _Context:
-    """What the generated code receives as `config`: the client, the problem, the caps, the log.
-
-    The run's clock: `timeout` seconds of the workflow's own work (SCOREFLOW.md §4 "Timeouts",
-    §10.7). Time while an executor call is queued or in flight (at our client, in the thread pool,
-    at the endpoint) is the executor's, not the workflow's: own_seconds() leaves it out, so a slow
-    or serial endpoint cannot make a workflow "time out"."""
+    """What the generated code receives as `config`: the client, the problem, the caps, the log,
+    and the run's clock of `timeout` seconds of the workflow's own work (SCOREFLOW.md §4
+    "Timeouts", §10.7): while an executor call is queued or in flight (client, thread pool,
+    endpoint) the clock stands still, so a slow or serial endpoint cannot time a workflow out."""
 
     def __init__(self, client, problem, options, max_calls, timeout):
         self.client, self.problem, self.options = client, problem, options
@@ -585,7 +584,7 @@ class _Context:
             raise WorkflowError(f"run_workflow's variables hold more than {MAX_CHARS} characters")
 
 
-def _chars(v, depth=0):
+def _chars(v, depth=0):  # strings by length, lists/tuples by items and contents, else 1
     if isinstance(v, str):
         return len(v)
     if isinstance(v, (list, tuple)) and depth < 3:
@@ -617,13 +616,11 @@ class _OutOfTime(Exception):
 
 async def run_workflow(code: str, problem, client, set_name: str, *, timeout: float = 120.0,
                        max_calls: int = 20, options: OperatorOptions | None = None) -> WorkflowRun:
-    """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1, §4 "Timeouts": the paper
-    gives a run 120 s for math/QA, 240 s for code), `timeout` counting the workflow's own work only
-    (see _Context). max_calls 0 = no operator-call cap (the paper has none; the statement guard and
-    the timeout still bound the run). Never raises for the workflow's faults or the
-    infrastructure's: the status says which. An executor call that takes too long ends as the
-    client's own timeout, an infra_error (SCOREFLOW.md §10.7).
-    Raises executor.BudgetExceeded and executor.EndpointDown: they stop the stage, not the run."""
+    """Validate, then run one workflow on one problem (SCOREFLOW.md §2.1; §4 "Timeouts": the paper
+    gives 120 s for math/QA, 240 s for code), `timeout` counting its own work only (_Context).
+    max_calls 0 = no operator-call cap (the paper has none). Never raises for the workflow's faults
+    or the infrastructure's (a too slow executor call is the client's timeout: infra_error, §10.7):
+    the status says which. BudgetExceeded and EndpointDown propagate: they stop the stage."""
     t0 = time.monotonic()
     ctx = _Context(client, problem, options or OperatorOptions(), max_calls, timeout)
 
@@ -664,7 +661,8 @@ async def run_workflow(code: str, problem, client, set_name: str, *, timeout: fl
 async def _within_own_time(coro, ctx):
     """Await coro while ctx.own_seconds() < ctx.timeout; then cancel it and raise _OutOfTime. The
     clock stands still during executor calls, so the wait is re-armed until the own time is spent
-    (polled at least each second, at most each 50 ms)."""
+    (polled every 50 ms to 1 s). This catches time spent awaiting (a sandbox run); the guard's
+    tick catches it in statements between awaits, which a watcher on the same loop cannot stop."""
     task = asyncio.ensure_future(coro)
     try:
         while (left := ctx.timeout - ctx.own_seconds()) > 0 or task.done():
@@ -709,17 +707,16 @@ async def _run_python(code, timeout):
 
 class _Operator:
     """What every operator shares: built from `config` (the run's _Context), each call counted
-    against the run's cap, executor calls logged under the operator's class name."""
+    against the run's cap, executor calls and notes logged under the operator's class name."""
     retried = False  # Programmer: options.programmer_call_attempts for a call that raises
 
     def __init__(self, config):  # the whitelist allows only Operator(config): config is _Context
-        self.ctx = config
+        self.ctx, self.task = config, _problem_text(config.problem)
 
     async def __call__(self, *args, **kwargs):
-        """One operator call. A retried operator's call gets options.programmer_call_attempts
-        attempts, programmer_call_delay s apart, when it raises by its own fault (SCOREFLOW.md §3:
-        3 attempts, 2 s apart); it counts as one call. A retry's requests repeat earlier ones, so
-        they are new occurrences: asked anew, and replayed exactly on resume."""
+        """One operator call, counted against the cap. A retried operator's call that raises by
+        its own fault gets options.programmer_call_attempts attempts, programmer_call_delay s
+        apart (SCOREFLOW.md §3: 3, 2 s); its repeated requests are new occurrences (see chat)."""
         ctx = self.ctx
         if ctx.max_calls and ctx.n_calls >= ctx.max_calls:  # max_calls 0: no cap (paper: none)
             raise WorkflowError(f"operator call cap reached: {ctx.max_calls} calls")
@@ -733,19 +730,21 @@ class _Operator:
             except Exception as e:
                 if attempt == attempts:
                     raise
-                ctx.notes.append(f"{type(self).__name__}: call attempt {attempt} raised "
-                                 f"{type(e).__name__}: {str(e)[:120]}")
+                self.note(f"call attempt {attempt} raised {type(e).__name__}: {str(e)[:120]}")
                 await asyncio.sleep(ctx.options.programmer_call_delay)
 
     async def chat(self, prompt, examples=()):
         return await self.ctx.chat(type(self).__name__, prompt, examples)
+
+    def note(self, text):  # a fallback taken, kept in WorkflowRun.notes
+        self.ctx.notes.append(f"{type(self).__name__}: {text}")
 
 
 class Custom(_Operator):
     """custom(instruction) -> the executor's reply to instruction + problem."""
 
     async def run(self, instruction: str = ""):
-        return await self.chat(f"{instruction}\n\n{_problem_text(self.ctx.problem)}")
+        return await self.chat(f"{instruction}\n\n{self.task}")
 
 
 class AnswerGenerate(_Operator):
@@ -753,13 +752,13 @@ class AnswerGenerate(_Operator):
 
     async def run(self):
         reply = await self.chat(
-            f"{_problem_text(self.ctx.problem)}\n\n"
+            f"{self.task}\n\n"
             "Think it through step by step, then give the final answer as briefly as possible.\n"
             "Reply in this form:\n<thought>your reasoning</thought>\n"
             "<answer>the short answer</answer>")
         thought, answer = _field(reply, "thought"), _field(reply, "answer")
         if not answer:
-            self.ctx.notes.append("AnswerGenerate: no <answer> field; kept the whole reply")
+            self.note("no <answer> field; kept the whole reply")
             return reply.strip()
         return f"{thought}\n\nAnswer: {answer}" if thought else answer
 
@@ -776,7 +775,7 @@ class ScEnsemble(_Operator):
         letters = [chr(ord("A") + i) for i in range(len(solutions))]
         listing = "\n\n".join(f"{k}:\n{s}" for k, s in zip(letters, solutions))
         reply = await self.chat(
-            f"{_problem_text(self.ctx.problem)}\n\nHere are candidate solutions:\n\n{listing}\n\n"
+            f"{self.task}\n\nHere are candidate solutions:\n\n{listing}\n\n"
             "Compare them and find the one whose result agrees with most of the others.\n"
             "Reply in this form:\n<thought>your comparison</thought>\n"
             f"<solution_letter>one letter from {letters[0]} to {letters[-1]}</solution_letter>")
@@ -785,8 +784,8 @@ class ScEnsemble(_Operator):
             return solutions[letters.index(letter)]
         counts = [sum(s.strip() == t.strip() for t in solutions) for s in solutions]
         best = max(range(len(solutions)), key=lambda i: (counts[i], -i))
-        self.ctx.notes.append(f"ScEnsemble: bad letter {letter or reply[:40]!r}; fell back to the "
-                              f"most frequent candidate {letters[best]}")
+        self.note(f"bad letter {letter or reply[:40]!r}; fell back to the most frequent "
+                  f"candidate {letters[best]}")
         return solutions[best]
 
 
@@ -795,7 +794,7 @@ class Review(_Operator):
 
     async def run(self, pre_solution: str = ""):
         reply = await self.chat(
-            f"{_problem_text(self.ctx.problem)}\n\nProposed solution:\n{pre_solution}\n\n"
+            f"{self.task}\n\nProposed solution:\n{pre_solution}\n\n"
             "Check it carefully: the logic, every calculation, whether the question was read "
             "correctly, and whether any detail is missing.\nReply in this form:\n<review>what you "
             "checked and found</review>\n<verdict>correct or wrong</verdict>\n"
@@ -804,7 +803,7 @@ class Review(_Operator):
         if "wrong" in verdict and revised:
             return revised
         if not verdict:
-            self.ctx.notes.append("Review: no <verdict> field; kept the solution")
+            self.note("no <verdict> field; kept the solution")
         return str(pre_solution)
 
 
@@ -839,14 +838,14 @@ class Programmer(_Operator):
         examples = [(programmer_prompt(q, a), reply)
                     for q, a, reply in PROGRAMMER_EXAMPLES[:o.programmer_examples]]
         for attempt in range(o.programmer_attempts):
-            prompt = programmer_prompt(_problem_text(self.ctx.problem), analysis, code, error)
+            prompt = programmer_prompt(self.task, analysis, code, error)
             code = runnable_program(await self.chat(prompt, examples))
             run = await _run_python(code, o.program_timeout)
             if run.status == "ok" and run.stdout.strip():
                 output = run.stdout.strip()[:2000]
                 break
             error = (run.stderr.strip()[-1000:] or run.reason or "the program printed nothing")
-            self.ctx.notes.append(f"Programmer: attempt {attempt + 1} {run.status}: {error[:120]}")
+            self.note(f"attempt {attempt + 1} {run.status}: {error[:120]}")
         else:
             output = f"(no successful run; last error: {error[-300:]})"
         return f"```python\n{code}\n```\nOutput: {output}"
@@ -858,9 +857,9 @@ class CustomCodeGenerate(_Operator):
     async def run(self, instruction: str = ""):
         ep = _entry_point(self.ctx.problem)
         return sanitize_code(await self.chat(
-            f"{instruction}\n\n{_problem_text(self.ctx.problem)}\n\nWrite the complete function "
-            f"`{ep}` in Python, with any imports it needs. Think about edge cases (empty inputs, "
-            "zero, negative numbers, duplicates). Reply with one ```python code block."), ep)
+            f"{instruction}\n\n{self.task}\n\nWrite the complete function `{ep}` in Python, with "
+            "any imports it needs. Think about edge cases (empty inputs, zero, negative numbers, "
+            "duplicates). Reply with one ```python code block."), ep)
 
 
 class Test(_Operator):
@@ -875,7 +874,7 @@ class Test(_Operator):
                  if str(t).strip()]
         code = sanitize_code(str(solution), ep)
         if not tests:
-            self.ctx.notes.append("Test: the task has no public tests; solution returned as is")
+            self.note("the task has no public tests; solution returned as is")
             return code
         for round_ in range(rounds + 1):
             failure = await self.failure(code, ep, tests)
@@ -883,11 +882,11 @@ class Test(_Operator):
                 return code
             if round_ < rounds:
                 code = sanitize_code(await self.chat(
-                    f"{_problem_text(self.ctx.problem)}\n\nThis solution fails a test:\n```python\n"
-                    f"{code}\n```\nFailure:\n{failure}\n\nExplain the mistake briefly in "
-                    f"<reflection>...</reflection>, then give the complete fixed function `{ep}` "
-                    "in one ```python code block."), ep)
-        self.ctx.notes.append(f"Test: still failing after {rounds} repairs; wrote a fresh solution")
+                    f"{self.task}\n\nThis solution fails a test:\n```python\n{code}\n```\n"
+                    f"Failure:\n{failure}\n\nExplain the mistake briefly in <reflection>..."
+                    f"</reflection>, then give the complete fixed function `{ep}` in one "
+                    "```python code block."), ep)
+        self.note(f"still failing after {rounds} repairs; wrote a fresh solution")
         return await CustomCodeGenerate(self.ctx).run("Write a correct solution from scratch.")
 
     async def failure(self, code, ep, tests):
@@ -923,13 +922,9 @@ TOY_PROBLEMS = {  # §2.3 step 5: a tiny problem per set; the output is not chec
 
 
 def forbidden_usage(code: str) -> str:
-    """§2.3 step 4 by meaning, not by substring (SCOREFLOW.md §10.11: `int(` also matched
-    `print(`): a call to int(...) or a .split(' ') call. "" if neither occurs."""
-    try:
-        tree = ast.parse(code)
-    except SyntaxError as e:
-        return f"syntax error: {e.msg}"
-    for n in ast.walk(tree):
+    """§2.3 step 4 on whitelisted code, by meaning, not by substring (SCOREFLOW.md §10.11: `int(`
+    also matched `print(`): a call to int(...) or a .split(' ') call. "" if neither occurs."""
+    for n in ast.walk(ast.parse(code)):
         f = getattr(n, "func", None)  # n is a call
         if isinstance(f, ast.Name) and f.id == "int":
             return (f"line {n.lineno}: int(...) is not allowed (model outputs rarely parse as "
@@ -942,57 +937,57 @@ def forbidden_usage(code: str) -> str:
 
 def straight_line(code: str, set_name: str, max_calls: int = 20) -> bool:
     """True when a whitelisted workflow provably cannot raise by its own fault, so §2.3's trial run
-    could only fail through the infrastructure or the executor's text: run_workflow is a sequence
-    of `name = await self.op(...)`, the arguments binding to the operator's parameters, each a str
-    literal or a name bound above (sc_ensemble: a non-empty list of such), then `return name` of a
-    bound name or `return await self.op(...)` of such a call; at most max_calls calls. Every
-    operator returns a str, so each name holds one. Anything else gets the trial run."""
+    could fail only through the infrastructure or the executor's text: run_workflow is lines
+    `name = await self.op(...)`, then `return name` or `return await self.op(...)`, at most
+    max_calls calls (0: no cap); each call's arguments bind to the operator's parameters and are
+    str literals or names bound above (sc_ensemble: a non-empty list of those). Every operator
+    returns a str, so each name holds one. Anything else gets the trial run."""
     try:
         _, run, attrs = _check_workflow(code, set_name)
     except WorkflowError:
         return False
-    body, bound = _statements(run), set()
+    *assigns, last = _statements(run)
+    bound = set()
 
-    def text(a):
-        return ((isinstance(a, ast.Constant) and isinstance(a.value, str))
-                or (isinstance(a, ast.Name) and a.id in bound))
+    def text(a):  # a str for certain: a str literal or a name bound above
+        return (isinstance(a, ast.Constant) and isinstance(a.value, str)
+                or isinstance(a, ast.Name) and a.id in bound)
 
-    def awaited_call(e):
-        if not (isinstance(e, ast.Await) and _attr_of(e.value.func, "self")
-                and e.value.func.attr in attrs):
+    def safe_call(e):  # `await self.op(...)` with arguments that bind and are text
+        c = e.value if isinstance(e, ast.Await) else None
+        if not (c and _attr_of(c.func, "self") and c.func.attr in attrs):
             return False
-        op, c = attrs[e.value.func.attr], e.value
-        try:
+        op = attrs[c.func.attr]
+        try:  # TypeError: too many, unknown or twice-given arguments
             given = inspect.signature(_OPERATORS[op].run).bind(
                 None, *c.args, **{k.arg: k.value for k in c.keywords}).arguments
         except TypeError:
-            return False  # too many, unknown or twice-given arguments
-        del given["self"]
-        if op == "ScEnsemble" and not (isinstance(given.get("solutions"), ast.List)
-                                       and given["solutions"].elts):
-            return False  # sc_ensemble needs a non-empty list
-        return all(all(map(text, a.elts)) if name == "solutions" else text(a)
-                   for name, a in given.items())
+            return False
+        args = [a for name, a in given.items() if name != "self"]
+        if op == "ScEnsemble":  # sc_ensemble needs a non-empty list
+            if not (args and isinstance(args[0], ast.List) and args[0].elts):
+                return False
+            args = args[0].elts
+        return all(map(text, args))
 
-    for stmt in body[:-1]:
+    for stmt in assigns:
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                and isinstance(stmt.targets[0], ast.Name) and awaited_call(stmt.value)):
+                and isinstance(stmt.targets[0], ast.Name) and safe_call(stmt.value)):
             return False
         bound.add(stmt.targets[0].id)
-    last = body[-1].value if isinstance(body[-1], ast.Return) else None
-    calls = len(body) - 1 + awaited_call(last)  # `return await self.op(...)` is one call more
-    return (awaited_call(last) or (isinstance(last, ast.Name) and last.id in bound)) and (
-        calls <= (max_calls or calls))
+    value = last.value if isinstance(last, ast.Return) else None
+    calls = len(assigns) + safe_call(value)  # `return await self.op(...)` is one call more
+    returns_text = safe_call(value) or isinstance(value, ast.Name) and value.id in bound
+    return returns_text and (not max_calls or calls <= max_calls)
 
 
 async def runnable_check(code: str, set_name: str, client, *, threshold: float | None = -1.0,
-                         timeout: float | None = None, options: OperatorOptions | None = None,
-                         max_calls: int = 20, trial: bool = True) -> tuple[bool, str]:
+                         options: OperatorOptions | None = None, max_calls: int = 20,
+                         trial: bool = True) -> tuple[bool, str]:
     """§2.3 steps 2-5 on an extracted graph: the whitelist, not a near copy of the template
-    (ratio must be below threshold; -1 = the set's default from SET_THRESHOLDS, None = off),
-    no forbidden usage, and (if trial) one trial run on the set's toy problem that must not fail
-    within timeout (default 60 s math/QA, 120 s code). An infra_error in the trial is reported as
-    such in the reason ("infra: ..."): the caller should retry rather than regenerate."""
+    (ratio below threshold; -1 = SET_THRESHOLDS' value, None = off), no forbidden usage, and (if
+    trial) one run on the set's toy problem that must not fail within TRIAL_TIMEOUTS. A trial's
+    infra_error gives the reason "infra: ...": the caller should retry rather than regenerate."""
     ok, reason = validate_workflow(code, set_name)
     if not ok:
         return False, f"rejected: {reason}"
@@ -1004,7 +999,7 @@ async def runnable_check(code: str, set_name: str, client, *, threshold: float |
     if not trial:
         return True, ""
     run = await run_workflow(code, TOY_PROBLEMS[set_name], client, set_name, max_calls=max_calls,
-                             timeout=timeout or TRIAL_TIMEOUTS[set_name], options=options)
+                             timeout=TRIAL_TIMEOUTS[set_name], options=options)
     if run.status == "infra_error":
         return False, f"infra: {run.reason}"
     if run.status != "ok":
@@ -1015,20 +1010,19 @@ async def runnable_check(code: str, set_name: str, client, *, threshold: float |
 # --- after the workflow: the answer extractor and the judge (§3 "Not offered", §4) --------------
 
 async def extract_answer(output: str, problem, client, set_name: str, *,
-                         options: OperatorOptions | None = None) -> str:
+                         options: OperatorOptions) -> str:
     """One executor call after a math or QA workflow (training and test): keeps only the final
     answer (\\boxed{x} for math, a short phrase for QA). Code outputs are returned unchanged."""
     if set_name == "code":
         return output
-    o = options or OperatorOptions(stage="extract")
     form = ("the final answer only, written as \\boxed{answer}" if set_name == "math"
             else "the final answer only, as a short phrase or number")
     prompt = (f"Question:\n{_problem_text(problem)}\n\nA solution:\n{output}\n\n"
               f"Give {form}. Reply in this form: <answer>...</answer>")
     result = await asyncio.to_thread(
-        client.chat, [{"role": "user", "content": prompt}], temperature=o.temperature,
-        max_tokens=min(o.max_tokens, 256), seed=o.seed, sample=o.sample, attempt=o.attempt,
-        stage=o.stage, tag="extract")
+        client.chat, [{"role": "user", "content": prompt}], temperature=options.temperature,
+        max_tokens=min(options.max_tokens, 256), seed=options.seed, sample=options.sample,
+        attempt=options.attempt, stage=options.stage, tag="extract")
     answer = _field(result.text, "answer") or result.text.strip()
     if set_name == "math" and "\\boxed" not in answer and answer:
         answer = f"\\boxed{{{answer}}}"
