@@ -243,7 +243,16 @@ def token_logprobs(model, prompt_ids, completion_ids):
     pos = (P + torch.arange(T, device=device)).expand(B, T)  # (B, T)
     # the prefix, then causal over the rows' own columns (padding only trails): (B, 1, T, P + T)
     mask = M.prefill_mask(torch.ones(B, P + T, dtype=torch.bool, device=device), T) if P else None
-    h = model.hidden(tokens, pos, mask, prefix=M.prefix_cache(model, prompt_ids[0][:P]))  # (B,T,C)
+    # checkpoint_blocks reruns the shared head in backward too (one more pass over it): worth it
+    # when several pairs share it (default run, 8 a step: train peak -0.5 GB, +5% time), not for
+    # one pair, whose head is its whole prompt (bench/speed_train.py: +22% a step)
+    redo = model.checkpoint_blocks
+    model.checkpoint_blocks = redo and B > 2
+    try:
+        prefix = M.prefix_cache(model, prompt_ids[0][:P])
+    finally:
+        model.checkpoint_blocks = redo
+    h = model.hidden(tokens, pos, mask, prefix=prefix)  # (B, T, C)
     b_idx = [b for b, c in enumerate(completion_ids) for _ in c]
     t_idx = [len(p) - P - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
     labels = torch.tensor([x for c in completion_ids for x in c], device=device, dtype=torch.long)
