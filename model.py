@@ -257,11 +257,12 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def hidden(self, tokens, pos, mask=None, cache=None, start=0, prefix=None):
+    def hidden(self, tokens, pos, mask=None, cache=None, start=0, prefix=None, checkpoint=True):
         """Final-norm hidden states (B,T,C). pos (B,T) rope positions; mask (B,1,T,P+S) bool (True
         = attend) or None for plain causal; cache: a KVCache written at its columns
         start..start+T; prefix: a KVCache holding a shared prompt head (1 row, P columns) every
-        row attends to first."""
+        row attends to first; checkpoint=False keeps this pass's activations even when
+        checkpoint_blocks is on."""
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self.rope(pos, x.dtype)
         if mask is not None and tokens.shape[1] == 1:  # decode: additive 0/-inf, built once
@@ -273,7 +274,7 @@ class Transformer(nn.Module):
         # default run) too: its rerun writes the same K/V into the same columns, and only the
         # head's own attention saves a view of them, itself rerun (default run's train stage
         # alone: 2.64 -> 2.14 GB, the same adapter bit for bit).
-        redo = self.checkpoint_blocks and torch.is_grad_enabled()
+        redo = checkpoint and self.checkpoint_blocks and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             kv = None if prefix is None else (prefix.k[i], prefix.v[i])
             if redo:
@@ -976,15 +977,17 @@ def prefill(model, rows):
     return torch.stack(logits), cache, prefix, valid
 
 
-def prefix_cache(model, ids):
+def prefix_cache(model, ids, checkpoint=True):
     """A prompt head `ids` (P tokens) that several rows share, run once into a 1-row KVCache of P
-    columns (None when empty); `hidden(..., prefix=)` lets every row attend to it first."""
+    columns (None when empty); `hidden(..., prefix=)` lets every row attend to it first.
+    checkpoint: as hidden's."""
     if not len(ids):
         return None
     device = model.lm_head.weight.device
     cache = KVCache(1, len(ids))
     model.hidden(torch.tensor([list(ids)], device=device),
-                 torch.arange(len(ids), device=device)[None], None, cache)
+                 torch.arange(len(ids), device=device)[None], None, cache,
+                 checkpoint=checkpoint)
     return cache
 
 

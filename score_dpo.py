@@ -246,12 +246,7 @@ def token_logprobs(model, prompt_ids, completion_ids):
     # checkpoint_blocks reruns the shared head in backward too (one more pass over it): worth it
     # when several pairs share it (default run, 8 a step: train peak -0.5 GB, +5% time), not for
     # one pair, whose head is its whole prompt (bench/speed_train.py: +22% a step)
-    redo = model.checkpoint_blocks
-    model.checkpoint_blocks = redo and B > 2
-    try:
-        prefix = M.prefix_cache(model, prompt_ids[0][:P])
-    finally:
-        model.checkpoint_blocks = redo
+    prefix = M.prefix_cache(model, prompt_ids[0][:P], checkpoint=B > 2)
     h = model.hidden(tokens, pos, mask, prefix=prefix)  # (B, T, C)
     b_idx = [b for b, c in enumerate(completion_ids) for _ in c]
     t_idx = [len(p) - P - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
