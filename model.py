@@ -257,12 +257,12 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def hidden(self, tokens, pos, mask=None, cache=None, start=0, prefix=None, checkpoint=True):
+    def hidden(self, tokens, pos, mask=None, cache=None, start=0, prefix=None, checkpoint=None):
         """Final-norm hidden states (B,T,C). pos (B,T) rope positions; mask (B,1,T,P+S) bool (True
         = attend) or None for plain causal; cache: a KVCache written at its columns
         start..start+T; prefix: a KVCache holding a shared prompt head (1 row, P columns) every
-        row attends to first; checkpoint=False keeps this pass's activations even when
-        checkpoint_blocks is on."""
+        row attends to first; checkpoint: rerun each block in backward (with grad only), by default
+        as checkpoint_blocks says."""
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self.rope(pos, x.dtype)
         if mask is not None and tokens.shape[1] == 1:  # decode: additive 0/-inf, built once
@@ -270,11 +270,12 @@ class Transformer(nn.Module):
                 ~mask, float("-inf"))
         # checkpoint_blocks keeps only each block's input for backward and runs the block again
         # there (Score-DPO training on 16 default-run pairs, 8 per step, 135M fp32: peak RSS 4.8
-        # -> 3.0 GB). The training pass's shared prompt head (prefix_cache, ~740 tokens in the
-        # default run) too: its rerun writes the same K/V into the same columns, and only the
-        # head's own attention saves a view of them, itself rerun (default run's train stage
-        # alone: 2.64 -> 2.14 GB, the same adapter bit for bit).
-        redo = checkpoint and self.checkpoint_blocks and torch.is_grad_enabled()
+        # -> 3.0 GB). A training step's shared prompt head (prefix_cache, ~740 tokens in the
+        # default run; score_dpo.train_step checkpoints it) too: its rerun writes the same K/V
+        # into the same columns, and only the head's own attention saves a view of them, itself
+        # rerun (default run's train stage alone: 2.64 -> 2.14 GB, the same adapter bit for bit).
+        redo = (self.checkpoint_blocks if checkpoint is None else checkpoint) and \
+            torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             kv = None if prefix is None else (prefix.k[i], prefix.v[i])
             if redo:
@@ -977,7 +978,7 @@ def prefill(model, rows):
     return torch.stack(logits), cache, prefix, valid
 
 
-def prefix_cache(model, ids, checkpoint=True):
+def prefix_cache(model, ids, checkpoint=None):
     """A prompt head `ids` (P tokens) that several rows share, run once into a 1-row KVCache of P
     columns (None when empty); `hidden(..., prefix=)` lets every row attend to it first.
     checkpoint: as hidden's."""

@@ -217,7 +217,7 @@ def gather_logprobs(logits, labels):
     return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, prompt_ids, completion_ids):
+def token_logprobs(model, prompt_ids, completion_ids, head=None):
     """Per-token log p(c_t | prompt, c_<t) of each row's completion, a list of (len(c),) tensors,
     differentiable when grad is enabled; prompt tokens never get a log-prob. The one log-prob
     pass: the trainer (policy and reference) and the tests use it.
@@ -226,7 +226,9 @@ def token_logprobs(model, prompt_ids, completion_ids):
     KVCache (model.prefix_cache); one right-padded batch of the rows' prompt suffix + completion
     attends to it and to its own past. Exact, and the backward goes through the prefix once: with
     scoreflow's default prompt ~740 of ~770 tokens are the same for every problem, which is what
-    makes training affordable. lm_head sees only the positions that predict completion tokens."""
+    makes training affordable. lm_head sees only the positions that predict completion tokens.
+    head: that prefix already run (a KVCache of P columns, see shared_head), for rows whose
+    prompts all start with its P tokens and go on past them."""
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"prompt_ids has {len(prompt_ids)} rows, completion_ids "
                          f"{len(completion_ids)}")
@@ -235,8 +237,7 @@ def token_logprobs(model, prompt_ids, completion_ids):
             raise ValueError(f"prompt_ids[{i}] is empty; the first completion token needs a "
                              f"context")
     device = model.lm_head.weight.device
-    # the list doubled: a single prompt then shares itself up to its last token
-    P = M.shared_prefix(list(prompt_ids) * 2, min_len=1)
+    P = shared_head(prompt_ids) if head is None else head.length
     rows = [list(p[P:]) + list(c[:-1]) for p, c in zip(prompt_ids, completion_ids)]
     B, T = len(rows), max(len(r) for r in rows)
     tokens = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
@@ -246,8 +247,9 @@ def token_logprobs(model, prompt_ids, completion_ids):
     # checkpoint_blocks reruns the shared head in backward too (one more pass over it): worth it
     # when several pairs share it (default run, 8 a step: train peak -0.5 GB, +5% time), not for
     # one pair, whose head is its whole prompt (bench/speed_train.py: +22% a step)
-    prefix = M.prefix_cache(model, prompt_ids[0][:P], checkpoint=B > 2)
-    h = model.hidden(tokens, pos, mask, prefix=prefix)  # (B, T, C)
+    if head is None:
+        head = M.prefix_cache(model, prompt_ids[0][:P], checkpoint=None if B > 2 else False)
+    h = model.hidden(tokens, pos, mask, prefix=head)  # (B, T, C)
     b_idx = [b for b, c in enumerate(completion_ids) for _ in c]
     t_idx = [len(p) - P - 1 + j for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
     labels = torch.tensor([x for c in completion_ids for x in c], device=device, dtype=torch.long)
@@ -255,12 +257,19 @@ def token_logprobs(model, prompt_ids, completion_ids):
     return list(logp.split([len(c) for c in completion_ids]))
 
 
-def pairs_token_logps(model, items):
+def shared_head(prompt_ids):
+    """P: the length of the head all prompts share, each keeping >= 1 token of its own (the list
+    doubled: a single prompt then shares itself up to its last token)."""
+    return M.shared_prefix(list(prompt_ids) * 2, min_len=1)
+
+
+def pairs_token_logps(model, items, head=None):
     """items = [(prompt_ids, chosen_ids, rejected_ids), ...] (encode_pair) -> [(chosen (Lc,),
     rejected (Lr,)), ...], the per-token log p of each completion given its prompt: one
-    token_logprobs pass of 2 rows per pair, so the prefix all prompts share runs once."""
+    token_logprobs pass of 2 rows per pair, so the prefix all prompts share runs once (head: as
+    token_logprobs')."""
     logp = token_logprobs(model, [p for p, _, _ in items for _ in (0, 1)],
-                          [x for _, c, r in items for x in (c, r)])
+                          [x for _, c, r in items for x in (c, r)], head)
     return list(zip(logp[0::2], logp[1::2]))
 
 
@@ -278,7 +287,7 @@ class TrainConfig:
     SCOREFLOW.md §7). scoreflow.py's flags set loss .. seed; no flag reaches the last four, which
     stay for the speed script and the tests: amp (bench/speed_train.py's bf16 side), save_every
     (the resume tests' mid-epoch checkpoints), log_every (0: a line per step, which the crash
-    tests need) and checkpoint (bench/speed_train.py --checkpoint-ab times it on and off)."""
+    tests need), checkpoint and pass_pairs (bench/speed_train.py --memory-ab times them)."""
     loss: str = "score-dpo"   # "score-dpo" (§6.1) or "dpo" (the ablation, §10.5)
     beta: float = 0.1         # β; paper 0.1
     lr: float = 1e-6          # AdamW peak learning rate; paper 1e-6
@@ -294,8 +303,11 @@ class TrainConfig:
     #                           "bf16": always; "off": never
     save_every: int = 0       # optimizer steps between resumable checkpoints; 0 = epoch ends only
     log_every: float = 30.0   # seconds between progress lines on stderr
-    checkpoint: bool = True   # recompute each block of the policy pass in backward (model.hidden):
-    #                           same gradients, far less memory
+    checkpoint: bool = False  # recompute each block of the policy pass in backward (model.hidden):
+    #                           same gradients, less memory, 1.28-1.47x the time of a step
+    pass_pairs: int = 2       # pairs per forward + backward pass over the step's shared prompt
+    #                           head (train_step): the default run's step of 8 pairs, against one
+    #                           pass of all 8: 1.05x the time, 0.37x the peak (speed_train.py)
 
     def __post_init__(self):
         choices = {"loss": ("score-dpo", "dpo"), "reference": ("base", "previous"),
@@ -304,7 +316,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)!r}, "
                                  f"expected one of {allowed}")
-        for name in ("epochs", "grad_accum", "lora_r"):
+        for name in ("epochs", "grad_accum", "lora_r", "pass_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}: got {getattr(self, name)}, expected >= 1")
         for name in ("beta", "lr"):
@@ -322,28 +334,49 @@ class TrainResult:
 
 
 def train_step(model, items, ref_logps, scores, cfg, n_step, optimizer, scheduler, autocast, dist):
-    """One optimiser step on this rank's pairs `items` (encode_pair): the policy pass
-    (pairs_token_logps, LoRA on), the loss (cfg.loss, cfg.beta) against the precomputed reference
-    sums ref_logps (P, 2) = (chosen, rejected) with scores (P, 2) = (s_w, s_l), backward of
-    Σ loss / n_step (the mean over the step's n_step pairs, all ranks together), the LoRA
+    """One optimiser step on this rank's pairs `items` (encode_pair): the policy's log-probs
+    (pairs_token_logps, LoRA on, in passes of cfg.pass_pairs over one shared head), the loss
+    (cfg.loss, cfg.beta) against the precomputed reference sums ref_logps (P, 2) = (chosen,
+    rejected) with scores (P, 2) = (s_w, s_l), backward of Σ loss / n_step (the mean over the
+    step's n_step pairs, all ranks together), the LoRA
     gradients summed over the DDP ranks, clip, AdamW and the schedule. Returns (Σ loss,
     Σ margin r_w − r_l) over the step's pairs of all ranks, and the gradient norm."""
     params = optimizer.param_groups[0]["params"]
     device = params[0].device
     stats = torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ margin
-    if items:  # this rank's pairs in one pass: their shared prompt prefix runs once
-        with autocast():
-            logps = pairs_token_logps(model, items)
-            pc = torch.stack([c.float().sum() for c, _ in logps])  # (P,) log π_θ(y_w|q)
-            pr = torch.stack([r.float().sum() for _, r in logps])  # (P,) log π_θ(y_l|q)
-            rc, rr = ref_logps.to(device, torch.float32).unbind(-1)  # (P,) each, log π_ref
+    with autocast():
+        # this rank's pairs share a prompt head (default run: ~740 of ~780 tokens). One pass
+        # (pass_pairs or fewer pairs) runs it inside its own graph. More: the head runs once, its
+        # K/V are copied as leaves (`own`) that passes of cfg.pass_pairs pairs attend to, each
+        # pass has its own backward (leaving the gradient of the head's K/V in own's .grad), and
+        # the head's backward runs last, rerunning its blocks (checkpointed: it holds only their
+        # inputs meanwhile). The same gradient as one pass, but autograd holds one pass's
+        # activations at a time, not every pair's (TrainConfig.pass_pairs)
+        P = shared_head([p for p, _, _ in items]) if len(items) > cfg.pass_pairs else 0
+        head = M.prefix_cache(model, items[0][0][:P], checkpoint=True) if P else None
+        own = None
+        if head is not None:
+            own = M.KVCache(1, P)
+            own.k, own.v = ([x.detach().requires_grad_() for x in xs] for xs in (head.k, head.v))
+        for k in range(0, len(items), cfg.pass_pairs):
+            part = slice(k, k + cfg.pass_pairs)
+            logps = pairs_token_logps(model, items[part], own)
+            pc = torch.stack([c.float().sum() for c, _ in logps])  # (p,) log π_θ(y_w|q)
+            pr = torch.stack([r.float().sum() for _, r in logps])  # (p,) log π_θ(y_l|q)
+            rc, rr = ref_logps[part].to(device, torch.float32).unbind(-1)  # (p,) log π_ref
             if cfg.loss == "dpo":
                 losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, cfg.beta)
             else:
-                sw, sl = scores.to(device).unbind(-1)  # (P,) each
+                sw, sl = scores[part].to(device).unbind(-1)  # (p,) each
                 losses, r_w, r_l = score_dpo_loss(pc, pr, rc, rr, sw, sl, cfg.beta)
             (losses.sum() / n_step).backward()
-        stats = torch.stack([losses.detach().double().sum(), (r_w - r_l).double().sum()]).cpu()
+            stats += torch.stack([losses.detach().double().sum(),
+                                  (r_w - r_l).detach().double().sum()]).cpu()
+        if own is not None:  # (layer 0's K has no grad: no LoRA on k_proj, frozen embeddings)
+            kv = [(x, g.grad) for x, g in zip(head.k + head.v, own.k + own.v)
+                  if x.requires_grad and g.grad is not None]
+            if kv:
+                torch.autograd.backward(*zip(*kv))
     if dist:  # the gradients and the stats, summed over the ranks in one flat buffer
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         flat = torch.cat([g.flatten() for g in grads] + [stats.to(device, grads[0].dtype)])
@@ -556,7 +589,7 @@ def _fingerprint(pairs, cfg, world):
     for p in pairs:
         h.update(json.dumps(asdict(p), sort_keys=True).encode())
     keep = {k: v for k, v in asdict(cfg).items()
-            if k not in ("log_every", "save_every", "checkpoint")}
+            if k not in ("log_every", "save_every", "checkpoint", "pass_pairs")}
     keep["grad_accum"] = cfg.grad_accum * world
     h.update(json.dumps(keep, sort_keys=True, default=list).encode())
     return h.hexdigest()

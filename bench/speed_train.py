@@ -4,7 +4,7 @@ in the same run. Prints seconds per pair for each side, the ratio and a rough ha
 
     python bench/speed_train.py                          # 3 timed pairs, prompt 1200, completions 300
     python bench/speed_train.py --pairs 5 --threads 2 --dtype bf16
-    python bench/speed_train.py --checkpoint-ab --prompt-tokens 740 --completion-tokens 40   # the default run's shape
+    python bench/speed_train.py --memory-ab --prompt-tokens 740 --completion-tokens 40   # the default run's shape
 
 What a "pair" costs on each side (SCOREFLOW.md §7: batch 1, reference = base with adapters off):
 - ours: the reference log-probs (one no-grad pass, precomputed before training) + one training step;
@@ -22,7 +22,6 @@ FLOPs = 2·P·T for each forward (P = non-embedding weights + lm_head at the com
 and 2× that for the backward, over the tokens each side actually processes. Attention is left out.
 """
 import argparse
-import ctypes
 import os
 import random
 import statistics
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 import score_dpo as S  # noqa: E402
+from scoreflow import rss_gb, trim_heap  # noqa: E402
 
 WORDS = ("the of and to in is was for that with as on by at from value number list sum each step result "
          "compute answer problem total average equal given find first second third many more less than "
@@ -125,50 +125,56 @@ def ours_step(model, tok, pair, dtype, out_dir):
 
 def peak_rss_reset():
     """Return freed heap to the OS and restart the kernel's peak-RSS mark (VmHWM) from the current RSS."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def rss_gb(field):
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1e6
+MEMORY_SIDES = {  # --memory-ab: name -> TrainConfig fields; "one pass" is the reference
+    "one pass": lambda ga: dict(pass_pairs=ga),  # every pair at once, all activations kept
+    "default": lambda ga: {},  # passes of TrainConfig.pass_pairs pairs over one shared head
+    "checkpointed": lambda ga: dict(pass_pairs=ga, checkpoint=True),  # blocks rerun in backward
+}
 
 
-def checkpoint_ab(args):
-    """Ours with activation checkpointing on and off (TrainConfig.checkpoint), alternating, one optimizer
-    step of --grad-accum pairs per round whose prompts share a --prompt-tokens head (as the default run's
-    few-shot prompt); prints each side's median step seconds and peak RSS above the loaded model."""
+def memory_ab(args):
+    """The memory/time trade of one optimizer step of --grad-accum pairs whose prompts share a
+    --prompt-tokens head (as the default run's few-shot prompt): TrainConfig's default against
+    one pass of every pair (the fastest and largest) and against activation checkpointing, the
+    sides alternating round by round; prints each side's median step seconds and peak RSS above
+    the loaded model, and the ratios to "one pass"."""
     model, tok = M.load(None, device="cpu", dtype=torch.float32)
     rng = random.Random(0)
     head = text_of_tokens(tok, args.prompt_tokens, rng)
     pairs = [S.Pair(f"p{i}", head + text_of_tokens(tok, 40, rng), text_of_tokens(tok, args.completion_tokens, rng, True),
                     text_of_tokens(tok, args.completion_tokens, rng, True), 1.0, rng.choice([0.0, 1 / 3, 2 / 3]))
              for i in range(args.grad_accum)]
-    times, peaks = {True: [], False: []}, {True: [], False: []}
-    print(f"speed_train --checkpoint-ab: {args.pairs} rounds (+1 warm-up) per side, step of {args.grad_accum} pairs, "
+    names = list(MEMORY_SIDES)
+    times, peaks = {k: [] for k in names}, {k: [] for k in names}
+    print(f"speed_train --memory-ab: {args.pairs} rounds (+1 warm-up) per side, step of {args.grad_accum} pairs, "
           f"head {args.prompt_tokens} + 40 own prompt tokens, completions {args.completion_tokens}, "
           f"{args.threads} threads", file=sys.stderr)
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.pairs + 1):
-            for on in (False, True) if i % 2 else (True, False):
+            for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
                 peak_rss_reset()
                 base = rss_gb("VmRSS")
-                cfg = S.TrainConfig(lr=1e-6, grad_accum=args.grad_accum, checkpoint=on, log_every=1e9,
-                                    amp="bf16" if args.dtype == "bf16" else "off")
-                res = S.train(model, tok, pairs, cfg, os.path.join(d, f"{i}{on}"), log=open(os.devnull, "w"))
+                cfg = S.TrainConfig(lr=1e-6, grad_accum=args.grad_accum, log_every=1e9,
+                                    amp="bf16" if args.dtype == "bf16" else "off",
+                                    **MEMORY_SIDES[name](args.grad_accum))
+                res = S.train(model, tok, pairs, cfg, os.path.join(d, f"{i}{name}"), log=open(os.devnull, "w"))
+                peak = rss_gb("VmHWM") - base
                 if i:
-                    times[on].append(res.history[0]["seconds"])
-                    peaks[on].append(rss_gb("VmHWM") - base)
-                print(f"  round {i}{' (warm-up)' if i == 0 else ''} checkpoint {'on ' if on else 'off'}: step "
-                      f"{res.history[0]['seconds']:.1f} s, peak +{rss_gb('VmHWM') - base:.2f} GB", file=sys.stderr,
-                      flush=True)
-    med = {on: statistics.median(times[on]) for on in times}
-    for on in (False, True):
-        print(f"checkpoint {'on ' if on else 'off'}: {med[on]:6.2f} s/step median, peak RSS +{max(peaks[on]):.2f} GB "
-              f"above the loaded model")
-    print(f"time on/off           : {med[True] / med[False]:.2f}x   (target <= 1.15x)")
-    print(f"peak on/off           : {max(peaks[True]) / max(peaks[False]):.2f}x")
-    print(f"load average          : {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+                    times[name].append(res.history[0]["seconds"])
+                    peaks[name].append(peak)
+                print(f"  round {i}{' (warm-up)' if i == 0 else ''} {name:12s}: step "
+                      f"{res.history[0]['seconds']:.1f} s, peak +{peak:.2f} GB", file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in names:
+        print(f"{k:12s}: {med[k]:6.2f} s/step median, peak RSS +{max(peaks[k]):.2f} GB above the loaded model; "
+              f"time {med[k] / med['one pass']:.2f}x, peak {max(peaks[k]) / max(peaks['one pass']):.2f}x one pass")
+    print("target: the default's time <= 1.15x one pass")
+    print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 def main(argv=None):
@@ -178,15 +184,16 @@ def main(argv=None):
     ap.add_argument("--completion-tokens", type=int, default=300, help="tokens per chosen / rejected text")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 autocast on both sides")
-    ap.add_argument("--checkpoint-ab", action="store_true",
-                    help="instead of TRL: ours with activation checkpointing on vs off (time and peak RSS)")
-    ap.add_argument("--grad-accum", type=int, default=8, help="--checkpoint-ab: pairs per step (default 8, the run's)")
+    ap.add_argument("--memory-ab", action="store_true",
+                    help="instead of TRL: our default step against one pass of every pair and against activation "
+                    "checkpointing (time and peak RSS)")
+    ap.add_argument("--grad-accum", type=int, default=8, help="--memory-ab: pairs per step (default 8, the run's)")
     args = ap.parse_args(argv)
     if args.pairs < 1:
         ap.error(f"--pairs must be >= 1, got {args.pairs}")
     torch.set_num_threads(args.threads)
-    if args.checkpoint_ab:
-        return checkpoint_ab(args)
+    if args.memory_ab:
+        return memory_ab(args)
     model, tok = M.load(None, device="cpu", dtype=torch.float32)
     pairs = make_pairs(tok, args.pairs + 1, args.prompt_tokens, args.completion_tokens)
     enc = [S.encode_pair(tok, p) for p in pairs]

@@ -1,6 +1,7 @@
 """score_dpo.py: pairs and d-sampling (SCOREFLOW.md §5), the loss and its gradients (§6.1, §6.4),
 the influence of Theorem 3.2 (§6.2), and oracle checks against TRL."""
 import collections
+import contextlib
 import copy
 import io
 import json
@@ -540,9 +541,53 @@ def test_resume_after_interruption_gives_the_same_adapter(trained, smol, tmp_pat
         train(fresh(smol), tok, TRAIN_PAIRS[1:], cfg, str(tmp_path), log=io.StringIO())
 
 
+def test_passes_over_one_shared_head_give_the_same_gradient_and_hold_less_at_once(smol):
+    """TrainConfig.pass_pairs: a step's pairs go through their shared prompt head (run once) in passes
+    of pass_pairs pairs, each with its own backward, the head's backward last. The same step (SGD, so
+    the update is the clipped gradient itself) and losses as one pass of every pair, while the most
+    that autograd holds at once for backward (what sets the train stage's peak) shrinks. The head
+    (~100 shared tokens) gets its gradient from every pass: without its backward the step differs."""
+    head = " ".join(f"Rule {i}: answer with a number." for i in range(10))
+    pairs = [Pair(p.problem_id + str(k), CHAT.format(head + " " + p.prompt), p.chosen, p.rejected,
+                  p.chosen_score, p.rejected_score) for k in range(2) for p in TRAIN_PAIRS]  # 6 pairs
+    items = [encode_pair(smol[1], p) for p in pairs]
+    ref = torch.tensor([[-30.0, -45.0]] * len(pairs), dtype=torch.float64)
+    scores = torch.tensor([(p.chosen_score, p.rejected_score) for p in pairs])
+    runs = {}
+    for n in (6, 1):
+        model, held = fresh(smol), {"now": 0, "peak": 0}
+        cfg = TrainConfig(pass_pairs=n)
+        params = score_dpo._lora_params(model, cfg)
+        before = [p.detach().clone() for p in params]
+        sgd = torch.optim.SGD(params, lr=1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0)
+
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        class Saved:  # an activation kept for backward (not a weight); counted while autograd holds it
+            def __init__(self, x):
+                own = x.untyped_storage().data_ptr() not in weights
+                self.x, self.n = x, x.numel() * x.element_size() * own
+                held["now"] += self.n
+                held["peak"] = max(held["peak"], held["now"])
+
+            def __del__(self):
+                held["now"] -= self.n
+        with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.x):
+            stats, _ = score_dpo.train_step(model, items, ref, scores, cfg, len(items), sgd, schedule,
+                                            contextlib.nullcontext, None)
+        runs[n] = stats, [p.detach() - b for p, b in zip(params, before)], held["peak"]
+    (stats_one, step_one, peak_one), (stats_split, step_split, peak_split) = runs[6], runs[1]
+    torch.testing.assert_close(stats_split, stats_one, rtol=1e-5, atol=1e-5)  # fp32 sums, other order
+    assert max(x.abs().max() for x in step_one) > 1e-3  # a real step
+    for a, b in zip(step_split, step_one):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert peak_split < 0.6 * peak_one, (peak_one, peak_split)
+
+
 def test_activation_checkpointing_gives_the_same_training_and_keeps_far_less_for_backward(smol, tmp_path):
-    """TrainConfig.checkpoint (the default) recomputes each block of the policy pass in backward: the
-    same losses and adapter as without it, while the tensors autograd keeps for backward shrink."""
+    """TrainConfig.checkpoint recomputes each block of the policy pass in backward: the same losses
+    and adapter as without it, while the tensors autograd keeps for backward shrink."""
     tok, runs = smol[1], {}
     for on in (False, True):
         model, kept = fresh(smol), [0]
