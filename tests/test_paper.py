@@ -370,7 +370,7 @@ def report(tmp_path, its):
     R = scoreflow.Run(cfg)
     R.metrics.update(iterations=its, data={"description": "DATA-LINE", "split": ""},
                      test={f"gen{g}": {"score": 0.5, "valid": 1} for g in range(len(its) + 1)})
-    scoreflow.write_report(R, "math")
+    scoreflow.write_report(R)
     return open(tmp_path / "report.md").read()
 
 

@@ -124,6 +124,12 @@ def test_bad_flags_fail_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_help_lists_each_flag_group_once():
+    titles = [g.title for g in scoreflow.build_parser()._action_groups if g._group_actions]
+    assert len(titles) == len(set(titles)) and "run" in titles, titles
+    assert "--bench" in scoreflow.build_parser().format_help().split("\nrun:\n")[1].split("\n\n")[0]
+
+
 def test_executor_timeout_default_per_endpoint_and_changeable_on_resume(tmp_path):
     """Our own local server gets 3600 s per attempt by default (it is busy, not hung, when slow: a
     default HotpotQA run stopped as "endpoint down" at 300 s), an endpoint 300 s; a flag wins. On
