@@ -338,9 +338,9 @@ def train_step(model, items, ref_logps, scores, cfg, n_step, optimizer, schedule
     (pairs_token_logps, LoRA on, in passes of cfg.pass_pairs over one shared head), the loss
     (cfg.loss, cfg.beta) against the precomputed reference sums ref_logps (P, 2) = (chosen,
     rejected) with scores (P, 2) = (s_w, s_l), backward of Σ loss / n_step (the mean over the
-    step's n_step pairs, all ranks together), the LoRA
-    gradients summed over the DDP ranks, clip, AdamW and the schedule. Returns (Σ loss,
-    Σ margin r_w − r_l) over the step's pairs of all ranks, and the gradient norm."""
+    step's n_step pairs, all ranks together), the LoRA gradients summed over the DDP ranks,
+    clip, AdamW and the schedule. Returns (Σ loss, Σ margin r_w − r_l) over the step's pairs of
+    all ranks, and the gradient norm."""
     params = optimizer.param_groups[0]["params"]
     device = params[0].device
     stats = torch.zeros(2, dtype=torch.float64)  # Σ loss, Σ margin
