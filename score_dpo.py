@@ -284,7 +284,7 @@ LORA_DROPOUT = 0.01  # written into the adapter; training runs with dropout off 
 @dataclass
 class TrainConfig:
     """Score-DPO training for one iteration. Defaults are the paper's (official code,
-    SCOREFLOW.md §7). scoreflow.py's flags set loss .. seed; no flag reaches the last four, which
+    SCOREFLOW.md §7). scoreflow.py's flags set loss .. seed; no flag reaches the last five, which
     stay for the speed script and the tests: amp (bench/speed_train.py's bf16 side), save_every
     (the resume tests' mid-epoch checkpoints), log_every (0: a line per step, which the crash
     tests need), checkpoint and pass_pairs (bench/speed_train.py --memory-ab times them)."""
