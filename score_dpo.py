@@ -244,9 +244,10 @@ def token_logprobs(model, prompt_ids, completion_ids, head=None):
     pos = (P + torch.arange(T, device=device)).expand(B, T)  # (B, T)
     # the prefix, then causal over the rows' own columns (padding only trails): (B, 1, T, P + T)
     mask = M.prefill_mask(torch.ones(B, P + T, dtype=torch.bool, device=device), T) if P else None
-    # checkpoint_blocks reruns the shared head in backward too (one more pass over it): worth it
-    # when several pairs share it (default run, 8 a step: train peak -0.5 GB, +5% time), not for
-    # one pair, whose head is its whole prompt (bench/speed_train.py: +22% a step)
+    # with checkpoint_blocks on (TrainConfig.checkpoint) the head is rerun in backward too when
+    # several pairs share it (8 a step: train peak -0.5 GB, +5% time), not for one pair, whose
+    # head is its whole prompt (bench/speed_train.py: +22% a step); train_step's split passes
+    # bring their own head
     if head is None:
         head = M.prefix_cache(model, prompt_ids[0][:P], checkpoint=None if B > 2 else False)
     h = model.hidden(tokens, pos, mask, prefix=head)  # (B, T, C)
